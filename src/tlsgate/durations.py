@@ -1,0 +1,44 @@
+"""Go-style durations (``500ms``, ``10s``, ``1m30s``, ``1h``), the form ghostunnel users already write."""
+
+from __future__ import annotations
+
+import re
+
+from tlsgate.errors import ConfigError
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(text: str, *, name: str = "duration") -> float:
+    """Return seconds for a Go-style duration; ``0`` (bare) means zero, i.e. "no limit" for timeouts."""
+    value = text.strip()
+    if value == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _PART.finditer(value):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0 or pos != len(value):
+        raise ConfigError(f"{name}: {text!r} is not a duration (use forms like 500ms, 10s, 5m, 1h30m)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Go-style spelling of ``seconds``, for logs and ``check-config`` output."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = ""
+    if hours:
+        out += f"{int(hours)}h"
+    if minutes:
+        out += f"{int(minutes)}m"
+    if secs or not out:
+        out += f"{secs:g}s"
+    return out

@@ -1,0 +1,85 @@
+"""Shared fixtures: a trustme PKI, loopback helpers. No fixed sleeps: readiness is polled or awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA(organization_name="tlsgate test CA")
+
+
+@pytest.fixture
+def other_ca() -> trustme.CA:
+    return trustme.CA(organization_name="someone else's CA")
+
+
+@pytest.fixture
+def server_cert(ca: trustme.CA) -> trustme.LeafCert:
+    return ca.issue_cert("localhost", "127.0.0.1", "::1")
+
+
+@pytest.fixture
+def pki_files(tmp_path: Path, ca: trustme.CA, server_cert: trustme.LeafCert) -> dict[str, Path]:
+    """CA bundle, server cert/key and a client cert/key (CN=alice, OU=eng) written as PEM files."""
+    files = {
+        "ca": tmp_path / "ca.pem",
+        "cert": tmp_path / "server.pem",
+        "key": tmp_path / "server.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    client = ca.issue_cert("alice@example.test", common_name="alice", organizational_unit_name="eng")
+    files["client_cert"] = tmp_path / "alice.pem"
+    files["client_key"] = tmp_path / "alice.key"
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    return files
+
+
+def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    if cert is not None:
+        cert.configure_cert(ctx)
+    return ctx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for_port(host: str, port: int, attempts: int = 500) -> None:
+    """Poll until something accepts on host:port (each try yields to the loop; no fixed sleeps)."""
+    for _ in range(attempts):
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError(f"nothing listens on {host}:{port}")
+
+
+@pytest.fixture
+def loopback2() -> Iterator[str]:
+    """127.0.0.2 as a second client source address (Linux routes all of 127/8 to lo)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.2", 0))
+        except OSError:
+            pytest.skip("127.0.0.2 is not usable on this machine")
+    yield "127.0.0.2"
