@@ -511,22 +511,30 @@ class IdentityRules:
             return Decision(
                 True, f"{prefix}-spki-sha256", f"SPKI sha256 {peer.spki_sha256[:16]}… matched {prefix}-spki-sha256"
             )
-        return Decision(False, "identity", f"{self._describe_peer(peer)} not allowed (allowed: {self.summary()})")
+        return Decision(False, "identity", self._refusal(peer))
 
-    def _describe_peer(self, peer: PeerIdentity) -> str:
-        """The peer's values for the kinds of rule that are set, so the reason compares like with like."""
-        parts = []
-        if self.cn:
-            parts.append(_field("CN=", "no CN", peer.common_names))
-        if self.ou:
-            parts.append(_field("OU=", "no OU", peer.organizational_units))
-        if self.dns:
-            parts.append(_field("DNS SAN ", "no DNS SAN", peer.dns_names))
-        if self.uri:
-            parts.append(_field("URI SAN ", "no URI SAN", peer.uris))
+    def _refusal(self, peer: PeerIdentity) -> str:
+        """Name the peer's values for the kinds of rule that are set, so the reason compares like with like."""
+        present, missing = [], []
+        for rules, label, values in (
+            (self.cn, "CN=", peer.common_names),
+            (self.ou, "OU=", peer.organizational_units),
+            (self.dns, "DNS SAN ", peer.dns_names),
+            (self.uri, "URI SAN ", peer.uris),
+        ):
+            if rules:
+                if values:
+                    present.append(label + _shorten(",".join(values), 80))
+                else:
+                    missing.append(label.rstrip("= "))
         if self.spki_sha256:
-            parts.append(f"SPKI sha256 {peer.spki_sha256[:16]}…")
-        return ", ".join(parts)
+            present.append(f"SPKI sha256 {peer.spki_sha256[:16]}…")
+        if present:
+            who = ", ".join(present)
+            note = f"no {' or '.join(missing)}; " if missing else ""
+        else:
+            who, note = f"certificate with no {' or '.join(missing)}", ""
+        return f"{who} not allowed ({note}allowed: {self.summary()})"
 
     def summary(self) -> str:
         """The rules in one line, for reasons and start-up logs: ``CN alice, carol; OU eng``."""
@@ -542,12 +550,6 @@ class IdentityRules:
 
     def __repr__(self) -> str:
         return f"IdentityRules({self.flag_prefix}: {self.summary()})"
-
-
-def _field(prefix: str, missing: str, values: Sequence[str]) -> str:
-    if not values:
-        return missing
-    return prefix + _shorten(",".join(values), 80)
 
 
 # --- revocation ----------------------------------------------------------------------------------------------
@@ -789,9 +791,10 @@ class Policy:
         if peer is None:
             role = self.role
             return Decision(False, f"no-{role}-cert", f"no {role} certificate"), None
-        validity = check_validity(peer, now=now, role=self.role)
-        if not validity.allowed:
-            return validity, peer
+        now = _utc(now)
+        if not peer.not_before <= now <= peer.not_after:
+            # Only a refusal pays for formatting dates.
+            return check_validity(peer, now=now, role=self.role), peer
         revoked = self.revocation.check(peer)
         if revoked is not None:
             return revoked, peer
