@@ -1,0 +1,295 @@
+"""``tlsgate policy check``: would the server let this client in, and if not, which rule says no?
+
+What an operator runs when a client reports "I cannot connect". It takes the same access flags as
+``tlsgate server`` and the client's certificate, runs every check the server runs, in the server's order, and
+prints the verdict first, then each step, then the certificate's names next to the allowed ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tlsgate.cli_support import TlsgateGroup, access_options
+from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.policy import (
+    Decision,
+    PeerIdentity,
+    Policy,
+    build_policy,
+    check_validity,
+    verify_chain,
+)
+
+
+@click.group(cls=TlsgateGroup)
+def policy() -> None:
+    """Check access-control rules without starting a tunnel."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One check as ``policy check`` shows it: a Decision, or None with a note when it could not run."""
+
+    name: str
+    decision: Decision | None
+    note: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.decision is not None and not self.decision.allowed
+
+
+@policy.command("check")
+@click.option(
+    "--cert",
+    "cert_path",
+    metavar="FILE",
+    help="The client's certificate: PEM (leaf first, then any intermediates) or DER.",
+)
+@click.option("--from", "source", metavar="IP", help="The address the client connects from.")
+@click.option("--cacert", metavar="FILE", help="The CA bundle the server verifies clients with (PEM).")
+@click.option("--disable-authentication", is_flag=True, help="Check as a server that asks for no client certificate.")
+@click.option(
+    "--at", "at", metavar="TIME", help="Check as of this UTC time (ISO 8601, e.g. 2026-07-01) instead of now."
+)
+@access_options
+@click.pass_context
+def check(
+    ctx: click.Context,
+    /,
+    cert_path: str | None,
+    source: str | None,
+    cacert: str | None,
+    disable_authentication: bool,
+    at: str | None,
+    **access: Any,
+) -> None:
+    """Would a server with these access flags accept this client? Prints ALLOW or DENY and why.
+
+    Exit status: 0 ALLOW, 1 DENY, 2 bad input.
+
+    \b
+    Example:
+      tlsgate policy check --cert alice.pem --from 10.1.2.3 --cacert ca.pem \\
+          --allow-ou eng --allow-from 10.0.0.0/8 --crl crl.pem
+    """
+    now = _parse_time(at)
+    if source is not None:
+        _check_ip(source)
+    chain = _load_certificates("--cert", cert_path) if cert_path else []
+    ca_certs = _load_certificates("--cacert", cacert) if cacert else []
+    rules = build_policy(**access, ca_certs=ca_certs, disable_authentication=disable_authentication)
+
+    leaf = chain[0] if chain else None
+    leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
+    steps = _steps(rules, source, leaf, chain[1:], ca_certs, now, cacert_given=cacert is not None)
+    # The server's own function decides the peer part, so this command cannot drift from what it enforces.
+    peer_decision, peer = rules.check_peer(leaf_der, now=now)
+    decision = next((s.decision for s in steps[:2] if s.failed and s.decision is not None), peer_decision)
+
+    click.echo("ALLOW" if decision.allowed else "DENY")
+    click.echo(f"rule:   {decision.rule}")
+    click.echo(f"reason: {decision.reason}")
+    click.echo("")
+    click.echo("checks, in the server's order:")
+    for step in steps:
+        click.echo(_format_step(step))
+    if peer is not None and leaf is not None:
+        click.echo("")
+        _echo_certificate(cert_path or "", leaf, chain[1:], peer)
+        if any(step.name == "identity" and step.failed for step in steps):
+            click.echo("")
+            _echo_identity_comparison(rules, peer)
+    hints = _hints(decision, rules, peer, leaf, ca_certs)
+    if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs:
+        hints.append("the chain was not checked (no --cacert): the TLS handshake may still refuse this certificate")
+    if hints:
+        click.echo("")
+        for hint in hints:
+            click.echo(f"hint: {hint}")
+    if not decision.allowed:
+        ctx.exit(1)
+
+
+def _steps(
+    rules: Policy,
+    source: str | None,
+    leaf: x509.Certificate | None,
+    intermediates: Sequence[x509.Certificate],
+    ca_certs: Sequence[x509.Certificate],
+    now: datetime,
+    *,
+    cacert_given: bool,
+) -> list[Step]:
+    """Every check, each run even after an earlier one failed: the operator may have two problems, not one."""
+    steps = []
+    if source is not None:
+        steps.append(Step("address", rules.check_address(source)))
+    elif rules.addresses.active:
+        steps.append(Step("address", None, f"not checked: give --from IP ({rules.addresses.summary()})"))
+    else:
+        steps.append(Step("address", rules.check_address("")))
+
+    if rules.identity is None:
+        note = "client certificates are not asked for (--disable-authentication)"
+        steps.append(Step("chain", None, note))
+        steps.append(Step("identity", rules.check_peer(None)[0]))
+        return steps
+    if leaf is None:
+        steps.append(Step("chain", None, "no certificate given (--cert FILE)"))
+        steps.append(Step("certificate", rules.check_peer(None)[0]))
+        return steps
+
+    if cacert_given:
+        steps.append(Step("chain", verify_chain(leaf, intermediates, ca_certs, now=now)))
+    else:
+        steps.append(Step("chain", None, "not checked: give --cacert FILE to check it as the TLS handshake does"))
+    peer = PeerIdentity.from_certificate(leaf)
+    steps.append(Step("validity", check_validity(peer, now=now, role="client")))
+    if rules.revocation.active:
+        revoked = rules.revocation.check(peer)
+        if revoked is None:
+            revoked = Decision(True, "crl", f"not revoked ({rules.revocation.summary()})")
+        steps.append(Step("revocation", revoked))
+    else:
+        steps.append(Step("revocation", None, "no --crl given"))
+    steps.append(Step("identity", rules.identity.check(peer)))
+    return steps
+
+
+def _format_step(step: Step) -> str:
+    if step.decision is None:
+        return f"  skip  {step.name:<11} {step.note}"
+    mark = "ok  " if step.decision.allowed else "FAIL"
+    return f"  {mark}  {step.name:<11} {step.decision.reason}"
+
+
+def _echo_certificate(
+    path: str, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], peer: PeerIdentity
+) -> None:
+    rows = [
+        ("subject", leaf.subject.rfc4514_string() or "(empty)"),
+        ("issuer", peer.issuer or "(empty)"),
+        ("serial", f"{peer.serial:#x}"),
+        ("valid", f"{_when(peer.not_before)} to {_when(peer.not_after)}"),
+        ("CN", _values(peer.common_names)),
+        ("OU", _values(peer.organizational_units)),
+        ("DNS SAN", _values(peer.dns_names)),
+        ("URI SAN", _values(peer.uris)),
+        ("IP SAN", _values(peer.ip_addresses)),
+        ("SPKI sha256", peer.spki_sha256),
+    ]
+    if intermediates:
+        rows.append(("chain", "; ".join(c.subject.rfc4514_string() for c in intermediates)))
+    click.echo(f"certificate {path}:")
+    for label, value in rows:
+        click.echo(f"  {label:<12} {value}")
+
+
+def _hints(
+    decision: Decision,
+    rules: Policy,
+    peer: PeerIdentity | None,
+    leaf: x509.Certificate | None,
+    ca_certs: Sequence[x509.Certificate],
+) -> list[str]:
+    """What to do next, for the refusals people actually meet."""
+    rule = decision.rule
+    if rule in ("allow-from", "deny-from", "address"):
+        return [
+            "the server closes such connections at accept, before the TLS handshake: the client sees the "
+            "connection reset or closed, not a TLS alert"
+        ]
+    if rule == "untrusted" and leaf is not None:
+        bundle = "; ".join(ca.subject.rfc4514_string() for ca in ca_certs) or "nothing"
+        return [
+            f"the TLS handshake fails: the certificate was issued by {leaf.issuer.rfc4514_string()}, "
+            f"--cacert holds {bundle}",
+            "if an intermediate CA issued it, the client must send it: put it after the leaf in --cert",
+        ]
+    if rule in ("expired", "not-yet-valid"):
+        return ["the TLS handshake fails on this certificate; issue a new one (tlsgate certs issue)"]
+    if rule == "crl" and peer is not None:
+        source = rules.revocation.revoked_by(peer) or "a --crl file"
+        return [f"revoked by {source}; issue the client a new certificate (tlsgate certs issue)"]
+    if rule == "no-client-cert":
+        return [
+            "the client must present a certificate, e.g. curl --cert FILE --key FILE, "
+            "openssl s_client -cert FILE -key FILE, or tlsgate client --cert FILE --key FILE"
+        ]
+    if rule == "identity":
+        return ["add a rule that matches (see above), or issue the client a certificate with an allowed name"]
+    return []
+
+
+def _echo_identity_comparison(rules: Policy, peer: PeerIdentity) -> None:
+    """The allowed values beside the certificate's own, so the mismatch is seen at a glance."""
+    identity = rules.identity
+    assert identity is not None
+    rows = [
+        (flag, _values(allowed), f"{label}: {_values(actual)}")
+        for flag, allowed, label, actual in (
+            ("--allow-cn", identity.cn, "CN", peer.common_names),
+            ("--allow-ou", identity.ou, "OU", peer.organizational_units),
+            ("--allow-dns", identity.dns, "DNS SAN", peer.dns_names),
+            ("--allow-uri", identity.uri, "URI SAN", peer.uris),
+            ("--allow-spki-sha256", identity.spki_sha256, "SPKI sha256", (peer.spki_sha256,)),
+        )
+        if allowed
+    ]
+    if not rows:
+        return
+    click.echo("identity rules (any one must match) vs this certificate:")
+    flag_width = max(len(row[0]) for row in rows)
+    allowed_width = min(max(len(row[1]) for row in rows), 60)
+    for flag, allowed, actual in rows:
+        click.echo(f"  {flag:<{flag_width}}  {allowed:<{allowed_width}}  certificate {actual}")
+
+
+def _load_certificates(flag: str, path: str) -> list[x509.Certificate]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CertificateError(f"{flag}: cannot read {path}: {err.strerror or err}") from None
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise CertificateError(
+            f"{flag}: {path} holds no certificate (expected PEM 'CERTIFICATE' blocks or DER)"
+        ) from None
+
+
+def _check_ip(source: str) -> None:
+    try:
+        ipaddress.ip_address(source.partition("%")[0])
+    except ValueError:
+        raise ConfigError(f"--from: {source!r} is not an IP address (like 10.1.2.3 or 2001:db8::7)") from None
+
+
+def _parse_time(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--at: {text!r} is not a time (use ISO 8601 like 2026-07-01 or 2026-07-01T12:00Z)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _values(values: Sequence[str]) -> str:
+    return ", ".join(values) if values else "-"
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M} UTC"
