@@ -1,0 +1,564 @@
+"""PROXY protocol v1 and v2 (HAProxy's proxy-protocol.txt), sans-IO: bytes in, bytes or a header out.
+
+The PROXY protocol lets a proxy tell the server behind it who the real client was. The sender writes one
+header at the very start of the connection, before any payload:
+
+* **v1** is one line of text: ``PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\\r\\n`` (at most 107 bytes),
+  or ``PROXY UNKNOWN\\r\\n`` when the sender has no addresses to give.
+* **v2** is binary: a 12-byte signature (``\\r\\n\\r\\n\\x00\\r\\nQUIT\\n``), a version/command byte, a
+  family/transport byte, a 16-bit length, the packed addresses and ports, then optional TLVs
+  (type-length-value records) such as the TLS SNI (``PP2_TYPE_AUTHORITY``) or a ``PP2_TYPE_SSL`` record
+  describing the client's TLS session.
+
+tlsgate *sends* a header to its target (``encode_v1``, ``encode_v2``, ``tls_tlvs``) and, behind a trusted
+load balancer, *receives* one before the client's TLS ClientHello (``parse``). Nothing here touches a
+socket: the tunnel feeds bytes in and acts on what comes back, so every rule is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from typing import Final
+
+from tlsgate.errors import TlsgateError
+
+__all__ = [
+    "DEFAULT_MAX_TLV_BYTES",
+    "MAX_HEADER",
+    "PP2_CLIENT_CERT_CONN",
+    "PP2_CLIENT_CERT_SESS",
+    "PP2_CLIENT_SSL",
+    "PP2_SUBTYPE_SSL_CIPHER",
+    "PP2_SUBTYPE_SSL_CN",
+    "PP2_SUBTYPE_SSL_KEY_ALG",
+    "PP2_SUBTYPE_SSL_SIG_ALG",
+    "PP2_SUBTYPE_SSL_VERSION",
+    "PP2_TYPE_ALPN",
+    "PP2_TYPE_AUTHORITY",
+    "PP2_TYPE_CRC32C",
+    "PP2_TYPE_NOOP",
+    "PP2_TYPE_SSL",
+    "PP2_TYPE_UNIQUE_ID",
+    "V1_MAX_LENGTH",
+    "V2_SIGNATURE",
+    "PeerAddress",
+    "ProxyHeader",
+    "ProxyProtocolError",
+    "SslInfo",
+    "encode_v1",
+    "encode_v2",
+    "max_header_length",
+    "parse",
+    "parse_tlv_ssl",
+    "tls_tlvs",
+]
+
+V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX_LENGTH: Final = 107
+"""The longest v1 line the spec allows, CRLF included: ``PROXY UNKNOWN <v6> <v6> 65535 65535\\r\\n``."""
+DEFAULT_MAX_TLV_BYTES: Final = 4096
+"""How many TLV bytes ``parse`` accepts by default. The wire allows 65535; nobody honest sends that much."""
+
+PP2_TYPE_ALPN: Final = 0x01
+PP2_TYPE_AUTHORITY: Final = 0x02
+PP2_TYPE_CRC32C: Final = 0x03
+PP2_TYPE_NOOP: Final = 0x04
+PP2_TYPE_UNIQUE_ID: Final = 0x05
+PP2_TYPE_SSL: Final = 0x20
+PP2_SUBTYPE_SSL_VERSION: Final = 0x21
+PP2_SUBTYPE_SSL_CN: Final = 0x22
+PP2_SUBTYPE_SSL_CIPHER: Final = 0x23
+PP2_SUBTYPE_SSL_SIG_ALG: Final = 0x24
+PP2_SUBTYPE_SSL_KEY_ALG: Final = 0x25
+
+PP2_CLIENT_SSL: Final = 0x01
+PP2_CLIENT_CERT_CONN: Final = 0x02
+PP2_CLIENT_CERT_SESS: Final = 0x04
+
+PeerAddress = tuple[str, int] | tuple[str, int, int, int]
+"""What ``getpeername()`` returns for TCP: ``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6."""
+
+
+class ProxyProtocolError(TlsgateError):
+    """The peer sent something that is not a valid PROXY header; ``str(err)`` is the short reason.
+
+    It is the sender's fault (the load balancer, or a client that should not be talking to this port), so
+    the tunnel closes that one connection and logs the reason; nothing about tlsgate's start-up is wrong.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyHeader:
+    """A parsed PROXY header.
+
+    ``source`` and ``destination`` are ``None`` when the header carries no usable addresses (v1 ``UNKNOWN``,
+    v2 ``LOCAL``, ``AF_UNSPEC`` or ``AF_UNIX``): the spec then says to use the real connection's endpoints.
+    ``length`` is how many bytes the header took, so ``data[length:]`` is the start of the proxied stream.
+    """
+
+    version: int
+    command: str
+    source: tuple[str, int] | None
+    destination: tuple[str, int] | None
+    tlvs: tuple[tuple[int, bytes], ...]
+    length: int
+
+    def tlv(self, tlv_type: int) -> bytes | None:
+        """The value of the first TLV of ``tlv_type``, or ``None`` when the header has none."""
+        for kind, value in self.tlvs:
+            if kind == tlv_type:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class SslInfo:
+    """A decoded ``PP2_TYPE_SSL`` TLV: the client flags, the verify result and the known sub-TLVs."""
+
+    client: int
+    verify: int
+    version: str | None = None
+    cn: str | None = None
+    cipher: str | None = None
+    sig_alg: str | None = None
+    key_alg: str | None = None
+    sub_tlvs: tuple[tuple[int, bytes], ...] = ()
+
+    @property
+    def client_ssl(self) -> bool:
+        return bool(self.client & PP2_CLIENT_SSL)
+
+    @property
+    def cert_conn(self) -> bool:
+        return bool(self.client & PP2_CLIENT_CERT_CONN)
+
+    @property
+    def cert_sess(self) -> bool:
+        return bool(self.client & PP2_CLIENT_CERT_SESS)
+
+    @property
+    def verified(self) -> bool:
+        """True only when a certificate was presented *and* verify is zero.
+
+        HAProxy leaves verify at zero for a client that presented no certificate, so zero alone proves nothing.
+        """
+        return self.verify == 0 and bool(self.client & (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS))
+
+
+# --- encoding ------------------------------------------------------------------------------------------------
+# Everything constant about a v2 header is built once; a header is then prefix + length + addresses + TLVs.
+
+_V2_PROXY_TCP4: Final = V2_SIGNATURE + b"\x21\x11"
+_V2_PROXY_TCP6: Final = V2_SIGNATURE + b"\x21\x21"
+_V2_LOCAL: Final = V2_SIGNATURE + b"\x20\x00"
+_V1_UNKNOWN: Final = b"PROXY UNKNOWN\r\n"
+_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
+_U16: Final = struct.Struct("!H")
+_PORTS: Final = struct.Struct("!HH")
+_TLV_HEAD: Final = struct.Struct("!BH")
+_SSL_HEAD: Final = struct.Struct("!BI")
+
+
+def encode_v1(src: PeerAddress | None, dst: PeerAddress | None) -> bytes:
+    """The v1 line for a connection from ``src`` to ``dst``.
+
+    ``PROXY TCP4 ...`` or ``PROXY TCP6 ...``; ``PROXY UNKNOWN\\r\\n`` when either side is ``None`` or not an IP
+    address (a unix socket). IPv4-mapped IPv6 addresses are written as IPv4 when both sides allow it.
+    """
+    packed = _pack_endpoints(src, dst)
+    if packed is None:
+        return _V1_UNKNOWN
+    src_ip, dst_ip, src_port, dst_port = packed
+    if len(src_ip) == 4:
+        protocol, source, destination = "TCP4", inet_ntop(AF_INET, src_ip), inet_ntop(AF_INET, dst_ip)
+    else:
+        protocol, source, destination = "TCP6", _format_ipv6(src_ip), _format_ipv6(dst_ip)
+    return f"PROXY {protocol} {source} {destination} {src_port} {dst_port}\r\n".encode("ascii")
+
+
+def encode_v2(
+    src: PeerAddress | None,
+    dst: PeerAddress | None,
+    *,
+    tlvs: Sequence[tuple[int, bytes]] = (),
+    local: bool = False,
+) -> bytes:
+    """The v2 header for a connection from ``src`` to ``dst``, followed by ``tlvs`` in the order given.
+
+    ``PROXY`` over ``AF_INET``/``AF_INET6`` and ``STREAM`` for TCP peers. ``local=True``, or addresses that are
+    unknown or not IP (a unix socket), give ``LOCAL`` with ``AF_UNSPEC`` and no addresses, as HAProxy sends:
+    every receiver must accept ``LOCAL`` and then use the real endpoints, while ``PROXY`` with ``AF_UNSPEC``
+    may be refused.
+    """
+    try:
+        extra = b"".join([_TLV_HEAD.pack(kind, len(value)) + value for kind, value in tlvs]) if tlvs else b""
+    except struct.error:
+        raise ValueError("PROXY v2 TLV types must be 0-255 and values at most 65535 bytes") from None
+    packed = None if local else _pack_endpoints(src, dst)
+    if packed is None:
+        prefix, addresses = _V2_LOCAL, b""
+    else:
+        src_ip, dst_ip, src_port, dst_port = packed
+        prefix = _V2_PROXY_TCP4 if len(src_ip) == 4 else _V2_PROXY_TCP6
+        addresses = src_ip + dst_ip + _PORTS.pack(src_port, dst_port)
+    length = len(addresses) + len(extra)
+    if length > 0xFFFF:
+        raise ValueError(f"PROXY v2 header would carry {length} bytes after the fixed part; the limit is 65535")
+    return prefix + _U16.pack(length) + addresses + extra
+
+
+def tls_tlvs(
+    *,
+    version: str | None,
+    sni: str | None,
+    client_cn: str | None,
+    cipher: str | None,
+    verified: bool,
+    has_client_cert: bool,
+) -> list[tuple[int, bytes]]:
+    """TLVs describing the client's TLS session, as HAProxy and hitch send them.
+
+    ``PP2_TYPE_AUTHORITY`` carries the SNI (when the client sent one). ``PP2_TYPE_SSL`` carries the client
+    flags (``PP2_CLIENT_SSL``; with a client certificate also ``PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS``,
+    since one presented on this connection was presented in its session), the 32-bit verify field and the
+    sub-TLVs ``PP2_SUBTYPE_SSL_VERSION`` (``"TLSv1.3"``), ``PP2_SUBTYPE_SSL_CN`` and ``PP2_SUBTYPE_SSL_CIPHER``.
+
+    verify is 0 only for a certificate that was presented and verified, 1 otherwise. The spec asks for exactly
+    that; HAProxy instead leaves 0 when no certificate was presented, which fools receivers that test
+    ``verify == 0`` alone into trusting an anonymous client.
+    """
+    result: list[tuple[int, bytes]] = []
+    if sni:
+        result.append((PP2_TYPE_AUTHORITY, sni.encode("utf-8")))
+    client = PP2_CLIENT_SSL
+    if has_client_cert:
+        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+    parts = [_SSL_HEAD.pack(client, 0 if (has_client_cert and verified) else 1)]
+    sub_fields = ((PP2_SUBTYPE_SSL_VERSION, version), (PP2_SUBTYPE_SSL_CN, client_cn), (PP2_SUBTYPE_SSL_CIPHER, cipher))
+    for kind, text in sub_fields:
+        if text:
+            value = text.encode("utf-8")
+            parts.append(_TLV_HEAD.pack(kind, len(value)) + value)
+    result.append((PP2_TYPE_SSL, b"".join(parts)))
+    return result
+
+
+def _pack_endpoints(src: PeerAddress | None, dst: PeerAddress | None) -> tuple[bytes, bytes, int, int] | None:
+    """Both addresses packed in one family (4 or 16 bytes each) with the ports, or None if not both IP."""
+    if src is None or dst is None:
+        return None
+    src_ip = _pack_host(src[0])
+    dst_ip = _pack_host(dst[0])
+    if src_ip is None or dst_ip is None:
+        return None
+    # A header has one family for both addresses; when they differ, IPv6 can express both and IPv4 cannot.
+    if len(src_ip) != len(dst_ip):
+        if len(src_ip) == 4:
+            src_ip = _V4_MAPPED_PREFIX + src_ip
+        else:
+            dst_ip = _V4_MAPPED_PREFIX + dst_ip
+    src_port, dst_port = src[1], dst[1]
+    if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF):
+        raise ValueError(f"PROXY header ports must be in 0-65535, got {src_port} and {dst_port}")
+    return src_ip, dst_ip, src_port, dst_port
+
+
+def _pack_host(host: str) -> bytes | None:
+    """4 bytes for IPv4 (and IPv4-mapped IPv6, as a dual-stack socket reports IPv4 peers), 16 for IPv6."""
+    if not isinstance(host, str):
+        return None
+    # inet_pton raises ValueError, not OSError, for a NUL or a non-ASCII character in the text.
+    try:
+        return inet_pton(AF_INET, host)
+    except (OSError, ValueError):
+        pass
+    try:
+        # The scope of a link-local address means nothing to the receiving host, and the header has no room for it.
+        packed = inet_pton(AF_INET6, host.partition("%")[0])
+    except (OSError, ValueError):
+        return None
+    return packed[12:] if packed[:12] == _V4_MAPPED_PREFIX else packed
+
+
+def _format_ipv6(packed: bytes) -> str:
+    """Canonical hex text for an IPv6 address: the v1 spec wants hex groups, never a dotted IPv4 tail."""
+    text = inet_ntop(AF_INET6, packed)
+    if "." in text:
+        head = text.rpartition(":")[0]
+        text = f"{head}:{packed[12] << 8 | packed[13]:x}:{packed[14] << 8 | packed[15]:x}"
+    return text
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+_V1_PREFIX: Final = b"PROXY "
+_V1_PROTOCOLS: Final = (b"TCP4", b"TCP6", b"UNKNOWN")
+# Everything a valid v1 line can hold before its CRLF. Checking bytes as they arrive turns a stray TLS record
+# or binary junk into an error at once instead of after 107 bytes.
+_V1_LINE_BYTES: Final = b"PROXYTCP46UNKNOW 0123456789abcdefABCDEF.:"
+# Address bytes per (family << 4 | transport) value the spec defines; tlsgate proxies TCP, so a PROXY
+# command may only use the stream ones (or UNSPEC), while LOCAL's block is skipped whatever it says.
+_V2_ADDRESS_LENGTHS: Final = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
+_V2_PROXY_FAMILIES: Final = frozenset({0x00, 0x11, 0x21, 0x31})
+_V2_MAX_ADDRESS_LENGTH: Final = 216
+
+
+def max_header_length(max_tlv_bytes: int = DEFAULT_MAX_TLV_BYTES) -> int:
+    """The most bytes ``parse`` can need before it answers: once a buffer is this long it never returns None."""
+    return max(V1_MAX_LENGTH, 16 + _V2_MAX_ADDRESS_LENGTH + max_tlv_bytes)
+
+
+MAX_HEADER: Final = max_header_length()
+"""How many bytes to read (or peek) so that ``parse`` with the default TLV limit is sure to answer."""
+
+
+def parse(data: bytes | bytearray | memoryview, *, max_tlv_bytes: int = DEFAULT_MAX_TLV_BYTES) -> ProxyHeader | None:
+    """Parse a PROXY header (v1 or v2) from the start of ``data``, everything received so far.
+
+    Returns ``None`` while the header is incomplete (call again with more bytes), the header once it is
+    complete, and raises ``ProxyProtocolError`` as soon as the bytes cannot be a valid header, including when
+    they can no longer fit in the bound: 107 bytes for v1, 16 + addresses + ``max_tlv_bytes`` for v2. A caller
+    therefore never needs to buffer more than that before it has an answer. Bytes past the header are not read.
+    """
+    view = memoryview(data).cast("B")
+    if not view:
+        return None
+    first = view[0]
+    if first == 0x0D:
+        return _parse_v2(view, max_tlv_bytes)
+    if first == 0x50:  # "P"
+        head = bytes(view[:V1_MAX_LENGTH])
+        if not _V1_PREFIX.startswith(head[:6]):
+            if _V1_PREFIX.startswith(head[:5]):
+                raise ProxyProtocolError("v1 header: expected a single space after PROXY")
+            raise ProxyProtocolError("no PROXY header")
+        return _parse_v1(head)
+    raise ProxyProtocolError("no PROXY header")
+
+
+def _parse_v1(head: bytes) -> ProxyHeader | None:
+    end = head.find(b"\r\n")
+    line = head if end < 0 else head[:end]
+    stray = line.translate(None, _V1_LINE_BYTES)
+    if stray:
+        if end < 0 and stray == b"\r" and line.endswith(b"\r"):
+            pass  # the CR of the CRLF; its LF has not arrived yet
+        elif stray[0] in b"\r\n":
+            raise ProxyProtocolError("v1 header must end with CRLF (a lone CR or LF is not accepted)")
+        else:
+            raise ProxyProtocolError(f"v1 header contains an unexpected byte 0x{stray[0]:02x}")
+    _check_v1_protocol(line, complete=end >= 0)
+    if end < 0:
+        if len(head) >= V1_MAX_LENGTH:
+            raise ProxyProtocolError(f"v1 header longer than {V1_MAX_LENGTH} bytes")
+        return None
+
+    fields = line.split(b" ")
+    if fields[1] == b"UNKNOWN":
+        # The spec tells receivers to ignore whatever follows UNKNOWN and use the real connection.
+        return ProxyHeader(1, "PROXY", None, None, (), end + 2)
+    if b"" in fields:
+        raise ProxyProtocolError("v1 header fields must be separated by single spaces")
+    protocol = fields[1].decode("ascii")
+    if len(fields) != 6:
+        raise ProxyProtocolError(f"v1 {protocol} header needs 4 fields after the protocol, got {len(fields) - 2}")
+    version = 4 if protocol == "TCP4" else 6
+    source = _v1_address(fields[2], version, "source")
+    destination = _v1_address(fields[3], version, "destination")
+    source_port = _v1_port(fields[4], "source")
+    destination_port = _v1_port(fields[5], "destination")
+    return ProxyHeader(1, "PROXY", (source, source_port), (destination, destination_port), (), end + 2)
+
+
+def _check_v1_protocol(line: bytes, *, complete: bool) -> None:
+    """Reject an unknown protocol word as soon as enough of it has arrived to tell."""
+    body = line[len(_V1_PREFIX) :]
+    if body.endswith(b"\r"):
+        body, complete = body[:-1], True
+    word, space, _ = body.partition(b" ")
+    if space or complete:
+        if word in _V1_PROTOCOLS:
+            return
+        if not word:
+            raise ProxyProtocolError(
+                "v1 header fields must be separated by single spaces" if space else "v1 header has no protocol"
+            )
+    elif any(protocol.startswith(word) for protocol in _V1_PROTOCOLS):
+        return
+    raise ProxyProtocolError(
+        f"unsupported v1 protocol {word.decode('ascii', 'replace')!r} (expected TCP4, TCP6 or UNKNOWN)"
+    )
+
+
+def _v1_address(field: bytes, version: int, role: str) -> str:
+    text = field.decode("ascii")
+    try:
+        # ipaddress is strict where the spec is: no leading zeros in IPv4, exactly 128 bits in IPv6.
+        if version == 4:
+            return str(ipaddress.IPv4Address(text))
+        return _format_ipv6(ipaddress.IPv6Address(text).packed)
+    except ValueError:
+        raise ProxyProtocolError(f"v1 {role} address {text!r} is not a valid IPv{version} address") from None
+
+
+def _v1_port(field: bytes, role: str) -> int:
+    if field.isdigit() and len(field) <= 5 and (field == b"0" or field[0] != 0x30):
+        port = int(field)
+        if port <= 0xFFFF:
+            return port
+    raise ProxyProtocolError(
+        f"v1 {role} port {field.decode('ascii')!r} is not a number in 0-65535 (without leading zeros)"
+    )
+
+
+def _parse_v2(view: memoryview, max_tlv_bytes: int) -> ProxyHeader | None:
+    available = len(view)
+    fixed = bytes(view[:16])
+    if not V2_SIGNATURE.startswith(fixed[:12]):
+        raise ProxyProtocolError("bad v2 signature")
+    if available < 13:
+        return None
+    if fixed[12] >> 4 != 2:
+        raise ProxyProtocolError(f"unsupported v2 version 0x{fixed[12] >> 4:x}")
+    command = fixed[12] & 0x0F
+    if command > 1:
+        raise ProxyProtocolError(f"unsupported v2 command 0x{command:x}")
+    local = command == 0
+    if available < 14:
+        return None
+    family = fixed[13]
+    if not local and family not in _V2_PROXY_FAMILIES:
+        raise ProxyProtocolError(_v2_family_reason(family))
+    if available < 16:
+        return None
+
+    declared = _U16.unpack_from(fixed, 14)[0]
+    address_length = _V2_ADDRESS_LENGTHS.get(family, -1)
+    if local and not 0 <= address_length <= declared:
+        # LOCAL's family "is ignored" by the spec; without a block we can lay out, skip it whole.
+        if declared > _V2_MAX_ADDRESS_LENGTH + max_tlv_bytes:
+            raise ProxyProtocolError(f"v2 header of {16 + declared} bytes exceeds the limit")
+        if available < 16 + declared:
+            return None
+        return ProxyHeader(2, "LOCAL", None, None, (), 16 + declared)
+    if declared < address_length:
+        raise ProxyProtocolError(
+            f"v2 header length {declared} is shorter than its addresses "
+            f"({address_length} bytes for family 0x{family:02x})"
+        )
+    if declared - address_length > max_tlv_bytes:
+        raise ProxyProtocolError(f"v2 TLVs of {declared - address_length} bytes exceed the limit of {max_tlv_bytes}")
+    total = 16 + declared
+    if available < total:
+        return None
+
+    header = bytes(view[:total])
+    source: tuple[str, int] | None = None
+    destination: tuple[str, int] | None = None
+    if not local and family == 0x11:
+        source_port, destination_port = _PORTS.unpack_from(header, 24)
+        source = (inet_ntop(AF_INET, header[16:20]), source_port)
+        destination = (inet_ntop(AF_INET, header[20:24]), destination_port)
+    elif not local and family == 0x21:
+        source_port, destination_port = _PORTS.unpack_from(header, 48)
+        source = (_format_ipv6(header[16:32]), source_port)
+        destination = (_format_ipv6(header[32:48]), destination_port)
+    tlvs = _split_tlvs(header, 16 + address_length, "v2 TLV")
+    offset = 16 + address_length
+    for kind, value in tlvs:
+        if kind == PP2_TYPE_CRC32C:
+            _check_crc32c(header, offset + 3, value)
+        offset += 3 + len(value)
+    return ProxyHeader(2, "LOCAL" if local else "PROXY", source, destination, tlvs, total)
+
+
+def _v2_family_reason(family: int) -> str:
+    if family >> 4 > 3:
+        return f"unsupported v2 address family 0x{family >> 4:x}"
+    if family & 0x0F > 2:
+        return f"unsupported v2 transport protocol 0x{family & 0x0F:x}"
+    return (
+        f"unsupported v2 address family/transport 0x{family:02x} (expected TCP over IPv4/IPv6, unix stream or UNSPEC)"
+    )
+
+
+def _split_tlvs(block: bytes, start: int, what: str) -> tuple[tuple[int, bytes], ...]:
+    tlvs: list[tuple[int, bytes]] = []
+    offset, end = start, len(block)
+    while offset < end:
+        if end - offset < 3:
+            raise ProxyProtocolError(f"{what} truncated: {end - offset} bytes left, a TLV needs at least 3")
+        kind, length = _TLV_HEAD.unpack_from(block, offset)
+        offset += 3
+        if offset + length > end:
+            raise ProxyProtocolError(f"{what} 0x{kind:02x} of {length} bytes runs past the end of its block")
+        tlvs.append((kind, block[offset : offset + length]))
+        offset += length
+    return tuple(tlvs)
+
+
+def _check_crc32c(header: bytes, position: int, value: bytes) -> None:
+    """The spec makes a receiver that understands PP2_TYPE_CRC32C reject a header whose checksum is wrong."""
+    if len(value) != 4:
+        raise ProxyProtocolError(f"v2 CRC32C TLV must be 4 bytes, got {len(value)}")
+    # The checksum covers the whole header with the checksum's own 4 bytes zeroed.
+    zeroed = header[:position] + b"\x00\x00\x00\x00" + header[position + 4 :]
+    if _crc32c(zeroed) != int.from_bytes(value, "big"):
+        raise ProxyProtocolError("v2 CRC32C checksum does not match the header")
+
+
+def _make_crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE: Final = _make_crc32c_table()
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC32c (Castagnoli, RFC 4960 appendix B); the standard library only has the zlib polynomial."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def parse_tlv_ssl(value: bytes) -> SslInfo:
+    """Decode the value of a ``PP2_TYPE_SSL`` TLV: client flags, verify, then sub-TLVs."""
+    if len(value) < 5:
+        raise ProxyProtocolError(f"SSL TLV must be at least 5 bytes, got {len(value)}")
+    client, verify = _SSL_HEAD.unpack_from(value, 0)
+    sub_tlvs = _split_tlvs(bytes(value), 5, "SSL sub-TLV")
+    texts: dict[int, str] = {}
+    for kind, sub_value in sub_tlvs:
+        if kind in (
+            PP2_SUBTYPE_SSL_VERSION,
+            PP2_SUBTYPE_SSL_CN,
+            PP2_SUBTYPE_SSL_CIPHER,
+            PP2_SUBTYPE_SSL_SIG_ALG,
+            PP2_SUBTYPE_SSL_KEY_ALG,
+        ):
+            try:
+                texts.setdefault(kind, sub_value.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProxyProtocolError(f"SSL sub-TLV 0x{kind:02x} is not valid UTF-8") from None
+    return SslInfo(
+        client=client,
+        verify=verify,
+        version=texts.get(PP2_SUBTYPE_SSL_VERSION),
+        cn=texts.get(PP2_SUBTYPE_SSL_CN),
+        cipher=texts.get(PP2_SUBTYPE_SSL_CIPHER),
+        sig_alg=texts.get(PP2_SUBTYPE_SSL_SIG_ALG),
+        key_alg=texts.get(PP2_SUBTYPE_SSL_KEY_ALG),
+        sub_tlvs=sub_tlvs,
+    )
