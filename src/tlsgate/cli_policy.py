@@ -158,7 +158,7 @@ def _steps(
     if rules.revocation.active:
         revoked = rules.revocation.check(peer)
         if revoked is None:
-            revoked = Decision(True, "crl", f"not revoked ({rules.revocation.summary()})")
+            revoked = Decision(True, "crl", f"not in {rules.revocation.summary()}")
         steps.append(Step("revocation", revoked))
     else:
         steps.append(Step("revocation", None, "no --crl given"))
@@ -189,7 +189,7 @@ def _echo_certificate(
         ("SPKI sha256", peer.spki_sha256),
     ]
     if intermediates:
-        rows.append(("chain", "; ".join(c.subject.rfc4514_string() for c in intermediates)))
+        rows.append(("also in file", "; ".join(c.subject.rfc4514_string() for c in intermediates)))
     click.echo(f"certificate {path}:")
     for label, value in rows:
         click.echo(f"  {label:<12} {value}")
