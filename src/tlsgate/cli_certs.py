@@ -241,6 +241,8 @@ def revoke_command(ca_dir: Path, target: str, reason: str | None, ca_pass: str |
 def crl_command(ca_dir: Path, out_file: Path | None, days: int, der: bool, ca_pass: str | None, force: bool) -> None:
     """Sign a CRL listing every revoked certificate; servers read it with --crl FILE."""
     out = out_file or DEFAULT_OUT_DIR / ("crl.der" if der else "crl.pem")
+    # Checked first so a refused run does not use up a CRL number.
+    refuse_existing([out], force=force)
     ca = CertificateAuthority.load(ca_dir, key_password=_secret(ca_pass, "--ca-pass"))
     crl = ca.build_crl(days=days)
     write_public_file(out, crl.public_bytes(Encoding.DER if der else Encoding.PEM), force=force)
