@@ -452,10 +452,9 @@ class IdentityRules:
         self._spki = frozenset(spki_sha256)
         patterns = [_UriPattern.parse(f"--{flag_prefix}-uri", text) for text in uri]
         self._uri_patterns = tuple(p for p in patterns if "*" in p.text)
-        # Most URI rules name one SPIFFE ID: a set lookup (both slash forms) spares the regex.
-        self._uri_exact = frozenset(p.text for p in patterns if "*" not in p.text) | frozenset(
-            p.text.rstrip("/") if p.text.endswith("/") else p.text + "/" for p in patterns if "*" not in p.text
-        )
+        # Most URI rules name one SPIFFE ID: a set lookup (with and without the trailing slash) spares the regex.
+        exact = [p.text for p in patterns if "*" not in p.text]
+        self._uri_exact = frozenset(exact) | frozenset(t[:-1] if t.endswith("/") else t + "/" for t in exact)
 
     @classmethod
     def parse(
