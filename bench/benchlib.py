@@ -82,12 +82,18 @@ def raise_fd_limit(want: int) -> int:
     if soft >= want:
         return soft
     if hard != resource.RLIM_INFINITY and hard < want:
-        with contextlib.suppress(ValueError, OSError):
+        try:  # raising the hard limit needs CAP_SYS_RESOURCE, which containers often drop
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
             return want
-        want = hard
+        except (ValueError, OSError):
+            want = hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return want
+    return fd_limit()
+
+
+def fd_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def tlsgate_bin() -> Path | None:
@@ -146,6 +152,22 @@ def cpu_seconds(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             pass
     return ticks / CLK_TCK
+
+
+def cpu_seconds_ns(pid: int) -> float:
+    """On-CPU time of every thread in the tree from /proc/*/task/*/schedstat (nanoseconds, not 10 ms ticks).
+
+    Threads that have already exited are not counted, so use it around work done by long-lived processes."""
+    ns = 0
+    for p in proc_tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ns += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
+    return ns / 1e9
 
 
 def rss_kib(pid: int) -> int:
@@ -329,3 +351,11 @@ def proxy_argv(name: str, wd: Workdir, port: int, target: str, maxconn: int = 90
     if name == "baseline":
         return fill(template(baseline_argv()), wd, port, target)
     raise ValueError(f"unknown proxy {name!r}")
+
+
+def shown(path: Path) -> str:
+    """path relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)

@@ -69,7 +69,7 @@ class Variant:
 def build_variants(extra: list[str]) -> dict[str, Variant]:
     v: dict[str, Variant] = {p: Variant(p, p) for p in PEERS}
     if bl.tlsgate_bin() is not None:
-        v["tlsgate"] = Variant("tlsgate", "tlsgate", bl.template(bl.tlsgate_argv()))
+        v["tlsgate"] = Variant("tlsgate", "tlsgate", bl.template(bl.tlsgate_argv("uvloop")))
         v["tlsgate-asyncio"] = Variant("tlsgate-asyncio", "tlsgate", bl.template(bl.tlsgate_argv("asyncio")))
     v["baseline"] = Variant("baseline", "tlsgate", bl.template(bl.baseline_argv()))
     for item in extra:
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     bl.ensure_tools(["nginx", "wrk", "curl", "openssl", "taskset", *(n for n in names if n in PEERS)])
     bl.raise_fd_limit(max(4 * args.idle + 1000, 20000))
 
+    load_at_start = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     failures: list[str] = []
     started = time.monotonic()
@@ -331,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: getattr(args, k) for k in ("rounds", "secs", "idle", "bulk_mib")},
         "commands": {n: variants[n].cmd or variants[n].peer for n in names},
         "elapsed_s": round(time.monotonic() - started, 1),
+        "loadavg_start": load_at_start,  # other work on the machine skews the numbers; check this when they look off
     }
     verdicts = {n: {"issue": verdict(med, n, False), "stretch": verdict(med, n, True)} for n in med if n != REFERENCE}
     out.write_text(json.dumps({"meta": meta, "median": med, "verdicts": verdicts, "runs": runs}, indent=1) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ def pki_files(tmp_path: Path, ca: trustme.CA, server_cert: trustme.LeafCert) -> 
     ca.cert_pem.write_to_path(str(files["ca"]))
     server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
     server_cert.private_key_pem.write_to_path(str(files["key"]))
-    client = ca.issue_cert("alice@example.test", common_name="alice", organizational_unit_name="eng")
+    client = ca.issue_cert("alice@example.test", common_name="alice", organization_unit_name="eng")
     files["client_cert"] = tmp_path / "alice.pem"
     files["client_key"] = tmp_path / "alice.key"
     client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
@@ -83,3 +84,9 @@ def loopback2() -> Iterator[str]:
         except OSError:
             pytest.skip("127.0.0.2 is not usable on this machine")
     yield "127.0.0.2"
+
+
+@pytest.fixture(autouse=True)
+def _tlsgate_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """tlsgate's INFO events (connections, refusals) are what several tests assert on."""
+    caplog.set_level(logging.INFO, logger="tlsgate")

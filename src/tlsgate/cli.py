@@ -1,0 +1,166 @@
+"""The ``tlsgate`` command: click parses, ``config`` validates, the supervisor runs. Nothing else lives here.
+
+Flags follow ghostunnel's names and meanings where they overlap, so switching is a change of program name.
+Every TlsgateError becomes one line on stderr and exit code 2 (see cli_support.TlsgateGroup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from tlsgate import __version__
+from tlsgate.cli_support import TlsgateGroup, access_options
+from tlsgate.config import TunnelConfig, tunnel_config
+from tlsgate.logs import QUIET_CHOICES
+from tlsgate.supervisor import ProcessOptions, run_server
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+def _duration(flag: str, help_text: str) -> Callable[[F], F]:
+    return click.option(flag, metavar="DURATION", help=help_text)
+
+
+_common = _options(
+    click.option("--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT or unix:PATH."),
+    click.option("--target", required=True, metavar="ADDR", help="Address to forward to: HOST:PORT or unix:PATH."),
+    click.option("--keystore", metavar="FILE", help="PEM bundle with certificate and key, or a PKCS#12 file."),
+    click.option("--cert", multiple=True, metavar="FILE", help="Certificate chain (PEM). Repeat with --key for SNI."),
+    click.option("--key", multiple=True, metavar="FILE", help="Private key (PEM) for the --cert before it."),
+    click.option("--storepass", metavar="PASS", help="Keystore password; env:VAR or file:PATH keep it out of ps."),
+    click.option("--key-pass", metavar="PASS", help="Passphrase of an encrypted --key (env:VAR, file:PATH)."),
+    click.option("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)."),
+    click.option("--unsafe-listen", is_flag=True, default=None, help="Allow listening on a non-loopback address."),
+    _duration("--connect-timeout", "Timeout for connecting to the target [10s]."),
+    _duration("--handshake-timeout", "Timeout for a TLS handshake; slow or silent clients are cut [10s]."),
+    _duration("--close-timeout", "How long a half-closed connection may linger before it is cut [60s]."),
+    _duration("--idle-timeout", "Cut connections with no bytes either way for this long [0: never]."),
+    _duration("--max-conn-lifetime", "Cut connections older than this [0: never]."),
+    _duration("--shutdown-timeout", "On SIGTERM, how long open connections may finish [5m]."),
+    _duration("--timed-reload", "Reload certificates and policies this often [0: only on SIGHUP/SIGUSR1]."),
+    click.option("--max-concurrent-conns", type=int, help="Open connections at most; more wait in the backlog."),
+    click.option("--status", metavar="ADDR", help="Serve /_status, /_metrics and /metrics on this address."),
+    click.option("--metrics-prefix", default="tlsgate", show_default=True, help="Prefix of metric names."),
+    click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Processes."),
+    click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+    click.option("--quiet", multiple=True, type=click.Choice(QUIET_CHOICES), help="Silence a class of log lines."),
+    click.option(
+        "--loop",
+        type=click.Choice(["auto", "uvloop", "asyncio"]),
+        default="auto",
+        show_default=True,
+        help="Event loop; auto uses uvloop when installed (env TLSGATE_LOOP overrides auto).",
+    ),
+)
+
+_PROCESS_FLAGS = ("status", "metrics_prefix", "workers", "log_format", "quiet", "loop")
+
+
+def _run(mode: str, kwargs: dict[str, Any]) -> None:
+    process = ProcessOptions(**{k: kwargs.pop(k) for k in _PROCESS_FLAGS})
+    if kwargs.get("alpn"):
+        kwargs["alpn"] = tuple(p.strip() for p in kwargs["alpn"].split(",") if p.strip())
+    cfg = tunnel_config(mode, _given(kwargs))
+    raise SystemExit(_start(cfg, process))
+
+
+def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags the user gave, so the defaults live in one place (config.Timeouts, TunnelConfig)."""
+    return {k: v for k, v in kwargs.items() if v is not None and v != () and v is not False}
+
+
+def _start(cfg: TunnelConfig, process: ProcessOptions) -> int:
+    if process.workers > 1:
+        from tlsgate.workers import run_workers
+
+        return run_workers([cfg], process)
+    return run_server([cfg], process)
+
+
+@click.group(cls=TlsgateGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="tlsgate")
+def cli() -> None:
+    """tlsgate: a TLS tunnel with access policies (ghostunnel-compatible flags)."""
+
+
+@cli.command()
+@_common
+@click.option("--cacert", metavar="FILE", help="CA bundle that client certificates must chain to.")
+@click.option("--disable-authentication", is_flag=True, default=None, help="Do not ask clients for a certificate.")
+@access_options
+@click.option("--target-tls", is_flag=True, default=None, help="Re-encrypt: speak TLS to the target, verified.")
+@click.option("--target-cacert", metavar="FILE", help="CA bundle for the target's certificate [system store].")
+@click.option("--target-server-name", metavar="NAME", help="Name the target's certificate must have (and SNI).")
+@click.option("--target-cert", metavar="FILE", help="Client certificate to present to a TLS target.")
+@click.option("--target-key", metavar="FILE", help="Key for --target-cert.")
+@click.option("--unsafe-target", is_flag=True, default=None, help="Allow a plaintext target on another machine.")
+@click.option("--proxy-protocol", is_flag=True, default=None, help="Send a PROXY header to the target.")
+@click.option("--proxy-protocol-version", type=click.Choice(["1", "2"]), help="PROXY header version [2].")
+@click.option("--accept-proxy-from", multiple=True, metavar="CIDR", help="Trust PROXY headers from this network.")
+def server(**kwargs: Any) -> None:
+    """Accept TLS (mutual TLS by default) and forward plaintext to --target."""
+    _run("server", kwargs)
+
+
+@cli.command()
+@_common
+@click.option("--cacert", metavar="FILE", help="CA bundle the server's certificate must chain to [system store].")
+@click.option(
+    "--disable-authentication", is_flag=True, default=None, help="Present no client certificate to the server."
+)
+@click.option("--override-server-name", metavar="NAME", help="Verify the server as NAME (and send it as SNI).")
+@click.option("--verify-cn", multiple=True, metavar="CN", help="Server certificate must have this CN.")
+@click.option("--verify-ou", multiple=True, metavar="OU", help="Server certificate must have this OU.")
+@click.option("--verify-dns", multiple=True, metavar="NAME", help="Server certificate must have this DNS SAN.")
+@click.option("--verify-uri", multiple=True, metavar="URI", help="Server certificate must have this URI SAN.")
+@click.option("--verify-spki-sha256", multiple=True, metavar="HASH", help="Pin the server's key (SPKI SHA-256).")
+@click.option("--allow-from", multiple=True, metavar="CIDR", help="Accept local clients only from this network.")
+@click.option("--deny-from", multiple=True, metavar="CIDR", help="Refuse local clients from this network.")
+def client(**kwargs: Any) -> None:
+    """Accept plaintext and forward it over TLS (mutual TLS when a certificate is given) to --target."""
+    if not kwargs.get("disable_authentication") and not (kwargs.get("keystore") or kwargs.get("cert")):
+        # ghostunnel's client mode needs a certificate unless told not to present one; we follow it.
+        raise click.UsageError("client mode needs --keystore or --cert/--key, or --disable-authentication")
+    kwargs.pop("disable_authentication", None)
+    _run("client", kwargs)
+
+
+@cli.command()
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, help="Where the TLS front listens.")
+@click.option("--backend-port", type=int, default=0, help="Port of the demo HTTP backend [any free port].")
+@click.option("--certs-dir", default="certs/demo", show_default=True, help="Where the demo CA and cert are kept.")
+def demo(listen: str, backend_port: int, certs_dir: str) -> None:
+    """Start a demo HTTP backend behind a TLS front and print how to reach it (what `make run` does)."""
+    from tlsgate.demo import run_demo
+
+    raise SystemExit(run_demo(listen=listen, backend_port=backend_port, certs_dir=certs_dir))
+
+
+def _register_subcommands() -> None:
+    from tlsgate.cli_certs import certs
+
+    cli.add_command(certs)
+    try:
+        from tlsgate.cli_policy import policy
+    except ImportError:  # pragma: no cover - the policy command lands separately
+        return
+    cli.add_command(policy)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    cli(prog_name="tlsgate")

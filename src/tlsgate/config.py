@@ -1,0 +1,331 @@
+"""Typed, validated settings for one tunnel, built once from CLI flags or a TOML table.
+
+Both sources are a mapping whose keys are the flag names (``allow-cn`` or ``allow_cn``), so every flag has a
+config-file key of the same name and one validator serves both. Validation collects every problem before
+failing, because an operator fixing a config file wants the whole list, not one error per run.
+Files are only checked here (exists, readable); they are parsed by ``runtime.build_runtime``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, Literal
+
+from tlsgate.addresses import Address, parse_address
+from tlsgate.durations import parse_duration
+from tlsgate.errors import ConfigError
+
+Mode = Literal["server", "client"]
+
+
+class ConfigErrors(ConfigError):
+    """Several problems at once; ``str()`` gives one line per problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds; 0 means no limit. Defaults follow ghostunnel where it has the flag."""
+
+    connect: float = 10.0
+    handshake: float = 10.0
+    # ghostunnel closes 1s after either side finishes; a backend that answers only after EOF needs longer,
+    # so a half-closed connection may linger this long before it is cut.
+    close: float = 60.0
+    idle: float = 0.0
+    max_conn_lifetime: float = 0.0
+    shutdown: float = 300.0
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """Everything one listener needs. Field names are the flag names with ``_`` for ``-``."""
+
+    mode: Mode
+    listen: Address
+    target: Address
+    name: str = ""
+    # TLS identity of this side (server mode: presented to clients; client mode: presented to the server).
+    cert: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()
+    keystore: str | None = None
+    storepass: bytes | None = field(default=None, repr=False)
+    key_pass: bytes | None = field(default=None, repr=False)
+    cacert: str | None = None
+    disable_authentication: bool = False
+    # Access control (server mode), names as in tlsgate.policy.build_policy.
+    allow_all: bool = False
+    allow_cn: tuple[str, ...] = ()
+    allow_ou: tuple[str, ...] = ()
+    allow_dns: tuple[str, ...] = ()
+    allow_uri: tuple[str, ...] = ()
+    allow_spki_sha256: tuple[str, ...] = ()
+    allow_from: tuple[str, ...] = ()
+    deny_from: tuple[str, ...] = ()
+    crl: tuple[str, ...] = ()
+    # Client mode: who the server must be.
+    verify_cn: tuple[str, ...] = ()
+    verify_ou: tuple[str, ...] = ()
+    verify_dns: tuple[str, ...] = ()
+    verify_uri: tuple[str, ...] = ()
+    verify_spki_sha256: tuple[str, ...] = ()
+    override_server_name: str | None = None
+    # Server mode re-encryption to a TLS upstream.
+    target_tls: bool = False
+    target_cacert: str | None = None
+    target_server_name: str | None = None
+    target_cert: str | None = None
+    target_key: str | None = None
+    alpn: tuple[str, ...] = ()
+    unsafe_target: bool = False
+    unsafe_listen: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_concurrent_conns: int = 0
+    proxy_protocol: bool = False
+    proxy_protocol_version: int = 2
+    accept_proxy_from: tuple[str, ...] = ()
+    timed_reload: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """How logs name this tunnel: its config name, or its listen address."""
+        return self.name or str(self.listen)
+
+
+_TIMEOUT_KEYS = {
+    "connect_timeout": "connect",
+    "handshake_timeout": "handshake",
+    "close_timeout": "close",
+    "idle_timeout": "idle",
+    "max_conn_lifetime": "max_conn_lifetime",
+    "shutdown_timeout": "shutdown",
+}
+_FIELD_NAMES = {f.name for f in fields(TunnelConfig)} - {"timeouts"}
+# Keys that only the process as a whole uses (status port, workers, logging); a tunnel ignores them.
+PROCESS_KEYS = frozenset({"status", "metrics_prefix", "workers", "log_format", "quiet", "loop"})
+KNOWN_KEYS = frozenset(_FIELD_NAMES | set(_TIMEOUT_KEYS) | PROCESS_KEYS)
+
+
+def normalise_key(key: str) -> str:
+    return key.strip().lstrip("-").replace("-", "_")
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+class _Collector:
+    """Runs each check, keeps going after a failure, and remembers every message."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.problems: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.problems.append(self.prefix + message)
+
+    def run(self, check: Callable[[], object]) -> None:
+        try:
+            check()
+        except ConfigError as err:
+            self.add(str(err))
+
+
+def _as_tuple(value: object, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{flag(key)}: expected a string or a list of strings, got {value!r}")
+
+
+def _as_bool(value: object, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{flag(key)}: expected true or false, got {value!r}")
+
+
+def _as_str(value: object, key: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ConfigError(f"{flag(key)}: expected a string, got {value!r}")
+
+
+def _as_int(value: object, key: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{flag(key)}: expected a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{flag(key)}: expected a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{flag(key)}: {number} out of range ({low}-{high})")
+    return number
+
+
+def _as_duration(value: object, key: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        return parse_duration(value, name=flag(key))
+    raise ConfigError(f"{flag(key)}: expected a duration like 10s, got {value!r}")
+
+
+def _check_file(path: str | None, key: str) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise ConfigError(f"{flag(key)}: {path}: no such file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag(key)}: {path}: is a directory, expected a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{flag(key)}: {path}: permission denied")
+
+
+def _check_cidrs(values: Sequence[str], key: str) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"{flag(key)}: {value!r} is not a network (use CIDR like 10.0.0.0/8)") from None
+
+
+def _secret(value: object, key: str) -> bytes | None:
+    text = _as_str(value, key)
+    if text is None:
+        return None
+    from tlsgate.secrets import resolve_secret
+
+    return resolve_secret(text, flag=flag(key))
+
+
+_DEFAULTS = TunnelConfig(mode="server", listen=Address(), target=Address())
+
+
+def _convert(key: str, value: object) -> Any:
+    """One flag's value in its typed form; ConfigError names the flag and the expected form."""
+    if key in _TIMEOUT_KEYS or key == "timed_reload":
+        return _as_duration(value, key)
+    if key in ("listen", "target"):
+        return parse_address(_as_str(value, key) or "", name=flag(key))
+    if key in ("storepass", "key_pass"):
+        return _secret(value, key)
+    if key == "max_concurrent_conns":
+        return _as_int(value, key, 0, 10_000_000)
+    if key == "proxy_protocol_version":
+        return _as_int(value, key, 1, 2)
+    default = getattr(_DEFAULTS, key, None)
+    if isinstance(default, bool):
+        return _as_bool(value, key)
+    if isinstance(default, tuple):
+        return _as_tuple(value, key)
+    return _as_str(value, key)
+
+
+def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> TunnelConfig:
+    """Validate ``options`` (flag-named keys) into a TunnelConfig, or raise ConfigErrors with every problem."""
+    where = _Collector(f"tunnel {name!r}: " if name else "")
+    opts = {normalise_key(k): v for k, v in options.items()}
+    for key in sorted(set(opts) - KNOWN_KEYS - {"name", "mode"}):
+        where.add(f"unknown key {key!r}")
+    if mode not in ("server", "client"):
+        where.add(f"mode: {mode!r} is not 'server' or 'client'")
+        raise ConfigErrors(where.problems)
+
+    values: dict[str, Any] = {}
+    timeouts: dict[str, float] = {}
+    for key, value in opts.items():
+        if key not in KNOWN_KEYS or key in PROCESS_KEYS or value is None:
+            continue
+        try:
+            converted = _convert(key, value)
+        except ConfigError as err:
+            where.add(str(err))
+            continue
+        if key in _TIMEOUT_KEYS:
+            timeouts[_TIMEOUT_KEYS[key]] = converted
+        else:
+            values[key] = converted
+
+    for key in ("listen", "target"):
+        if key not in values and key not in opts:
+            where.add(f"{flag(key)} is required")
+    for key in ("keystore", "cacert", "target_cacert", "target_cert", "target_key"):
+        where.run(partial(_check_file, values.get(key), key))
+    for key in ("cert", "key", "crl"):
+        for path in values.get(key, ()):
+            where.run(partial(_check_file, path, key))
+    for key in ("allow_from", "deny_from", "accept_proxy_from"):
+        where.run(partial(_check_cidrs, values.get(key, ()), key))
+    if where.problems:
+        raise ConfigErrors(where.problems)
+
+    cfg = TunnelConfig(mode=mode, name=name, timeouts=Timeouts(**timeouts), **values)  # type: ignore[arg-type]
+    for problem in _cross_checks(cfg):
+        where.add(problem)
+    if where.problems:
+        raise ConfigErrors(where.problems)
+    return cfg
+
+
+def _cross_checks(cfg: TunnelConfig) -> list[str]:
+    """Rules that involve several flags, with ghostunnel's safety checks for unsafe listen/target."""
+    problems: list[str] = []
+    identity = cfg.allow_all or any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_uri, cfg.allow_spki_sha256))
+    has_pem = bool(cfg.cert or cfg.key)
+    if cfg.keystore and has_pem:
+        problems.append("give either --keystore or --cert/--key, not both")
+    if len(cfg.cert) != len(cfg.key):
+        problems.append(f"--cert given {len(cfg.cert)} time(s) but --key {len(cfg.key)}: they go in pairs")
+    if cfg.mode == "server":
+        if not cfg.keystore and not has_pem:
+            problems.append("server mode needs a certificate: --cert and --key, or --keystore")
+        if cfg.disable_authentication and (identity or cfg.crl):
+            problems.append("--disable-authentication contradicts --allow-*/--crl flags (no client cert is asked)")
+        if not cfg.disable_authentication and not identity:
+            problems.append(
+                "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, "
+                "--allow-spki-sha256, or --disable-authentication"
+            )
+        if not cfg.disable_authentication and not cfg.cacert:
+            problems.append("client certificates are verified against --cacert; give it (or --disable-authentication)")
+        if cfg.disable_authentication and not cfg.listen.is_loopback and not cfg.unsafe_listen:
+            problems.append(
+                f"--listen {cfg.listen} is reachable from other machines and no client certificate is required; "
+                "add --unsafe-listen if that is what you want"
+            )
+        if not cfg.target_tls and not cfg.target.is_loopback and not cfg.unsafe_target:
+            problems.append(
+                f"--target {cfg.target} is not on this machine and the hop is plaintext; use --target-tls, "
+                "or add --unsafe-target if the network in between is trusted"
+            )
+        verify = any((cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_uri, cfg.verify_spki_sha256))
+        if verify:
+            problems.append("--verify-* flags are for client mode; server mode uses --allow-*")
+    else:
+        if identity or cfg.crl:
+            problems.append("--allow-*/--crl flags are for server mode; client mode uses --verify-*")
+        if not cfg.listen.is_loopback and not cfg.unsafe_listen:
+            problems.append(
+                f"--listen {cfg.listen} exposes a plaintext port to other machines; add --unsafe-listen if intended"
+            )
+        if cfg.target.is_unix and not cfg.override_server_name:
+            problems.append("a unix: target in client mode needs --override-server-name to verify the server")
+    if cfg.target_tls and cfg.mode == "client":
+        problems.append("--target-tls is for server mode; client mode always speaks TLS to the target")
+    if (cfg.target_cert is None) != (cfg.target_key is None):
+        problems.append("--target-cert and --target-key go together")
+    if (cfg.target_cacert or cfg.target_server_name or cfg.target_cert) and not cfg.target_tls:
+        problems.append("--target-cacert/--target-server-name/--target-cert need --target-tls")
+    if cfg.accept_proxy_from and cfg.mode != "server":
+        problems.append("--accept-proxy-from is for server mode")
+    return problems

@@ -1,0 +1,78 @@
+"""Log lines for people (``event key=value ...``) or collectors (one JSON object per line).
+
+Events are built as plain dicts and formatted only when the line is emitted, so a filtered-out event (``--quiet``)
+costs a dict and a level check, nothing more. A broken log destination (full disk, closed pipe) must never stop
+relaying: ``_SafeHandler`` drops the line and counts it instead of raising into the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+LOGGER = logging.getLogger("tlsgate")
+
+# ghostunnel's --quiet values, and what each silences.
+QUIET_CHOICES = ("conns", "conn-errs", "handshake-errs", "all")
+
+
+class _State:
+    quiet: frozenset[str] = frozenset()
+    dropped_lines = 0
+
+
+STATE = _State()
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] | None = getattr(record, "fields", None)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname.lower():<5} {record.getMessage()}"
+        if fields:
+            line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None and v != "")
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        doc.update({k: v for k, v in (getattr(record, "fields", None) or {}).items() if v is not None})
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    def handleError(self, record: logging.LogRecord) -> None:
+        STATE.dropped_lines += 1
+
+
+def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = None) -> None:
+    handler = _SafeHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    LOGGER.handlers[:] = [handler]
+    LOGGER.propagate = False
+    STATE.quiet = frozenset(quiet)
+    LOGGER.setLevel(logging.WARNING if "all" in STATE.quiet else logging.INFO)
+
+
+def event(name: str, level: int = logging.INFO, category: str = "", **fields: Any) -> None:
+    """Log ``name`` with ``fields``; ``category`` ties it to a --quiet value (conns, conn-errs, handshake-errs)."""
+    if category and category in STATE.quiet:
+        return
+    if LOGGER.isEnabledFor(level):
+        LOGGER.log(level, name, extra={"fields": fields})

@@ -1,0 +1,307 @@
+"""The byte pump between two connected non-blocking sockets, either of which may be a ``ssl.SSLSocket``.
+
+Shape (measured, see docs/design.md): no asyncio transports or coroutines on the data path. Each direction
+reads into one buffer shared by every connection of a tunnel and sends straight from it; only when the
+destination cannot take everything is the rest copied out, reading from the source paused and a writer
+registered on the destination. That gives back-pressure for free (a slow reader stops us reading from its
+peer, so at most one buffer's worth is held per direction) and costs no allocation in the common case.
+
+Half-close is relayed both ways: end-of-stream from one side becomes a FIN (plain socket) or a close_notify
+(TLS socket) towards the other, and the opposite direction keeps flowing until it ends too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+
+# TLS records carry at most 16 KiB of plaintext; a read that returns less means the socket is (probably)
+# drained, so we go back to the loop instead of paying for a read that fails with EAGAIN.
+_TLS_RECORD = 16384
+# Reads per readiness callback before yielding to the loop, so one fast connection cannot starve others.
+_MAX_READS = 16
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+# Results of Direction.read(), used by the close_notify drain.
+_BLOCKED, _PAUSED, _ENDED, _MORE = range(4)
+
+
+class Direction:
+    """Bytes flowing one way: read from ``src``, written to ``dst``."""
+
+    __slots__ = (
+        "_big",
+        "dst",
+        "dst_fd",
+        "dst_tls",
+        "eof",
+        "loop",
+        "name",
+        "nbytes",
+        "owes_shutdown",
+        "peer",
+        "pending",
+        "read_wants_write",
+        "relay",
+        "shut",
+        "src",
+        "src_fd",
+        "view",
+    )
+
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, name: str) -> None:
+        self.relay = relay
+        self.loop = relay.loop
+        self.view = relay.view
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.dst_tls = isinstance(dst, ssl.SSLSocket)
+        self._big = _TLS_RECORD if isinstance(src, ssl.SSLSocket) else len(self.view)
+        self.name = name
+        self.nbytes = 0
+        self.pending: memoryview | None = None
+        self.eof = False  # src has ended its stream
+        self.shut = False  # dst's write side has been shut (FIN or close_notify sent)
+        self.owes_shutdown = False  # dst must be shut once the peer direction is drained
+        self.read_wants_write = False
+        self.peer: Direction = self
+
+    def read(self) -> int:
+        src, view = self.src, self.view
+        for _ in range(_MAX_READS):
+            try:
+                n = src.recv_into(view)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return _BLOCKED
+            except ssl.SSLWantWriteError:
+                # TLS sometimes has to write to read (a KeyUpdate reply); wait until the socket can take it.
+                self._wait_writable_to_read()
+                return _PAUSED
+            except ssl.SSLZeroReturnError:
+                n = 0  # close_notify after we sent ours: Python raises instead of returning b""
+            except ssl.SSLEOFError:
+                n = 0  # TCP FIN without close_notify: treat as end of stream, as ghostunnel and haproxy do
+            except OSError as err:
+                self.relay.abort(f"{self.name} read: {_describe(err)}")
+                return _ENDED
+            if n == 0:
+                self._on_eof()
+                return _ENDED
+            self.nbytes += n
+            if not self._send(view[:n]):
+                return _PAUSED
+            if n < self._big:
+                return _BLOCKED
+        return _MORE
+
+    def _send(self, data: memoryview) -> bool:
+        try:
+            sent = self.dst.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as err:
+            self.relay.abort(f"{self.name} write: {_describe(err)}")
+            return False
+        if sent == len(data):
+            return True
+        # The shared buffer is overwritten by the next read anywhere, so the rest must be copied. A TLS write
+        # that could not complete must be retried with the same bytes; SSLSocket.send is all-or-nothing.
+        self.pending = memoryview(bytes(data[sent:]))
+        self.loop.remove_reader(self.src_fd)
+        self.loop.add_writer(self.dst_fd, self.flush)
+        return False
+
+    def flush(self) -> None:
+        data = self.pending
+        assert data is not None
+        try:
+            sent = self.dst.send(data)
+        except _WOULD_BLOCK:
+            return
+        except OSError as err:
+            self.relay.abort(f"{self.name} write: {_describe(err)}")
+            return
+        if sent < len(data):
+            self.pending = data[sent:]
+            return
+        self.pending = None
+        self.loop.remove_writer(self.dst_fd)
+        if self.eof:
+            self.shutdown_dst()
+        else:
+            self.loop.add_reader(self.src_fd, self.read)
+        peer = self.peer
+        if peer.read_wants_write and not self.relay.closed:
+            peer.resume_read_after_write()
+        if peer.owes_shutdown and not self.relay.closed:
+            peer.owes_shutdown = False
+            peer.shutdown_dst()
+
+    def _wait_writable_to_read(self) -> None:
+        self.read_wants_write = True
+        self.loop.remove_reader(self.src_fd)
+        if self.peer.pending is None:  # else the peer's flush() owns the writer and will resume us
+            self.loop.add_writer(self.src_fd, self.resume_read_after_write)
+
+    def resume_read_after_write(self) -> None:
+        self.read_wants_write = False
+        if self.peer.pending is None:
+            self.loop.remove_writer(self.src_fd)
+        self.loop.add_reader(self.src_fd, self.read)
+        self.read()
+
+    def _on_eof(self) -> None:
+        self.eof = True
+        self.loop.remove_reader(self.src_fd)
+        self.relay.on_half_close(self)
+        if self.pending is None:
+            self.shutdown_dst()
+
+    def shutdown_dst(self) -> None:
+        """Pass the end of stream on: FIN to a plain socket, close_notify to a TLS one."""
+        if self.shut:
+            return
+        if not self.dst_tls:
+            # A peer that is already gone shows up in the other direction; nothing to do here.
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+            self._shut_done()
+            return
+        peer = self.peer
+        if not peer.eof:
+            # ssl.SSLSocket.unwrap() calls SSL_shutdown twice and the second call reads from the socket,
+            # discarding any application data it finds (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). So first relay
+            # everything the TLS peer has already sent; if that data cannot move yet, send close_notify later.
+            status = _MORE
+            while status == _MORE and peer.pending is None:
+                status = peer.read()
+            if status == _PAUSED or peer.pending is not None:
+                self.owes_shutdown = True
+                return
+            if self.relay.closed or self.shut:
+                return
+        try:
+            self.dst.unwrap()  # type: ignore[attr-defined]
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # close_notify is out (or queued in OpenSSL); the peer's own close_notify comes later
+        except ssl.SSLError as err:
+            if not peer.eof:
+                # The peer's data raced our close_notify and OpenSSL dropped it: never pretend that was clean.
+                self.relay.abort(f"{peer.name} data arrived while sending close_notify: {_describe(err)}")
+                return
+            # The peer already left without close_notify (ragged EOF); OpenSSL will not shut down after that.
+        except (OSError, ValueError):
+            pass  # peer gone, or both close_notifys already exchanged
+        self._shut_done()
+
+    def _shut_done(self) -> None:
+        self.shut = True
+        if self.peer.shut:
+            self.relay.finish()
+
+
+class Relay:
+    """One proxied connection: two sockets, two directions, and how it ended."""
+
+    __slots__ = (
+        "client",
+        "closed",
+        "end",
+        "half_closed_at",
+        "inbound",
+        "last_change",
+        "last_total",
+        "loop",
+        "on_close",
+        "outbound",
+        "started",
+        "target",
+        "view",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: socket.socket,
+        target: socket.socket,
+        view: memoryview,
+        on_close: Callable[[Relay], None],
+        started: float | None = None,
+    ) -> None:
+        self.loop = loop
+        self.view = view
+        self.client, self.target = client, target
+        self.on_close = on_close
+        self.started = time.monotonic() if started is None else started
+        self.last_change = self.started
+        self.last_total = 0
+        self.half_closed_at = 0.0
+        self.closed = False
+        self.end = ""
+        self.outbound = Direction(self, client, target, "client")
+        self.inbound = Direction(self, target, client, "target")
+        self.outbound.peer, self.inbound.peer = self.inbound, self.outbound
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes from the client to the target."""
+        return self.outbound.nbytes
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes from the target to the client."""
+        return self.inbound.nbytes
+
+    def start(self) -> None:
+        self.loop.add_reader(self.outbound.src_fd, self.outbound.read)
+        self.loop.add_reader(self.inbound.src_fd, self.inbound.read)
+        # Bytes that arrived with the last handshake flight sit decrypted inside OpenSSL, invisible to epoll.
+        for direction in (self.outbound, self.inbound):
+            src = direction.src
+            if isinstance(src, ssl.SSLSocket) and src.pending() and not self.closed:
+                direction.read()
+
+    def on_half_close(self, direction: Direction) -> None:
+        if not self.half_closed_at:
+            self.half_closed_at = time.monotonic()
+            self.end = f"{direction.name} closed first"
+
+    def finish(self) -> None:
+        """Both ends of stream were passed on: a clean close."""
+        self._close(self.end or "closed", reset=False)
+
+    def abort(self, reason: str) -> None:
+        """Cut both sides now (timeout, error, shutdown). The plain side gets a RST so it sees an error."""
+        self._close(reason, reset=True)
+
+    def _close(self, reason: str, *, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.end = reason
+        loop = self.loop
+        for sock in (self.client, self.target):
+            fd = sock.fileno()
+            if fd >= 0:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+                if reset and not isinstance(sock, ssl.SSLSocket):
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+        self.outbound.pending = self.inbound.pending = None
+        self.on_close(self)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLError):
+        return err.reason or str(err)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    return str(err) or type(err).__name__

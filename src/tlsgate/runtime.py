@@ -1,0 +1,129 @@
+"""What a tunnel needs at run time, built from its config by reading files: TLS contexts and the policy.
+
+Built at start-up (an error here is a one-line exit 2) and again on every reload (an error keeps the running
+runtime and is logged). Connections keep the objects they started with, so swapping a Runtime never
+disturbs an established connection.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from tlsgate import tlsctx
+from tlsgate.config import TunnelConfig
+from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
+
+
+@dataclass(frozen=True)
+class Runtime:
+    # Server mode: the context clients handshake with. Client mode: None (clients speak plaintext to us).
+    accept_ctx: ssl.SSLContext | None
+    # Client mode, or server mode with --target-tls: the context for the TLS hop to the target.
+    target_ctx: ssl.SSLContext | None
+    # The name the target's certificate must carry (and the SNI we send).
+    target_server_name: str | None
+    policy: Policy
+    # Identity rules for the target's certificate (client mode --verify-*); None checks the hostname only.
+    target_identity: IdentityRules | None
+    # Sources allowed to put a PROXY header in front of their connection.
+    proxy_sources: AddressRules
+    cert_not_after: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+
+
+def build_runtime(cfg: TunnelConfig) -> Runtime:
+    accept_ctx = target_ctx = None
+    not_after = 0.0
+    if cfg.mode == "server":
+        pairs: list[tuple[str | None, str | None]] = list(zip(cfg.cert, cfg.key, strict=True)) or [(None, None)]
+        materials = [
+            tlsctx.load_key_material(
+                cert=cert, key=key, keystore=cfg.keystore, storepass=cfg.storepass, key_pass=cfg.key_pass
+            )
+            for cert, key in pairs
+        ]
+        contexts = [
+            tlsctx.server_context(
+                material,
+                client_ca=cfg.cacert,
+                require_client_cert=not cfg.disable_authentication,
+                alpn=cfg.alpn,
+            )
+            for material in materials
+        ]
+        accept_ctx = contexts[0]
+        if len(contexts) > 1:
+            by_name: dict[str, ssl.SSLContext] = {}
+            for material, ctx in zip(materials, contexts, strict=True):
+                for name in _dns_names(material):
+                    by_name.setdefault(name, ctx)
+            tlsctx.add_sni_certificates(accept_ctx, by_name)
+        not_after = min(m.leaf.not_valid_after_utc.timestamp() for m in materials)
+        ca_certs = tlsctx.load_certificates(cfg.cacert, "--cacert") if cfg.cacert else []
+        policy = build_policy(
+            allow_all=cfg.allow_all,
+            allow_cn=cfg.allow_cn,
+            allow_ou=cfg.allow_ou,
+            allow_dns=cfg.allow_dns,
+            allow_uri=cfg.allow_uri,
+            allow_spki_sha256=cfg.allow_spki_sha256,
+            allow_from=cfg.allow_from,
+            deny_from=cfg.deny_from,
+            crl=cfg.crl,
+            ca_certs=ca_certs,
+            disable_authentication=cfg.disable_authentication,
+        )
+        target_identity = None
+        if cfg.target_tls:
+            client_material = None
+            if cfg.target_cert and cfg.target_key:
+                client_material = tlsctx.load_key_material(cert=cfg.target_cert, key=cfg.target_key)
+            target_ctx = tlsctx.client_context(
+                cafile=cfg.target_cacert, material=client_material, alpn=cfg.alpn, what="--target-cacert"
+            )
+        server_name = cfg.target_server_name or (cfg.target.host or None)
+    else:
+        material = None
+        if cfg.keystore or cfg.cert:
+            material = tlsctx.load_key_material(
+                cert=cfg.cert[0] if cfg.cert else None,
+                key=cfg.key[0] if cfg.key else None,
+                keystore=cfg.keystore,
+                storepass=cfg.storepass,
+                key_pass=cfg.key_pass,
+            )
+            not_after = material.leaf.not_valid_after_utc.timestamp()
+        target_ctx = tlsctx.client_context(cafile=cfg.cacert, material=material, alpn=cfg.alpn)
+        policy = build_policy(allow_from=cfg.allow_from, deny_from=cfg.deny_from, disable_authentication=True)
+        target_identity = IdentityRules.parse(
+            cn=cfg.verify_cn,
+            ou=cfg.verify_ou,
+            dns=cfg.verify_dns,
+            uri=cfg.verify_uri,
+            spki_sha256=cfg.verify_spki_sha256,
+            flag_prefix="verify",
+        )
+        if not target_identity.active:
+            target_identity = None
+        server_name = cfg.override_server_name or (cfg.target.host or None)
+    return Runtime(
+        accept_ctx=accept_ctx,
+        target_ctx=target_ctx,
+        target_server_name=server_name,
+        policy=policy,
+        target_identity=target_identity,
+        proxy_sources=AddressRules.parse(allow_from=cfg.accept_proxy_from),
+        cert_not_after=not_after,
+    )
+
+
+def _dns_names(material: tlsctx.KeyMaterial) -> list[str]:
+    from cryptography import x509
+
+    try:
+        san = material.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(name) for name in san.get_values_for_type(x509.DNSName)]

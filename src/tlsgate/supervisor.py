@@ -1,0 +1,258 @@
+"""Runs tunnels in one event loop and owns the process: signals, reload, graceful drain, choice of loop.
+
+SIGTERM/SIGINT: stop accepting, let open connections finish for up to --shutdown-timeout, then cut the rest and
+exit 0; a second signal cuts at once. SIGHUP/SIGUSR1 (and --timed-reload): rebuild certificates and policies
+from disk; a reload that fails keeps what is running and logs why. With a config file, SIGHUP also re-reads
+the file: changed tunnels are replaced, unchanged ones keep their connections, added and removed ones start
+and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlsgate import logs
+from tlsgate.config import TunnelConfig
+from tlsgate.errors import TlsgateError
+from tlsgate.runtime import build_runtime
+from tlsgate.tunnel import Tunnel
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    """Settings of the process rather than of one tunnel."""
+
+    status: str | None = None
+    metrics_prefix: str = "tlsgate"
+    workers: int = 1
+    log_format: str = "text"
+    quiet: tuple[str, ...] = ()
+    loop: str = "auto"
+    config_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Server:
+    def __init__(
+        self,
+        configs: Sequence[TunnelConfig],
+        options: ProcessOptions | None = None,
+        *,
+        load_configs: Callable[[], list[TunnelConfig]] | None = None,
+    ) -> None:
+        self.options = options or ProcessOptions()
+        self.configs = list(configs)
+        self.load_configs = load_configs
+        self.tunnels: dict[str, Tunnel] = {}
+        self.retired: set[Tunnel] = set()
+        self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self.status_server: Any = None
+
+    # -- start / stop ----------------------------------------------------------------------------------------
+
+    def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
+        """Build every runtime first (so a bad file fails before anything listens), then start listening."""
+        self._loop = asyncio.get_running_loop()
+        runtimes = [(cfg, build_runtime(cfg)) for cfg in self.configs]
+        reuse_port = self.options.workers > 1
+        started: list[Tunnel] = []
+        try:
+            for cfg, runtime in runtimes:
+                tunnel = Tunnel(cfg, runtime, reuse_port=reuse_port)
+                tunnel.start(self._loop, (listeners or {}).get(_key(cfg)))
+                started.append(tunnel)
+                self.tunnels[_key(cfg)] = tunnel
+        except BaseException:
+            for tunnel in started:
+                tunnel.stop_listening()
+            raise
+        for tunnel in started:
+            logs.event(
+                "listening", tunnel=tunnel.cfg.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
+                target=str(tunnel.cfg.target),
+            )  # fmt: skip
+        self._install_signals()
+        self._schedule_timed_reload()
+        self.started.set()
+
+    async def serve(self, ready: Callable[[Server], Awaitable[None] | None] | None = None) -> int:
+        self.start()
+        if self.options.status:
+            from tlsgate.status import start_status_server
+
+            self.status_server = await start_status_server(self, self.options.status)
+        if ready is not None:
+            result = ready(self)
+            if asyncio.iscoroutine(result):
+                await result
+        await self._stop.wait()
+        await self._drain()
+        return 0
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """First call: graceful drain. Second call: cut every connection now."""
+        if self._stopping:
+            logs.event("second stop signal: closing all connections now", logging.WARNING)
+            for tunnel in [*self.tunnels.values(), *self.retired]:
+                tunnel.abort_all("shutdown")
+            return
+        self._stopping = True
+        logs.event("shutting down", open=sum(t.active for t in self.tunnels.values()))
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        if self._reload_timer is not None:
+            self._reload_timer.cancel()
+        if self.status_server is not None:
+            self.status_server.close()
+        tunnels = [*self.tunnels.values(), *self.retired]
+        cut = await asyncio.gather(*(t.drain(t.cfg.timeouts.shutdown) for t in tunnels))
+        logs.event("stopped", cut=sum(cut))
+        self._remove_signals()
+
+    # -- signals and reload ----------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        assert self._loop is not None
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self.stop)
+            for sig in (signal.SIGHUP, signal.SIGUSR1):
+                self._loop.add_signal_handler(sig, self.reload)
+        except (RuntimeError, ValueError):
+            pass  # not the main thread (tests run servers in-process); signals are the caller's business
+
+    def _remove_signals(self) -> None:
+        if self._loop is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._loop.remove_signal_handler(sig)
+
+    def _schedule_timed_reload(self) -> None:
+        intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
+        if intervals and self._loop is not None:
+            self._reload_timer = self._loop.call_later(min(intervals), self._timed_reload)
+
+    def _timed_reload(self) -> None:
+        self.reload()
+        self._schedule_timed_reload()
+
+    def reload(self) -> bool:
+        """Re-read certificates, CA bundles, CRLs and policies (and the config file, when there is one)."""
+        if self._stopping:
+            return False
+        if self.load_configs is not None:
+            return self._reload_file()
+        ok = True
+        for tunnel in self.tunnels.values():
+            try:
+                runtime = build_runtime(tunnel.cfg)
+            except TlsgateError as err:
+                ok = False
+                tunnel.stats.reload_errors += 1
+                logs.event(
+                    "reload failed, keeping the running certificates and policy", logging.ERROR,
+                    tunnel=tunnel.cfg.label, error=str(err),
+                )  # fmt: skip
+                continue
+            tunnel.reload(runtime)
+            logs.event("reloaded", tunnel=tunnel.cfg.label)
+        return ok
+
+    def _reload_file(self) -> bool:
+        assert self.load_configs is not None and self._loop is not None
+        try:
+            configs = self.load_configs()
+            wanted = {_key(cfg): cfg for cfg in configs}
+            runtimes = {key: build_runtime(cfg) for key, cfg in wanted.items()}
+        except TlsgateError as err:
+            for line in str(err).splitlines():
+                logs.event("reload failed, keeping the running tunnels", logging.ERROR, error=line)
+            return False
+        for key in list(self.tunnels):
+            if key not in wanted:
+                self._retire(self.tunnels.pop(key), "removed")
+        for key, cfg in wanted.items():
+            current = self.tunnels.get(key)
+            if current is not None and current.cfg == cfg:
+                current.reload(runtimes[key])
+                continue
+            listeners = None
+            if current is not None and current.cfg.listen == cfg.listen:
+                # Hand the bound socket over: no moment where the port is closed, no backlog lost.
+                listeners = current.hand_over_listeners()
+            try:
+                tunnel = Tunnel(cfg, runtimes[key], reuse_port=self.options.workers > 1)
+                tunnel.start(self._loop, listeners)
+            except TlsgateError as err:
+                logs.event("tunnel failed to start", logging.ERROR, tunnel=cfg.label, error=str(err))
+                if current is not None and listeners is not None:
+                    current.take_back_listeners(listeners)
+                continue
+            if current is not None:
+                self._retire(current, "changed")
+            self.tunnels[key] = tunnel
+            logs.event("listening", tunnel=cfg.label, listen=",".join(tunnel.addresses), target=str(cfg.target))
+        self.configs = configs
+        logs.event("reloaded", tunnels=len(self.tunnels))
+        return True
+
+    def _retire(self, tunnel: Tunnel, why: str) -> None:
+        """A tunnel that left the config: no new connections; open ones finish within its shutdown timeout."""
+        logs.event("tunnel retired", tunnel=tunnel.cfg.label, why=why, open=tunnel.active)
+        self.retired.add(tunnel)
+        task = asyncio.ensure_future(tunnel.drain(tunnel.cfg.timeouts.shutdown))
+        self._background.add(task)
+
+        def forget(_: asyncio.Future[int]) -> None:
+            self._background.discard(task)
+            self.retired.discard(tunnel)
+
+        task.add_done_callback(forget)
+
+
+def _key(cfg: TunnelConfig) -> str:
+    return cfg.name or str(cfg.listen)
+
+
+def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
+    """``asyncio.run``, or uvloop's when it is installed and not turned off (``--loop``, ``TLSGATE_LOOP``)."""
+    kind = os.environ.get("TLSGATE_LOOP", kind) if kind == "auto" else kind
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise TlsgateError("--loop uvloop: uvloop is not installed (pip install 'tlsgate[speed]')") from None
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
+def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwargs: Any) -> int:
+    """Blocking entry point for the CLI."""
+    logs.setup_logging(options.log_format, options.quiet)
+    runner = choose_loop(options.loop)
+
+    async def main() -> int:
+        return await Server(configs, options, **kwargs).serve()
+
+    return int(runner(main()))

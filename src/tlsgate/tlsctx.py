@@ -1,0 +1,309 @@
+"""The one place that builds ``ssl.SSLContext`` objects, and the loading of certificates and keystores.
+
+Every hardened default sits next to its reason. Server, client and upstream contexts share ``_harden`` so a
+change of policy (say, a new minimum version) happens once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from tlsgate.errors import CertificateError
+
+# TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. CBC suites (Lucky13, POODLE-style padding oracles) and
+# static-RSA key exchange (no forward secrecy) are out. TLS 1.3 suites are all AEAD, so OpenSSL's defaults stay.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """A certificate chain and its private key, already decrypted and checked to belong together.
+
+    Kept as PEM bytes so a context can be rebuilt on reload, and so a PKCS#12 keystore and a PEM pair end
+    up in the same form. ``source`` names the files in error messages and logs.
+    """
+
+    chain_pem: bytes
+    key_pem: bytes
+    source: str
+    leaf: x509.Certificate
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CertificateError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise CertificateError(f"{what} {path}: is a directory, expected a file") from None
+    except OSError as err:
+        raise CertificateError(f"{what} {path}: cannot read ({err.strerror})") from None
+
+
+def load_certificates(path: str | Path, what: str = "certificate") -> list[x509.Certificate]:
+    """All certificates in a PEM bundle or one DER certificate; a one-line error for anything else."""
+    data = _read(path, what)
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise CertificateError(f"{what} {path}: not a PEM or DER certificate") from None
+    return certs
+
+
+def _load_key(data: bytes, password: bytes | None, source: str) -> PrivateKeyTypes:
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_private_key(data, password)
+        return serialization.load_der_private_key(data, password)
+    except TypeError:
+        if password is None:
+            raise CertificateError(f"key {source}: the key is encrypted; give its passphrase with --key-pass") from None
+        raise CertificateError(f"key {source}: the key is not encrypted, but --key-pass was given") from None
+    except ValueError:
+        if password is not None and (b"ENCRYPTED" in data or b"-----BEGIN" not in data):
+            raise CertificateError(f"key {source}: wrong passphrase (--key-pass)") from None
+        raise CertificateError(f"key {source}: not a private key in PEM or DER form") from None
+
+
+def _public_bytes(key: object) -> bytes:
+    public_key = key.public_key()  # type: ignore[attr-defined]
+    return bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _material(certs: Sequence[x509.Certificate], key: object, source: str) -> KeyMaterial:
+    if not certs:
+        raise CertificateError(f"{source}: no certificate found")
+    supported = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+    if not isinstance(key, supported):
+        raise CertificateError(f"{source}: unsupported private key type {type(key).__name__}")
+    leaf = certs[0]
+    leaf_spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if _public_bytes(key) != leaf_spki:
+        raise CertificateError(f"{source}: the private key does not match the certificate")
+    chain_pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return KeyMaterial(chain_pem=chain_pem, key_pem=key_pem, source=source, leaf=leaf)
+
+
+def load_key_material(
+    *,
+    cert: str | None = None,
+    key: str | None = None,
+    keystore: str | None = None,
+    storepass: bytes | None = None,
+    key_pass: bytes | None = None,
+) -> KeyMaterial:
+    """Load ``--cert``/``--key`` or ``--keystore`` (PEM bundle with cert and key, or PKCS#12)."""
+    if keystore:
+        data = _read(keystore, "keystore")
+        if b"-----BEGIN" in data:
+            certs = load_certificates(keystore, "keystore")
+            return _material(certs, _load_key(data, key_pass or storepass, keystore), keystore)
+        try:
+            p12_key, p12_cert, extra = pkcs12.load_key_and_certificates(data, storepass)
+        except ValueError:
+            if storepass is None:
+                raise CertificateError(
+                    f"keystore {keystore}: cannot open PKCS#12 (encrypted? give --storepass)"
+                ) from None
+            raise CertificateError(f"keystore {keystore}: wrong --storepass or not a PKCS#12 file") from None
+        if p12_cert is None or p12_key is None:
+            raise CertificateError(f"keystore {keystore}: PKCS#12 file holds no certificate and key pair")
+        return _material([p12_cert, *extra], p12_key, keystore)
+    if not cert or not key:
+        raise CertificateError("give --cert and --key together, or --keystore")
+    certs = load_certificates(cert)
+    return _material(certs, _load_key(_read(key, "key"), key_pass, key), f"{cert} + {key}")
+
+
+@contextlib.contextmanager
+def _pem_file(material: KeyMaterial) -> Iterator[str]:
+    """A path OpenSSL can read the chain and key from, that never touches a disk where possible.
+
+    ``load_cert_chain`` only takes paths. On Linux a memfd is an anonymous in-memory file; elsewhere a file
+    created 0600 in a private temp dir, removed as soon as OpenSSL has read it.
+    """
+    data = material.chain_pem + material.key_pem
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("tlsgate-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="tlsgate-") as tmp:
+        path = os.path.join(tmp, "key.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        yield path
+
+
+def _harden(ctx: ssl.SSLContext) -> None:
+    # TLS 1.0/1.1 are deprecated (RFC 8996): no AEAD, SHA-1 in the handshake.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    # CRIME: TLS compression leaks plaintext lengths. OpenSSL 3 has it off; say so explicitly anyway.
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    # Renegotiation is a DoS lever (client-initiated renegotiation costs the server a full handshake) and
+    # was the root of the 2009 prefix-injection bug; nothing a tunnel carries needs it.
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+
+
+def _load_ca(ctx: ssl.SSLContext, cafile: str, what: str) -> None:
+    load_certificates(cafile, what)  # a clear error for a missing or garbage file, before OpenSSL's
+    try:
+        ctx.load_verify_locations(cafile=cafile)
+    except ssl.SSLError as err:
+        raise CertificateError(f"{what} {cafile}: OpenSSL cannot use it ({err.reason or err})") from None
+
+
+def _load_chain(ctx: ssl.SSLContext, material: KeyMaterial) -> None:
+    with _pem_file(material) as path:
+        try:
+            ctx.load_cert_chain(path)
+        except ssl.SSLError as err:
+            raise CertificateError(f"{material.source}: OpenSSL cannot use it ({err.reason or err})") from None
+
+
+def server_context(
+    material: KeyMaterial,
+    *,
+    client_ca: str | None,
+    require_client_cert: bool,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """A context for accepting TLS from clients; asks for (and verifies) a client certificate when told to."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx)
+    # The server's order of suites wins, so a client cannot steer us to its weakest acceptable choice.
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    # A fresh ECDHE key per handshake, so one leaked ephemeral key exposes one session only.
+    ctx.options |= ssl.OP_SINGLE_ECDH_USE
+    # One TLS 1.3 ticket is enough for resumption; OpenSSL's default of two costs an extra encryption and
+    # an extra record on every new connection.
+    ctx.num_tickets = 1
+    _load_chain(ctx, material)
+    if client_ca:
+        _load_ca(ctx, client_ca, "--cacert")
+    if require_client_cert:
+        if not client_ca:
+            raise CertificateError("client certificates are required but no --cacert was given to verify them")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def add_sni_certificates(default: ssl.SSLContext, by_name: dict[str, ssl.SSLContext]) -> None:
+    """Serve ``by_name[server_name]`` to clients asking for that name; everyone else gets ``default``.
+
+    Names are matched case-insensitively; ``*.example.com`` entries match one label, as certificates do.
+    """
+    exact = {name.lower().rstrip("."): ctx for name, ctx in by_name.items() if not name.startswith("*.")}
+    wildcard = {name[2:].lower().rstrip("."): ctx for name, ctx in by_name.items() if name.startswith("*.")}
+
+    def pick(sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+        if not server_name:
+            return
+        name = server_name.lower().rstrip(".")
+        chosen = exact.get(name)
+        if chosen is None and "." in name:
+            chosen = wildcard.get(name.split(".", 1)[1])
+        if chosen is not None:
+            sslobj.context = chosen
+
+    default.sni_callback = pick
+
+
+def client_context(
+    *,
+    cafile: str | None,
+    material: KeyMaterial | None = None,
+    check_hostname: bool = True,
+    alpn: Sequence[str] = (),
+    what: str = "--cacert",
+) -> ssl.SSLContext:
+    """A context for connecting out over TLS: the server is verified against ``cafile`` or the system store."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = check_hostname
+    if cafile:
+        _load_ca(ctx, cafile, what)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if material is not None:
+        _load_chain(ctx, material)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+# OpenSSL verify messages for a client certificate, as the refusal rule and reason we log.
+_CLIENT_VERIFY = {
+    "certificate has expired": ("expired", "client certificate has expired"),
+    "certificate is not yet valid": ("not-yet-valid", "client certificate is not yet valid"),
+    "unable to get local issuer certificate": ("untrusted", "client certificate is not signed by a CA in --cacert"),
+    "self-signed certificate": ("untrusted", "client certificate is self-signed and not in --cacert"),
+    "self signed certificate": ("untrusted", "client certificate is self-signed and not in --cacert"),
+    "certificate revoked": ("crl", "client certificate is revoked"),
+    "unsupported certificate purpose": ("untrusted", "client certificate is not valid for client authentication"),
+}
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"}
+_OLD_TLS = {"UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE", "VERSION_TOO_LOW"}
+
+
+def describe_handshake_error(err: BaseException, side: str) -> tuple[str, str]:
+    """``(rule, reason)`` for a failed handshake with the ``client`` or the ``target``.
+
+    ``rule`` is ``handshake`` for protocol failures and a policy rule id (``expired``, ``untrusted``,
+    ``no-client-cert``...) when the peer was refused for who it is.
+    """
+    if isinstance(err, ssl.SSLCertVerificationError):
+        message = str(err.verify_message or err.reason or err)
+        if side == "client":
+            return _CLIENT_VERIFY.get(message, ("untrusted", f"client certificate rejected: {message}"))
+        return "untrusted", f"target certificate rejected: {message}"
+    if isinstance(err, ssl.SSLEOFError):
+        return "handshake", f"{side} closed the connection during the handshake"
+    if isinstance(err, ssl.SSLError):
+        reason = err.reason or ""
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no-client-cert", "no client certificate"
+        if reason in _NOT_TLS:
+            return "handshake", f"{side} did not speak TLS (plaintext or HTTP instead of a ClientHello?)"
+        if reason in _OLD_TLS:
+            return "handshake", f"{side} offered only TLS versions older than 1.2"
+        if reason in ("NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_CIPHERS_AVAILABLE"):
+            return "handshake", f"no cipher suite in common with the {side} (AEAD with ECDHE required)"
+        if reason in ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN"):
+            return "handshake", f"{side} rejected our certificate ({reason.lower().replace('_', ' ')})"
+        if reason == "UNEXPECTED_EOF_WHILE_READING":
+            return "handshake", f"{side} closed the connection during the handshake"
+        return "handshake", f"TLS error with {side}: {(reason or str(err)).lower().replace('_', ' ')}"
+    if isinstance(err, ConnectionResetError):
+        return "handshake", f"{side} reset the connection during the handshake"
+    if isinstance(err, OSError):
+        return "handshake", f"{side} connection failed during the handshake: {err.strerror or err}"
+    return "handshake", str(err)

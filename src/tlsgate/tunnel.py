@@ -1,0 +1,773 @@
+"""One listener and its connections: accept -> address policy -> handshake -> identity policy -> connect -> relay.
+
+Set-up is a small callback state machine (``_Setup``) rather than a coroutine per connection: a Task costs more
+than the handshake bookkeeping it would replace, and this path runs for every new connection. Nothing is sent
+to the target before the client passed every rule; a refused client never causes a connection to the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlsgate import logs
+from tlsgate.addresses import Address
+from tlsgate.config import TunnelConfig
+from tlsgate.errors import StartupError
+from tlsgate.policy import Decision, PeerIdentity
+from tlsgate.relay import Relay
+from tlsgate.runtime import Runtime
+from tlsgate.tlsctx import describe_handshake_error
+
+_ACCEPT_BATCH = 64
+_BUFFER_SIZE = 64 * 1024
+_RESOLVE_TTL = 30.0
+# After EMFILE/ENFILE, pause accepting this long: retrying at once would spin on the same error.
+_FD_EXHAUSTED_PAUSE = 0.5
+
+
+@dataclass
+class Stats:
+    """Counters for status, metrics and tests. Plain ints: increments sit on the hot path."""
+
+    accepted: int = 0
+    established: int = 0
+    closed: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    handshake_errors: int = 0
+    target_errors: int = 0
+    proxy_header_errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    handshake_seconds_total: float = 0.0
+    handshakes: int = 0
+    lifetime_seconds_total: float = 0.0
+    accept_errors: int = 0
+    reloads: int = 0
+    reload_errors: int = 0
+
+    def refuse(self, rule: str) -> None:
+        self.refused[rule] = self.refused.get(rule, 0) + 1
+
+
+class Tunnel:
+    def __init__(self, cfg: TunnelConfig, runtime: Runtime, *, reuse_port: bool = False) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.reuse_port = reuse_port
+        self.stats = Stats()
+        self.relays: set[Relay] = set()
+        self.setups: set[_Setup] = set()
+        self.listeners: list[socket.socket] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.accepting = False
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._view = memoryview(bytearray(_BUFFER_SIZE))
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._resolved: tuple[float, list[tuple[int, Any]]] | None = None
+        self._fd_warned = False
+        self.last_reload = time.time()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return len(self.relays) + len(self.setups)
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where this tunnel listens, with the real port when --listen asked for port 0."""
+        out = []
+        for sock in self.listeners:
+            name = sock.getsockname()
+            if isinstance(name, str):
+                out.append(f"unix:{name}")
+            else:
+                out.append(str(Address(host=name[0], port=name[1])))
+        return out
+
+    def start(self, loop: asyncio.AbstractEventLoop, listeners: list[socket.socket] | None = None) -> None:
+        self.loop = loop
+        self.listeners = listeners if listeners is not None else bind_listeners(self.cfg.listen, self.reuse_port)
+        self._resume_accepting()
+        self._schedule_sweep()
+
+    def _resume_accepting(self) -> None:
+        if self.accepting or self.draining or self.loop is None:
+            return
+        self.accepting = True
+        for sock in self.listeners:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _pause_accepting(self) -> None:
+        if not self.accepting or self.loop is None:
+            return
+        self.accepting = False
+        for sock in self.listeners:
+            self.loop.remove_reader(sock.fileno())
+
+    def stop_listening(self) -> None:
+        self._pause_accepting()
+        for sock in self.listeners:
+            name = sock.getsockname()
+            sock.close()
+            if isinstance(name, str) and name and not name.startswith("\0"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+        self.listeners = []
+
+    def hand_over_listeners(self) -> list[socket.socket]:
+        """Give the bound sockets to a replacement tunnel (config reload) without closing the port."""
+        self._pause_accepting()
+        listeners, self.listeners = self.listeners, []
+        return listeners
+
+    def take_back_listeners(self, listeners: list[socket.socket]) -> None:
+        self.listeners = listeners
+        self._resume_accepting()
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, let open connections finish for up to ``timeout`` seconds, then cut the rest.
+
+        Returns how many connections had to be cut.
+        """
+        self.draining = True
+        self.stop_listening()
+        if self.active:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout if timeout > 0 else None)
+        cut = self.abort_all("shutdown timeout")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        return cut
+
+    def abort_all(self, reason: str) -> int:
+        doomed = list(self.relays) + list(self.setups)
+        for item in doomed:
+            item.abort(reason)
+        return len(doomed)
+
+    def reload(self, runtime: Runtime) -> None:
+        """New connections use ``runtime``; established ones keep what they started with."""
+        self.runtime = runtime
+        self.last_reload = time.time()
+        self.stats.reloads += 1
+
+    # -- accept ----------------------------------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        limit = self.cfg.max_concurrent_conns
+        for _ in range(_ACCEPT_BATCH):
+            if limit and self.active >= limit:
+                # Excess clients wait in the kernel's backlog instead of being refused mid-handshake.
+                self._pause_accepting()
+                return
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self._accept_failed(err)
+                return
+            self.stats.accepted += 1
+            self._on_accepted(sock, addr)
+
+    def _accept_failed(self, err: OSError) -> None:
+        self.stats.accept_errors += 1
+        if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if not self._fd_warned:
+                logs.event("accept paused", logging.WARNING, tunnel=self.cfg.label, reason=os.strerror(err.errno or 0))
+                self._fd_warned = True
+            self._pause_accepting()
+            assert self.loop is not None
+            self.loop.call_later(_FD_EXHAUSTED_PAUSE, self._resume_accepting)
+
+    def _on_accepted(self, sock: socket.socket, addr: Any) -> None:
+        peer_ip, peer = _peer_of(addr)
+        runtime = self.runtime
+        if peer_ip and runtime.policy.addresses.active and not runtime.proxy_sources.active:
+            decision = runtime.policy.check_address(peer_ip)
+            if not decision.allowed:
+                self._refuse_early(sock, peer, decision)
+                return
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._fd_warned:
+            self._fd_warned = False
+            logs.event("accept resumed", tunnel=self.cfg.label)
+        setup = _Setup(self, runtime, sock, peer_ip, peer)
+        self.setups.add(setup)
+        setup.begin()
+
+    def _refuse_early(self, sock: socket.socket, peer: str, decision: Decision) -> None:
+        self.stats.refuse(decision.rule)
+        logs.event(
+            "refused", category="conn-errs", tunnel=self.cfg.label, peer=peer, rule=decision.rule,
+            reason=decision.reason,
+        )  # fmt: skip
+        _reset(sock)
+
+    # -- bookkeeping called by _Setup and Relay --------------------------------------------------------------
+
+    def setup_done(self, setup: _Setup) -> None:
+        self.setups.discard(setup)
+        self._maybe_idle()
+
+    def relay_started(self, relay: Relay) -> None:
+        self.relays.add(relay)
+        self.stats.established += 1
+
+    def relay_closed(self, relay: Relay, peer: str, identity: str, target: str) -> None:
+        self.relays.discard(relay)
+        stats = self.stats
+        stats.closed += 1
+        stats.bytes_in += relay.bytes_in
+        stats.bytes_out += relay.bytes_out
+        duration = time.monotonic() - relay.started
+        stats.lifetime_seconds_total += duration
+        logs.event(
+            "closed", category="conns", tunnel=self.cfg.label, peer=peer, identity=identity, target=target,
+            bytes_in=relay.bytes_in, bytes_out=relay.bytes_out, duration=f"{duration:.3f}s", end=relay.end,
+        )  # fmt: skip
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        limit = self.cfg.max_concurrent_conns
+        if limit and not self.accepting and self.active < limit:
+            self._resume_accepting()
+        if not self.active:
+            self._idle.set()
+
+    def resolve(self, callback: Callable[[list[tuple[int, Any]] | str], None]) -> None:
+        """Target addresses for connect(); cached for a short while, looked up off the loop thread."""
+        target = self.cfg.target
+        if target.is_unix:
+            callback([(socket.AF_UNIX, target.path)])
+            return
+        try:
+            ip = ipaddress.ip_address(target.host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            callback([(family, (target.host, target.port))])
+            return
+        now = time.monotonic()
+        if self._resolved and self._resolved[0] > now:
+            callback(self._resolved[1])
+            return
+        assert self.loop is not None
+        lookup = self.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+
+        def done(future: asyncio.Future[list[Any]]) -> None:
+            try:
+                infos = future.result()
+            except (OSError, UnicodeError) as err:
+                callback(f"cannot resolve {target.host}: {err}")
+                return
+            addrs = [(info[0], info[4]) for info in infos]
+            self._resolved = (time.monotonic() + _RESOLVE_TTL, addrs)
+            callback(addrs)
+
+        asyncio.ensure_future(lookup).add_done_callback(done)
+
+    # -- timeouts --------------------------------------------------------------------------------------------
+
+    def _schedule_sweep(self) -> None:
+        t = self.cfg.timeouts
+        limits = [x for x in (t.idle, t.max_conn_lifetime, t.close) if x > 0]
+        if not limits or self.loop is None:
+            return
+        interval = max(0.05, min(1.0, min(limits) / 4))
+        self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+
+    def _sweep(self, interval: float) -> None:
+        """Idle, lifetime and half-close limits, checked in one pass instead of a timer per connection."""
+        t = self.cfg.timeouts
+        now = time.monotonic()
+        for relay in list(self.relays):
+            total = relay.outbound.nbytes + relay.inbound.nbytes
+            if total != relay.last_total:
+                relay.last_total, relay.last_change = total, now
+            elif t.idle and now - relay.last_change >= t.idle:
+                relay.abort("idle timeout")
+                continue
+            if t.max_conn_lifetime and now - relay.started >= t.max_conn_lifetime:
+                relay.abort("max connection lifetime")
+            elif t.close and relay.half_closed_at and now - relay.half_closed_at >= t.close:
+                relay.abort(f"close timeout ({relay.end})")
+        assert self.loop is not None
+        self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+
+
+class _Setup:
+    """One connection from accept until its relay starts (or it is refused)."""
+
+    __slots__ = (
+        "_waiting",
+        "addrs",
+        "client",
+        "client_fd",
+        "done",
+        "identity",
+        "loop",
+        "peer",
+        "peer_ip",
+        "proxy_header",
+        "rt",
+        "started",
+        "target",
+        "timer",
+        "tunnel",
+    )
+
+    def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, peer_ip: str, peer: str) -> None:
+        assert tunnel.loop is not None
+        self.tunnel = tunnel
+        self.loop = tunnel.loop
+        self.rt = rt
+        self.client: socket.socket = sock
+        self.client_fd = sock.fileno()
+        self.peer_ip, self.peer = peer_ip, peer
+        self.target: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._waiting: tuple[int, bool] | None = None
+        self.identity = ""
+        self.addrs: list[tuple[int, Any]] = []
+        self.proxy_header: Any = None
+        self.started = time.monotonic()
+        self.done = False
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _want(self, fd: int, readable: bool, callback: Callable[[], None]) -> None:
+        if self._waiting is not None and self._waiting != (fd, readable):
+            self._unwant()
+        if readable:
+            self.loop.add_reader(fd, callback)
+        else:
+            self.loop.add_writer(fd, callback)
+        self._waiting = (fd, readable)
+
+    def _unwant(self) -> None:
+        if self._waiting is not None:
+            fd, readable = self._waiting
+            if readable:
+                self.loop.remove_reader(fd)
+            else:
+                self.loop.remove_writer(fd)
+            self._waiting = None
+
+    def _arm(self, seconds: float, what: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(seconds, self.abort, what) if seconds > 0 else None
+
+    def _end(self) -> None:
+        self.done = True
+        self._unwant()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tunnel.setup_done(self)
+
+    def abort(self, reason: str) -> None:
+        """Give up on this connection: timeout, shutdown, or a failure already logged by the caller."""
+        if self.done:
+            return
+        if reason.endswith("timeout"):
+            self.tunnel.stats.handshake_errors += reason.startswith("handshake")
+            logs.event(
+                "setup failed", category="handshake-errs", tunnel=self.tunnel.cfg.label, peer=self.peer,
+                reason=reason,
+            )  # fmt: skip
+        self._end()
+        _reset(self.client)
+        if self.target is not None:
+            _reset(self.target)
+
+    def _refuse(self, decision: Decision) -> None:
+        self.tunnel.stats.refuse(decision.rule)
+        logs.event(
+            "refused", category="conn-errs", tunnel=self.tunnel.cfg.label, peer=self.peer,
+            identity=self.identity, rule=decision.rule, reason=decision.reason,
+        )  # fmt: skip
+        self.abort("refused")
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        cfg = self.tunnel.cfg
+        if self.peer_ip and self.rt.proxy_sources.active and self.rt.proxy_sources.check(self.peer_ip).allowed:
+            self._arm(cfg.timeouts.handshake, "handshake timeout")
+            self._read_proxy_header()
+            return
+        if self.rt.proxy_sources.active and self.peer_ip and not self._address_allowed():
+            return
+        self._after_proxy_header()
+
+    def _address_allowed(self) -> bool:
+        policy = self.rt.policy
+        if not policy.addresses.active:
+            return True
+        decision = policy.check_address(self.peer_ip)
+        if not decision.allowed:
+            self._refuse(decision)
+        return decision.allowed
+
+    def _read_proxy_header(self) -> None:
+        from tlsgate import proxyproto
+
+        try:
+            data = self.client.recv(proxyproto.MAX_HEADER, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            self._want(self.client_fd, True, self._read_proxy_header)
+            return
+        except OSError:
+            self.abort("client gone")
+            return
+        if not data:
+            self.abort("client gone")
+            return
+        try:
+            header = proxyproto.parse(data)
+        except proxyproto.ProxyProtocolError as err:
+            self.tunnel.stats.proxy_header_errors += 1
+            self._refuse(Decision(False, "proxy-protocol", f"bad PROXY header: {err}"))
+            return
+        if header is None:
+            # Partial header: the bytes stay queued, so the socket stays readable; poll instead of spinning.
+            self._unwant()
+            self.loop.call_later(0.01, self._read_proxy_header)
+            return
+        self._unwant()
+        self.client.recv(header.length)
+        self.proxy_header = header
+        if header.source is not None:
+            self.peer_ip = header.source[0]
+            self.peer = f"{_host_port(header.source[0], header.source[1])} via {self.peer}"
+        if self._address_allowed():
+            self._after_proxy_header()
+
+    def _after_proxy_header(self) -> None:
+        cfg, rt = self.tunnel.cfg, self.rt
+        if rt.accept_ctx is None:
+            self._connect()
+            return
+        try:
+            self.client = rt.accept_ctx.wrap_socket(self.client, server_side=True, do_handshake_on_connect=False)
+        except OSError as err:
+            self.abort(f"client gone ({err})")
+            return
+        self._arm(cfg.timeouts.handshake, "handshake timeout")
+        self._client_handshake()
+
+    def _client_handshake(self) -> None:
+        tls: ssl.SSLSocket = self.client  # type: ignore[assignment]
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(self.client_fd, True, self._client_handshake)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(self.client_fd, False, self._client_handshake)
+            return
+        except (ssl.SSLError, OSError) as err:
+            self._handshake_failed(err, "client")
+            return
+        self._unwant()
+        stats = self.tunnel.stats
+        stats.handshakes += 1
+        stats.handshake_seconds_total += time.monotonic() - self.started
+        policy = self.rt.policy
+        if policy.identity is not None:
+            decision, identity = policy.check_peer(tls.getpeercert(binary_form=True))
+            if identity is not None:
+                self.identity = identity.describe()
+            if not decision.allowed:
+                self._refuse(decision)
+                return
+        self._connect()
+
+    def _handshake_failed(self, err: BaseException, side: str) -> None:
+        rule, reason = describe_handshake_error(err, side)
+        if side == "client":
+            self.tunnel.stats.handshake_errors += 1
+            if rule != "handshake":
+                self.tunnel.stats.refuse(rule)
+        else:
+            self.tunnel.stats.target_errors += 1
+        logs.event(
+            "refused" if rule != "handshake" and side == "client" else "handshake failed",
+            category="handshake-errs", tunnel=self.tunnel.cfg.label, peer=self.peer, side=side, rule=rule,
+            reason=reason,
+        )  # fmt: skip
+        self.abort("handshake failed")
+
+    def _connect(self) -> None:
+        self._arm(self.tunnel.cfg.timeouts.connect, "connect timeout")
+        self.tunnel.resolve(self._resolved)
+
+    def _resolved(self, result: list[tuple[int, Any]] | str) -> None:
+        if self.done:
+            return
+        if isinstance(result, str):
+            self._target_failed(result)
+            return
+        self.addrs = list(result)
+        self._connect_next("")
+
+    def _connect_next(self, last_error: str) -> None:
+        if not self.addrs:
+            self._target_failed(last_error or "no address")
+            return
+        family, sockaddr = self.addrs.pop(0)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.target = sock
+        err = sock.connect_ex(sockaddr)
+        if err == 0:
+            self._connected()
+        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            self._want(sock.fileno(), False, self._connect_ready)
+        else:
+            sock.close()
+            self.target = None
+            self._connect_next(os.strerror(err))
+
+    def _connect_ready(self) -> None:
+        assert self.target is not None
+        self._unwant()
+        err = self.target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.target.close()
+            self.target = None
+            self._connect_next(os.strerror(err))
+            return
+        self._connected()
+
+    def _target_failed(self, reason: str) -> None:
+        self.tunnel.stats.target_errors += 1
+        logs.event(
+            "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.cfg.label,
+            peer=self.peer, identity=self.identity, target=str(self.tunnel.cfg.target), reason=reason,
+        )  # fmt: skip
+        self.abort("target unreachable")
+
+    def _connected(self) -> None:
+        rt = self.rt
+        if rt.target_ctx is None:
+            self._start_relay()
+            return
+        assert self.target is not None
+        try:
+            self.target = rt.target_ctx.wrap_socket(
+                self.target, server_hostname=rt.target_server_name, do_handshake_on_connect=False
+            )
+        except (OSError, ValueError) as err:
+            self._target_failed(f"TLS to target: {err}")
+            return
+        self._arm(self.tunnel.cfg.timeouts.handshake, "target handshake timeout")
+        self._target_handshake()
+
+    def _target_handshake(self) -> None:
+        tls: ssl.SSLSocket = self.target  # type: ignore[assignment]
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(tls.fileno(), True, self._target_handshake)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(tls.fileno(), False, self._target_handshake)
+            return
+        except (ssl.SSLError, OSError) as err:
+            self._handshake_failed(err, "target")
+            return
+        self._unwant()
+        rules = self.rt.target_identity
+        if rules is not None:
+            der = tls.getpeercert(binary_form=True)
+            decision = (
+                rules.check(PeerIdentity.from_der(der))
+                if der
+                else Decision(False, "no-server-cert", "target sent no certificate")
+            )
+            if not decision.allowed:
+                self.tunnel.stats.target_errors += 1
+                logs.event(
+                    "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.cfg.label,
+                    peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
+                )  # fmt: skip
+                self.abort("target identity")
+                return
+        self._start_relay()
+
+    def _start_relay(self) -> None:
+        tunnel, cfg = self.tunnel, self.tunnel.cfg
+        assert self.target is not None
+        if cfg.proxy_protocol and not self._send_proxy_header():
+            return
+        self._end()
+        peer, identity, target_name = self.peer, self.identity, str(cfg.target)
+        relay = Relay(
+            self.loop,
+            self.client,
+            self.target,
+            tunnel._view,
+            lambda r: tunnel.relay_closed(r, peer, identity, target_name),
+            started=self.started,
+        )
+        tunnel.relay_started(relay)
+        relay.start()
+
+    def _send_proxy_header(self) -> bool:
+        from tlsgate import proxyproto
+
+        assert self.target is not None
+        cfg = self.tunnel.cfg
+        src = _inet_tuple(self.proxy_header.source if self.proxy_header is not None else None, self.client, True)
+        dst = _inet_tuple(None, self.client, False)
+        if cfg.proxy_protocol_version == 1:
+            header = proxyproto.encode_v1(src, dst)
+        else:
+            tlvs: list[tuple[int, bytes]] = []
+            client = self.client
+            if isinstance(client, ssl.SSLSocket):
+                cipher = client.cipher()
+                tlvs = proxyproto.tls_tlvs(
+                    version=client.version(),
+                    sni=getattr(client, "server_hostname", None) or _sni_of(client),
+                    client_cn=self.identity.removeprefix("CN=").split(",")[0] if self.identity else None,
+                    cipher=cipher[0] if cipher else None,
+                    verified=bool(self.identity),
+                    has_client_cert=bool(self.identity),
+                )
+            header = proxyproto.encode_v2(src, dst, tlvs=tlvs)
+        try:
+            sent = self.target.send(header)
+        except OSError as err:
+            self._target_failed(f"sending PROXY header: {err}")
+            return False
+        if sent != len(header):
+            self._target_failed("target did not take the PROXY header at once")
+            return False
+        return True
+
+
+def _sni_of(sock: ssl.SSLSocket) -> str | None:
+    return getattr(sock, "sni", None)
+
+
+def _inet_tuple(explicit: tuple[str, int] | None, sock: socket.socket, remote: bool) -> tuple[str, int] | None:
+    if explicit is not None:
+        return explicit
+    try:
+        name = sock.getpeername() if remote else sock.getsockname()
+    except OSError:
+        return None
+    if isinstance(name, tuple):
+        return (name[0], name[1])
+    return None
+
+
+def _peer_of(addr: Any) -> tuple[str, str]:
+    if isinstance(addr, tuple):
+        return addr[0], _host_port(addr[0], addr[1])
+    return "", "unix"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close so the peer gets a RST: nothing half-done looks like a clean end."""
+    try:
+        if sock.fileno() >= 0 and not isinstance(sock, ssl.SSLSocket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``address``: every local address a host name resolves to, or a unix socket."""
+    if address.is_unix:
+        return [_bind_unix(address.path)]
+    host = address.host or None
+    try:
+        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"--listen {address}: cannot resolve {address.host!r}: {err.strerror}") from None
+    seen: set[Any] = set()
+    sockets: list[socket.socket] = []
+    errors: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        key = (family, sockaddr[0])
+        if key in seen:
+            continue
+        seen.add(key)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+        except OSError as err:
+            sock.close()
+            errors.append(f"{_host_port(str(sockaddr[0]), int(sockaddr[1]))}: {err.strerror or err}")
+            continue
+        sockets.append(sock)
+        if address.port == 0:
+            break  # port 0 on several addresses would give several different ports
+    if not sockets:
+        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
+    return sockets
+
+
+def _bind_unix(path: str) -> socket.socket:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise StartupError(f"--listen unix:{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket left by a process that died
+        else:
+            raise StartupError(f"--listen unix:{path}: another process is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"--listen unix:{path}: {err.strerror or err}") from None
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,129 @@
+"""Backends and a server runner for end-to-end tests: real sockets on loopback, port 0, no fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlsgate.config import tunnel_config
+from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.tunnel import Tunnel
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Backend:
+    """A plaintext TCP server that records every connection and the bytes it received."""
+
+    server: asyncio.Server
+    connections: int = 0
+    received: list[bytes] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def backend(handler: Handler | None = None, host: str = "127.0.0.1") -> AsyncIterator[Backend]:
+    """``handler`` defaults to echo. The Backend counts connections and keeps what each one received."""
+    state: dict[str, Backend] = {}
+
+    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        be = state["be"]
+        be.connections += 1
+        try:
+            await (handler or echo)(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            be.done.set()
+
+    srv = await asyncio.start_server(wrapped, host, 0)
+    be = Backend(srv)
+    state["be"] = be
+    try:
+        yield be
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+
+
+def recording(store: list[bytes]) -> Handler:
+    """Reads until EOF and keeps what came; answers nothing."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        store.append(await reader.read())
+
+    return handle
+
+
+async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers only once the client has finished sending: needs half-close to survive the tunnel."""
+    data = await reader.read()
+    writer.write(b"got " + str(len(data)).encode() + b" bytes, sha256 " + hashlib.sha256(data).hexdigest().encode())
+    await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def tunnel(mode: str = "server", **options: Any) -> AsyncIterator[Tunnel]:
+    """Run one tlsgate tunnel in this event loop; yields it once it listens (port from tunnel.addresses)."""
+    options.setdefault("listen", "127.0.0.1:0")
+    cfg = tunnel_config(mode, options)
+    server = Server([cfg], ProcessOptions())
+    task = asyncio.create_task(server.serve())
+    started = asyncio.create_task(server.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()  # raises the start-up error
+    tun = next(iter(server.tunnels.values()))
+    tun.server = server  # type: ignore[attr-defined]
+    try:
+        yield tun
+    finally:
+        if not server.stopping:
+            server.stop()
+        await task
+
+
+def port_of(tun: Tunnel) -> int:
+    return int(tun.addresses[0].rsplit(":", 1)[1])
+
+
+async def tls_connect(
+    tun: Tunnel, ctx: ssl.SSLContext, *, local_addr: tuple[str, int] | None = None, server_hostname: str = "localhost"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", port_of(tun), ssl=ctx, server_hostname=server_hostname, local_addr=local_addr
+    )
+
+
+async def wait_until(predicate: Callable[[], bool], attempts: int = 1000) -> None:
+    """Poll a condition, yielding to the loop between tries (bounded, no fixed sleeps)."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
