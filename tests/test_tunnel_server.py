@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import sys
 from pathlib import Path
 
 import pytest
 import trustme
+
 from conftest import client_context
 from helpers import backend, echo, port_of, recording, reply_after_eof, tls_connect, tunnel, wait_until
 
@@ -130,25 +133,38 @@ async def test_target_half_close_sends_close_notify_and_client_may_still_send(
         writer.write_eof()
         heard.append(await reader.read())
 
-    def client(port: int) -> bytes:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-        with client_context(ca).wrap_socket(raw, server_hostname="localhost") as tls:
-            got = b""
-            while data := tls.recv(100):  # b"" here means close_notify arrived
-                got += data
-            tls.sendall(b"still talking")
-            tls.setblocking(False)
-            try:
-                tls.unwrap()
-            except (ssl.SSLWantReadError, ValueError):
-                pass
-            return got
+    # The client is a separate process, as real clients are: a thread here would share our GIL, which
+    # widens the instant in which tlsgate sends close_notify (see docs/design.md, "close_notify").
+    script = """
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30),
+                     server_hostname="localhost") as tls:
+    got = b""
+    while data := tls.recv(100):  # b"" here means close_notify arrived
+        got += data
+    tls.sendall(b"still talking")
+    tls.setblocking(False)
+    try:
+        tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    sys.stdout.buffer.write(got)
+"""
+
+    async def client(port: int) -> bytes:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, str(port), str(pki_files["ca"]), stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0
+        return out
 
     async with (
         backend(greet_then_listen) as be,
         tunnel(**server_opts(pki_files, be.address, disable_authentication=True)) as tun,
     ):
-        assert await asyncio.to_thread(client, port_of(tun)) == b"greeting"
+        assert await client(port_of(tun)) == b"greeting"
         await be.done.wait()
     assert heard == [b"still talking"]
 
@@ -219,7 +235,7 @@ async def test_200_concurrent_connections(pki_files: dict[str, Path], ca: trustm
         got = await reader.readexactly(len(payload))
         writer.close()
         await writer.wait_closed()
-        return got == payload and b"ok" or b"bad"
+        return (got == payload and b"ok") or b"bad"
 
     async with backend(echo) as be, tunnel(**server_opts(pki_files, be.address, disable_authentication=True)) as tun:
         results = await asyncio.gather(*(one(i, port_of(tun)) for i in range(200)))
@@ -332,7 +348,9 @@ async def test_connect_timeout_against_a_target_that_never_accepts(pki_files: di
             fillers.append(f)
         target = f"127.0.0.1:{stuck.getsockname()[1]}"
         try:
-            async with tunnel(**server_opts(pki_files, target, disable_authentication=True, connect_timeout="300ms")) as tun:
+            async with tunnel(
+                **server_opts(pki_files, target, disable_authentication=True, connect_timeout="300ms")
+            ) as tun:
                 reader, writer = await tls_connect(tun, client_context(ca))
                 with pytest.raises((ConnectionError, ssl.SSLError)):
                     assert await asyncio.wait_for(reader.read(), 10) == b""
@@ -395,7 +413,7 @@ async def test_address_rules_refuse_before_the_handshake(
     ):
         with pytest.raises((ConnectionError, ssl.SSLError)):
             await tls_connect(tun, client_context(ca), local_addr=(loopback2, 0))
-        reader, writer = await tls_connect(tun, client_context(ca), local_addr=("127.0.0.1", 0))
+        _reader, writer = await tls_connect(tun, client_context(ca), local_addr=("127.0.0.1", 0))
         writer.write(b"ok")
         writer.close()
         await writer.wait_closed()
@@ -403,3 +421,36 @@ async def test_address_rules_refuse_before_the_handshake(
         assert tun.stats.refused == {"allow-from": 1}
         assert tun.stats.handshakes == 1
     assert store == [b"ok"]
+
+
+async def test_close_notify_never_drops_data_racing_it(pki_files: dict[str, Path], ca: trustme.CA) -> None:
+    """A client thread in this process answers close_notify at once, holding the GIL: the worst case for the
+    race that unwrap() has (closenotify.py). 30 rounds; every byte must reach the backend every time."""
+    from tlsgate import closenotify
+
+    assert closenotify.available(), "the race-free close_notify path is expected on CPython + shared OpenSSL"
+    heard: list[bytes] = []
+
+    async def greet_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hi")
+        writer.write_eof()
+        heard.append(await reader.read())
+
+    def client(port: int) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with client_context(ca).wrap_socket(raw, server_hostname="localhost") as tls:
+            while tls.recv(100):
+                pass
+            tls.sendall(b"late words")
+            tls.setblocking(False)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.unwrap()
+
+    async with (
+        backend(greet_then_listen) as be,
+        tunnel(**server_opts(pki_files, be.address, disable_authentication=True)) as tun,
+    ):
+        for round_ in range(30):
+            await asyncio.to_thread(client, port_of(tun))
+            await wait_until(lambda r=round_: len(heard) == r + 1)
+    assert heard == [b"late words"] * 30

@@ -20,6 +20,8 @@ import struct
 import time
 from collections.abc import Callable
 
+from tlsgate import closenotify
+
 # TLS records carry at most 16 KiB of plaintext; a read that returns less means the socket is (probably)
 # drained, so we go back to the loop instead of paying for a read that fails with EAGAIN.
 _TLS_RECORD = 16384
@@ -174,10 +176,10 @@ class Direction:
             self._shut_done()
             return
         peer = self.peer
-        if not peer.eof:
-            # ssl.SSLSocket.unwrap() calls SSL_shutdown twice and the second call reads from the socket,
-            # discarding any application data it finds (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). So first relay
-            # everything the TLS peer has already sent; if that data cannot move yet, send close_notify later.
+        if not peer.eof and not closenotify.available():
+            # Fallback path: unwrap() reads after sending close_notify and drops application data it finds
+            # (see closenotify.py). Relay everything the TLS peer already sent first; if that data cannot move
+            # yet, send close_notify once it has.
             status = _MORE
             while status == _MORE and peer.pending is None:
                 status = peer.read()
@@ -187,18 +189,23 @@ class Direction:
             if self.relay.closed or self.shut:
                 return
         try:
-            self.dst.unwrap()  # type: ignore[attr-defined]
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass  # close_notify is out (or queued in OpenSSL); the peer's own close_notify comes later
+            closenotify.send_close_notify(self.dst)  # type: ignore[arg-type]
+        except ssl.SSLWantWriteError:
+            self.loop.add_writer(self.dst_fd, self._retry_close_notify)
+            return
         except ssl.SSLError as err:
             if not peer.eof:
-                # The peer's data raced our close_notify and OpenSSL dropped it: never pretend that was clean.
+                # Only the unwrap() fallback can get here with the peer still sending: never call that clean.
                 self.relay.abort(f"{peer.name} data arrived while sending close_notify: {_describe(err)}")
                 return
             # The peer already left without close_notify (ragged EOF); OpenSSL will not shut down after that.
         except (OSError, ValueError):
             pass  # peer gone, or both close_notifys already exchanged
         self._shut_done()
+
+    def _retry_close_notify(self) -> None:
+        self.loop.remove_writer(self.dst_fd)
+        self.shutdown_dst()
 
     def _shut_done(self) -> None:
         self.shut = True

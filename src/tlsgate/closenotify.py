@@ -1,0 +1,129 @@
+"""Send a TLS close_notify without reading: the half-close Python's ``ssl`` module cannot express.
+
+Why this exists: ``SSLSocket.unwrap()`` calls OpenSSL's ``SSL_shutdown`` twice. The first call sends our
+close_notify; the second reads from the socket, waiting for the peer's, and if the peer's *application data*
+is there instead, OpenSSL drops it and fails with APPLICATION_DATA_AFTER_CLOSE_NOTIFY. For a tunnel that is
+data loss: the target has finished, the client is still sending (a half-closed connection), and its bytes
+arrive in the instant between the two calls. Python releases the GIL between them, so any other thread widens
+that instant; tests on loopback lost data in about one run in ten.
+
+So we call ``SSL_shutdown`` once ourselves, on the ``SSL*`` behind the socket, through ``ctypes``. Reaching that
+pointer relies on CPython's ``PySSLSocket`` layout (``PyObject_HEAD``, a weakref, then ``SSL *ssl``), unchanged
+from 3.6 to 3.14. Every call checks the pointer twice before trusting it: OpenSSL must report our socket's
+file descriptor for it, and the app-data slot that ``_ssl`` sets to its own object must point back to that
+object. Where anything does not fit (another Python, OpenSSL linked statically, ``TLSGATE_CLOSE_NOTIFY=unwrap``)
+we fall back to ``unwrap()``, and the relay first drains what the peer already sent, which leaves only that
+instant uncovered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import ssl
+import sys
+from typing import Any
+
+_SSL_ERROR_WANT_READ = 2
+_SSL_ERROR_WANT_WRITE = 3
+
+
+class _LibSSL:
+    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
+        self.shutdown = libssl.SSL_shutdown
+        self.shutdown.argtypes = [ctypes.c_void_p]
+        self.shutdown.restype = ctypes.c_int
+        self.get_error = libssl.SSL_get_error
+        self.get_error.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.get_error.restype = ctypes.c_int
+        self.get_fd = libssl.SSL_get_fd
+        self.get_fd.argtypes = [ctypes.c_void_p]
+        self.get_fd.restype = ctypes.c_int
+        self.get_ex_data = libssl.SSL_get_ex_data
+        self.get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.get_ex_data.restype = ctypes.c_void_p
+        self.clear_errors = libcrypto.ERR_clear_error
+        self.clear_errors.argtypes = []
+        self.clear_errors.restype = None
+
+
+def _loaded_library(stem: str) -> str | None:
+    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path).startswith(stem + ".so"):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+def _load() -> _LibSSL | None:
+    if os.environ.get("TLSGATE_CLOSE_NOTIFY") == "unwrap":
+        return None
+    if platform.python_implementation() != "CPython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
+        return None
+    import sysconfig
+
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None  # free-threaded builds have a different object header
+    ssl_path, crypto_path = _loaded_library("libssl"), _loaded_library("libcrypto")
+    if ssl_path is None or crypto_path is None:
+        return None
+    try:
+        return _LibSSL(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
+    except (OSError, AttributeError):
+        return None
+
+
+_LIB = _load()
+# PyObject_HEAD (refcount, type) and the Socket weakref come before the SSL pointer.
+_SSL_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)
+
+
+def _ssl_pointer(sock: ssl.SSLSocket) -> int | None:
+    sslobj: Any = getattr(sock, "_sslobj", None)
+    if _LIB is None or sslobj is None or type(sslobj).__basicsize__ <= _SSL_OFFSET:
+        return None
+    pointer = ctypes.c_void_p.from_address(id(sslobj) + _SSL_OFFSET).value
+    if not pointer or _LIB.get_fd(pointer) != sock.fileno():
+        return None
+    # _ssl stores its own object as the SSL's app data (ex_data index 0): a second, independent check.
+    if _LIB.get_ex_data(pointer, 0) != id(sslobj):
+        return None
+    return pointer
+
+
+def send_close_notify(sock: ssl.SSLSocket) -> None:
+    """Send close_notify on ``sock`` and keep it readable, like ``shutdown(SHUT_WR)`` for TLS.
+
+    Raises ``ssl.SSLWantWriteError`` when the alert could not be written yet (call again when writable), and
+    ``ssl.SSLError`` when OpenSSL refuses (after a fatal error, e.g. a peer that vanished).
+    """
+    pointer = _ssl_pointer(sock)
+    if pointer is None:
+        try:
+            sock.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # expected: close_notify is out, the peer's has not come yet
+        return
+    assert _LIB is not None
+    _LIB.clear_errors()
+    result = _LIB.shutdown(pointer)
+    if result >= 0:
+        return  # 0: our close_notify is sent; 1: both sides have sent theirs
+    code = _LIB.get_error(pointer, result)
+    _LIB.clear_errors()
+    if code == _SSL_ERROR_WANT_WRITE:
+        raise ssl.SSLWantWriteError(code, "close_notify not yet written")
+    if code == _SSL_ERROR_WANT_READ:
+        return
+    raise ssl.SSLError(code, f"SSL_shutdown failed (SSL_get_error {code})")
+
+
+def available() -> bool:
+    """Whether the race-free path is in use (for the start-up log and the tests)."""
+    return _LIB is not None
