@@ -37,7 +37,9 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def backend(handler: Handler | None = None, host: str = "127.0.0.1") -> AsyncIterator[Backend]:
+async def backend(
+    handler: Handler | None = None, host: str = "127.0.0.1", *, ssl_ctx: ssl.SSLContext | None = None
+) -> AsyncIterator[Backend]:
     """``handler`` defaults to echo. The Backend counts connections and keeps what each one received."""
     state: dict[str, Backend] = {}
 
@@ -54,7 +56,7 @@ async def backend(handler: Handler | None = None, host: str = "127.0.0.1") -> As
                 await writer.wait_closed()
             be.done.set()
 
-    srv = await asyncio.start_server(wrapped, host, 0)
+    srv = await asyncio.start_server(wrapped, host, 0, ssl=ssl_ctx)
     be = Backend(srv)
     state["be"] = be
     try:
@@ -127,3 +129,12 @@ async def wait_until(predicate: Callable[[], bool], attempts: int = 1000) -> Non
             return
         await asyncio.sleep(0.005)
     raise AssertionError("condition not reached")
+
+
+async def assert_cut(reader: asyncio.StreamReader, timeout: float = 10) -> None:
+    """The server ended the connection without sending anything: a clean EOF or a reset are both fine."""
+    try:
+        data = await asyncio.wait_for(reader.read(), timeout)
+    except (ConnectionError, ssl.SSLError):
+        return
+    assert data == b"", data
