@@ -36,9 +36,15 @@ def _quote(value: object) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] | None = getattr(record, "fields", None)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        second = int(record.created)
+        if second != self._second:  # strftime per line is a measurable share of a short connection's cost
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+        stamp = self._stamp
         line = f"{stamp} {record.levelname.lower():<5} {record.getMessage()}"
         if fields:
             line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None and v != "")

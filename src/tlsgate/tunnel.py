@@ -77,6 +77,8 @@ class Tunnel:
         self._view = memoryview(bytearray(_BUFFER_SIZE))
         self._sweeper: asyncio.TimerHandle | None = None
         self._resolved: tuple[float, list[tuple[int, Any]]] | None = None
+        # A unix path or an IP literal needs no lookup: work it out once, not per connection.
+        self._static_target = _static_target(cfg.target)
         self._fd_warned = False
         self.last_reload = time.time()
 
@@ -255,16 +257,8 @@ class Tunnel:
     def resolve(self, callback: Callable[[list[tuple[int, Any]] | str], None]) -> None:
         """Target addresses for connect(); cached for a short while, looked up off the loop thread."""
         target = self.cfg.target
-        if target.is_unix:
-            callback([(socket.AF_UNIX, target.path)])
-            return
-        try:
-            ip = ipaddress.ip_address(target.host)
-        except ValueError:
-            pass
-        else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            callback([(family, (target.host, target.port))])
+        if self._static_target is not None:
+            callback(self._static_target)
             return
         now = time.monotonic()
         if self._resolved and self._resolved[0] > now:
@@ -668,6 +662,16 @@ class _Setup:
             self._target_failed("target did not take the PROXY header at once")
             return False
         return True
+
+
+def _static_target(target: Address) -> list[tuple[int, Any]] | None:
+    if target.is_unix:
+        return [(socket.AF_UNIX, target.path)]
+    try:
+        ip = ipaddress.ip_address(target.host)
+    except ValueError:
+        return None
+    return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (target.host, target.port))]
 
 
 def _sni_of(sock: ssl.SSLSocket) -> str | None:
