@@ -6,7 +6,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,14 @@ def loopback2() -> Iterator[str]:
 def _tlsgate_logs(caplog: pytest.LogCaptureFixture) -> None:
     """tlsgate's INFO events (connections, refusals) are what several tests assert on."""
     caplog.set_level(logging.INFO, logger="tlsgate")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test runs on plain asyncio and on uvloop: tlsgate must work on both."""
+    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:
+        return factories
+    factories["uvloop"] = uvloop.new_event_loop
+    return factories
