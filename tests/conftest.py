@@ -7,8 +7,8 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
