@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tlsgate.pki import CertificateAuthority
+
 from conftest import client_context
 from helpers import assert_cut, backend, tls_connect, tunnel, wait_until
-from tlsgate.pki import CertificateAuthority
 
 pytestmark = pytest.mark.asyncio
 

@@ -81,7 +81,7 @@ class Server:
             raise
         for tunnel in started:
             logs.event(
-                "listening", tunnel=tunnel.cfg.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
+                "listening", tunnel=tunnel.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
                 target=str(tunnel.cfg.target),
             )  # fmt: skip
         self._install_signals()
@@ -170,11 +170,11 @@ class Server:
                 tunnel.stats.reload_errors += 1
                 logs.event(
                     "reload failed, keeping the running certificates and policy", logging.ERROR,
-                    tunnel=tunnel.cfg.label, error=str(err),
+                    tunnel=tunnel.label, error=str(err),
                 )  # fmt: skip
                 continue
             tunnel.reload(runtime)
-            logs.event("reloaded", tunnel=tunnel.cfg.label)
+            logs.event("reloaded", tunnel=tunnel.label)
         return ok
 
     def _reload_file(self) -> bool:
@@ -217,7 +217,7 @@ class Server:
 
     def _retire(self, tunnel: Tunnel, why: str) -> None:
         """A tunnel that left the config: no new connections; open ones finish within its shutdown timeout."""
-        logs.event("tunnel retired", tunnel=tunnel.cfg.label, why=why, open=tunnel.active)
+        logs.event("tunnel retired", tunnel=tunnel.label, why=why, open=tunnel.active)
         self.retired.add(tunnel)
         task = asyncio.ensure_future(tunnel.drain(tunnel.cfg.timeouts.shutdown))
         self._background.add(task)

@@ -81,6 +81,7 @@ class Tunnel:
         self._static_target = _static_target(cfg.target)
         self._fd_warned = False
         self.last_reload = time.time()
+        self.label = cfg.label
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -103,6 +104,8 @@ class Tunnel:
     def start(self, loop: asyncio.AbstractEventLoop, listeners: list[socket.socket] | None = None) -> None:
         self.loop = loop
         self.listeners = listeners if listeners is not None else bind_listeners(self.cfg.listen, self.reuse_port)
+        # Logs name the tunnel by its config name, else by where it really listens (port 0 resolved).
+        self.label = self.cfg.name or ",".join(self.addresses)
         self._resume_accepting()
         self._schedule_sweep()
 
@@ -191,7 +194,7 @@ class Tunnel:
         self.stats.accept_errors += 1
         if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
             if not self._fd_warned:
-                logs.event("accept paused", logging.WARNING, tunnel=self.cfg.label, reason=os.strerror(err.errno or 0))
+                logs.event("accept paused", logging.WARNING, tunnel=self.label, reason=os.strerror(err.errno or 0))
                 self._fd_warned = True
             self._pause_accepting()
             assert self.loop is not None
@@ -210,7 +213,7 @@ class Tunnel:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._fd_warned:
             self._fd_warned = False
-            logs.event("accept resumed", tunnel=self.cfg.label)
+            logs.event("accept resumed", tunnel=self.label)
         setup = _Setup(self, runtime, sock, peer_ip, peer)
         self.setups.add(setup)
         setup.begin()
@@ -218,7 +221,7 @@ class Tunnel:
     def _refuse_early(self, sock: socket.socket, peer: str, decision: Decision) -> None:
         self.stats.refuse(decision.rule)
         logs.event(
-            "refused", category="conn-errs", tunnel=self.cfg.label, peer=peer, rule=decision.rule,
+            "refused", category="conn-errs", tunnel=self.label, peer=peer, rule=decision.rule,
             reason=decision.reason,
         )  # fmt: skip
         _reset(sock)
@@ -242,7 +245,7 @@ class Tunnel:
         duration = time.monotonic() - relay.started
         stats.lifetime_seconds_total += duration
         logs.event(
-            "closed", category="conns", tunnel=self.cfg.label, peer=peer, identity=identity, target=target,
+            "closed", category="conns", tunnel=self.label, peer=peer, identity=identity, target=target,
             bytes_in=relay.bytes_in, bytes_out=relay.bytes_out, duration=f"{duration:.3f}s", end=relay.end,
         )  # fmt: skip
         self._maybe_idle()
@@ -386,7 +389,7 @@ class _Setup:
         if reason.endswith("timeout"):
             self.tunnel.stats.handshake_errors += reason.startswith("handshake")
             logs.event(
-                "setup failed", category="handshake-errs", tunnel=self.tunnel.cfg.label, peer=self.peer,
+                "setup failed", category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer,
                 reason=reason,
             )  # fmt: skip
         self._end()
@@ -397,7 +400,7 @@ class _Setup:
     def _refuse(self, decision: Decision) -> None:
         self.tunnel.stats.refuse(decision.rule)
         logs.event(
-            "refused", category="conn-errs", tunnel=self.tunnel.cfg.label, peer=self.peer,
+            "refused", category="conn-errs", tunnel=self.tunnel.label, peer=self.peer,
             identity=self.identity, rule=decision.rule, reason=decision.reason,
         )  # fmt: skip
         self.abort("refused")
@@ -507,7 +510,7 @@ class _Setup:
             self.tunnel.stats.target_errors += 1
         logs.event(
             "refused" if rule != "handshake" and side == "client" else "handshake failed",
-            category="handshake-errs", tunnel=self.tunnel.cfg.label, peer=self.peer, side=side, rule=rule,
+            category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer, side=side, rule=rule,
             reason=reason,
         )  # fmt: skip
         self.abort("handshake failed")
@@ -559,7 +562,7 @@ class _Setup:
     def _target_failed(self, reason: str) -> None:
         self.tunnel.stats.target_errors += 1
         logs.event(
-            "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.cfg.label,
+            "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
             peer=self.peer, identity=self.identity, target=str(self.tunnel.cfg.target), reason=reason,
         )  # fmt: skip
         self.abort("target unreachable")
@@ -605,7 +608,7 @@ class _Setup:
             if not decision.allowed:
                 self.tunnel.stats.target_errors += 1
                 logs.event(
-                    "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.cfg.label,
+                    "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
                     peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
                 )  # fmt: skip
                 self.abort("target identity")
