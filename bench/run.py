@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r = run_once(variants[n], args)
             except RuntimeError as e:
-                failures.append(f"{n} round {rnd}: {e}")
+                last = [ln.strip() for ln in str(e).splitlines() if ln.strip()][-1:] or ["?"]
+                failures.append(f"{n} round {rnd}: {last[0]} (full error on stderr)")
                 bl.log(f"round {rnd}/{args.rounds} {n}: FAILED: {e}")
                 continue
             runs[n].append(r)
