@@ -170,3 +170,22 @@ async def test_address_refusal_after_reload_is_immediate(pki_files: dict[str, Pa
             await assert_cut(reader)
             writer.close()
         await wait_until(lambda: tun.stats.refused == {"deny-from": 1})
+
+
+async def test_timed_reload_picks_up_a_new_ca_bundle(
+    pki_files: dict[str, Path], ca: trustme.CA, other_ca: trustme.CA
+) -> None:
+    outsider = other_ca.issue_cert("bob.other.test", common_name="bob")
+    async with backend() as be, tunnel(
+        target=be.address,
+        cert=[str(pki_files["cert"])],
+        key=[str(pki_files["key"])],
+        cacert=str(pki_files["ca"]),
+        allow_cn=["bob"],
+        timed_reload="50ms",
+    ) as tun:
+        assert not await try_client(tun, client_context(ca, outsider))
+        pki_files["ca"].write_bytes(pki_files["ca"].read_bytes() + other_ca.cert_pem.bytes())
+        before = tun.stats.reloads
+        await wait_until(lambda: tun.stats.reloads >= before + 2)
+        assert await try_client(tun, client_context(ca, outsider))
