@@ -8,6 +8,7 @@ import hashlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tlsgate.config import tunnel_config
@@ -108,6 +109,18 @@ async def tunnel(mode: str = "server", **options: Any) -> AsyncIterator[Tunnel]:
         if not server.stopping:
             server.stop()
         await task
+
+
+def server_opts(pki_files: dict[str, Path], target: str, **extra: object) -> dict[str, object]:
+    """Options for a server tunnel with the test PKI's certificate, verifying clients against the test CA."""
+    opts: dict[str, object] = {
+        "target": target,
+        "cert": [str(pki_files["cert"])],
+        "key": [str(pki_files["key"])],
+        "cacert": str(pki_files["ca"]),
+    }
+    opts.update(extra)
+    return opts
 
 
 def port_of(tun: Tunnel) -> int:

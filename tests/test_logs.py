@@ -14,7 +14,7 @@ import trustme
 from tlsgate import logs
 
 from conftest import client_context
-from helpers import backend, tls_connect, tunnel, wait_until
+from helpers import backend, server_opts, tls_connect, tunnel, wait_until
 
 
 @pytest.fixture
@@ -40,11 +40,11 @@ async def test_one_line_per_connection_and_per_refusal(
     async with (
         backend() as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            cacert=str(pki_files["ca"]),
-            allow_cn=["alice"],
+            **server_opts(
+                pki_files,
+                be.address,
+                allow_cn=["alice"],
+            )
         ) as tun,
     ):
         target = be.address

@@ -12,7 +12,7 @@ import trustme
 from tlsgate.pki import CertificateAuthority
 
 from conftest import client_context
-from helpers import assert_cut, backend, tls_connect, tunnel, wait_until
+from helpers import assert_cut, backend, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,13 +41,7 @@ async def test_ca_bundle_reload_turns_a_refused_client_into_an_allowed_one_and_b
     original = bundle.read_bytes()
     async with (
         backend() as be,
-        tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            cacert=str(bundle),
-            allow_cn=["alice"],
-        ) as tun,
+        tunnel(**server_opts(pki_files, be.address, cacert=str(bundle), allow_cn=["alice"])) as tun,
     ):
         server = tun.server  # type: ignore[attr-defined]
         # A long-lived connection that must survive every reload.
@@ -115,11 +109,11 @@ async def test_failed_reload_keeps_the_running_policy(
     async with (
         backend() as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            cacert=str(pki_files["ca"]),
-            allow_cn=["alice"],
+            **server_opts(
+                pki_files,
+                be.address,
+                allow_cn=["alice"],
+            )
         ) as tun,
     ):
         pki_files["key"].write_text("garbage\n")
@@ -176,14 +170,17 @@ async def test_timed_reload_picks_up_a_new_ca_bundle(
     pki_files: dict[str, Path], ca: trustme.CA, other_ca: trustme.CA
 ) -> None:
     outsider = other_ca.issue_cert("bob.other.test", common_name="bob")
-    async with backend() as be, tunnel(
-        target=be.address,
-        cert=[str(pki_files["cert"])],
-        key=[str(pki_files["key"])],
-        cacert=str(pki_files["ca"]),
-        allow_cn=["bob"],
-        timed_reload="50ms",
-    ) as tun:
+    async with (
+        backend() as be,
+        tunnel(
+            **server_opts(
+                pki_files,
+                be.address,
+                allow_cn=["bob"],
+                timed_reload="50ms",
+            )
+        ) as tun,
+    ):
         assert not await try_client(tun, client_context(ca, outsider))
         pki_files["ca"].write_bytes(pki_files["ca"].read_bytes() + other_ca.cert_pem.bytes())
         before = tun.stats.reloads

@@ -23,6 +23,7 @@ from helpers import (
     port_of,
     recording,
     reply_after_eof,
+    server_opts,
     tls_connect,
     tunnel,
     wait_until,
@@ -66,11 +67,11 @@ async def test_client_to_server_chain_with_mtls_carries_half_close(
     async with (
         backend(reply_after_eof) as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            cacert=str(pki_files["ca"]),
-            allow_cn=["alice"],
+            **server_opts(
+                pki_files,
+                be.address,
+                allow_cn=["alice"],
+            )
         ) as srv,
         tunnel(
             "client",
@@ -91,11 +92,11 @@ async def test_client_without_certificate_is_refused_by_the_server(pki_files: di
     async with (
         backend() as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            cacert=str(pki_files["ca"]),
-            allow_cn=["alice"],
+            **server_opts(
+                pki_files,
+                be.address,
+                allow_cn=["alice"],
+            )
         ) as srv,
         tunnel("client", target=f"localhost:{port_of(srv)}", cacert=str(pki_files["ca"])) as cli,
     ):

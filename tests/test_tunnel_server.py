@@ -15,20 +15,9 @@ import pytest
 import trustme
 
 from conftest import client_context
-from helpers import backend, echo, port_of, recording, reply_after_eof, tls_connect, tunnel, wait_until
+from helpers import backend, echo, port_of, recording, reply_after_eof, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-def server_opts(pki_files: dict[str, Path], target: str, **extra: object) -> dict[str, object]:
-    opts: dict[str, object] = {
-        "target": target,
-        "cert": [str(pki_files["cert"])],
-        "key": [str(pki_files["key"])],
-        "cacert": str(pki_files["ca"]),
-    }
-    opts.update(extra)
-    return opts
 
 
 def half_close_exchange(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes:

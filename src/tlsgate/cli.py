@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from tlsgate import __version__
-from tlsgate.cli_support import TlsgateGroup, access_options
+from tlsgate.cli_support import TlsgateGroup, access_options, stack_options
 from tlsgate.config import TunnelConfig, tunnel_config
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.supervisor import ProcessOptions, run_server
@@ -20,20 +20,11 @@ from tlsgate.supervisor import ProcessOptions, run_server
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    def apply(func: F) -> F:
-        for decorator in reversed(decorators):
-            func = decorator(func)
-        return func
-
-    return apply
-
-
 def _duration(flag: str, help_text: str) -> Callable[[F], F]:
     return click.option(flag, metavar="DURATION", help=help_text)
 
 
-_common = _options(
+_common = stack_options(
     click.option("--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT or unix:PATH."),
     click.option("--target", required=True, metavar="ADDR", help="Address to forward to: HOST:PORT or unix:PATH."),
     click.option("--keystore", metavar="FILE", help="PEM bundle with certificate and key, or a PKCS#12 file."),

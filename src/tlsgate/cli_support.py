@@ -31,7 +31,9 @@ class TlsgateGroup(click.Group):
             raise UserError(str(err)) from None
 
 
-def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+def stack_options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, applied in the order written."""
+
     def apply(func: F) -> F:
         for decorator in reversed(decorators):
             func = decorator(func)
@@ -46,7 +48,7 @@ def _many(flag: str, help_text: str, metavar: str) -> Callable[[F], F]:
 
 # The identity and address rules of the access-control layer, with ghostunnel's names where they exist.
 # The keyword arguments they produce match tlsgate.policy.build_policy.
-access_options = _stack(
+access_options = stack_options(
     click.option("--allow-all", is_flag=True, help="Allow any client with a certificate signed by --cacert."),
     _many("--allow-cn", "Allow clients whose certificate has this Common Name", "CN"),
     _many("--allow-ou", "Allow clients whose certificate has this Organizational Unit", "OU"),

@@ -473,20 +473,26 @@ class _Setup:
         self._arm(cfg.timeouts.handshake, "handshake timeout")
         self._client_handshake()
 
-    def _client_handshake(self) -> None:
-        tls: ssl.SSLSocket = self.client  # type: ignore[assignment]
+    def _advance_handshake(self, tls: ssl.SSLSocket, retry: Callable[[], None], side: str) -> bool:
+        """One step of a non-blocking handshake; True once it is complete."""
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
-            self._want(self.client_fd, True, self._client_handshake)
-            return
+            self._want(tls.fileno(), True, retry)
+            return False
         except ssl.SSLWantWriteError:
-            self._want(self.client_fd, False, self._client_handshake)
-            return
+            self._want(tls.fileno(), False, retry)
+            return False
         except (ssl.SSLError, OSError) as err:
-            self._handshake_failed(err, "client")
-            return
+            self._handshake_failed(err, side)
+            return False
         self._unwant()
+        return True
+
+    def _client_handshake(self) -> None:
+        tls: ssl.SSLSocket = self.client  # type: ignore[assignment]
+        if not self._advance_handshake(tls, self._client_handshake, "client"):
+            return
         stats = self.tunnel.stats
         stats.handshakes += 1
         stats.handshake_seconds_total += time.monotonic() - self.started
@@ -585,18 +591,8 @@ class _Setup:
 
     def _target_handshake(self) -> None:
         tls: ssl.SSLSocket = self.target  # type: ignore[assignment]
-        try:
-            tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(tls.fileno(), True, self._target_handshake)
+        if not self._advance_handshake(tls, self._target_handshake, "target"):
             return
-        except ssl.SSLWantWriteError:
-            self._want(tls.fileno(), False, self._target_handshake)
-            return
-        except (ssl.SSLError, OSError) as err:
-            self._handshake_failed(err, "target")
-            return
-        self._unwant()
         rules = self.rt.target_identity
         if rules is not None:
             der = tls.getpeercert(binary_form=True)
