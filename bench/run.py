@@ -57,6 +57,7 @@ ISSUE = {"keepalive_cpu_us": 1.3, "newconn_cpu_us": 1.5, "bulk_MBps": 0.8, "idle
 STRETCH = {"keepalive_cpu_us": 1.0, "newconn_cpu_us": 1.0, "bulk_MBps": 1.0, "idle_KiB_per_conn": 1.0}
 LOWER_IS_BETTER = {"keepalive_cpu_us": True, "newconn_cpu_us": True, "bulk_MBps": False, "idle_KiB_per_conn": True}
 BULK_TIE = 0.05
+BUSY_LOAD = 3.0  # 1-minute load average above which the notes warn that something else was running
 SHORT = {"keepalive_cpu_us": "req", "newconn_cpu_us": "hs", "bulk_MBps": "bulk", "idle_KiB_per_conn": "idle"}
 
 
@@ -325,12 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     bl.raise_fd_limit(max(4 * args.idle + 1000, 20000))
 
     load_at_start = os.getloadavg()
+    loads: list[float] = []  # 1-minute load average before each proxy run
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     failures: list[str] = []
     started = time.monotonic()
     for rnd in range(1, args.rounds + 1):
         for n in names:
             t0 = time.monotonic()
+            loads.append(os.getloadavg()[0])
             try:
                 r = run_once(variants[n], args)
             except RuntimeError as e:
@@ -346,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     med = {n: median_of(rs) for n, rs in runs.items() if rs}
     notes = anomalies(runs, args.bulk_mib) + failures + skipped
+    if loads and max(loads) > BUSY_LOAD:
+        notes.append(
+            f"the machine was busy: 1-minute load average up to {max(loads):.1f} during the run (the bench itself "
+            f"keeps about 2 cores busy); req/s and conn/s suffer first, CPU per operation is sturdier. Rerun when idle."
+        )
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.json or bl.RESULTS / f"bench-{stamp}.json"
@@ -361,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "commands": {n: variants[n].cmd or variants[n].peer for n in names},
         "elapsed_s": round(time.monotonic() - started, 1),
         "loadavg_start": load_at_start,  # other work on the machine skews the numbers; check this when they look off
+        "loadavg_per_run": loads,
     }
     verdicts = {n: {"issue": verdict(med, n, False), "stretch": verdict(med, n, True)} for n in med if n != REFERENCE}
     out.write_text(json.dumps({"meta": meta, "median": med, "verdicts": verdicts, "runs": runs}, indent=1) + "\n")
