@@ -11,11 +11,13 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
 import subprocess
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from tlsgate import logs
 from tlsgate.addresses import Address
 from tlsgate.cli_dev import dev
 from tlsgate.demo import serve_demo_backend
@@ -77,8 +80,12 @@ HAS_IPV6 = _ipv6_loopback()
 
 
 @pytest.fixture(autouse=True)
-def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The CA, HOME and every trust store in tmp_path; a fake update-ca-certificates that records its calls."""
+def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The CA, HOME and every trust store in tmp_path; a fake update-ca-certificates that records its calls.
+
+    The front's CLI sets up logging for the process; the logger is put back so later tests' caplog works.
+    """
+    saved = (logs.LOGGER.handlers[:], logs.LOGGER.propagate, logs.LOGGER.level, logs.STATE.quiet)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TLSGATE_CAROOT", str(tmp_path / "caroot"))
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
@@ -88,7 +95,9 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TLSGATE_UPDATE_CA_COMMAND", str(fake_update_command(tmp_path)))
     monkeypatch.setenv("TLSGATE_NSS_DBS", "")
     monkeypatch.setenv("TLSGATE_CERTUTIL", CERTUTIL or "")
-    return tmp_path
+    yield tmp_path
+    logs.LOGGER.handlers[:], logs.LOGGER.propagate, level, logs.STATE.quiet = saved
+    logs.LOGGER.setLevel(level)
 
 
 def fake_update_command(tmp_path: Path, *, fail: bool = False) -> Path:
@@ -308,6 +317,8 @@ def test_to_takes_a_port_host_port_or_unix_path(text: str, address: Address) -> 
         (":3000", "give a host"),
         ("localhost:http", "is not a number"),
         ("unix:", "empty unix socket path"),
+        ("²", "expected a port"),
+        ("localhost:²", "is not an address"),
     ],
 )
 def test_bad_to_is_refused(text: str, message: str) -> None:
@@ -769,3 +780,37 @@ def test_outcome_words_are_the_documented_ones() -> None:
     assert (INSTALLED, ALREADY_PRESENT, REMOVED, NOT_PRESENT, SKIPPED, FAILED) == (
         "installed", "already present", "removed", "not present", "skipped", "failed",
     )  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_the_command_runs_the_front_until_interrupted(sandbox: Path) -> None:
+    """`tlsgate dev --to PORT` as a process: prints the URL, serves it, exits 0 on Ctrl-C (SIGINT)."""
+    backend = await serve_demo_backend()
+    target_port = backend.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from tlsgate.cli_dev import dev; dev(prog_name='tlsgate dev')",
+        "--to", str(target_port), "--listen", "localhost:0",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        said: list[str] = []
+        while not said or said[-1] != "Press Ctrl-C to stop.":
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line, f"the front ended early: {said}"
+            said.append(line.decode().rstrip("\n"))
+        url = next(line.strip() for line in said if line.startswith("  https://localhost:"))
+        port = int(url.rsplit(":", 1)[1].rstrip("/"))
+        page = await fetch("127.0.0.1", port, "localhost", sandbox / "caroot" / "ca.pem")
+        assert b"Hello through tlsgate" in page
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+        backend.close()
+        await backend.wait_closed()
+    assert proc.returncode == 0, err.decode()
+    assert not any("nothing listens" in line for line in said)
+    assert b"Traceback" not in err

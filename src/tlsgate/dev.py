@@ -23,9 +23,11 @@ Nothing here prints: messages go to a ``say`` callback the CLI supplies.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import getpass
+import hashlib
 import ipaddress
 import os
 import re
@@ -224,9 +226,6 @@ class DevCertificate:
     def spki_sha256_base64(self) -> str:
         """The base64 SHA-256 of the leaf's public key: what Chromium's ``--ignore-certificate-errors-spki-list``
         takes, and what HPKP-style pins look like."""
-        import base64
-        import hashlib
-
         der = self.certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
         return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
 
@@ -307,21 +306,28 @@ def parse_target(text: str) -> Address:
     has: some dev servers (Vite on recent Node, for one) listen on ::1 only.
     """
     value = text.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         port = int(value)
         if not 1 <= port <= 65535:
             raise ConfigError(f"--to {text!r}: port out of range (1-65535)")
         return Address(host="localhost", port=port)
     if not value.startswith("unix:") and ":" not in value:
         raise ConfigError(f"--to {text!r}: expected a port (3000), HOST:PORT (127.0.0.1:3000) or unix:PATH")
-    target = parse_address(value, name=f"--to {text!r}")
+    target = _address(value, f"--to {text!r}")
     if not target.is_unix and (not target.host or target.port == 0):
         raise ConfigError(f"--to {text!r}: give a host and a port other than 0, like 127.0.0.1:3000")
     return target
 
 
+def _address(text: str, name: str) -> Address:
+    try:
+        return parse_address(text, name=name)
+    except ValueError:  # a port of non-ASCII digits ('²') gets past parse_address's digit check
+        raise ConfigError(f"{name}: {text!r} is not an address (use HOST:PORT with a port number)") from None
+
+
 def _parse_listen(text: str) -> Address:
-    listen = parse_address(text, name="--listen")
+    listen = _address(text, "--listen")
     if listen.is_unix:
         raise ConfigError(f"--listen {text!r}: browsers cannot open unix sockets; give HOST:PORT like localhost:8443")
     if not listen.host or not listen.is_loopback:
@@ -710,7 +716,7 @@ class TrustStores:
             )
         else:
             dbs = _discover_nss_dbs(home, plat)
-        certutil = env["TLSGATE_CERTUTIL"] or None if "TLSGATE_CERTUTIL" in env else shutil.which("certutil")
+        certutil = (env["TLSGATE_CERTUTIL"] or None) if "TLSGATE_CERTUTIL" in env else shutil.which("certutil")
         return cls(plat, system_dir, update, dbs, certutil)
 
 
@@ -785,7 +791,7 @@ def _manual_system(stores: TrustStores, ca_path: Path, cert: x509.Certificate, *
         if install
         else (f"Fedora/RHEL: sudo rm {anchor} && sudo update-ca-trust", f"Arch: sudo trust anchor --remove {quoted}")
     )
-    return StoreResult("system store", SKIPPED, "no update-ca-certificates here (not a Debian-like system)", commands)
+    return StoreResult("system store", SKIPPED, "not a Debian-like system: no update-ca-certificates", commands)
 
 
 def _trust_system(stores: TrustStores, ca_path: Path) -> StoreResult:
