@@ -71,7 +71,7 @@ def dev(
         return
     if target is None:
         raise ConfigError("--to is required: the dev server's port (3000), HOST:PORT or unix:PATH")
-    settings = DevSettings.from_flags(to=target, listen=listen, names=names, verbose=verbose)
+    settings = DevSettings.from_flags(to=target, listen=listen, names=names)
     front = DevFront(settings, click.echo)
     logs.setup_logging("text", () if verbose else ("conns",))
 

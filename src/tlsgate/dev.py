@@ -52,11 +52,17 @@ from tlsgate.pki import CertificateAuthority, load_certificates, load_private_ke
 from tlsgate.supervisor import ProcessOptions, Server
 
 __all__ = [
+    "ALREADY_PRESENT",
     "BASE_NAMES",
     "CAROOT_ENV",
     "DEFAULT_LISTEN",
+    "FAILED",
+    "INSTALLED",
     "LEAF_BASENAME",
+    "NOT_PRESENT",
+    "REMOVED",
     "RENEW_BEFORE",
+    "SKIPPED",
     "SYSTEM_CA_FILE",
     "DevCertificate",
     "DevFront",
@@ -241,8 +247,6 @@ def _why_reissue(
         key = load_private_key(key_path, None)
     except CertificateError as err:
         return f"the old one was unreadable ({err})"
-    if leaf.issuer != ca.certificate.subject:
-        return "the local CA changed"
     try:
         leaf.verify_directly_issued_by(ca.certificate)
     except (ValueError, TypeError, InvalidSignature):
@@ -348,7 +352,6 @@ class DevSettings:
     ca_dir: Path = field(default_factory=ca_root)
     # How often a target that is not up yet is tried again; reminders are much rarer (see TargetWatch).
     probe_interval: float = 1.0
-    verbose: bool = False
 
     @classmethod
     def from_flags(
@@ -358,7 +361,6 @@ class DevSettings:
         listen: str = DEFAULT_LISTEN,
         names: Sequence[str] = (),
         ca_dir: Path | None = None,
-        verbose: bool = False,
     ) -> DevSettings:
         normalised = [normalise_name(name) for name in names]
         extra = tuple(n for n in dict.fromkeys(normalised) if n not in BASE_NAMES)
@@ -367,7 +369,6 @@ class DevSettings:
             listen=_parse_listen(listen),
             names=extra,
             ca_dir=ca_dir if ca_dir is not None else ca_root(),
-            verbose=verbose,
         )
 
 
