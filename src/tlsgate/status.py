@@ -1,0 +1,703 @@
+"""``--status``: /_status for load balancers, /_metrics (ghostunnel's JSON) and /metrics (Prometheus) for people.
+
+Addresses follow ghostunnel: ``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:PATH``, and a bare ``HOST:PORT``,
+which is HTTPS with the certificate of the first server-mode tunnel. Like ghostunnel, the status port never asks
+for a client certificate (a load balancer's probe has none), and it serves the certificate the tunnel reloaded.
+
+The numbers come from a ``StatusSource``: this process's tunnels (``ServerSource``), or, with ``--workers``, the
+parent's sum of what every worker reports (``tlsgate.workers``). Both speak in ``TunnelView``s, plain data that
+crosses a process boundary as JSON.
+
+The HTTP server is ours, on asyncio streams: three GET paths, one request per connection, bounded request size
+and time. It sees a probe every few seconds, so it has no reason to be fast, only to be small and strict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import re
+import socket
+import ssl
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tlsgate import __version__, logs, tlsctx
+from tlsgate import tunnel as tunnel_module
+from tlsgate.addresses import Address, parse_address
+from tlsgate.config import TunnelConfig
+from tlsgate.errors import ConfigError, StartupError, TlsgateError
+from tlsgate.tunnel import Stats, Tunnel
+
+if TYPE_CHECKING:
+    from tlsgate.supervisor import Server
+
+# A request line and headers larger than this are refused: a probe sends a few hundred bytes.
+_MAX_REQUEST = 8192
+# Time a client has to send its request, and to take the answer.
+_REQUEST_TIMEOUT = 5.0
+# A backend that does not accept a TCP connection this fast counts as down. Kept under a second so /_status
+# answers within Kubernetes' default probe timeout (1s) even when the backend hangs.
+_BACKEND_TIMEOUT = 0.8
+
+# Every plain number in Stats is a counter to report (handshake_errors, bytes_in, ...), looked up by name so a
+# counter added to Stats shows up here without a second list to keep in step.
+COUNTER_FIELDS = tuple(f.name for f in fields(Stats) if f.type in ("int", "float"))
+
+
+@dataclass
+class TunnelView:
+    """One tunnel as the status endpoints see it: counters summed over every worker that runs it."""
+
+    key: str
+    label: str
+    mode: str
+    listen: list[str]
+    target: str
+    open: int = 0
+    counters: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    # Handshakes per latency bucket (not cumulative); empty unless tunnel.Stats keeps them.
+    handshake_buckets: list[int] = field(default_factory=list)
+    last_reload: float = 0.0
+    cert_not_after: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> TunnelView:
+        return cls(**doc)
+
+    def add(self, other: TunnelView) -> None:
+        """Fold another worker's view of the same tunnel into this one."""
+        self.open += other.open
+        for name, value in other.counters.items():
+            self.counters[name] = self.counters.get(name, 0) + value
+        for rule, count in other.refused.items():
+            self.refused[rule] = self.refused.get(rule, 0) + count
+        if len(other.handshake_buckets) > len(self.handshake_buckets):
+            self.handshake_buckets += [0] * (len(other.handshake_buckets) - len(self.handshake_buckets))
+        for i, count in enumerate(other.handshake_buckets):
+            self.handshake_buckets[i] += count
+        self.last_reload = max(self.last_reload, other.last_reload)
+        expiries = [t for t in (self.cert_not_after, other.cert_not_after) if t > 0]
+        self.cert_not_after = min(expiries, default=0.0)
+        self.listen = self.listen or other.listen
+
+
+def view_of(key: str, tunnel: Tunnel) -> TunnelView:
+    stats = tunnel.stats
+    counters: dict[str, float] = {name: getattr(stats, name) for name in COUNTER_FIELDS}
+    # Bytes of open connections count too, so a long transfer shows as it happens rather than in one jump at its
+    # end. A relay adds its bytes to Stats in the same callback that drops it from tunnel.relays: no double count.
+    counters["bytes_in"] += sum(relay.bytes_in for relay in tunnel.relays)
+    counters["bytes_out"] += sum(relay.bytes_out for relay in tunnel.relays)
+    return TunnelView(
+        key=key,
+        label=tunnel.label,
+        mode=tunnel.cfg.mode,
+        listen=tunnel.addresses,
+        target=str(tunnel.cfg.target),
+        open=tunnel.active,
+        counters=counters,
+        refused=dict(stats.refused),
+        handshake_buckets=list(getattr(stats, "handshake_buckets", ())),
+        last_reload=tunnel.last_reload,
+        cert_not_after=tunnel.runtime.cert_not_after,
+    )
+
+
+def views_of(server: Server) -> list[TunnelView]:
+    return [view_of(key, tunnel) for key, tunnel in server.tunnels.items()]
+
+
+def merge_views(groups: Iterable[Iterable[TunnelView]]) -> list[TunnelView]:
+    """Sum views of the same tunnel (same key) from several workers; first-seen order is kept."""
+    merged: dict[str, TunnelView] = {}
+    for group in groups:
+        for view in group:
+            have = merged.get(view.key)
+            if have is None:
+                merged[view.key] = copy.deepcopy(view)
+            else:
+                have.add(view)
+    return list(merged.values())
+
+
+@dataclass
+class Snapshot:
+    """Everything one status request reports."""
+
+    tunnels: list[TunnelView]
+    # ghostunnel's message: "initializing", "listening", "draining"; with --workers also "no worker running".
+    state: str
+    # Process-wide counters that belong to no tunnel (log lines dropped, worker restarts, workers running).
+    process: dict[str, float] = field(default_factory=dict)
+    # --workers: one entry per worker process (index, pid, ready, restarts); None in a single process.
+    workers: list[dict[str, Any]] | None = None
+
+
+class StatusSource(Protocol):
+    async def snapshot(self) -> Snapshot: ...
+
+    def certificate(self) -> tuple[TunnelConfig, object] | None:
+        """The tunnel whose certificate HTTPS status serves, and a token that changes whenever it is reloaded."""
+
+
+class ServerSource:
+    """The tunnels of this process."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def snapshot(self) -> Snapshot:
+        server = self.server
+        if server.stopping:
+            state = "draining"
+        elif server.started.is_set():
+            state = "listening"
+        else:
+            state = "initializing"
+        return Snapshot(views_of(server), state, {"log_lines_dropped": logs.STATE.dropped_lines})
+
+    def certificate(self) -> tuple[TunnelConfig, object] | None:
+        for tunnel in self.server.tunnels.values():
+            if tunnel.cfg.mode == "server":
+                return tunnel.cfg, tunnel.runtime
+        return None
+
+
+# -- the address and the certificate -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusAddress:
+    address: Address
+    https: bool
+    # A bare HOST:PORT: HTTPS when there is a server certificate, else HTTP with a warning (ghostunnel's rule).
+    https_if_possible: bool = False
+
+
+def parse_status_address(text: str) -> StatusAddress:
+    """``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:PATH`` or ``HOST:PORT``; ConfigError names --status."""
+    value = text.strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        address = parse_address(value, name="--status")
+        return StatusAddress(address, https=False, https_if_possible=not address.is_unix)
+    if scheme.lower() not in ("http", "https"):
+        raise ConfigError(f"--status {text!r}: scheme {scheme!r} is not http or https")
+    rest = rest.rstrip("/")
+    if "/" in rest:
+        raise ConfigError(f"--status {text!r}: give only HOST:PORT after {scheme}:// (the paths are fixed)")
+    address = parse_address(rest, name="--status")
+    return StatusAddress(address, https=scheme.lower() == "https")
+
+
+class _Certificate:
+    """The HTTPS context of the status port: the tunnel's certificate, no client certificate asked for.
+
+    Rebuilt from the tunnel's files when its token changes (a reload succeeded), and swapped in during the next
+    handshake, so the status port and the tunnel never disagree about which certificate is current.
+    """
+
+    def __init__(self, source: StatusSource) -> None:
+        self.source = source
+        self.token: object = None
+        self.context: ssl.SSLContext | None = None
+
+    def current(self) -> ssl.SSLContext | None:
+        found = self.source.certificate()
+        if found is None:
+            return self.context
+        cfg, token = found
+        if self.context is None or token is not self.token:
+            try:
+                self.context = _status_context(cfg)
+            except TlsgateError as err:
+                if self.context is None:
+                    raise
+                logs.event("status port keeps its certificate", logging.WARNING, error=str(err))
+            self.token = token
+        return self.context
+
+    def listening_context(self) -> ssl.SSLContext:
+        ctx = self.current()
+        assert ctx is not None
+        ctx.sni_callback = self._swap
+        return ctx
+
+    def _swap(self, sslobj: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        ctx = self.current()
+        if ctx is not None and ctx is not sslobj.context:
+            sslobj.context = ctx
+
+
+def _status_context(cfg: TunnelConfig) -> ssl.SSLContext:
+    material = tlsctx.load_key_material(
+        cert=cfg.cert[0] if cfg.cert else None,
+        key=cfg.key[0] if cfg.key else None,
+        keystore=cfg.keystore,
+        storepass=cfg.storepass,
+        key_pass=cfg.key_pass,
+    )
+    return tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+
+
+class StatusServer:
+    """The listening status port. ``close()`` stops it at once, open requests included."""
+
+    def __init__(self, source: StatusSource, prefix: str) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.addresses: list[str] = []
+        self.https = False
+        self._servers: list[asyncio.Server] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._unix_path: str | None = None
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        self._servers = []
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
+            self._unix_path = None
+
+    async def _listen(self, address: Address, ssl_ctx: ssl.SSLContext | None, flag: str) -> None:
+        kwargs: dict[str, Any] = {"limit": _MAX_REQUEST, "ssl": ssl_ctx}
+        if ssl_ctx is not None:
+            kwargs["ssl_handshake_timeout"] = _REQUEST_TIMEOUT
+        try:
+            if address.is_unix:
+                _remove_stale_socket(address.path, flag)
+                server = await asyncio.start_unix_server(self._handle, address.path, **kwargs)
+                self._unix_path = address.path
+            else:
+                server = await asyncio.start_server(self._handle, address.host or None, address.port, **kwargs)
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise StartupError(f"{flag}: cannot listen on {address} ({reason})") from None
+        self._servers.append(server)
+        for sock in server.sockets:
+            name = sock.getsockname()
+            if isinstance(name, str):
+                self.addresses.append(f"unix:{name}")
+            else:
+                self.addresses.append(str(Address(host=name[0], port=name[1])))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            response = await self._respond(reader)
+            if response is not None:
+                writer.write(response)
+                await asyncio.wait_for(writer.drain(), _REQUEST_TIMEOUT)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass  # the client left or stalled; nothing to tell it
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), _REQUEST_TIMEOUT)
+
+    async def _respond(self, reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+        except (asyncio.LimitOverrunError, ValueError):
+            return _response(431, "text/plain", b"request too large\n")
+        except asyncio.IncompleteReadError:
+            return None  # closed before a whole request: a TCP probe, or a client that gave up
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _response(400, "text/plain", b"bad request\n")
+        method, target = parts[0], parts[1]
+        path = target.split("?", 1)[0]
+        route = _ROUTES.get(path)
+        if route is None:
+            return _response(404, "text/plain", b"not found; try /_status, /_metrics or /metrics\n")
+        if method not in ("GET", "HEAD"):
+            return _response(405, "text/plain", b"method not allowed\n", allow="GET, HEAD")
+        code, content_type, body = await route(self)
+        return _response(code, content_type, body, head_only=method == "HEAD")
+
+    async def _status(self) -> tuple[int, str, bytes]:
+        snapshot = await self.source.snapshot()
+        errors = await asyncio.gather(*(_check_backend(view.target) for view in snapshot.tunnels))
+        code, doc = status_document(snapshot, list(errors))
+        return code, "application/json", json.dumps(doc, indent=2).encode() + b"\n"
+
+    async def _metrics_json(self) -> tuple[int, str, bytes]:
+        entries = json_metrics(await self.source.snapshot(), self.prefix)
+        return 200, "application/json", json.dumps(entries, indent=2).encode() + b"\n"
+
+    async def _metrics_prometheus(self) -> tuple[int, str, bytes]:
+        text = prometheus_text(await self.source.snapshot(), self.prefix)
+        return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
+
+
+_ROUTES = {
+    "/_status": StatusServer._status,
+    "/_metrics": StatusServer._metrics_json,
+    # ghostunnel's explicit forms of the same two answers.
+    "/_metrics/json": StatusServer._metrics_json,
+    "/_metrics/prometheus": StatusServer._metrics_prometheus,
+    "/metrics": StatusServer._metrics_prometheus,
+}
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def _response(code: int, content_type: str, body: bytes, *, allow: str = "", head_only: bool = False) -> bytes:
+    lines = [
+        f"HTTP/1.1 {code} {_REASONS[code]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if allow:
+        lines.append(f"Allow: {allow}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return head if head_only else head + body
+
+
+def _remove_stale_socket(path: str, flag: str) -> None:
+    """A socket file left by a process that died is removed; a live one, or any other file, is an error."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{flag}: unix:{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise StartupError(f"{flag}: unix:{path}: another process is listening there")
+
+
+async def serve_status(address: str, source: StatusSource, *, prefix: str = "tlsgate") -> StatusServer:
+    """Listen on ``address`` (see the module docstring) and answer from ``source``."""
+    flag = f"--status {address}"
+    where = parse_status_address(address)
+    status = StatusServer(source, prefix)
+    ssl_ctx = None
+    if where.https or where.https_if_possible:
+        certificate = _Certificate(source)
+        if certificate.current() is not None:
+            ssl_ctx = certificate.listening_context()
+        elif where.https:
+            raise StartupError(f"{flag}: no server certificate to serve HTTPS with (client mode); use http://")
+        else:
+            logs.event(
+                "status port serves plain HTTP: no tunnel has a server certificate", logging.WARNING,
+                status=address,
+            )  # fmt: skip
+    await status._listen(where.address, ssl_ctx, flag)
+    status.https = ssl_ctx is not None
+    scheme = "https" if status.https else "http"
+    shown = [a if a.startswith("unix:") else f"{scheme}://{a}" for a in status.addresses]
+    logs.event("status", listen=",".join(shown), paths="/_status,/_metrics,/metrics")
+    return status
+
+
+async def start_status_server(server: Server, address: str) -> StatusServer:
+    """The status port of one process (``--status``); ``close()`` it on shutdown."""
+    return await serve_status(address, ServerSource(server), prefix=server.options.metrics_prefix)
+
+
+# -- /_status ------------------------------------------------------------------------------------------------------
+
+
+async def _check_backend(target: str) -> str | None:
+    """None if the target accepts a TCP (or unix socket) connection within _BACKEND_TIMEOUT, else why not."""
+    try:
+        address = parse_address(target, name="target")
+        if address.is_unix:
+            connecting = asyncio.open_unix_connection(address.path)
+        else:
+            connecting = asyncio.open_connection(address.host, address.port)
+        _, writer = await asyncio.wait_for(connecting, _BACKEND_TIMEOUT)
+    except TimeoutError:
+        return f"{target}: no answer within {_BACKEND_TIMEOUT}s"
+    except ConfigError as err:
+        return str(err)
+    except OSError as err:
+        # asyncio and uvloop word a refused connect differently; the errno says the same thing on both.
+        if isinstance(err, socket.gaierror) or not err.errno:
+            return f"{target}: {err.strerror or err}"
+        return f"{target}: {os.strerror(err.errno)}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).astimezone().isoformat()
+
+
+def status_document(snapshot: Snapshot, backend_errors: list[str | None]) -> tuple[int, dict[str, Any]]:
+    """ghostunnel's /_status body and HTTP code: 200 when listening and every backend answers, else 503.
+
+    With several tunnels the top-level listen/forward addresses are the first tunnel's (as ghostunnel has one),
+    ``backend_ok`` covers all of them, and ``tunnels`` lists each one.
+    """
+    tunnels = snapshot.tunnels
+    several = len(tunnels) > 1
+    problems = [
+        f"tunnel {view.label}: {error}" if several else error
+        for view, error in zip(tunnels, backend_errors, strict=True)
+        if error is not None
+    ]
+    if not tunnels:
+        problems.append("no tunnel is running")
+    backend_ok = not problems
+    ok = backend_ok and snapshot.state == "listening"
+    first = tunnels[0] if tunnels else None
+    doc: dict[str, Any] = {
+        "ok": ok,
+        "status": "ok" if ok else "critical",
+        "listen_address": ",".join(first.listen) if first else "",
+        "forward_address": first.target if first else "",
+        "backend_ok": backend_ok,
+        "backend_status": "ok" if backend_ok else "critical",
+        "backend_error": "; ".join(problems),
+        "time": datetime.now().astimezone().isoformat(),
+        "hostname": socket.gethostname(),
+        "message": snapshot.state,
+        "revision": __version__,
+        "compiler": f"{platform.python_implementation()} {platform.python_version()}",
+        "last_reload": _iso(max((v.last_reload for v in tunnels), default=time.time())),
+    }
+    if several:
+        doc["tunnels"] = [
+            {
+                "name": view.label,
+                "mode": view.mode,
+                "listen_address": ",".join(view.listen),
+                "forward_address": view.target,
+                "backend_ok": error is None,
+                "backend_status": "ok" if error is None else "critical",
+                "backend_error": error or "",
+                "open": view.open,
+                "last_reload": _iso(view.last_reload),
+            }
+            for view, error in zip(tunnels, backend_errors, strict=True)
+        ]
+    if snapshot.workers is not None:
+        doc["workers"] = snapshot.workers
+    return (200 if ok else 503), doc
+
+
+# -- /_metrics and /metrics ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Metric:
+    field: str  # a TunnelView.counters key, or "open"
+    kind: str  # Prometheus type: counter or gauge
+    prometheus: str  # name after "<prefix>_"
+    dotted: str  # ghostunnel-style name after "<prefix>." in /_metrics
+    help: str
+
+
+# fmt: off
+_METRICS = (
+    _Metric("open", "gauge", "connections_open", "conn.open", "Connections open now, in set-up or relaying."),
+    _Metric("accepted", "counter", "connections_accepted_total", "accept.total", "Connections accepted."),
+    _Metric("established", "counter", "connections_established_total", "accept.success",
+            "Connections that passed every check and were connected to the target."),
+    _Metric("closed", "counter", "connections_closed_total", "conn.closed", "Relayed connections that ended."),
+    _Metric("handshake_errors", "counter", "handshake_errors_total", "accept.error",
+            "TLS handshakes with clients that failed or timed out (refused certificates included)."),
+    _Metric("target_errors", "counter", "target_errors_total", "conn.target_error",
+            "Connections whose target could not be reached, or failed its TLS handshake or identity check."),
+    _Metric("proxy_header_errors", "counter", "proxy_header_errors_total", "accept.proxy_header_error",
+            "Connections refused for a malformed PROXY protocol header."),
+    _Metric("accept_errors", "counter", "accept_errors_total", "accept.os_error",
+            "accept() failures, such as running out of file descriptors."),
+    _Metric("bytes_in", "counter", "received_bytes_total", "conn.bytes_in", "Bytes from clients to targets."),
+    _Metric("bytes_out", "counter", "sent_bytes_total", "conn.bytes_out", "Bytes from targets to clients."),
+    _Metric("reloads", "counter", "reloads_total", "reload.total", "Reloads of certificates and policies."),
+    _Metric("reload_errors", "counter", "reload_errors_total", "reload.error",
+            "Reloads that failed and kept the running certificates and policies."),
+)
+# fmt: on
+
+# Upper bounds (seconds) of handshake_duration_seconds buckets, used when tunnel.Stats counts handshakes per bucket.
+HANDSHAKE_BUCKETS: tuple[float, ...] = getattr(tunnel_module, "HANDSHAKE_BUCKETS", ())
+
+
+def _value(view: TunnelView, name: str) -> float:
+    return view.open if name == "open" else view.counters.get(name, 0)
+
+
+def json_metrics(snapshot: Snapshot, prefix: str) -> list[dict[str, Any]]:
+    """ghostunnel's /_metrics: a list of {"metric": name, "value": number}, with the tunnel named per entry."""
+    now = int(time.time())
+    host = socket.gethostname()
+    entries: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, tunnel: str | None) -> None:
+        entry: dict[str, Any] = {"timestamp": now, "metric": f"{prefix}.{name}", "value": value, "hostname": host}
+        if tunnel is not None:
+            entry["tunnel"] = tunnel
+        entries.append(entry)
+
+    for view in snapshot.tunnels:
+        for metric in _METRICS:
+            add(metric.dotted, _value(view, metric.field), view.label)
+        for rule, count in sorted(view.refused.items()):
+            add(f"accept.refused.{rule}", count, view.label)
+        add("conn.handshake.count", _value(view, "handshakes"), view.label)
+        add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view.label)
+        add("conn.lifetime.count", _value(view, "closed"), view.label)
+        add("conn.lifetime.seconds", _value(view, "lifetime_seconds_total"), view.label)
+        if view.cert_not_after:
+            add("cert.not_after", int(view.cert_not_after), view.label)
+    for name, value in sorted(snapshot.process.items()):
+        add(f"process.{name}", value, None)
+    return entries
+
+
+def prometheus_name(prefix: str) -> str:
+    """``prefix`` made a valid Prometheus metric name prefix: anything outside [a-zA-Z0-9_:] becomes ``_``."""
+    name = re.sub(r"[^a-zA-Z0-9_:]", "_", prefix)
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
+class _Exposition:
+    """Prometheus text format 0.0.4: ``# HELP``, ``# TYPE``, then ``name{label="value"} number`` lines."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prometheus_name(prefix)
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> str:
+        full = f"{self.prefix}_{name}"
+        escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines += [f"# HELP {full} {escaped}", f"# TYPE {full} {kind}"]
+        return full
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        if labels:
+            inner = ",".join(f'{key}="{_escape_label(val)}"' for key, val in labels.items())
+            self.lines.append(f"{name}{{{inner}}} {_number(value)}")
+        else:
+            self.lines.append(f"{name} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 2**53):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
+    out = _Exposition(prefix)
+    tunnels = snapshot.tunnels
+
+    def per_tunnel() -> Iterator[tuple[TunnelView, dict[str, str]]]:
+        for view in tunnels:
+            yield view, {"tunnel": view.label}
+
+    for metric in _METRICS:
+        name = out.family(metric.prometheus, metric.kind, metric.help)
+        for view, labels in per_tunnel():
+            out.sample(name, labels, _value(view, metric.field))
+
+    name = out.family("connections_refused_total", "counter", "Connections refused, by the rule that refused them.")
+    for view, labels in per_tunnel():
+        for rule, count in sorted(view.refused.items()):
+            out.sample(name, {**labels, "rule": rule}, count)
+
+    _handshake_family(out, tunnels)
+
+    name = out.family(
+        "connection_duration_seconds", "summary", "How long relayed connections lasted, from accept to close."
+    )
+    for view, labels in per_tunnel():
+        out.sample(f"{name}_sum", labels, _value(view, "lifetime_seconds_total"))
+        out.sample(f"{name}_count", labels, _value(view, "closed"))
+
+    name = out.family("last_reload_timestamp_seconds", "gauge", "When certificates and policies were last loaded.")
+    for view, labels in per_tunnel():
+        out.sample(name, labels, view.last_reload)
+
+    name = out.family(
+        "certificate_expiry_timestamp_seconds", "gauge", "When the certificate this tunnel presents expires."
+    )
+    for view, labels in per_tunnel():
+        if view.cert_not_after:
+            out.sample(name, labels, int(view.cert_not_after))
+
+    process_metrics = {
+        "log_lines_dropped": ("log_lines_dropped_total", "counter", "Log lines lost to a broken log destination."),
+        "workers": ("workers", "gauge", "Worker processes running (--workers)."),
+        "worker_restarts": ("worker_restarts_total", "counter", "Worker processes restarted after dying."),
+    }
+    for key, (metric_name, kind, help_text) in process_metrics.items():
+        if key in snapshot.process:
+            out.sample(out.family(metric_name, kind, help_text), {}, snapshot.process[key])
+
+    name = out.family("build_info", "gauge", "Always 1; the labels say which tlsgate and Python are running.")
+    out.sample(name, {"version": __version__, "python": platform.python_version()}, 1)
+    return out.text()
+
+
+def _handshake_family(out: _Exposition, tunnels: list[TunnelView]) -> None:
+    bounds = HANDSHAKE_BUCKETS
+    with_buckets = bool(bounds) and all(len(v.handshake_buckets) >= len(bounds) for v in tunnels)
+    help_text = "Time from accept to a completed TLS handshake with the client."
+    name = out.family("handshake_duration_seconds", "histogram" if with_buckets else "summary", help_text)
+    for view in tunnels:
+        labels = {"tunnel": view.label}
+        count = _value(view, "handshakes")
+        if with_buckets:
+            running = 0
+            for bound, in_bucket in zip(bounds, view.handshake_buckets, strict=False):
+                running += in_bucket
+                out.sample(f"{name}_bucket", {**labels, "le": _number(bound)}, running)
+            out.sample(f"{name}_bucket", {**labels, "le": "+Inf"}, count)
+        out.sample(f"{name}_sum", labels, _value(view, "handshake_seconds_total"))
+        out.sample(f"{name}_count", labels, count)

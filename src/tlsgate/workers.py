@@ -1,0 +1,615 @@
+"""``--workers N``: N processes serve the same tunnels; a small parent starts, restarts and speaks for them.
+
+Ports. Every worker binds its own listening sockets with SO_REUSEPORT, so the kernel spreads new connections
+over the workers' accept queues and no two processes wake up for the same connection. Before any worker starts,
+the parent binds each TCP listen address itself, with SO_REUSEPORT and *without* listening (a socket that does
+not listen gets no connections). That turns port 0 into a real port for every worker to bind, reports a port in
+use as a one-line error before anything starts, and keeps the port ours while a worker restarts. A unix socket
+cannot be shared that way, so the parent creates it once and every worker inherits the same listening socket.
+
+Workers. Each is a fresh interpreter (``python -P -c ...``), not a fork: the parent runs an event loop and may
+run threads, neither of which survives a fork cleanly. It gets its settings as one pickled message over a
+socketpair; the same socketpair then carries JSON lines: ``ready`` from the worker once it listens, and answers
+to the parent's ``stats`` requests. End of file on it means the other side is gone: the parent learns that a
+worker died, and a worker whose parent was killed drains and exits instead of lingering on the port. Workers run
+in their own session so a terminal's Ctrl-C reaches only the parent, which passes each signal on exactly once.
+
+Signals. SIGTERM/SIGINT go to every worker, which drains as a single process would; a second one cuts. SIGHUP
+and SIGUSR1 go to every worker that is up; one still starting gets it when it reports ready, so a reload is never
+lost. A worker that dies while tlsgate is not shutting down is restarted after a back-off that doubles on each
+quick failure (0.1 s up to 30 s), so a crash loop costs little CPU; one that fails before any worker ever came up
+stops the whole start, with its exit code, because the next attempt would fail the same way.
+
+Status. The parent serves ``--status`` itself. For each request it asks every worker for its counters (one
+second at most; a worker that does not answer in time counts with its last answer) and adds them up. A dead
+worker's last answer stays in the totals, so counters never go backwards when a worker is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tlsgate import logs
+from tlsgate.addresses import Address
+from tlsgate.config import TunnelConfig
+from tlsgate.errors import StartupError, TlsgateError
+from tlsgate.runtime import build_runtime
+from tlsgate.status import Snapshot, StatusServer, TunnelView, merge_views, serve_status, views_of
+from tlsgate.supervisor import ProcessOptions, Server, choose_loop
+from tlsgate.tunnel import bind_listeners
+
+_WORKER_CODE = "from tlsgate.workers import worker_main; worker_main()"
+# A worker's answer to "stats" must come this fast, or status uses its previous answer.
+_STATS_TIMEOUT = 1.0
+# Restart back-off: the first restart waits this long, each quick failure doubles it, up to the cap.
+_RESTART_FIRST = 0.1
+_RESTART_MAX = 30.0
+# A worker that ran this long before dying was not crash-looping: its next restart waits _RESTART_FIRST again.
+_STABLE_AFTER = 10.0
+# After SIGTERM, workers get their --shutdown-timeout plus this long before they are killed.
+_KILL_GRACE = 10.0
+# Stats replies carry every tunnel's counters; a generous line limit, far above any real config.
+_LINE_LIMIT = 16 * 1024 * 1024
+_RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before restarting a worker after ``failures`` quick failures in a row (1 or more)."""
+    return min(_RESTART_MAX, _RESTART_FIRST * 2.0 ** max(0, failures - 1))
+
+
+def run_workers(
+    configs: Sequence[TunnelConfig],
+    options: ProcessOptions,
+    *,
+    load_configs: Callable[[], list[TunnelConfig]] | None = None,
+) -> int:
+    """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function)."""
+    logs.setup_logging(options.log_format, options.quiet)
+    # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
+    return asyncio.run(_Pool(configs, options, load_configs).run())
+
+
+# -- the parent ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What a worker needs, sent to it pickled as its first message."""
+
+    index: int
+    configs: list[TunnelConfig]
+    options: ProcessOptions
+    # Tunnel key -> the fd of the parent's unix listening socket (fd numbers survive pass_fds unchanged).
+    unix_fds: dict[str, int]
+    # Port-0 listen addresses -> the concrete address the parent reserved, applied to reloaded configs too.
+    listen_map: dict[Address, Address]
+    load_configs: Callable[[], list[TunnelConfig]] | None
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    ready: bool = False
+    # A reload signal that arrived while this worker was starting, delivered once it is ready.
+    reload_pending: signal.Signals | None = None
+    restarts: int = 0
+    quick_failures: int = 0
+    exit_code: int | None = None
+    last_views: list[TunnelView] = field(default_factory=list)
+    last_process: dict[str, float] = field(default_factory=dict)
+    pending: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+
+
+class _Pool:
+    def __init__(
+        self,
+        configs: Sequence[TunnelConfig],
+        options: ProcessOptions,
+        load_configs: Callable[[], list[TunnelConfig]] | None,
+    ) -> None:
+        self.configs = list(configs)
+        self.options = options
+        self.load_configs = load_configs
+        self.workers = [_Worker(i) for i in range(options.workers)]
+        self.stopping = False
+        self.status: StatusServer | None = None
+        self._stopped = asyncio.Event()
+        self._reservations: list[socket.socket] = []
+        self._unix_listeners: dict[str, socket.socket] = {}
+        self._listen_map: dict[Address, Address] = {}
+        # Counters of workers that died, folded in so totals never go backwards (see the module docstring).
+        self._retired: dict[str, TunnelView] = {}
+        self._restarts = 0
+        self._retired_dropped_lines = 0.0
+        self._ever_ready = False
+        self._all_ready_logged = False
+        self._startup_failure: int | None = None
+        self._killed = False
+        self._cert_token = object()
+        self._next_id = 0
+        self._timers: list[asyncio.TimerHandle] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- start and stop ----------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        # Read every certificate and policy once here, so a bad file is a one-line exit 2, not N dying workers.
+        for cfg in self.configs:
+            build_runtime(cfg)
+        try:
+            self._bind()
+            if self.options.status:
+                self.status = await serve_status(self.options.status, self, prefix=self.options.metrics_prefix)
+        except BaseException:
+            self._release()
+            raise
+        self._install_signals()
+        self._schedule_timed_reload()
+        logs.event("starting workers", workers=len(self.workers))
+        try:
+            await asyncio.gather(*(self._keep_running(w) for w in self.workers))
+        finally:
+            self._release()
+            if self.status is not None:
+                self.status.close()
+            for timer in self._timers:
+                timer.cancel()
+            self._remove_signals()
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
+        if self._startup_failure is not None:
+            return self._startup_failure
+        failed = [w for w in self.workers if w.exit_code not in (0, None, -signal.SIGTERM, -signal.SIGINT)]
+        for w in failed:
+            logs.event("worker did not stop cleanly", logging.ERROR, worker=w.index, exit=_describe(w.exit_code))
+        code = 1 if failed or self._killed else 0
+        logs.event("stopped", workers=len(self.workers), exit=code)
+        return code
+
+    def _bind(self) -> None:
+        """Reserve every TCP listen address (port 0 becomes a real port); create unix listeners to hand down."""
+        for cfg in self.configs:
+            if cfg.listen.is_unix:
+                (sock,) = bind_listeners(cfg.listen)
+                self._unix_listeners[_key(cfg)] = sock
+                continue
+            reserved, concrete = _reserve(cfg.listen)
+            self._reservations += reserved
+            if concrete != cfg.listen:
+                self._listen_map[cfg.listen] = concrete
+        self.configs = _rewrite(self.configs, self._listen_map)
+
+    def _release(self) -> None:
+        for sock in self._reservations:
+            sock.close()
+        self._reservations = []
+        for sock in self._unix_listeners.values():
+            sock.close()  # the workers keep their own copies; the path goes when the last of them drains
+        self._unix_listeners = {}
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """First call: every worker drains. Second call: every worker cuts its connections now."""
+        if self.stopping:
+            logs.event("second stop signal: workers close all connections now", logging.WARNING)
+            self._signal_all(sig)
+            return
+        self.stopping = True
+        logs.event("shutting down", workers=sum(w.proc is not None and w.exit_code is None for w in self.workers))
+        if self.status is not None:
+            self.status.close()
+        # Our copies must not keep a port (or a unix socket) accepting into a queue no worker reads any more.
+        self._release()
+        self._stopped.set()
+        self._signal_all(sig)
+        limits = [cfg.timeouts.shutdown for cfg in self.configs]
+        if self._loop is not None and limits and all(limit > 0 for limit in limits):
+            self._timers.append(self._loop.call_later(max(limits) + _KILL_GRACE, self._kill_all))
+
+    def _kill_all(self) -> None:
+        logs.event("workers did not finish draining in time; killing them", logging.ERROR)
+        self._killed = True
+        self._signal_all(signal.SIGKILL)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for w in self.workers:
+            _send(w, sig)
+
+    def reload(self, sig: signal.Signals = signal.SIGHUP) -> None:
+        if self.stopping:
+            return
+        self._cert_token = object()  # the status port rebuilds its certificate on its next handshake
+        if self.load_configs is not None:
+            try:
+                self.configs = _rewrite(self.load_configs(), self._listen_map)
+            except TlsgateError as err:
+                # Each worker re-reads the file too, and logs the same problem; this copy is for restarts only.
+                logs.event("config reload failed in the parent", logging.ERROR, error=str(err).splitlines()[0])
+        for w in self.workers:
+            if w.ready:
+                _send(w, sig)
+            elif w.proc is not None:
+                w.reload_pending = sig
+        logs.event("reloading workers", signal=sig.name)
+
+    def _install_signals(self) -> None:
+        assert self._loop is not None
+        for sig in _STOP_SIGNALS:
+            self._loop.add_signal_handler(sig, self.stop, sig)
+        for sig in _RELOAD_SIGNALS:
+            self._loop.add_signal_handler(sig, self.reload, sig)
+
+    def _remove_signals(self) -> None:
+        assert self._loop is not None
+        for sig in (*_STOP_SIGNALS, *_RELOAD_SIGNALS):
+            self._loop.remove_signal_handler(sig)
+
+    def _schedule_timed_reload(self) -> None:
+        """Workers keep their own --timed-reload; the parent only refreshes the status port's certificate."""
+        intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
+        if intervals and self._loop is not None:
+
+            def refresh() -> None:
+                self._cert_token = object()
+                self._schedule_timed_reload()
+
+            self._timers.append(self._loop.call_later(min(intervals), refresh))
+
+    # -- one worker slot ---------------------------------------------------------------------------------------
+
+    async def _keep_running(self, w: _Worker) -> None:
+        while not self.stopping:
+            started = time.monotonic()
+            code = await self._run_once(w)
+            if self.stopping:
+                return
+            if not self._ever_ready:
+                # Nothing came up yet: a bad file or a taken port would fail every attempt the same way.
+                logs.event("worker failed to start; stopping", logging.ERROR, worker=w.index, exit=_describe(code))
+                self._startup_failure = code if code > 0 else 1
+                self.stop()
+                return
+            w.quick_failures = 1 if time.monotonic() - started >= _STABLE_AFTER else w.quick_failures + 1
+            delay = restart_delay(w.quick_failures)
+            w.restarts += 1
+            self._restarts += 1
+            logs.event(
+                "worker died; restarting", logging.ERROR, worker=w.index, exit=_describe(code),
+                restart_in=f"{delay:.1f}s",
+            )  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
+
+    async def _run_once(self, w: _Worker) -> int:
+        """Start the worker, follow its messages until its end of the socketpair closes; its exit code."""
+        parent_end, child_end = socket.socketpair()
+        plan = _Plan(
+            index=w.index,
+            configs=self.configs,
+            options=dataclasses.replace(self.options, status=None),
+            unix_fds={key: sock.fileno() for key, sock in self._unix_listeners.items()},
+            listen_map=self._listen_map,
+            load_configs=self.load_configs,
+        )
+        try:
+            payload = pickle.dumps(plan)
+            with child_end:
+                w.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-P", "-c", _WORKER_CODE, str(child_end.fileno()),
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=[child_end.fileno(), *plan.unix_fds.values()],
+                    start_new_session=True,
+                )  # fmt: skip
+        except (OSError, pickle.PicklingError) as err:
+            parent_end.close()
+            logs.event("cannot start a worker", logging.ERROR, worker=w.index, error=str(err))
+            return 1
+        w.exit_code = None
+        reader, w.writer = await asyncio.open_unix_connection(sock=parent_end, limit=_LINE_LIMIT)
+        w.writer.write(len(payload).to_bytes(8, "big") + payload)
+        if self.stopping:
+            _send(w, signal.SIGTERM)
+        try:
+            while line := await reader.readline():
+                self._on_message(w, line)
+        except (OSError, ValueError) as err:
+            logs.event("lost contact with a worker", logging.ERROR, worker=w.index, error=str(err))
+            _send(w, signal.SIGKILL)
+        code = await w.proc.wait()
+        w.exit_code = code
+        self._forget(w)
+        return code
+
+    def _on_message(self, w: _Worker, line: bytes) -> None:
+        message = json.loads(line)
+        if message.get("ready"):
+            w.ready = True
+            self._ever_ready = True
+            assert w.proc is not None
+            logs.event("worker ready", worker=w.index, pid=w.proc.pid)
+            if w.reload_pending is not None:
+                _send(w, w.reload_pending)
+                w.reload_pending = None
+            if not self._all_ready_logged and all(x.ready for x in self.workers):
+                self._all_ready_logged = True
+                listen = ",".join(str(cfg.listen) for cfg in self.configs)
+                logs.event("workers ready", workers=len(self.workers), listen=listen)
+            return
+        if "tunnels" in message:
+            w.last_views = [TunnelView.from_json(doc) for doc in message["tunnels"]]
+            w.last_process = message.get("process", {})
+            waiter = w.pending.pop(message.get("id"), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _forget(self, w: _Worker) -> None:
+        """The worker is gone: keep its counters (not its gauges) and drop everything that pointed at it."""
+        for view in w.last_views:
+            view.open = 0
+            view.last_reload = 0.0
+            view.cert_not_after = 0.0
+            have = self._retired.get(view.key)
+            if have is None:
+                self._retired[view.key] = view
+            else:
+                have.add(view)
+        self._retired_dropped_lines += w.last_process.get("log_lines_dropped", 0)
+        w.last_views, w.last_process = [], {}
+        w.ready = False
+        w.reload_pending = None
+        if w.writer is not None:
+            w.writer.close()
+            w.writer = None
+        for waiter in w.pending.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        w.pending.clear()
+
+    # -- the status source -------------------------------------------------------------------------------------
+
+    async def _ask(self, w: _Worker) -> None:
+        if not w.ready or w.writer is None:
+            return
+        assert self._loop is not None
+        self._next_id += 1
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        w.pending[self._next_id] = waiter
+        w.writer.write(json.dumps({"op": "stats", "id": self._next_id}).encode() + b"\n")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, _STATS_TIMEOUT)
+        w.pending.pop(self._next_id, None)
+
+    async def snapshot(self) -> Snapshot:
+        await asyncio.gather(*(self._ask(w) for w in self.workers))
+        live = merge_views(w.last_views for w in self.workers if w.ready)
+        for view in live:
+            if view.key in self._retired:
+                view.add(self._retired[view.key])
+        ready = sum(w.ready for w in self.workers)
+        if self.stopping:
+            state = "draining"
+        elif ready:
+            state = "listening"
+        elif self._ever_ready:
+            state = "no worker running"
+        else:
+            state = "initializing"
+        dropped = logs.STATE.dropped_lines + self._retired_dropped_lines
+        dropped += sum(w.last_process.get("log_lines_dropped", 0) for w in self.workers)
+        workers = [
+            {
+                "index": w.index,
+                "pid": w.proc.pid if w.proc is not None and w.exit_code is None else None,
+                "ready": w.ready,
+                "restarts": w.restarts,
+            }
+            for w in self.workers
+        ]
+        process = {"workers": ready, "worker_restarts": self._restarts, "log_lines_dropped": dropped}
+        return Snapshot(live, state, process, workers)
+
+    def certificate(self) -> tuple[TunnelConfig, object] | None:
+        for cfg in self.configs:
+            if cfg.mode == "server":
+                return cfg, self._cert_token
+        return None
+
+
+def _send(w: _Worker, sig: signal.Signals) -> None:
+    if w.proc is not None and w.exit_code is None:
+        with contextlib.suppress(ProcessLookupError):
+            w.proc.send_signal(sig)
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _key(cfg: TunnelConfig) -> str:
+    # The same key the supervisor files tunnels under (supervisor._key).
+    return cfg.name or str(cfg.listen)
+
+
+def _rewrite(configs: Sequence[TunnelConfig], listen_map: dict[Address, Address]) -> list[TunnelConfig]:
+    return [
+        dataclasses.replace(cfg, listen=listen_map[cfg.listen]) if cfg.listen in listen_map else cfg for cfg in configs
+    ]
+
+
+def _reserve(address: Address) -> tuple[list[socket.socket], Address]:
+    """Bind (never listen) every local address of ``address`` with SO_REUSEPORT; for port 0, the port we got."""
+    try:
+        infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"--listen {address}: cannot resolve {address.host!r}: {err.strerror}") from None
+    reserved: list[socket.socket] = []
+    errors: list[str] = []
+    seen: set[tuple[int, object]] = set()
+    concrete = address
+    for family, _, _, _, sockaddr in infos:
+        if (family, sockaddr[0]) in seen:
+            continue
+        seen.add((family, sockaddr[0]))
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+        except OSError as err:
+            sock.close()
+            errors.append(f"{Address(host=str(sockaddr[0]), port=int(sockaddr[1]))}: {err.strerror or err}")
+            continue
+        reserved.append(sock)
+        if address.port == 0:
+            # Workers bind exactly this address and port, as a single process listens on one address for port 0.
+            host, port = sock.getsockname()[:2]
+            concrete = Address(host=host, port=port)
+            break
+    if not reserved:
+        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
+    return reserved, concrete
+
+
+# -- the worker ----------------------------------------------------------------------------------------------------
+
+
+def worker_main() -> None:
+    """Entry point of a worker process (``python -P -c ...``; argv[1] is its end of the socketpair)."""
+    control = socket.socket(fileno=int(sys.argv[1]))
+    plan: _Plan = pickle.loads(_receive(control))
+    logs.setup_logging(plan.options.log_format, plan.options.quiet)
+    for handler in logs.LOGGER.handlers:
+        handler.addFilter(_WorkerTag(plan.index))
+    try:
+        code = int(choose_loop(plan.options.loop)(_work(plan, control)))
+    except TlsgateError as err:
+        for line in str(err).splitlines():
+            logs.event("worker failed to start", logging.ERROR, error=line)
+        code = 2
+    raise SystemExit(code)
+
+
+def _receive(control: socket.socket) -> bytes:
+    size = int.from_bytes(_receive_exactly(control, 8), "big")
+    return _receive_exactly(control, size)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks: list[bytes] = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise SystemExit(1)  # the parent went away before we even started
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+class _WorkerTag(logging.Filter):
+    """Adds ``worker=N`` to every tlsgate log line of this process, so interleaved lines can be told apart."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            fields.setdefault("worker", self.index)
+        return True
+
+
+class _WorkerServer(Server):
+    """A Server that starts on the listening sockets the parent handed down (unix listeners)."""
+
+    def __init__(
+        self,
+        configs: Sequence[TunnelConfig],
+        options: ProcessOptions,
+        *,
+        load_configs: Callable[[], list[TunnelConfig]] | None,
+        inherited: dict[str, list[socket.socket]],
+    ) -> None:
+        super().__init__(configs, options, load_configs=load_configs)
+        self.inherited = inherited
+
+    def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
+        super().start(listeners if listeners is not None else self.inherited)
+
+
+async def _work(plan: _Plan, control: socket.socket) -> int:
+    inherited: dict[str, list[socket.socket]] = {}
+    for key, fd in plan.unix_fds.items():
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        inherited[key] = [sock]
+    load = plan.load_configs
+    if load is not None:
+        original = load
+
+        def load() -> list[TunnelConfig]:
+            return _rewrite(original(), plan.listen_map)
+
+    server = _WorkerServer(plan.configs, plan.options, load_configs=load, inherited=inherited)
+    control.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=control)
+
+    def ready(_: Server) -> None:
+        writer.write(b'{"ready": true}\n')
+
+    answering = asyncio.ensure_future(_answer(server, reader, writer))
+    try:
+        return await server.serve(ready)
+    finally:
+        answering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answering
+        writer.close()
+
+
+async def _answer(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer the parent's stats requests; when the parent is gone, drain and exit as on SIGTERM."""
+    try:
+        while line := await reader.readline():
+            request: dict[str, Any] = json.loads(line)
+            if request.get("op") == "stats":
+                reply = {
+                    "id": request.get("id"),
+                    "tunnels": [view.to_json() for view in views_of(server)],
+                    "process": {"log_lines_dropped": logs.STATE.dropped_lines},
+                }
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+    except OSError:
+        pass
+    if not server.stopping:
+        # Nobody will signal or restart this worker any more: finish the open connections and leave the port.
+        logs.event("parent process is gone; shutting down", logging.WARNING)
+        server.stop()

@@ -1,0 +1,330 @@
+"""--workers N: real processes on loopback. Readiness is polled through the status port, never slept on."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from click.testing import CliRunner
+
+from tlsgate.cli import cli
+from tlsgate.workers import restart_delay
+
+from conftest import free_port
+
+DEADLINE = 30.0
+
+
+def eventually(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    """Poll ``check`` until it returns something truthy; bounded, with a short pause between tries."""
+    end = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+class Tlsgate:
+    """``python -m tlsgate server --workers N ...`` with its log in a file and its status port on loopback."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.status_port = free_port()
+        self.log_path = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tlsgate", *args, "--status", f"http://127.0.0.1:{self.status_port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, Any] | None:
+        """One status request; None while the port is not up (or no longer up)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        except (ConnectionError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        answer = self.get("/_status")
+        assert answer is not None, self.log()
+        return dict(answer[1])
+
+    def metric(self, name: str) -> float:
+        answer = self.get("/_metrics")
+        assert answer is not None, self.log()
+        return float(sum(e["value"] for e in answer[1] if e["metric"] == name))
+
+    def wait_ready(self, workers: int) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            assert self.proc.poll() is None, f"tlsgate exited with {self.proc.returncode}:\n{self.log()}"
+            answer = self.get("/_status")
+            if answer is None:
+                return None
+            doc = answer[1]
+            up = [w for w in doc.get("workers", []) if w["ready"]]
+            return dict(doc) if len(up) == workers else None
+
+        return dict(eventually("all workers ready", ready))
+
+    @property
+    def port(self) -> int:
+        return int(self.status()["listen_address"].rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Tlsgate]]:
+    running: list[Tlsgate] = []
+
+    def launch(*args: str) -> Tlsgate:
+        gate = Tlsgate(list(args), tmp_path / f"tlsgate-{len(running)}.log")
+        running.append(gate)
+        return gate
+
+    try:
+        yield launch
+    finally:
+        for gate in running:
+            gate.stop()
+
+
+def server_args(pki_files: dict[str, Path], target: str, *extra: str, workers: int = 2) -> list[str]:
+    return [
+        "server",
+        "--listen", "127.0.0.1:0",
+        "--target", target,
+        "--cert", str(pki_files["cert"]),
+        "--key", str(pki_files["key"]),
+        "--cacert", str(pki_files["ca"]),
+        "--allow-cn", "alice",
+        "--workers", str(workers),
+        *extra,
+    ]  # fmt: skip
+
+
+def client_ctx(pki_files: dict[str, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
+    ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
+    return ctx
+
+
+def echo_through(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bytes:
+    """One connection through the tunnel; returns the DER certificate the server presented."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = tls.recv(65536)
+            assert chunk, "connection closed early"
+            got += chunk
+        assert got == payload
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+
+def test_workers_share_the_port_and_status_adds_their_counters_up(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+) -> None:
+    gate = start(*server_args(pki_files, echo_backend))
+    doc = gate.wait_ready(2)
+    assert doc["ok"] is True and doc["message"] == "listening"
+    assert len({w["pid"] for w in doc["workers"]}) == 2
+    ctx = client_ctx(pki_files)
+    for _ in range(30):
+        echo_through(gate.port, ctx)
+    eventually("30 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 30)
+    assert gate.metric("tlsgate.accept.total") == 30
+    assert gate.metric("tlsgate.conn.bytes_in") == 30 * 4
+    # The kernel spread the connections: both workers logged some (30 coin flips all landing one way: 2**-29).
+    log = gate.log()
+    assert "worker=0" in log.split("closed", 1)[1] and "worker=1" in log.split("closed", 1)[1], log
+
+
+def test_sighup_reloads_every_worker(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str, ca: trustme.CA
+) -> None:
+    gate = start(*server_args(pki_files, echo_backend))
+    gate.wait_ready(2)
+    ctx = client_ctx(pki_files)
+    old = echo_through(gate.port, ctx)
+    renewed = ca.issue_cert("localhost", "127.0.0.1")
+    renewed.cert_chain_pems[0].write_to_path(str(pki_files["cert"]))
+    renewed.private_key_pem.write_to_path(str(pki_files["key"]))
+    new = ssl.PEM_cert_to_DER_cert(renewed.cert_chain_pems[0].bytes().decode())
+    assert new != old
+
+    gate.proc.send_signal(signal.SIGHUP)
+    eventually("both workers reloaded", lambda: gate.metric("tlsgate.reload.total") == 2)
+    seen = {echo_through(gate.port, ctx) for _ in range(20)}
+    assert seen == {new}
+
+
+def test_sigterm_drains_open_connections_then_exits_0(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+) -> None:
+    gate = start(*server_args(pki_files, echo_backend))
+    gate.wait_ready(2)
+    port = gate.port
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        client_ctx(pki_files).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"before")
+        assert tls.recv(100) == b"before"
+        gate.proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        eventually("the port to close", refused)
+        assert gate.proc.poll() is None  # still draining the open connection
+        tls.sendall(b"during drain")
+        assert tls.recv(100) == b"during drain"
+    assert gate.proc.wait(DEADLINE) == 0, gate.log()
+    assert "stopped workers=2 exit=0" in gate.log()
+
+
+def test_a_killed_worker_is_restarted_and_counters_do_not_go_back(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+) -> None:
+    gate = start(*server_args(pki_files, echo_backend))
+    doc = gate.wait_ready(2)
+    ctx = client_ctx(pki_files)
+    for _ in range(10):
+        echo_through(gate.port, ctx)
+    eventually("10 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 10)
+
+    victim = doc["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        worker = gate.status()["workers"][0]
+        return bool(worker["ready"] and worker["pid"] not in (None, victim))
+
+    eventually("worker 0 to come back", replaced)
+    assert gate.status()["workers"][0]["restarts"] == 1
+    assert gate.metric("tlsgate.process.worker_restarts") == 1
+    assert gate.metric("tlsgate.conn.closed") == 10
+    echo_through(gate.port, ctx)
+    assert "worker died; restarting" in gate.log()
+
+
+def test_workers_share_a_unix_listener(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "tlsgate.sock"
+    args = server_args(pki_files, echo_backend)
+    args[args.index("127.0.0.1:0")] = f"unix:{path}"
+    gate = start(*args)
+    gate.wait_ready(2)
+    ctx = client_ctx(pki_files)
+    for _ in range(4):
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(10)
+            raw.connect(str(path))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"unix")
+                assert tls.recv(100) == b"unix"
+    gate.stop()
+    assert gate.proc.returncode == 0, gate.log()
+    assert not path.exists()
+
+
+def test_workers_stop_when_the_parent_is_killed(
+    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+) -> None:
+    gate = start(*server_args(pki_files, echo_backend))
+    pids = [w["pid"] for w in gate.wait_ready(2)["workers"]]
+    gate.proc.kill()
+    gate.proc.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # exited, waiting to be reaped
+        except FileNotFoundError:
+            return True
+
+    eventually("orphaned workers to exit", lambda: all(gone(pid) for pid in pids))
+
+
+def test_listen_port_in_use_with_workers_exits_2_before_any_worker_starts(pki_files: dict[str, Path]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = server_args(pki_files, "127.0.0.1:1")
+        args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("tlsgate: error:")]
+    assert errors == [
+        f"tlsgate: error: --listen 127.0.0.1:{port}: cannot listen (127.0.0.1:{port}: Address already in use)"
+    ]
+
+
+def test_restart_back_off_doubles_and_is_capped() -> None:
+    assert [restart_delay(n) for n in range(1, 5)] == [0.1, 0.2, 0.4, 0.8]
+    assert restart_delay(100) == 30.0
