@@ -51,11 +51,6 @@ def test_decimal_durations(whole: int, fraction: int, unit: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: format_duration writes small values and small remainders with an exponent ('1e-05ms' for 10ns, "
-    "'1h1e-05s'), which parse_duration cannot read back",
-)
 @bounded
 @given(st.floats(min_value=0, max_value=10**7, allow_nan=False, allow_infinity=False))
 @example(1e-8)
@@ -123,11 +118,6 @@ def test_port_out_of_range_is_refused(port: int) -> None:
         parse_address(f"127.0.0.1:{port}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: parse_address checks the port with str.isdigit(), which accepts '²' and other non-decimal digits "
-    "that int() rejects, so 'localhost:²' raises ValueError instead of ConfigError",
-)
 @bounded
 @given(
     st.text(max_size=40)
@@ -275,12 +265,6 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs: TypeError when the options hold a 'mode' or 'name' key (both are converted and then passed "
-    "to TunnelConfig a second time); ValueError instead of ConfigError from resolve_secret('file:PATH') for a path "
-    "with a NUL byte (possible in a TOML config) and from parse_address for a port like '²'",
-)
 @bounded
 @given(st.sampled_from(["server", "client", "nonsense"]), st.dictionaries(keys, values, max_size=8))
 @example("server", {"storepass": "file:a\x00b", "listen": "127.0.0.1:0", "target": "127.0.0.1:1"})

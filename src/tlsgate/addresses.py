@@ -63,7 +63,7 @@ def parse_address(text: str, *, name: str = "address", default_host: str = "") -
         if ":" in host:
             raise ConfigError(f"{name}: {text!r} looks like IPv6; write it in brackets: [{host}]:{port_text}")
         host = host or default_host
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):
         raise ConfigError(f"{name}: port {port_text!r} in {text!r} is not a number")
     port = int(port_text)
     if not 0 <= port <= 65535:

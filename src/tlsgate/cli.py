@@ -141,13 +141,11 @@ def demo(listen: str, backend_port: int, certs_dir: str) -> None:
 
 def _register_subcommands() -> None:
     from tlsgate.cli_certs import certs
+    from tlsgate.cli_dev import dev
+    from tlsgate.cli_policy import policy
 
-    cli.add_command(certs)
-    try:
-        from tlsgate.cli_policy import policy
-    except ImportError:  # pragma: no cover - the policy command lands separately
-        return
-    cli.add_command(policy)
+    for command in (certs, dev, policy):
+        cli.add_command(command)
 
 
 _register_subcommands()

@@ -244,7 +244,7 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
     values: dict[str, Any] = {}
     timeouts: dict[str, float] = {}
     for key, value in opts.items():
-        if key not in KNOWN_KEYS or key in PROCESS_KEYS or value is None:
+        if key not in KNOWN_KEYS or key in PROCESS_KEYS or key in ("mode", "name") or value is None:
             continue
         try:
             converted = _convert(key, value)

@@ -27,11 +27,13 @@ def parse_duration(text: str, *, name: str = "duration") -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest Go-style spelling of ``seconds``, for logs and ``check-config`` output."""
+    """A Go-style spelling of ``seconds`` that ``parse_duration`` reads back (six significant digits)."""
     if seconds == 0:
         return "0s"
     if seconds < 1:
-        return f"{seconds * 1000:g}ms"
+        for unit, size in (("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+            if seconds >= size or unit == "ns":
+                return _plain(seconds / size) + unit
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     out = ""
@@ -40,5 +42,13 @@ def format_duration(seconds: float) -> str:
     if minutes:
         out += f"{int(minutes)}m"
     if secs or not out:
-        out += f"{secs:g}s"
+        out += _plain(secs) + "s"
     return out
+
+
+def _plain(number: float) -> str:
+    """Six significant digits without an exponent, which Go-style durations cannot carry."""
+    text = f"{number:.6g}"
+    if "e" in text:
+        text = f"{number:.9f}".rstrip("0").rstrip(".") or "0"
+    return text

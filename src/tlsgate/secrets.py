@@ -48,6 +48,8 @@ def resolve_secret(value: str, *, flag: str) -> bytes:
             raise ConfigError(f"{flag} {value}: no such file") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{flag} {value}: the file is not UTF-8 text") from None
+        except ValueError:  # a NUL byte in the path, possible from a config file
+            raise ConfigError(f"{flag} {value}: not a valid file path") from None
         except OSError as err:
             raise ConfigError(f"{flag} {value}: cannot read ({err.strerror or err})") from None
         # Editors and `echo` end files with a newline that is not part of the password; only one is removed.
