@@ -318,7 +318,7 @@ def test_to_takes_a_port_host_port_or_unix_path(text: str, address: Address) -> 
         ("localhost:http", "is not a number"),
         ("unix:", "empty unix socket path"),
         ("²", "expected a port"),
-        ("localhost:²", "is not an address"),
+        ("localhost:²", "is not a number"),
     ],
 )
 def test_bad_to_is_refused(text: str, message: str) -> None:

@@ -27,6 +27,7 @@ def captured() -> Iterator[io.StringIO]:
 
 
 def lines(stream: io.StringIO) -> list[str]:
+    logs.flush_logs()
     return [line for line in stream.getvalue().splitlines() if line]
 
 
@@ -90,6 +91,7 @@ def test_quiet_silences_a_class_of_lines(captured: io.StringIO) -> None:
     logs.setup_logging("text", quiet=["all"], stream=captured)
     logs.event("refused", category="conn-errs", peer="z")
     logs.event("reload failed", logging.ERROR, error="boom")
+    logs.flush_logs()
     assert "peer=z" not in captured.getvalue() and "boom" in captured.getvalue()
 
 
@@ -101,4 +103,13 @@ def test_a_broken_log_stream_never_raises(captured: io.StringIO) -> None:
     logs.setup_logging("text", stream=Full())
     before = logs.STATE.dropped_lines
     logs.event("closed", peer="x")
+    logs.flush_logs()
     assert logs.STATE.dropped_lines == before + 1
+
+
+def test_warnings_are_written_at_once(captured: io.StringIO) -> None:
+    logs.setup_logging("text", stream=captured)
+    logs.event("closed", peer="buffered")
+    assert "buffered" not in captured.getvalue()
+    logs.event("target unreachable", logging.WARNING, peer="urgent")
+    assert "buffered" in captured.getvalue() and "urgent" in captured.getvalue()

@@ -317,21 +317,14 @@ def parse_target(text: str) -> Address:
         return Address(host="localhost", port=port)
     if not value.startswith("unix:") and ":" not in value:
         raise ConfigError(f"--to {text!r}: expected a port (3000), HOST:PORT (127.0.0.1:3000) or unix:PATH")
-    target = _address(value, f"--to {text!r}")
+    target = parse_address(value, name=f"--to {text!r}")
     if not target.is_unix and (not target.host or target.port == 0):
         raise ConfigError(f"--to {text!r}: give a host and a port other than 0, like 127.0.0.1:3000")
     return target
 
 
-def _address(text: str, name: str) -> Address:
-    try:
-        return parse_address(text, name=name)
-    except ValueError:  # a port of non-ASCII digits ('²') gets past parse_address's digit check
-        raise ConfigError(f"{name}: {text!r} is not an address (use HOST:PORT with a port number)") from None
-
-
 def _parse_listen(text: str) -> Address:
-    listen = _address(text, "--listen")
+    listen = parse_address(text, name="--listen")
     if listen.is_unix:
         raise ConfigError(f"--listen {text!r}: browsers cannot open unix sockets; give HOST:PORT like localhost:8443")
     if not listen.host or not listen.is_loopback:

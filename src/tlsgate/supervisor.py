@@ -86,7 +86,13 @@ class Server:
             )  # fmt: skip
         self._install_signals()
         self._schedule_timed_reload()
+        self._flush_logs_periodically()
         self.started.set()
+
+    def _flush_logs_periodically(self) -> None:
+        logs.flush_logs()
+        if not self._stopping and self._loop is not None:
+            self._loop.call_later(logs.FLUSH_INTERVAL, self._flush_logs_periodically)
 
     async def serve(self, ready: Callable[[Server], Awaitable[None] | None] | None = None) -> int:
         self.start()
@@ -125,6 +131,7 @@ class Server:
         tunnels = [*self.tunnels.values(), *self.retired]
         cut = await asyncio.gather(*(t.drain(t.cfg.timeouts.shutdown) for t in tunnels))
         logs.event("stopped", cut=sum(cut))
+        logs.flush_logs()
         self._remove_signals()
 
     # -- signals and reload ----------------------------------------------------------------------------------
