@@ -193,9 +193,14 @@ def test_workers_share_the_port_and_status_adds_their_counters_up(
     eventually("30 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 30)
     assert gate.metric("tlsgate.accept.total") == 30
     assert gate.metric("tlsgate.conn.bytes_in") == 30 * 4
+
     # The kernel spread the connections: both workers logged some (30 coin flips all landing one way: 2**-29).
-    log = gate.log()
-    assert "worker=0" in log.split("closed", 1)[1] and "worker=1" in log.split("closed", 1)[1], log
+    # Log lines are written in batches (at most 200 ms late), so wait for them rather than read once.
+    def both_logged() -> bool:
+        closed = gate.log().split("closed", 1)[-1]
+        return "worker=0" in closed and "worker=1" in closed
+
+    eventually("both workers' connection lines", both_logged)
 
 
 def test_sighup_reloads_every_worker(
