@@ -1,0 +1,509 @@
+"""TOML files for ``tlsgate run``: many tunnels in one process, with the same keys as the command-line flags.
+
+A file has up to three kinds of table::
+
+    [process]        # optional: the whole process (status, metrics-prefix, workers, log-format, quiet, loop)
+    [defaults]       # optional: any tunnel key; every tunnel starts from these and overrides what it sets
+    [[tunnel]]       # one per tunnel: name (unique), mode ("server" or "client"), then flags as keys
+
+Keys are the flag names without the leading dashes (``allow-cn`` or ``allow_cn``); a flag that may be repeated
+takes a string or a list of strings. Relative paths (certificates, keys, CRLs, ``unix:`` sockets, ``file:``
+passwords) are relative to the directory of the file, not to wherever tlsgate was started: a config and its
+``certs/`` folder move together, and a reload reads the same files the start did.
+
+Every problem is collected before anything fails (syntax, unknown keys, wrong types, missing files, duplicate
+names and listen addresses) and raised as one ConfigErrors, one line per problem, each naming the tunnel and
+the key. Files are only checked for existence here; ``runtime.build_runtime`` parses them (check-config does).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tlsgate.addresses import Address, parse_address
+from tlsgate.config import KNOWN_KEYS, PROCESS_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
+from tlsgate.errors import ConfigError
+from tlsgate.logs import QUIET_CHOICES
+from tlsgate.supervisor import ProcessOptions
+
+__all__ = ["ConfigFile", "describe_tunnel", "key_names", "load_config_file", "load_tunnels", "read_config_file"]
+
+_SECTIONS = ("process", "defaults", "tunnel")
+_TUNNEL_KEYS = frozenset(KNOWN_KEYS - PROCESS_KEYS) | {"mode"}
+_PATH_KEYS = frozenset({"cert", "key", "keystore", "cacert", "crl", "target_cacert", "target_cert", "target_key"})
+_SECRET_KEYS = frozenset({"storepass", "key_pass"})
+_LOG_FORMATS = ("text", "json")
+_LOOPS = ("auto", "uvloop", "asyncio")
+_MAX_WORKERS = 256  # the same bound as --workers
+# Prometheus metric names: anything else in the prefix would make /metrics unparseable for the scraper.
+_METRIC_PREFIX = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+_TOML_WHERE = re.compile(r"(?P<what>.*) \((?:at line (?P<line>\d+), column (?P<column>\d+)|at end of document)\)")
+_FLAG = re.compile(r"(?<![\w-])--(?=[a-z])")
+
+
+@dataclass
+class ConfigFile:
+    """What one read of a file gave: the tunnels and process settings that validated, and every problem."""
+
+    path: str
+    tunnels: list[TunnelConfig] = field(default_factory=list)
+    process: ProcessOptions = field(default_factory=ProcessOptions)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
+    """The tunnels and process settings of the TOML file at ``path``; ConfigErrors lists every problem."""
+    result = read_config_file(path)
+    if result.problems:
+        raise ConfigErrors(result.problems)
+    return result.tunnels, result.process
+
+
+def load_tunnels(path: str) -> list[TunnelConfig]:
+    """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it."""
+    return load_config_file(path)[0]
+
+
+def read_config_file(path: str) -> ConfigFile:
+    """Read and validate ``path`` without raising: problems are returned next to what did validate."""
+    result = ConfigFile(path)
+    document = _parse(path, result.problems)
+    if document is None:
+        return result
+    base = os.path.dirname(os.path.abspath(path))
+    problems = result.problems
+    for key in document:
+        if key not in _SECTIONS:
+            problems.append(f"{path}: unknown top-level key {key!r}{_top_level_hint(key)}")
+    process = _section(document, "process", problems)
+    defaults = _section(document, "defaults", problems)
+    tables = _tunnel_tables(document, path, problems)
+    result.process = _process_options(process, os.path.abspath(path), problems)
+    result.tunnels = _tunnels(tables, _defaults(defaults, problems), base, problems)
+    return result
+
+
+def key_names(message: str) -> str:
+    """A flag-worded message in the words of the file: ``--listen: ...`` becomes ``listen: ...``."""
+    return _FLAG.sub("", message)
+
+
+def describe_tunnel(cfg: TunnelConfig) -> str:
+    """One line for check-config: ``server 0.0.0.0:6380 -> localhost:6379, mTLS allow-ou eng``."""
+    parts = [f"{cfg.mode} {cfg.listen} -> {cfg.target}" + (" over TLS" if cfg.target_tls else "")]
+    if cfg.mode == "server":
+        if cfg.disable_authentication:
+            parts.append("TLS, no client certificate")
+        else:
+            rules = ["allow-all"] if cfg.allow_all else []
+            rules += _rules(
+                ("allow-cn", cfg.allow_cn),
+                ("allow-ou", cfg.allow_ou),
+                ("allow-dns", cfg.allow_dns),
+                ("allow-uri", cfg.allow_uri),
+                ("allow-spki-sha256", cfg.allow_spki_sha256),
+            )
+            parts.append(" ".join(["mTLS", *rules]))
+    else:
+        rules = _rules(
+            ("verify-cn", cfg.verify_cn),
+            ("verify-ou", cfg.verify_ou),
+            ("verify-dns", cfg.verify_dns),
+            ("verify-uri", cfg.verify_uri),
+            ("verify-spki-sha256", cfg.verify_spki_sha256),
+        )
+        parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))
+    parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
+    if cfg.crl:
+        parts.append(f"{len(cfg.crl)} CRL" + ("s" if len(cfg.crl) > 1 else ""))
+    if cfg.proxy_protocol:
+        parts.append(f"PROXY v{cfg.proxy_protocol_version}")
+    return ", ".join(parts)
+
+
+def _rules(*pairs: tuple[str, tuple[str, ...]]) -> list[str]:
+    return [f"{name} {','.join(values)}" for name, values in pairs if values]
+
+
+# -- the document -----------------------------------------------------------------------------------------------
+
+
+def _parse(path: str, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+        return tomllib.loads(data.decode())
+    except FileNotFoundError:
+        problems.append(f"{path}: no such file")
+    except IsADirectoryError:
+        problems.append(f"{path}: is a directory, expected a TOML file")
+    except PermissionError:
+        problems.append(f"{path}: permission denied")
+    except OSError as err:
+        problems.append(f"{path}: cannot read ({err.strerror or err})")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        problems.append(f"{path}: line {line}: not UTF-8 text; TOML files are UTF-8")
+    except tomllib.TOMLDecodeError as err:
+        problems.append(f"{path}: {_toml_problem(str(err))}")
+    return None
+
+
+def _toml_problem(message: str) -> str:
+    """tomllib's ``Invalid value (at line 7, column 5)`` as ``line 7, column 5: invalid value``."""
+    match = _TOML_WHERE.fullmatch(message)
+    if match is None:
+        return message
+    what = match["what"][:1].lower() + match["what"][1:]
+    if match["line"] is None:
+        return f"at the end of the file: {what}"
+    return f"line {match['line']}, column {match['column']}: {what}"
+
+
+def _top_level_hint(key: str) -> str:
+    canonical = normalise_key(key)
+    if canonical in PROCESS_KEYS:
+        return " (a process setting: put it under [process])"
+    if canonical in _TUNNEL_KEYS or canonical == "name":
+        return " (a tunnel setting: put it under a [[tunnel]], or [defaults] for every tunnel)"
+    return _suggest(key, ["[process]", "[defaults]", "[[tunnel]]"], spelled=lambda s: s.strip("[]")) or (
+        "; a file has [process], [defaults] and [[tunnel]] tables"
+    )
+
+
+def _section(document: Mapping[str, Any], name: str, problems: list[str]) -> Mapping[str, Any]:
+    value = document.get(name, {})
+    if isinstance(value, Mapping):
+        return value
+    problems.append(f"{name}: expected a table [{name}], got {_kind(value)}")
+    return {}
+
+
+def _tunnel_tables(document: Mapping[str, Any], path: str, problems: list[str]) -> list[Mapping[str, Any]]:
+    value = document.get("tunnel")
+    if value is None:
+        problems.append(f"{path}: no [[tunnel]] tables: nothing to run")
+        return []
+    if isinstance(value, Mapping):
+        # [tunnel] instead of [[tunnel]]: TOML reads one table, and a second [tunnel] would be a syntax error.
+        problems.append("tunnel: write [[tunnel]] (double brackets) for each tunnel, not [tunnel]")
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        problems.append(f"tunnel: expected [[tunnel]] tables, got {_kind(value)}")
+        return []
+    if not value:
+        problems.append(f"{path}: no [[tunnel]] tables: nothing to run")
+    return value
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _suggest(key: str, candidates: Iterable[str], *, spelled: Callable[[str], str] = str) -> str:
+    names = {spelled(c): c for c in candidates}
+    close = difflib.get_close_matches(key.replace("_", "-"), list(names), n=1, cutoff=0.7)
+    return f" (did you mean {names[close[0]]}?)" if close else ""
+
+
+def _entries(table: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, tuple[str, Any]]:
+    """Keys in their canonical form (``allow_cn``), each with how the file spelled it, for messages."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in table.items():
+        canonical = normalise_key(key)
+        if canonical in out:
+            problems.append(f"{where}: {out[canonical][0]!r} and {key!r} are the same key: give it once")
+            continue
+        out[canonical] = (key, value)
+    return out
+
+
+# -- [process] --------------------------------------------------------------------------------------------------
+
+
+def _process_options(table: Mapping[str, Any], config_path: str, problems: list[str]) -> ProcessOptions:
+    base = os.path.dirname(config_path)
+    values: dict[str, Any] = {}
+    for canonical, (spelled, value) in _entries(table, "process", problems).items():
+        if canonical not in PROCESS_KEYS:
+            problems.append(f"process: {_unknown(canonical, spelled, PROCESS_KEYS)}")
+            continue
+        try:
+            values[canonical] = _PROCESS_VALUES[canonical](value, base)
+        except ConfigError as err:
+            problems.append(f"process: {key_names(str(err))}")
+    return ProcessOptions(config_path=config_path, **values)
+
+
+def _status(value: object, base: str) -> str:
+    from tlsgate.status import parse_status_address
+
+    text = _string(value, "status")
+    if text.startswith("unix:"):
+        text = "unix:" + _beside(base, text[len("unix:") :])
+    parse_status_address(text)
+    return text
+
+
+def _metrics_prefix(value: object, base: str) -> str:
+    text = _string(value, "metrics-prefix")
+    if not _METRIC_PREFIX.fullmatch(text):
+        raise ConfigError(f"metrics-prefix: {text!r} is not a metric name (letters, digits, _ and :)")
+    return text
+
+
+def _workers(value: object, base: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"workers: expected a whole number, got {value!r}")
+    if not 1 <= value <= _MAX_WORKERS:
+        raise ConfigError(f"workers: {value} out of range (1-{_MAX_WORKERS})")
+    return value
+
+
+def _choice(key: str, choices: tuple[str, ...]) -> Callable[[object, str], str]:
+    def check(value: object, base: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _quiet(value: object, base: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ConfigError(f"quiet: expected a string or a list of strings, got {value!r}")
+    wrong = [v for v in items if v not in QUIET_CHOICES]
+    if wrong:
+        raise ConfigError(f"quiet: {wrong[0]!r} is not one of {', '.join(map(repr, QUIET_CHOICES))}")
+    return tuple(items)
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+_PROCESS_VALUES: dict[str, Callable[[object, str], Any]] = {
+    "status": _status,
+    "metrics_prefix": _metrics_prefix,
+    "workers": _workers,
+    "log_format": _choice("log-format", _LOG_FORMATS),
+    "quiet": _quiet,
+    "loop": _choice("loop", _LOOPS),
+}
+
+
+# -- [defaults] and [[tunnel]] ----------------------------------------------------------------------------------
+
+
+def _unknown(canonical: str, spelled: str, allowed: Iterable[str]) -> str:
+    if canonical in PROCESS_KEYS:
+        return f"{spelled!r} is a process setting: put it under [process]"
+    if canonical in _TUNNEL_KEYS or canonical == "name":
+        return f"{spelled!r} is a tunnel setting: put it under a [[tunnel]], or [defaults] for every tunnel"
+    return f"unknown key {spelled!r}" + _suggest(
+        spelled, [repr(k.replace("_", "-")) for k in allowed], spelled=lambda s: s.strip("'")
+    )
+
+
+def _key_problem(canonical: str, spelled: str) -> str | None:
+    """Why ``spelled`` cannot be a tunnel key, or None when it can."""
+    if canonical in _TUNNEL_KEYS:
+        return None
+    return _unknown(canonical, spelled, _TUNNEL_KEYS)
+
+
+def _defaults(table: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for canonical, (spelled, value) in _entries(table, "defaults", problems).items():
+        if canonical == "name":
+            problems.append("defaults: name cannot have a default: each [[tunnel]] needs its own")
+            continue
+        problem = _key_problem(canonical, spelled)
+        if problem is not None:
+            problems.append(f"defaults: {problem}")
+            continue
+        out[canonical] = value
+    return out
+
+
+@dataclass
+class _Seen:
+    """Tunnel names and listen addresses met so far, to report duplicates."""
+
+    names: dict[str, int] = field(default_factory=dict)
+    listens: list[tuple[str, Address]] = field(default_factory=list)
+
+
+def _tunnels(
+    tables: list[Mapping[str, Any]], defaults: Mapping[str, Any], base: str, problems: list[str]
+) -> list[TunnelConfig]:
+    seen = _Seen()
+    tunnels: list[TunnelConfig] = []
+    for index, table in enumerate(tables, start=1):
+        cfg = _tunnel(index, table, defaults, base, problems, seen)
+        if cfg is not None:
+            tunnels.append(cfg)
+    return tunnels
+
+
+def _tunnel(
+    index: int, table: Mapping[str, Any], defaults: Mapping[str, Any], base: str, problems: list[str], seen: _Seen
+) -> TunnelConfig | None:
+    name, label = _name(index, table, problems, seen)
+    before = len(problems)
+    options = dict(defaults)
+    for canonical, (spelled, value) in _entries(table, label, problems).items():
+        if canonical == "name":
+            continue
+        problem = _key_problem(canonical, spelled)
+        if problem is not None:
+            problems.append(f"{label}: {problem}")
+            continue
+        options[canonical] = value
+    options = _resolve_paths(options, base)
+    _check_listen(label, options.get("listen"), problems, seen)
+    mode = options.pop("mode", None)
+    if mode is None:
+        problems.append(f'{label}: mode is required: "server" or "client"')
+        return None
+    if mode not in ("server", "client"):
+        problems.append(f'{label}: mode: expected "server" or "client", got {mode!r}')
+        return None
+    if isinstance(options.get("alpn"), str):
+        # The flag takes a comma-separated list; the key takes that too, or a TOML list.
+        options["alpn"] = [p.strip() for p in options["alpn"].split(",") if p.strip()]
+    if mode == "client":
+        problems.extend(f"{label}: {p}" for p in _client_identity(options))
+    try:
+        cfg = tunnel_config(mode, options)
+    except ConfigErrors as err:
+        problems.extend(f"{label}: {key_names(p)}" for p in err.problems)
+        return None
+    if name is None or len(problems) > before:
+        return None
+    return replace(cfg, name=name)
+
+
+def _name(index: int, table: Mapping[str, Any], problems: list[str], seen: _Seen) -> tuple[str | None, str]:
+    """The tunnel's name if it is valid and unique, and how messages call the tunnel."""
+    value = table.get("name")
+    label = f"tunnel #{index}"
+    if value is None:
+        problems.append(f"{label}: name is required (logs, status and reloads know a tunnel by its name)")
+        return None, label
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        problems.append(f"{label}: name: expected a non-empty string on one line, got {value!r}")
+        return None, label
+    if value in seen.names:
+        label = f"tunnel {value!r} (#{index})"
+        problems.append(f"{label}: tunnel #{seen.names[value]} has the same name; names must be unique")
+        return None, label
+    seen.names[value] = index
+    return value, f"tunnel {value!r}"
+
+
+def _client_identity(options: Mapping[str, Any]) -> list[str]:
+    """The client command's rule about its own certificate, for client tunnels in a file."""
+    has_identity = bool(options.get("cert") or options.get("keystore"))
+    if options.get("disable_authentication") is True:
+        if has_identity:
+            return ["disable-authentication (present no certificate) contradicts cert/keystore"]
+        return []
+    if not has_identity:
+        return ["client mode needs cert and key, or keystore, or disable-authentication = true"]
+    return []
+
+
+def _resolve_paths(options: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """Relative paths made relative to the config file's directory; values of the wrong type are left alone."""
+    out = dict(options)
+    for key in _PATH_KEYS & out.keys():
+        value = out[key]
+        if isinstance(value, str):
+            out[key] = _beside(base, value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            out[key] = [_beside(base, v) for v in value]
+    for key in ("listen", "target"):
+        value = out.get(key)
+        if isinstance(value, str) and value.strip().startswith("unix:"):
+            out[key] = "unix:" + _beside(base, value.strip()[len("unix:") :])
+    for key in _SECRET_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value.startswith("file:"):
+            out[key] = "file:" + _beside(base, value[len("file:") :])
+    return out
+
+
+def _beside(base: str, path: str) -> str:
+    if not path:
+        return path  # empty means "not given"; the validator says so where it matters
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+# -- listen addresses -------------------------------------------------------------------------------------------
+
+
+def _check_listen(label: str, value: object, problems: list[str], seen: _Seen) -> None:
+    """Two tunnels cannot listen on one address: the second would fail to bind only when the process starts."""
+    if not isinstance(value, str):
+        return
+    try:
+        address = parse_address(value, name="listen")
+    except ConfigError:
+        return  # tunnel_config reports it
+    for other_label, other in seen.listens:
+        if not _overlap(address, other):
+            continue
+        if address == other:
+            problems.append(f"{label}: listen: {address} is already the listen address of {other_label}")
+        else:
+            problems.append(f"{label}: listen: {address} overlaps {other} of {other_label} (same port, same interface)")
+        break
+    seen.listens.append((label, address))
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    if a.is_unix or b.is_unix:
+        return a.path == b.path
+    if a.port == 0 or a.port != b.port:
+        return False  # port 0 is a fresh port for each tunnel
+    return any(_same_interface(x, y) for x in _bound_hosts(a.host) for y in _bound_hosts(b.host))
+
+
+def _bound_hosts(host: str) -> set[str]:
+    """The local addresses a listen host binds, as far as can be told without resolving names."""
+    if not host:
+        return {"0.0.0.0", "::"}  # ":PORT" listens on every interface, both families
+    lowered = host.lower().rstrip(".")
+    if lowered == "localhost":
+        return {"127.0.0.1", "::1"}
+    try:
+        return {str(ipaddress.ip_address(lowered))}
+    except ValueError:
+        return {lowered}
+
+
+def _same_interface(x: str, y: str) -> bool:
+    if x == y:
+        return True
+    try:
+        ip_x, ip_y = ipaddress.ip_address(x), ipaddress.ip_address(y)
+    except ValueError:
+        return False
+    # A wildcard address holds the port on every address of its family.
+    return ip_x.version == ip_y.version and (ip_x.is_unspecified or ip_y.is_unspecified)
