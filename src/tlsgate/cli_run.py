@@ -1,0 +1,89 @@
+"""``tlsgate run FILE`` and ``tlsgate check-config FILE``: many tunnels from one TOML file (docs/configuration.md).
+
+Both commands check the whole file first, certificates, keys and CRLs parsed included, and report every
+problem at once: one ``tlsgate: error:`` line each, exit code 2. ``run`` then serves every tunnel in one
+process (or ``workers`` processes); SIGHUP re-reads the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from tlsgate.cli_support import UserError
+from tlsgate.config import ConfigErrors, TunnelConfig
+from tlsgate.configfile import describe_tunnel, key_names, load_tunnels, read_config_file
+from tlsgate.errors import TlsgateError
+from tlsgate.runtime import build_runtime
+from tlsgate.supervisor import ProcessOptions, run_server
+
+__all__ = ["check_config", "run"]
+
+
+class ProblemsError(UserError):
+    """Every problem on its own ``tlsgate: error:`` line (UserError prefixes only the first line)."""
+
+    def show(self, file: Any = None) -> None:
+        for line in self.format_message().splitlines():
+            click.echo(f"tlsgate: error: {line}", err=True)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    # Caught here rather than left to TlsgateGroup so a list of problems keeps one prefixed line per problem.
+    try:
+        yield
+    except TlsgateError as err:
+        raise ProblemsError(str(err)) from None
+
+
+def check_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
+    """Validate ``path`` and parse every file its tunnels name; ConfigErrors lists every problem found."""
+    result = read_config_file(path)
+    problems = list(result.problems)
+    for cfg in result.tunnels:
+        try:
+            build_runtime(cfg)
+        except TlsgateError as err:
+            problems.extend(f"tunnel {cfg.name!r}: {key_names(line)}" for line in str(err).splitlines())
+    if problems:
+        raise ConfigErrors(problems)
+    return result.tunnels, result.process
+
+
+def summary(configs: list[TunnelConfig]) -> str:
+    """``ok: 2 tunnels: redis (server ...), pg (server ...)``."""
+    count = f"{len(configs)} tunnel" + ("" if len(configs) == 1 else "s")
+    return f"ok: {count}: " + ", ".join(f"{cfg.name} ({describe_tunnel(cfg)})" for cfg in configs)
+
+
+@click.command("check-config")
+@click.argument("file", metavar="FILE")
+def check_config(file: str) -> None:
+    """Check a config file without starting anything: syntax, keys, values, certificates, keys and CRLs."""
+    with _user_errors():
+        configs, _ = check_file(file)
+    click.echo(summary(configs))
+
+
+@click.command("run")
+@click.argument("file", metavar="FILE")
+def run(file: str) -> None:
+    """Run every tunnel of a TOML config file in one process; SIGHUP re-reads the file."""
+    with _user_errors():
+        configs, process = check_file(file)
+        # A partial of a module-level function, not a lambda: --workers pickles it for each worker process.
+        # The absolute path keeps a reload reading the same file whatever the working directory is by then.
+        load = functools.partial(load_tunnels, os.path.abspath(file))
+        if process.workers > 1:
+            from tlsgate.workers import run_workers
+
+            code = run_workers(configs, process, load_configs=load)
+        else:
+            code = run_server(configs, process, load_configs=load)
+    raise SystemExit(code)
