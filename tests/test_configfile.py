@@ -408,8 +408,8 @@ def test_each_example_passes_check_config(example: Path, tmp_path: Path) -> None
 @contextlib.asynccontextmanager
 async def serving(path: Path) -> AsyncIterator[Server]:
     """The tunnels of ``path`` in this event loop, as `tlsgate run` starts them (reload re-reads the file)."""
-    configs, _ = load_config_file(str(path))
-    server = Server(configs, ProcessOptions(), load_configs=functools.partial(load_tunnels, str(path)))
+    configs, process = load_config_file(str(path))
+    server = Server(configs, process, load_configs=functools.partial(load_tunnels, str(path), process))
     task = asyncio.create_task(server.serve())
     started = asyncio.create_task(server.started.wait())
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -524,6 +524,20 @@ async def test_a_broken_file_on_reload_keeps_every_tunnel_running_and_logs_every
                 "tunnel 'a': target: port 99999 out of range (0-65535)",
                 "tunnel 'b': unknown key 'colour'",
             ]
+
+
+@pytest.mark.asyncio
+async def test_a_changed_process_table_is_not_applied_by_a_reload_and_says_so(
+    pki_files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tlsgate.toml"
+    path.write_text(block("a"))
+    async with serving(path) as server:
+        path.write_text('[process]\nworkers = 2\nlog-format = "json"\n' + block("a", target="127.0.0.1:2"))
+        assert server.reload() is True
+        assert server.tunnels["a"].cfg.target == Address("127.0.0.1", 2)
+        [warning] = [r for r in caplog.records if r.getMessage() == "[process] changed: restart tlsgate to apply it"]
+        assert warning.fields["keys"] == "workers,log-format"  # type: ignore[attr-defined]
 
 
 PORT_HANDOVER_BUG = (

@@ -79,7 +79,7 @@ def run(file: str) -> None:
         configs, process = check_file(file)
         # A partial of a module-level function, not a lambda: --workers pickles it for each worker process.
         # The absolute path keeps a reload reading the same file whatever the working directory is by then.
-        load = functools.partial(load_tunnels, os.path.abspath(file))
+        load = functools.partial(load_tunnels, os.path.abspath(file), process)
         if process.workers > 1:
             from tlsgate.workers import run_workers
 

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from tlsgate import logs
 from tlsgate.addresses import Address, parse_address
 from tlsgate.config import KNOWN_KEYS, PROCESS_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
 from tlsgate.errors import ConfigError
 from tlsgate.logs import QUIET_CHOICES
+from tlsgate.status import parse_status_address
 from tlsgate.supervisor import ProcessOptions
 
 __all__ = ["ConfigFile", "describe_tunnel", "key_names", "load_config_file", "load_tunnels", "read_config_file"]
@@ -66,9 +69,21 @@ def load_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
     return result.tunnels, result.process
 
 
-def load_tunnels(path: str) -> list[TunnelConfig]:
-    """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it."""
-    return load_config_file(path)[0]
+def load_tunnels(path: str, running: ProcessOptions | None = None) -> list[TunnelConfig]:
+    """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it.
+
+    A reload applies tunnels only; when ``running`` (the process settings in use) differs from the file's
+    [process] table, a warning says that a restart is needed, rather than leaving the edit silently unapplied.
+    """
+    tunnels, process = load_config_file(path)
+    if running is not None and process != running:
+        changed = [
+            f.name.replace("_", "-") for f in fields(process) if getattr(process, f.name) != getattr(running, f.name)
+        ]
+        logs.event(
+            "[process] changed: restart tlsgate to apply it", logging.WARNING, config=path, keys=",".join(changed)
+        )
+    return tunnels
 
 
 def read_config_file(path: str) -> ConfigFile:
@@ -247,8 +262,6 @@ def _process_options(table: Mapping[str, Any], config_path: str, problems: list[
 
 
 def _status(value: object, base: str) -> str:
-    from tlsgate.status import parse_status_address
-
     text = _string(value, "status")
     if text.startswith("unix:"):
         text = "unix:" + _beside(base, text[len("unix:") :])
