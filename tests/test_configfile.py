@@ -510,20 +510,27 @@ async def test_a_broken_file_on_reload_keeps_every_tunnel_running_and_logs_every
         path.write_text(block("a", target=be.address) + block("b", target=be.address))
         async with serving(path) as server:
             before = dict(server.tunnels)
-            path.write_text(block("a", target="127.0.0.1:99999") + block("b", target=be.address, colour="red"))
+            (tmp_path / "garbage.key").write_text("not a key\n")
+            path.write_text(
+                block("a", target="127.0.0.1:99999")
+                + block("b", target=be.address, colour="red")
+                + block("c", key="garbage.key")
+            )
             assert server.reload() is False
             assert server.tunnels == before
             for name in ("a", "b"):
                 assert await exchange(port_of(server, name), alice) == b"ping"
             logged = [
-                getattr(r, "fields", {}).get("error")
+                str(getattr(r, "fields", {}).get("error"))
                 for r in caplog.records
                 if r.getMessage() == "reload failed, keeping the running tunnels"
             ]
-            assert logged == [
+            assert logged[:2] == [
                 "tunnel 'a': target: port 99999 out of range (0-65535)",
                 "tunnel 'b': unknown key 'colour'",
             ]
+            # Files are parsed on reload as by check-config: the problem names its tunnel.
+            assert len(logged) == 3 and logged[2].startswith("tunnel 'c': ") and "garbage.key" in logged[2]
 
 
 @pytest.mark.asyncio

@@ -16,11 +16,10 @@ from typing import Any
 import click
 
 from tlsgate.cli_support import UserError
-from tlsgate.config import ConfigErrors, TunnelConfig
-from tlsgate.configfile import describe_tunnel, key_names, load_tunnels, read_config_file
+from tlsgate.config import TunnelConfig
+from tlsgate.configfile import check_config_file, describe_tunnel, load_tunnels
 from tlsgate.errors import TlsgateError
-from tlsgate.runtime import build_runtime
-from tlsgate.supervisor import ProcessOptions, run_server
+from tlsgate.supervisor import run_server
 
 __all__ = ["check_config", "run"]
 
@@ -42,20 +41,6 @@ def _user_errors() -> Iterator[None]:
         raise ProblemsError(str(err)) from None
 
 
-def check_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
-    """Validate ``path`` and parse every file its tunnels name; ConfigErrors lists every problem found."""
-    result = read_config_file(path)
-    problems = list(result.problems)
-    for cfg in result.tunnels:
-        try:
-            build_runtime(cfg)
-        except TlsgateError as err:
-            problems.extend(f"tunnel {cfg.name!r}: {key_names(line)}" for line in str(err).splitlines())
-    if problems:
-        raise ConfigErrors(problems)
-    return result.tunnels, result.process
-
-
 def summary(configs: list[TunnelConfig]) -> str:
     """``ok: 2 tunnels: redis (server ...), pg (server ...)``."""
     count = f"{len(configs)} tunnel" + ("" if len(configs) == 1 else "s")
@@ -67,7 +52,7 @@ def summary(configs: list[TunnelConfig]) -> str:
 def check_config(file: str) -> None:
     """Check a config file without starting anything: syntax, keys, values, certificates, keys and CRLs."""
     with _user_errors():
-        configs, _ = check_file(file)
+        configs, _ = check_config_file(file)
     click.echo(summary(configs))
 
 
@@ -76,7 +61,7 @@ def check_config(file: str) -> None:
 def run(file: str) -> None:
     """Run every tunnel of a TOML config file in one process; SIGHUP re-reads the file."""
     with _user_errors():
-        configs, process = check_file(file)
+        configs, process = check_config_file(file)
         # A partial of a module-level function, not a lambda: --workers pickles it for each worker process.
         # The absolute path keeps a reload reading the same file whatever the working directory is by then.
         load = functools.partial(load_tunnels, os.path.abspath(file), process)

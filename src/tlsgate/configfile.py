@@ -31,12 +31,21 @@ from typing import Any
 from tlsgate import logs
 from tlsgate.addresses import Address, parse_address
 from tlsgate.config import KNOWN_KEYS, PROCESS_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
-from tlsgate.errors import ConfigError
+from tlsgate.errors import ConfigError, TlsgateError
 from tlsgate.logs import QUIET_CHOICES
+from tlsgate.runtime import build_runtime
 from tlsgate.status import parse_status_address
 from tlsgate.supervisor import ProcessOptions
 
-__all__ = ["ConfigFile", "describe_tunnel", "key_names", "load_config_file", "load_tunnels", "read_config_file"]
+__all__ = [
+    "ConfigFile",
+    "check_config_file",
+    "describe_tunnel",
+    "key_names",
+    "load_config_file",
+    "load_tunnels",
+    "read_config_file",
+]
 
 _SECTIONS = ("process", "defaults", "tunnel")
 _TUNNEL_KEYS = frozenset(KNOWN_KEYS - PROCESS_KEYS) | {"mode"}
@@ -69,13 +78,33 @@ def load_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
     return result.tunnels, result.process
 
 
+def check_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
+    """`load_config_file`, and every certificate, key, CA bundle and CRL parsed as at start, all problems together.
+
+    What ``run``, ``check-config`` and a reload use, so a file is judged the same way by all three.
+    """
+    result = read_config_file(path)
+    problems = list(result.problems)
+    for cfg in result.tunnels:
+        try:
+            build_runtime(cfg)
+        except TlsgateError as err:
+            problems.extend(f"tunnel {cfg.name!r}: {key_names(line)}" for line in str(err).splitlines())
+    if problems:
+        raise ConfigErrors(problems)
+    return result.tunnels, result.process
+
+
 def load_tunnels(path: str, running: ProcessOptions | None = None) -> list[TunnelConfig]:
     """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it.
+
+    Certificates are parsed here too (and again by the supervisor), so a failed reload logs every file's
+    problem with its tunnel's name, not only the first one the supervisor meets.
 
     A reload applies tunnels only; when ``running`` (the process settings in use) differs from the file's
     [process] table, a warning says that a restart is needed, rather than leaving the edit silently unapplied.
     """
-    tunnels, process = load_config_file(path)
+    tunnels, process = check_config_file(path)
     if running is not None and process != running:
         changed = [
             f.name.replace("_", "-") for f in fields(process) if getattr(process, f.name) != getattr(running, f.name)
