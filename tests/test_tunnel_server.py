@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import select
 import socket
 import ssl
 import sys
@@ -183,29 +184,37 @@ async def test_100_megabytes_each_way_arrive_intact(pki_files: dict[str, Path], 
     expected = hashlib.sha256(block * (size // len(block))).hexdigest()
 
     def client(port: int) -> str:
-        import threading
-
+        """Upload and download at once from one thread: an SSL object must never be used by two threads."""
+        upload = memoryview(block * (size // len(block)))
+        digest = hashlib.sha256()
+        sent, eof = 0, False
         raw = socket.create_connection(("127.0.0.1", port), timeout=60)
         with client_context(ca).wrap_socket(raw, server_hostname="localhost") as tls:
-
-            def send() -> None:
-                for _ in range(size // len(block)):
-                    tls.sendall(block)
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            digest = hashlib.sha256()
-            while data := tls.recv(1 << 20):
-                digest.update(data)
-            sender.join()
-            return digest.hexdigest()
+            tls.setblocking(False)
+            while not (eof and sent == size):
+                readable, writable, _ = select.select([tls], [tls] if sent < size else [], [], 60)
+                assert readable or writable, "stalled"
+                if writable:
+                    try:
+                        sent += tls.send(upload[sent : sent + 65536])
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                        pass
+                while not eof:
+                    try:
+                        data = tls.recv(1 << 20)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        break
+                    if not data:
+                        eof = True
+                    digest.update(data)
+        return digest.hexdigest()
 
     async with (
         backend(source_and_sink) as be,
         tunnel(**server_opts(pki_files, be.address, disable_authentication=True)) as tun,
     ):
-        # The client's own socket is closed (not half-closed) after it read everything, so the backend's
-        # digest covers what arrived before that; both directions carry the full 100 MiB.
+        # The target ends first (close_notify reaches the client, which keeps uploading), then the client
+        # closes; both directions carry the full 100 MiB.
         got = await asyncio.to_thread(client, port_of(tun))
         await be.done.wait()
         await wait_until(lambda: tun.stats.closed == 1)
