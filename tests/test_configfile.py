@@ -553,7 +553,6 @@ PORT_HANDOVER_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=PORT_HANDOVER_BUG)
 @pytest.mark.asyncio
 async def test_a_renamed_tunnel_takes_over_its_port(
     pki_files: dict[str, Path], tmp_path: Path, alice: ssl.SSLContext
@@ -569,7 +568,6 @@ async def test_a_renamed_tunnel_takes_over_its_port(
             assert await exchange(port, alice) == b"ping"
 
 
-@pytest.mark.xfail(strict=True, reason=PORT_HANDOVER_BUG)
 @pytest.mark.asyncio
 async def test_two_tunnels_can_swap_ports(pki_files: dict[str, Path], tmp_path: Path, alice: ssl.SSLContext) -> None:
     path = tmp_path / "tlsgate.toml"
@@ -591,11 +589,6 @@ async def test_two_tunnels_can_swap_ports(pki_files: dict[str, Path], tmp_path: 
             assert (first.connections, second.connections) == (1, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="supervisor._reload_file returns True even when a tunnel of the new file failed to start (patch in the "
-    "report)",
-)
 @pytest.mark.asyncio
 async def test_a_tunnel_that_cannot_start_fails_the_reload_and_the_others_keep_running(
     pki_files: dict[str, Path], tmp_path: Path, alice: ssl.SSLContext, caplog: pytest.LogCaptureFixture

@@ -143,8 +143,9 @@ def _register_subcommands() -> None:
     from tlsgate.cli_certs import certs
     from tlsgate.cli_dev import dev
     from tlsgate.cli_policy import policy
+    from tlsgate.cli_run import check_config, run
 
-    for command in (certs, dev, policy):
+    for command in (certs, check_config, dev, policy, run):
         cli.add_command(command)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import click
 
@@ -24,21 +23,13 @@ from tlsgate.supervisor import run_server
 __all__ = ["check_config", "run"]
 
 
-class ProblemsError(UserError):
-    """Every problem on its own ``tlsgate: error:`` line (UserError prefixes only the first line)."""
-
-    def show(self, file: Any = None) -> None:
-        for line in self.format_message().splitlines():
-            click.echo(f"tlsgate: error: {line}", err=True)
-
-
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    # Caught here rather than left to TlsgateGroup so a list of problems keeps one prefixed line per problem.
+    # The commands are also used outside a TlsgateGroup (tests, embedding), so they map errors themselves.
     try:
         yield
     except TlsgateError as err:
-        raise ProblemsError(str(err)) from None
+        raise UserError(str(err)) from None
 
 
 def summary(configs: list[TunnelConfig]) -> str:

@@ -18,7 +18,9 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"tlsgate: error: {self.format_message()}", err=True)
+        # ConfigErrors carries one problem per line; each gets the prefix, so every line reads on its own.
+        for line in self.format_message().splitlines() or [""]:
+            click.echo(f"tlsgate: error: {line}", err=True)
 
 
 class TlsgateGroup(click.Group):

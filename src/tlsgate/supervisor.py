@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tlsgate import logs
+from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
-from tlsgate.errors import TlsgateError
+from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
 from tlsgate.tunnel import Tunnel
 
@@ -72,7 +73,13 @@ class Server:
         try:
             for cfg, runtime in runtimes:
                 tunnel = Tunnel(cfg, runtime, reuse_port=reuse_port)
-                tunnel.start(self._loop, (listeners or {}).get(_key(cfg)))
+                try:
+                    tunnel.start(self._loop, (listeners or {}).get(_key(cfg)))
+                except StartupError as err:
+                    # With many tunnels from one file, "--listen :8443: address in use" must say whose it is.
+                    if not cfg.name:
+                        raise
+                    raise StartupError(f"tunnel {cfg.name!r}: {err}") from None
                 started.append(tunnel)
                 self.tunnels[_key(cfg)] = tunnel
         except BaseException:
@@ -194,33 +201,44 @@ class Server:
             for line in str(err).splitlines():
                 logs.event("reload failed, keeping the running tunnels", logging.ERROR, error=line)
             return False
-        for key in list(self.tunnels):
-            if key not in wanted:
-                self._retire(self.tunnels.pop(key), "removed")
+        # Every tunnel that leaves or changes gives up its bound sockets first, and a successor on the same address
+        # takes them over: no moment where the port is closed, and a renamed tunnel (or two that swap ports) does
+        # not fail to bind a port that is still ours. Port 0 is a different port per tunnel: only the successor
+        # under the same name gets it.
+        leaving = {key: t for key, t in self.tunnels.items() if wanted.get(key) != t.cfg}
+        spare = {_socket_key(key, t.cfg.listen): t.hand_over_listeners() for key, t in leaving.items()}
+        ok = True
         for key, cfg in wanted.items():
             current = self.tunnels.get(key)
-            if current is not None and current.cfg == cfg:
+            if current is not None and key not in leaving:
                 current.reload(runtimes[key])
                 continue
-            listeners = None
-            if current is not None and current.cfg.listen == cfg.listen:
-                # Hand the bound socket over: no moment where the port is closed, no backlog lost.
-                listeners = current.hand_over_listeners()
+            listeners = spare.pop(_socket_key(key, cfg.listen), None)
             try:
                 tunnel = Tunnel(cfg, runtimes[key], reuse_port=self.options.workers > 1)
                 tunnel.start(self._loop, listeners)
             except TlsgateError as err:
+                ok = False
                 logs.event("tunnel failed to start", logging.ERROR, tunnel=cfg.label, error=str(err))
-                if current is not None and listeners is not None:
-                    current.take_back_listeners(listeners)
+                if listeners is not None:
+                    spare[_socket_key(key, cfg.listen)] = listeners
                 continue
-            if current is not None:
-                self._retire(current, "changed")
             self.tunnels[key] = tunnel
             logs.event("listening", tunnel=cfg.label, listen=",".join(tunnel.addresses), target=str(cfg.target))
+        for key, old in leaving.items():
+            own = spare.pop(_socket_key(key, old.cfg.listen), None)
+            if self.tunnels.get(key) is old and key in wanted and own is not None:
+                old.take_back_listeners(own)  # its replacement failed to start: it keeps serving as it was
+                continue
+            if self.tunnels.get(key) is old:
+                del self.tunnels[key]
+            # Sockets nobody took over are still this tunnel's to close; closed now, the port is free at once.
+            old.listeners = own or []
+            old.stop_listening()
+            self._retire(old, "changed" if key in wanted else "removed")
         self.configs = configs
         logs.event("reloaded", tunnels=len(self.tunnels))
-        return True
+        return ok
 
     def _retire(self, tunnel: Tunnel, why: str) -> None:
         """A tunnel that left the config: no new connections; open ones finish within its shutdown timeout."""
@@ -238,6 +256,11 @@ class Server:
 
 def _key(cfg: TunnelConfig) -> str:
     return cfg.name or str(cfg.listen)
+
+
+def _socket_key(key: str, listen: Address) -> tuple[str, Address]:
+    """Which tunnel may take over sockets bound for ``listen``: any on the same address, except for port 0."""
+    return (key if listen.port == 0 and not listen.is_unix else "", listen)
 
 
 def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
