@@ -330,11 +330,12 @@ def fill(tmpl: str, wd: Workdir, port: int, target: str) -> list[str]:
     return [w.format(port=port, target=target, cert=wd.cert, key=wd.key) for w in shlex.split(tmpl)]
 
 
-def haproxy_argv(wd: Workdir, port: int, target: str, maxconn: int = 9000) -> list[str]:
+def haproxy_argv(wd: Workdir, port: int, target: str, maxconn: int = 9000, threads: int = 1) -> list[str]:
     cfg = wd.path / f"haproxy{port}.cfg"
     cfg.write_text(
-        f"global\n maxconn {maxconn}\n nbthread 1\ndefaults\n mode tcp\n timeout connect 5s\n timeout client 300s\n"
-        f" timeout server 300s\nfrontend f\n bind 127.0.0.1:{port} ssl crt {wd.combined}\n default_backend b\n"
+        f"global\n maxconn {maxconn}\n nbthread {threads}\ndefaults\n mode tcp\n timeout connect 5s\n"
+        f" timeout client 300s\n timeout server 300s\nfrontend f\n bind 127.0.0.1:{port} ssl crt {wd.combined}\n"
+        f" default_backend b\n"
         f"backend b\n server s1 {target}\n"
     )
     return ["haproxy", "-db", "-f", str(cfg)]
