@@ -44,7 +44,8 @@ from tlsgate.cli import main
 sys.argv[0] = "tlsgate"
 main()
 """
-_LISTENING = re.compile(r"listening .*listen=127\.0\.0\.1:(\d+)")
+# The "listening" event's listen field, as text (listen=127.0.0.1:PORT) or JSON ("listen": "127.0.0.1:PORT").
+_LISTENING = re.compile(r'\blisten"?[=:] ?"?127\.0\.0\.1:(\d+)')
 
 
 @dataclass
