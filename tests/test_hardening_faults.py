@@ -300,7 +300,6 @@ async def test_no_descriptor_for_the_target_socket_fails_that_connection_cleanly
 ) -> None:
     """The client's connection is accepted and its handshake done, then socket() for the hop to the backend
     fails with EMFILE. That one connection must be refused and logged like any unreachable target, at once."""
-    caplog.set_level(logging.ERROR, logger="asyncio")
 
     def crashed() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
