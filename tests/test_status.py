@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -408,7 +409,9 @@ async def test_status_on_a_unix_socket_is_removed_on_shutdown(pki_files: dict[st
     assert not path.exists()
 
 
-def test_status_port_in_use_exits_2_with_one_line(pki_files: dict[str, Path]) -> None:
+def start_with_status_port_in_use(pki_files: dict[str, Path], workers: str) -> tuple[int, int, str, bool]:
+    """Run the CLI with --status on a taken port: (that port, exit code, output, tunnel port free again?)."""
+    listen = free_port()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -417,23 +420,55 @@ def test_status_port_in_use_exits_2_with_one_line(pki_files: dict[str, Path]) ->
             cli,
             [
                 "server",
-                "--listen", "127.0.0.1:0",
+                "--listen", f"127.0.0.1:{listen}",
                 "--target", "127.0.0.1:1",
                 "--cert", str(pki_files["cert"]),
                 "--key", str(pki_files["key"]),
                 "--cacert", str(pki_files["ca"]),
                 "--allow-all",
                 "--status", f"127.0.0.1:{port}",
+                "--workers", workers,
+                # asyncio's loop lets go of the signal handlers when it closes, so whatever the failed start
+                # left behind can be collected below rather than at the end of the session.
+                "--loop", "asyncio",
             ],
         )  # fmt: skip
-    gc.collect()  # a listener left open by the failed start would warn here, inside this test
-    output = result.output  # click mixes stderr into output
-    assert result.exit_code == 2, output
+    code, output = result.exit_code, result.output  # click mixes stderr into output
+    # While the result (and the traceback in it) lives, a listener the failed start left open is still open.
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", listen))
+            freed = True
+        except OSError:
+            freed = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # the leak the xfail test below pins down
+        del result
+        gc.collect()
+    return port, code, output, freed
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_status_port_in_use_exits_2_with_one_line(pki_files: dict[str, Path], workers: str) -> None:
+    port, code, output, freed = start_with_status_port_in_use(pki_files, workers)
+    assert code == 2, output
     errors = [line for line in output.splitlines() if line.startswith("tlsgate: error:")]
     assert errors == [
         f"tlsgate: error: --status 127.0.0.1:{port}: cannot listen on 127.0.0.1:{port} (Address already in use)"
     ]
     assert "Traceback" not in output
+    if workers == "2":
+        assert freed  # the parent let go of the port it had reserved for the workers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Server.serve() leaves the tunnels listening when the status port fails to start (supervisor patch "
+    "in the report)",
+)
+def test_status_port_in_use_leaves_no_listener_open(pki_files: dict[str, Path]) -> None:
+    *_, freed = start_with_status_port_in_use(pki_files, "1")
+    assert freed
 
 
 # -- the pieces, with plain values ---------------------------------------------------------------------------------
