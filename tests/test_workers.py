@@ -21,6 +21,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
+import tlsgate.workers
 from tlsgate.cli import cli
 from tlsgate.workers import restart_delay
 
@@ -328,6 +329,20 @@ def test_listen_port_in_use_with_workers_exits_2_before_any_worker_starts(pki_fi
     assert errors == [
         f"tlsgate: error: --listen 127.0.0.1:{port}: cannot listen (127.0.0.1:{port}: Address already in use)"
     ]
+
+
+def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every attempt would fail alike (say, a file only the workers cannot read): restarting would just spin.
+    monkeypatch.setattr(tlsgate.workers, "_WORKER_CODE", "raise SystemExit(3)")
+    port = free_port()
+    args = server_args(pki_files, "127.0.0.1:1")
+    args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3, result.output
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the port the parent reserved is free again
 
 
 def test_restart_back_off_doubles_and_is_capped() -> None:

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -144,7 +145,8 @@ class _Pool:
         self._killed = False
         self._cert_token = object()
         self._next_id = 0
-        self._timers: list[asyncio.TimerHandle] = []
+        # One pending timer per purpose (log flush, timed reload, kill); rescheduling replaces it.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- start and stop ----------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class _Pool:
             raise
         self._install_signals()
         self._schedule_timed_reload()
+        self._flush_logs_periodically()
         logs.event("starting workers", workers=len(self.workers))
         try:
             await asyncio.gather(*(self._keep_running(w) for w in self.workers))
@@ -170,10 +173,12 @@ class _Pool:
             self._release()
             if self.status is not None:
                 self.status.close()
-            for timer in self._timers:
+            for timer in self._timers.values():
                 timer.cancel()
             self._remove_signals()
-        return self._exit_code()
+        code = self._exit_code()
+        logs.flush_logs()
+        return code
 
     def _exit_code(self) -> int:
         if self._startup_failure is not None:
@@ -222,7 +227,7 @@ class _Pool:
         self._signal_all(sig)
         limits = [cfg.timeouts.shutdown for cfg in self.configs]
         if self._loop is not None and limits and all(limit > 0 for limit in limits):
-            self._timers.append(self._loop.call_later(max(limits) + _KILL_GRACE, self._kill_all))
+            self._timers["kill"] = self._loop.call_later(max(limits) + _KILL_GRACE, self._kill_all)
 
     def _kill_all(self) -> None:
         logs.event("workers did not finish draining in time; killing them", logging.ERROR)
@@ -243,12 +248,12 @@ class _Pool:
             except TlsgateError as err:
                 # Each worker re-reads the file too, and logs the same problem; this copy is for restarts only.
                 logs.event("config reload failed in the parent", logging.ERROR, error=str(err).splitlines()[0])
+        logs.event("reloading workers", signal=sig.name)
         for w in self.workers:
             if w.ready:
                 _send(w, sig)
             elif w.proc is not None:
                 w.reload_pending = sig
-        logs.event("reloading workers", signal=sig.name)
 
     def _install_signals(self) -> None:
         assert self._loop is not None
@@ -262,6 +267,11 @@ class _Pool:
         for sig in (*_STOP_SIGNALS, *_RELOAD_SIGNALS):
             self._loop.remove_signal_handler(sig)
 
+    def _flush_logs_periodically(self) -> None:
+        logs.flush_logs()
+        if self._loop is not None:
+            self._timers["flush"] = self._loop.call_later(logs.FLUSH_INTERVAL, self._flush_logs_periodically)
+
     def _schedule_timed_reload(self) -> None:
         """Workers keep their own --timed-reload; the parent only refreshes the status port's certificate."""
         intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
@@ -271,7 +281,7 @@ class _Pool:
                 self._cert_token = object()
                 self._schedule_timed_reload()
 
-            self._timers.append(self._loop.call_later(min(intervals), refresh))
+            self._timers["reload"] = self._loop.call_later(min(intervals), refresh)
 
     # -- one worker slot ---------------------------------------------------------------------------------------
 
@@ -330,6 +340,8 @@ class _Pool:
         try:
             while line := await reader.readline():
                 self._on_message(w, line)
+        except ConnectionError:
+            pass  # it died with our messages unread: the same news as end of file
         except (OSError, ValueError) as err:
             logs.event("lost contact with a worker", logging.ERROR, worker=w.index, error=str(err))
             _send(w, signal.SIGKILL)
@@ -434,9 +446,12 @@ class _Pool:
 
 
 def _send(w: _Worker, sig: signal.Signals) -> None:
+    # Not Process.send_signal: it polls first, and a poll that reaps a worker that just died steals its exit
+    # status from asyncio's child watcher (which then reports 255). os.kill only signals. Between the watcher
+    # reaping a worker and exit_code being set lies one loop iteration: far too short for the pid to be reused.
     if w.proc is not None and w.exit_code is None:
         with contextlib.suppress(ProcessLookupError):
-            w.proc.send_signal(sig)
+            os.kill(w.proc.pid, sig)
 
 
 def _describe(code: int | None) -> str:
