@@ -19,6 +19,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
+import tlsgate.status
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError, StartupError
@@ -525,3 +526,19 @@ def test_json_metrics_name_each_entry_after_its_tunnel() -> None:
     entries = json_metrics(Snapshot([view("a", accepted=1), view("b", accepted=2)], "listening"), "tlsgate")
     accepted = [(e["tunnel"], e["value"]) for e in entries if e["metric"] == "tlsgate.accept.total"]
     assert accepted == [("a", 1), ("b", 2)]
+
+
+def test_handshake_latency_is_a_histogram_when_stats_count_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlsgate.status, "HANDSHAKE_BUCKETS", (0.01, 0.1, 1.0))
+    fast = view("t", handshakes=4, handshake_seconds_total=2.5)
+    fast.handshake_buckets = [1, 2, 0]  # the fourth took longer than 1s: only in +Inf
+    text = prometheus_text(Snapshot([fast], "listening"), "tlsgate")
+    samples = parse_exposition(text)
+    assert "# TYPE tlsgate_handshake_duration_seconds histogram" in text
+    buckets = {
+        le: samples[f'tlsgate_handshake_duration_seconds_bucket{{tunnel="t",le="{le}"}}']
+        for le in ("0.01", "0.1", "1", "+Inf")
+    }
+    assert buckets == {"0.01": 1, "0.1": 3, "1": 3, "+Inf": 4}
+    assert samples['tlsgate_handshake_duration_seconds_sum{tunnel="t"}'] == 2.5
+    assert samples['tlsgate_handshake_duration_seconds_count{tunnel="t"}'] == 4

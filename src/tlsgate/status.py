@@ -538,7 +538,7 @@ _METRICS = (
             "Connections that passed every check and were connected to the target."),
     _Metric("closed", "counter", "connections_closed_total", "conn.closed", "Relayed connections that ended."),
     _Metric("handshake_errors", "counter", "handshake_errors_total", "accept.error",
-            "TLS handshakes with clients that failed or timed out (refused certificates included)."),
+            "Client TLS handshakes that failed or timed out, untrusted and expired certificates included."),
     _Metric("target_errors", "counter", "target_errors_total", "conn.target_error",
             "Connections whose target could not be reached, or failed its TLS handshake or identity check."),
     _Metric("proxy_header_errors", "counter", "proxy_header_errors_total", "accept.proxy_header_error",
