@@ -112,7 +112,7 @@ def view_of(key: str, tunnel: Tunnel) -> TunnelView:
         open=tunnel.active,
         counters=counters,
         refused=dict(stats.refused),
-        handshake_buckets=list(getattr(stats, "handshake_buckets", ())),
+        handshake_buckets=list(stats.handshake_buckets),
         last_reload=tunnel.last_reload,
         cert_not_after=tunnel.runtime.cert_not_after,
     )

@@ -103,10 +103,17 @@ class Server:
 
     async def serve(self, ready: Callable[[Server], Awaitable[None] | None] | None = None) -> int:
         self.start()
-        if self.options.status:
-            from tlsgate.status import start_status_server
+        try:
+            if self.options.status:
+                from tlsgate.status import start_status_server
 
-            self.status_server = await start_status_server(self, self.options.status)
+                self.status_server = await start_status_server(self, self.options.status)
+        except BaseException:
+            # The tunnels already listen: close them, and let go of the signal handlers that point at us.
+            for tunnel in self.tunnels.values():
+                tunnel.stop_listening()
+            self._remove_signals()
+            raise
         if ready is not None:
             result = ready(self)
             if asyncio.iscoroutine(result):
@@ -200,6 +207,8 @@ class Server:
         except TlsgateError as err:
             for line in str(err).splitlines():
                 logs.event("reload failed, keeping the running tunnels", logging.ERROR, error=line)
+            for tunnel in self.tunnels.values():
+                tunnel.stats.reload_errors += 1  # so tlsgate_reload_errors_total alerts in file mode too
             return False
         # Every tunnel that leaves or changes gives up its bound sockets first, and a successor on the same address
         # takes them over: no moment where the port is closed, and a renamed tunnel (or two that swap ports) does

@@ -8,6 +8,7 @@ to the target before the client passed every rule; a refused client never causes
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import ipaddress
@@ -35,6 +36,9 @@ _BUFFER_SIZE = 64 * 1024
 _RESOLVE_TTL = 30.0
 # After EMFILE/ENFILE, pause accepting this long: retrying at once would spin on the same error.
 _FD_EXHAUSTED_PAUSE = 0.5
+# Upper bounds (seconds) of the handshake-latency histogram in /metrics: from a resumed handshake on a LAN to
+# a slow client far away. A handshake slower than the last bound counts in ``handshakes`` only (+Inf).
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Stats:
     accept_errors: int = 0
     reloads: int = 0
     reload_errors: int = 0
+    # Handshakes per HANDSHAKE_BUCKETS bucket (not cumulative: status adds them up for Prometheus).
+    handshake_buckets: list[int] = field(default_factory=lambda: [0] * len(HANDSHAKE_BUCKETS))
 
     def refuse(self, rule: str) -> None:
         self.refused[rule] = self.refused.get(rule, 0) + 1
@@ -495,7 +501,11 @@ class _Setup:
             return
         stats = self.tunnel.stats
         stats.handshakes += 1
-        stats.handshake_seconds_total += time.monotonic() - self.started
+        elapsed = time.monotonic() - self.started
+        stats.handshake_seconds_total += elapsed
+        bucket = bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)
+        if bucket < len(HANDSHAKE_BUCKETS):
+            stats.handshake_buckets[bucket] += 1
         policy = self.rt.policy
         if policy.identity is not None:
             decision, identity = policy.check_peer(tls.getpeercert(binary_form=True))
