@@ -263,6 +263,11 @@ async def vanish_mid_stream(how: str, who_streams: str, pki_files: dict[str, Pat
 async def test_a_vanished_client_closes_the_backend_side_promptly(
     how: str, who_streams: str, pki_files: dict[str, Path], ca: trustme.CA
 ) -> None:
+    if how == "reset" and who_streams == "client" and "uvloop" in type(asyncio.get_running_loop()).__module__:
+        # The relay pauses and resumes reading the uploading client, and uvloop then loses the reset in some runs
+        # only: too rare for a strict xfail, too common to pass. The bug is pinned deterministically by
+        # test_a_backend_killed_with_unread_data_resets_every_client_promptly_on_uvloop; drop this skip with its fix.
+        pytest.skip(_ON_UVLOOP_A_RESET_CAN_GO_UNSEEN)
     await vanish_mid_stream(how, who_streams, pki_files, ca)
 
 
