@@ -290,16 +290,22 @@ class Tunnel:
 
     # -- timeouts --------------------------------------------------------------------------------------------
 
+    @property
+    def _poll_drops_errors(self) -> bool:
+        # uvloop (libuv) stops an add_reader() poll on POLLERR (a peer's reset) without calling the reader, so a
+        # relay that only waits to read would never learn. The sweep asks the kernel for such connections.
+        return type(self.loop).__module__.startswith("uvloop")
+
     def _schedule_sweep(self) -> None:
         t = self.cfg.timeouts
         limits = [x for x in (t.idle, t.max_conn_lifetime, t.close) if x > 0]
-        if not limits or self.loop is None:
+        if self.loop is None or not (limits or self._poll_drops_errors):
             return
-        interval = max(0.05, min(1.0, min(limits) / 4))
+        interval = max(0.05, min(1.0, min(limits) / 4)) if limits else 1.0
         self._sweeper = self.loop.call_later(interval, self._sweep, interval)
 
     def _sweep(self, interval: float) -> None:
-        """Idle, lifetime and half-close limits, checked in one pass instead of a timer per connection."""
+        """Idle, lifetime and half-close limits (and, on uvloop, unseen resets) in one pass, not a timer each."""
         t = self.cfg.timeouts
         now = time.monotonic()
         for relay in list(self.relays):
@@ -308,6 +314,8 @@ class Tunnel:
                 relay.last_total, relay.last_change = total, now
             elif t.idle and now - relay.last_change >= t.idle:
                 relay.abort("idle timeout")
+                continue
+            elif self._poll_drops_errors and _pending_error(relay):
                 continue
             if t.max_conn_lifetime and now - relay.started >= t.max_conn_lifetime:
                 relay.abort("max connection lifetime")
@@ -549,7 +557,11 @@ class _Setup:
             self._target_failed(last_error or "no address")
             return
         family, sockaddr = self.addrs.pop(0)
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as failure:  # EMFILE/ENFILE: fail this connection cleanly; the listener pauses on its own
+            self._target_failed(f"cannot open a socket: {failure.strerror or failure}")
+            return
         sock.setblocking(False)
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -671,6 +683,19 @@ class _Setup:
             self._target_failed("target did not take the PROXY header at once")
             return False
         return True
+
+
+def _pending_error(relay: Relay) -> bool:
+    """Abort ``relay`` if one of its sockets holds an error (e.g. ECONNRESET) nobody was told about."""
+    for sock, side in ((relay.client, "client"), (relay.target, "target")):
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            continue
+        if err:
+            relay.abort(f"{side} read: {os.strerror(err).lower()}")
+            return True
+    return False
 
 
 def _static_target(target: Address) -> list[tuple[int, Any]] | None:
