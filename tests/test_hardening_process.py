@@ -211,11 +211,6 @@ async def test_fd_exhaustion_pauses_accepting_logs_once_and_recovers(
 # --- a log that cannot be written ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: log lines are written to stderr synchronously on the event loop thread; once a stderr pipe is "
-    "full (a reader that stopped reading) the write blocks and the whole server stops",
-)
 @pytest.mark.timeout(90)
 async def test_a_full_stderr_pipe_does_not_stop_relaying(pki_files: dict[str, Path], ca: trustme.CA) -> None:
     """stderr goes to a pipe nobody reads. Refused connections log until the pipe is full (about 64 KiB); after
@@ -276,18 +271,7 @@ async def test_stderr_on_a_full_disk_does_not_stop_relaying(
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     "loop",
-    [
-        "asyncio",
-        pytest.param(
-            "uvloop",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: started with descriptor 2 closed, uvloop's epoll descriptor becomes 2 and libuv aborts "
-                "(SIGABRT, assertion in uv__close) when the loop closes at shutdown; tlsgate should open /dev/null on "
-                "any of 0-2 that is closed before it opens anything",
-            ),
-        ),
-    ],
+    ["asyncio", "uvloop"],
 )
 async def test_a_closed_stderr_does_not_stop_relaying_nor_leak_into_streams(
     loop: str, pki_files: dict[str, Path], ca: trustme.CA

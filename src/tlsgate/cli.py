@@ -6,6 +6,7 @@ Every TlsgateError becomes one line on stderr and exit code 2 (see cli_support.T
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -153,4 +154,21 @@ _register_subcommands()
 
 
 def main() -> None:
+    _open_standard_descriptors()
     cli(prog_name="tlsgate")
+
+
+def _open_standard_descriptors() -> None:
+    """Put /dev/null on any of descriptors 0-2 that the caller left closed (``tlsgate ... 2>&-``).
+
+    Otherwise the next descriptor opened takes that number: the event loop's epoll, which libuv refuses to close
+    (uvloop aborts at exit), or a client's socket, which log lines would then be written into.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)

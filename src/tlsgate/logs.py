@@ -2,7 +2,9 @@
 
 Events are built as plain dicts and formatted only when the line is emitted, so a filtered-out event (``--quiet``)
 costs a dict and a level check, nothing more. A broken log destination (full disk, closed pipe) must never stop
-relaying: ``_SafeHandler`` drops the line and counts it instead of raising into the event loop.
+relaying: ``_SafeHandler`` drops the line and counts it instead of raising into the event loop. Nor may a stuck
+one (a pipe whose reader stopped reading, a paused terminal): lines written to a real file descriptor go through
+``_Writer``, whose thread is the only one that can block on it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -75,6 +79,7 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.pending: list[str] = []
         self.last_flush = time.monotonic()
+        self.writer = _Writer(stream) if _has_fileno(stream) else None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -90,6 +95,9 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if not self.pending:
             return
         lines, self.pending = self.pending, []
+        if self.writer is not None:
+            self.writer.put("".join(lines), len(lines))
+            return
         try:
             self.stream.write("".join(lines))
             self.stream.flush()
@@ -100,9 +108,60 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
         STATE.dropped_lines += 1
 
 
-def flush_logs() -> None:
+class _Writer:
+    """Writes batches of log lines to ``stream`` on its own thread.
+
+    A destination that stops taking data blocks this thread only; the event loop goes on relaying. While it is
+    blocked, batches queue up to ``_MAX_QUEUED``; past that they are dropped and counted, like failed writes.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.queue: queue.Queue[tuple[str, int]] = queue.Queue(maxsize=_MAX_QUEUED)
+        threading.Thread(target=self._run, name="tlsgate-log-writer", daemon=True).start()
+
+    def put(self, text: str, lines: int) -> None:
+        try:
+            self.queue.put_nowait((text, lines))
+        except queue.Full:
+            STATE.dropped_lines += lines
+
+    def _run(self) -> None:
+        while True:
+            text, lines = self.queue.get()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                STATE.dropped_lines += lines
+            finally:
+                self.queue.task_done()
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for what is queued to be written (at exit: never hang on a stuck pipe)."""
+        deadline = time.monotonic() + timeout
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+_MAX_QUEUED = 1000  # batches, each at most FLUSH_INTERVAL's worth of lines
+
+
+def _has_fileno(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+def flush_logs(wait: float = 0.0) -> None:
+    """Hand buffered lines to their destination; with ``wait``, give them that long to be written."""
     for handler in LOGGER.handlers:
         handler.flush()
+        writer = getattr(handler, "writer", None)
+        if wait and writer is not None:
+            writer.drain(wait)
 
 
 def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = None) -> None:
@@ -125,4 +184,4 @@ def event(name: str, level: int = logging.INFO, category: str = "", **fields: An
         LOGGER.handle(record)
 
 
-atexit.register(flush_logs)
+atexit.register(flush_logs, 1.0)
