@@ -761,18 +761,15 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
         if key in seen:
             continue
         seen.add(key)
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
+            sock = bind_tcp(family, sockaddr, reuse_port=reuse_port)
+            try:
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
         except OSError as err:
-            sock.close()
             errors.append(f"{_host_port(str(sockaddr[0]), int(sockaddr[1]))}: {err.strerror or err}")
             continue
         sockets.append(sock)
@@ -781,6 +778,23 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
     if not sockets:
         raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
     return sockets
+
+
+def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``sockaddr`` (not yet listening); closed again if binding fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # A v6 socket must not also claim the v4 port: both families are bound separately when wanted.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _bind_unix(path: str) -> socket.socket:

@@ -50,7 +50,7 @@ from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
 from tlsgate.status import Snapshot, StatusServer, TunnelView, merge_views, serve_status, views_of
 from tlsgate.supervisor import ProcessOptions, Server, choose_loop
-from tlsgate.tunnel import bind_listeners
+from tlsgate.tunnel import bind_listeners, bind_tcp
 
 _WORKER_CODE = "from tlsgate.workers import worker_main; worker_main()"
 # A worker's answer to "stats" must come this fast, or status uses its previous answer.
@@ -490,15 +490,9 @@ def _reserve(address: Address) -> tuple[list[socket.socket], Address]:
         if (family, sockaddr[0]) in seen:
             continue
         seen.add((family, sockaddr[0]))
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
+            sock = bind_tcp(family, sockaddr, reuse_port=True)
         except OSError as err:
-            sock.close()
             errors.append(f"{Address(host=str(sockaddr[0]), port=int(sockaddr[1]))}: {err.strerror or err}")
             continue
         reserved.append(sock)
