@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import resource
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tlsgate.config import tunnel_config
 from tlsgate.supervisor import ProcessOptions, Server
@@ -151,3 +154,19 @@ async def assert_cut(reader: asyncio.StreamReader, timeout: float = 10) -> None:
     except (ConnectionError, ssl.SSLError):
         return
     assert data == b"", data
+
+
+@contextlib.contextmanager
+def fd_limit_at_least(wanted: int) -> Iterator[None]:
+    """Raise this process's soft RLIMIT_NOFILE (the in-process server shares it) for the duration."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {wanted} descriptors this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

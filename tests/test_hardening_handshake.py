@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import logging
 import random
-import resource
 import shutil
 import ssl
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import pytest
 import trustme
 
 from conftest import client_context
-from helpers import backend, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, fd_limit_at_least, port_of, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -62,22 +60,6 @@ async def ends(reader: asyncio.StreamReader, within: float = 20) -> None:
     except ConnectionError:
         return
     assert data == b"" or data.startswith(b"\x15\x03"), data  # nothing, or a TLS alert record
-
-
-@contextlib.contextmanager
-def fd_limit_at_least(wanted: int) -> Iterator[None]:
-    """Raise this process's soft RLIMIT_NOFILE (the in-process server shares it) for the duration."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        yield
-        return
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {wanted} descriptors this test needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # --- not a ClientHello ---------------------------------------------------------------------------------------

@@ -15,9 +15,7 @@ import hashlib
 import logging
 import os
 import random
-import resource
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,25 +27,9 @@ from tlsgate.pki import CertificateAuthority
 from tlsgate.relay import Relay
 
 from conftest import client_context
-from helpers import Handler, backend, port_of, server_opts, tunnel, wait_until
+from helpers import Handler, backend, fd_limit_at_least, port_of, server_opts, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-@contextlib.contextmanager
-def fd_limit_at_least(wanted: int) -> Iterator[None]:
-    """Raise this process's soft RLIMIT_NOFILE (the in-process server shares it) for the duration."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= wanted:
-        yield
-        return
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {wanted} descriptors this test needs")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def echo_and_hash(digests: list[str]) -> Handler:

@@ -149,10 +149,7 @@ async def test_address_refusal_after_reload_is_immediate(pki_files: dict[str, Pa
     async with (
         backend() as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            disable_authentication=True,
+            **server_opts(pki_files, be.address, disable_authentication=True),
             deny_from=["127.0.0.0/8"],
         ) as tun,
     ):

@@ -198,10 +198,7 @@ async def test_alpn_is_offered(pki_files: dict[str, Path], ca: trustme.CA) -> No
     async with (
         backend() as be,
         tunnel(
-            target=be.address,
-            cert=[str(pki_files["cert"])],
-            key=[str(pki_files["key"])],
-            disable_authentication=True,
+            **server_opts(pki_files, be.address, disable_authentication=True),
             alpn=["h2", "http/1.1"],
         ) as srv,
     ):
