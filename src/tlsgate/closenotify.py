@@ -48,8 +48,11 @@ class _LibSSL:
         self.clear_errors.restype = None
 
 
-def _loaded_library(stem: str) -> str | None:
-    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses)."""
+def loaded_library(stem: str) -> str | None:
+    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses).
+
+    Shared with `tlsgate.tickets`, which must reach the very same OpenSSL as ``_ssl`` does.
+    """
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
@@ -70,7 +73,7 @@ def _load() -> _LibSSL | None:
 
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         return None  # free-threaded builds have a different object header
-    ssl_path, crypto_path = _loaded_library("libssl"), _loaded_library("libcrypto")
+    ssl_path, crypto_path = loaded_library("libssl"), loaded_library("libcrypto")
     if ssl_path is None or crypto_path is None:
         return None
     try:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from tlsgate import tickets
 from tlsgate.errors import CertificateError
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. CBC suites (Lucky13, POODLE-style padding oracles) and
@@ -212,6 +213,9 @@ def server_context(
         ctx.verify_mode = ssl.CERT_REQUIRED
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    # Last, once client verification is final: the ticket key is derived from it (see tickets.py). Tickets then
+    # resume on every worker and across reloads; where that cannot be done, OpenSSL keeps its own random key.
+    tickets.apply(ctx)
     return ctx
 
 
@@ -219,6 +223,8 @@ def add_sni_certificates(default: ssl.SSLContext, by_name: dict[str, ssl.SSLCont
     """Serve ``by_name[server_name]`` to clients asking for that name; everyone else gets ``default``.
 
     Names are matched case-insensitively; ``*.example.com`` entries match one label, as certificates do.
+    Session tickets need nothing here: OpenSSL uses the ticket key of the context a handshake started on
+    (``default``), and every context from `server_context` carries the process's key anyway.
     """
     exact = {name.lower().rstrip("."): ctx for name, ctx in by_name.items() if not name.startswith("*.")}
     wildcard = {name[2:].lower().rstrip("."): ctx for name, ctx in by_name.items() if name.startswith("*.")}

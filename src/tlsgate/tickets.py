@@ -1,0 +1,173 @@
+"""One TLS session-ticket key for the whole process tree, so returning clients resume on any worker.
+
+Why this exists: OpenSSL gives every ``SSL_CTX`` its own random ticket key. With ``--workers N`` each worker
+has its own contexts, and SO_REUSEPORT sends a returning client to any worker, so a ticket resumed only when it
+happened to land on the worker that issued it (about half the time with two workers). A reload makes new
+contexts, so every ticket issued before it was refused too. Refused tickets cost a full handshake each.
+
+So each process holds one secret (`process_key`): created at random on first use, or adopted from the parent
+with `set_process_key` in a worker. `apply` installs a ticket key derived from it on a server context. Python's
+``ssl`` has no API for that, so we call ``SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS)`` through ``ctypes`` on
+the ``SSL_CTX*`` behind the context, like `tlsgate.closenotify` does for ``SSL*``.
+
+Why derived, not the secret itself: on resumption OpenSSL does not verify the client certificate again, it
+trusts the session. Every context ``_ssl`` makes carries the same session-id context ("Python"), so a ticket
+issued by a context that trusts CA X would resume on one that trusts only CA Y: across two tunnels, or across a
+reload that removed X from ``--cacert``. The key is therefore derived from the secret *and* what the context
+verifies clients with (verify mode, verify flags, CA certificates). Contexts that verify alike share tickets;
+any other ticket does not decrypt and the client makes a full handshake, verified as usual. (Identity rules,
+validity and CRLs are checked by tlsgate on every connection, resumed or not; see `tlsgate.policy`.)
+
+Reaching ``SSL_CTX*`` relies on CPython's ``PySSLContext`` layout (``PyObject_HEAD`` then ``SSL_CTX *ctx``,
+unchanged from 3.6 to 3.14). Before trusting the pointer we check that OpenSSL reports the same options and
+verify mode for it as Python does for the context, and that the ticket-key block is the 80 bytes we write; after
+writing we read the key back. Where anything does not fit (another Python, OpenSSL linked statically, a future
+key layout) `apply` returns False and leaves the context with OpenSSL's own random key: resumption then works
+only on the worker and the configuration that issued the ticket, as before.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import hashlib
+import os
+import platform
+import ssl
+import sys
+import threading
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tlsgate.closenotify import loaded_library
+
+_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+# OpenSSL's ticket-key block: 16 bytes key name, 32 bytes HMAC secret, 32 bytes AES key.
+_KEY_BLOCK = 80
+SECRET_LENGTH = 32
+# SSL_VERIFY_* bits as Python reports them through verify_mode.
+_VERIFY_MODES = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 3: ssl.CERT_REQUIRED}
+
+
+class _LibSSL:
+    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
+        self.ctrl = libssl.SSL_CTX_ctrl
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        self.ctrl.restype = ctypes.c_long
+        # uint64_t in OpenSSL 3 (unsigned long before: the same on 64-bit Linux; elsewhere the check fails).
+        self.get_options = libssl.SSL_CTX_get_options
+        self.get_options.argtypes = [ctypes.c_void_p]
+        self.get_options.restype = ctypes.c_uint64
+        self.get_verify_mode = libssl.SSL_CTX_get_verify_mode
+        self.get_verify_mode.argtypes = [ctypes.c_void_p]
+        self.get_verify_mode.restype = ctypes.c_int
+        self.clear_errors = libcrypto.ERR_clear_error
+        self.clear_errors.argtypes = []
+        self.clear_errors.restype = None
+
+
+def _load() -> _LibSSL | None:
+    if platform.python_implementation() != "CPython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
+        return None
+    import sysconfig
+
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None  # free-threaded builds have a different object header
+    ssl_path, crypto_path = loaded_library("libssl"), loaded_library("libcrypto")
+    if ssl_path is None or crypto_path is None:
+        return None
+    try:
+        return _LibSSL(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
+    except (OSError, AttributeError):
+        return None
+
+
+_LIB = _load()
+# PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer.
+_CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
+
+_lock = threading.Lock()
+_secret: bytes | None = None
+
+
+def process_key() -> bytes:
+    """This process's ticket secret, made at random on first use. A worker's parent hands it to the worker."""
+    global _secret
+    with _lock:
+        if _secret is None:
+            _secret = os.urandom(SECRET_LENGTH)
+        return _secret
+
+
+def set_process_key(key: bytes) -> None:
+    """Adopt ``key`` (the parent's `process_key`): contexts built from now on share tickets with the parent's."""
+    global _secret
+    if len(key) != SECRET_LENGTH:
+        raise ValueError(f"a ticket secret is {SECRET_LENGTH} bytes, not {len(key)}")
+    with _lock:
+        _secret = bytes(key)
+
+
+def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The ``SSL_CTX*`` behind ``ctx``, or None unless OpenSSL agrees with Python about what it holds."""
+    if _LIB is None or not isinstance(ctx, _ssl._SSLContext) or type(ctx).__basicsize__ <= _CTX_OFFSET:
+        return None
+    pointer = ctypes.c_void_p.from_address(id(ctx) + _CTX_OFFSET).value
+    if not pointer:
+        return None
+    # Python reads both of these from this very SSL_CTX: a 64-bit value and a small one must match.
+    if _LIB.get_options(pointer) != int(ctx.options):
+        return None
+    if _VERIFY_MODES.get(_LIB.get_verify_mode(pointer) & 3) != ctx.verify_mode:
+        return None
+    # With no buffer, the "get keys" ctrl answers the block size: proves the ctrl exists and the layout is ours.
+    if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, None) != _KEY_BLOCK:
+        _LIB.clear_errors()
+        return None
+    return pointer
+
+
+def _scope(ctx: ssl.SSLContext) -> bytes:
+    """A digest of how ``ctx`` verifies client certificates (see the module docstring for why)."""
+    digest = hashlib.sha256(b"%d %d\n" % (ctx.verify_mode, ctx.verify_flags))
+    for der in sorted(ctx.get_ca_certs(binary_form=True)):
+        digest.update(hashlib.sha256(der).digest())
+    return digest.digest()
+
+
+def _key_block(secret: bytes, scope: bytes) -> bytes:
+    info = b"tlsgate session ticket keys v1\0" + scope
+    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BLOCK, salt=None, info=info).derive(secret)
+
+
+def apply(ctx: ssl.SSLContext) -> bool:
+    """Give server context ``ctx`` the process's ticket key; False (``ctx`` unchanged) where that cannot be done.
+
+    Call it once the context's client verification is final (CA certificates loaded, verify mode set), and
+    before the context serves a handshake. With SNI, OpenSSL encrypts and decrypts tickets with the context a
+    connection started on, so the default context is the one that matters; tlsgate applies it to all of them.
+    """
+    pointer = _ctx_pointer(ctx)
+    if pointer is None:
+        return False
+    assert _LIB is not None
+    block = _key_block(process_key(), _scope(ctx))
+    previous, readback = ctypes.create_string_buffer(_KEY_BLOCK), ctypes.create_string_buffer(_KEY_BLOCK)
+    try:
+        if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous) != 1:
+            return False
+        if _LIB.ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, block) != 1:
+            return False
+        if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, readback) == 1 and readback.raw == block:
+            return True
+        _LIB.ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous)  # put OpenSSL's own key back
+        return False
+    finally:
+        _LIB.clear_errors()  # a refused ctrl leaves an error queued that the next ssl call would report
+
+
+def available() -> bool:
+    """Whether ticket keys can be installed at all here (for the start-up warning and the tests)."""
+    return _LIB is not None
