@@ -14,6 +14,10 @@ to the parent's ``stats`` requests. End of file on it means the other side is go
 worker died, and a worker whose parent was killed drains and exits instead of lingering on the port. Workers run
 in their own session so a terminal's Ctrl-C reaches only the parent, which passes each signal on exactly once.
 
+Session tickets. The parent's ticket secret (`tlsgate.tickets`) travels in the pickled message, so every worker,
+and every restarted one, issues and accepts the same tickets: a returning client resumes whichever worker the
+kernel hands it to.
+
 Signals. SIGTERM/SIGINT go to every worker, which drains as a single process would; a second one cuts. SIGHUP
 and SIGUSR1 go to every worker that is up; one still starting gets it when it reports ready, so a reload is never
 lost. A worker that dies while tlsgate is not shutting down is restarted after a back-off that doubles on each
@@ -43,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs
+from tlsgate import logs, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -100,6 +104,8 @@ class _Plan:
     # Port-0 listen addresses -> the concrete address the parent reserved, applied to reloaded configs too.
     listen_map: dict[Address, Address]
     load_configs: Callable[[], list[TunnelConfig]] | None
+    # The parent's session-ticket secret: every worker, restarted ones too, encrypts tickets alike (tickets.py).
+    ticket_key: bytes
 
 
 @dataclass
@@ -166,6 +172,11 @@ class _Pool:
         self._install_signals()
         self._schedule_timed_reload()
         self._flush_logs_periodically()
+        if not tickets.available():
+            logs.event(
+                "session tickets cannot be shared here; a returning client resumes only on the worker it first met",
+                logging.WARNING,
+            )
         logs.event("starting workers", workers=len(self.workers))
         try:
             await asyncio.gather(*(self._keep_running(w) for w in self.workers))
@@ -318,6 +329,7 @@ class _Pool:
             unix_fds={key: sock.fileno() for key, sock in self._unix_listeners.items()},
             listen_map=self._listen_map,
             load_configs=self.load_configs,
+            ticket_key=tickets.process_key(),
         )
         try:
             payload = pickle.dumps(plan)
@@ -513,6 +525,7 @@ def worker_main() -> None:
     """Entry point of a worker process (``python -P -c ...``; argv[1] is its end of the socketpair)."""
     control = socket.socket(fileno=int(sys.argv[1]))
     plan: _Plan = pickle.loads(_receive(control))
+    tickets.set_process_key(plan.ticket_key)  # before any context is built
     logs.setup_logging(plan.options.log_format, plan.options.quiet)
     for handler in logs.LOGGER.handlers:
         handler.addFilter(_WorkerTag(plan.index))
