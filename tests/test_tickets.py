@@ -1,0 +1,292 @@
+"""Session tickets shared by every context of a process tree: across contexts, reloads and --workers N."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from test_workers import Echo, Tlsgate, client_ctx, eventually, server_args
+from tlsgate import tickets, tlsctx
+
+from conftest import client_context
+from helpers import backend, port_of, server_opts, tunnel
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without a process secret, and leaves the next test none of its own."""
+    monkeypatch.setattr(tickets, "_secret", None)
+
+
+# -- in memory: one client, two server contexts ----------------------------------------------------------------
+
+
+def handshake(
+    client: ssl.SSLContext, server: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession, bool]:
+    """A full TLS exchange over memory BIOs; the client reads application data, which brings it the ticket."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    while not all(done.values()):
+        moved = False
+        for name, side in (("client", c), ("server", s)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        for src, dst in ((c_out, s_in), (s_out, c_in)):
+            if src.pending:
+                dst.write(src.read())
+                moved = True
+        assert moved or all(done.values()), "handshake stalled"
+    s.write(b"hello")
+    c_in.write(s_out.read())
+    assert c.read(5) == b"hello"
+    session = c.session
+    assert session is not None and session.has_ticket
+    return session, c.session_reused
+
+
+def material(pki_files: dict[str, Path]) -> tlsctx.KeyMaterial:
+    return tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+
+
+def alice_context(ca: trustme.CA) -> ssl.SSLContext:
+    return client_context(ca, ca.issue_cert("alice.test", common_name="alice"))
+
+
+def test_two_contexts_with_the_same_secret_resume_each_others_tickets(pki_files: dict[str, Path]) -> None:
+    assert tickets.available(), "ticket keys are expected to be reachable on CPython + shared OpenSSL"
+    client = ssl.create_default_context(cafile=str(pki_files["ca"]))
+    a = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    b = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    session, reused = handshake(client, a)
+    assert not reused
+    assert handshake(client, b, session)[1]
+
+    # Another process tree (another secret) cannot read them: the client falls back to a full handshake.
+    tickets.set_process_key(os.urandom(tickets.SECRET_LENGTH))
+    c = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    assert not handshake(client, c, session)[1]
+
+
+def test_plain_contexts_share_tickets_only_after_apply(server_cert: trustme.LeafCert, ca: trustme.CA) -> None:
+    def server() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_cert.configure_cert(ctx)
+        return ctx
+
+    client = client_context(ca)
+    a, b, untouched = server(), server(), server()
+    assert tickets.apply(a) and tickets.apply(b)
+    session, _ = handshake(client, a)
+    assert handshake(client, b, session)[1]
+    assert not handshake(client, untouched, session)[1]  # OpenSSL's own random key
+
+
+def test_a_ticket_does_not_carry_trust_to_a_context_that_verifies_clients_differently(
+    pki_files: dict[str, Path], ca: trustme.CA, other_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """OpenSSL does not verify the client again on resumption: a ticket must not outlive the CAs that vouched."""
+    both = tmp_path / "both.pem"
+    both.write_bytes(pki_files["ca"].read_bytes() + other_ca.cert_pem.bytes())
+    copy = tmp_path / "copy.pem"
+    copy.write_bytes(pki_files["ca"].read_bytes())
+    outsider = client_context(ca, other_ca.issue_cert("mallory.test", common_name="alice"))
+
+    def server(cafile: Path, require: bool = True) -> ssl.SSLContext:
+        return tlsctx.server_context(material(pki_files), client_ca=str(cafile), require_client_cert=require)
+
+    session, _ = handshake(outsider, server(both))
+    with pytest.raises(ssl.SSLError):
+        handshake(outsider, server(pki_files["ca"]), session)  # not resumed: a full handshake, which fails
+
+    alice = alice_context(ca)
+    session, _ = handshake(alice, server(pki_files["ca"]))
+    assert handshake(alice, server(copy), session)[1]  # the same CAs from another file: same key
+    assert not handshake(alice, server(pki_files["ca"], require=False), session)[1]
+
+
+def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
+    server_cert: trustme.LeafCert, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def server() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_cert.configure_cert(ctx)
+        return ctx
+
+    client = client_context(ca)
+    reference = server()
+    assert tickets.apply(reference)
+    session, _ = handshake(client, reference)
+
+    class WrongOptions:
+        """The real library, except that OpenSSL seems to hold other options than Python reports."""
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+        def get_options(self, pointer: int) -> int:
+            return int(self.real.get_options(pointer)) ^ 1
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tickets, "_LIB", WrongOptions(tickets._LIB))
+        mismatched = server()
+        assert tickets.apply(mismatched) is False
+    with monkeypatch.context() as patch:
+        # Another struct layout: the next field (the ALPN list, not set) is where we would look for SSL_CTX*.
+        patch.setattr(tickets, "_CTX_OFFSET", tickets._CTX_OFFSET + tickets.ctypes.sizeof(tickets.ctypes.c_void_p))
+        shifted = server()
+        assert tickets.apply(shifted) is False
+    with monkeypatch.context() as patch:
+        patch.setattr(tickets, "_LIB", None)
+        unavailable = server()
+        assert tickets.apply(unavailable) is False
+        assert not tickets.available()
+    for ctx in (mismatched, shifted, unavailable):
+        assert not handshake(client, ctx, session)[1]  # still OpenSSL's own random key
+        assert handshake(client, ctx)[0] is not None  # and a working context
+
+
+def test_set_process_key_takes_only_a_whole_secret() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        tickets.set_process_key(b"short")
+    key = os.urandom(tickets.SECRET_LENGTH)
+    tickets.set_process_key(key)
+    assert tickets.process_key() == key
+
+
+# -- one process: reload ----------------------------------------------------------------------------------------
+
+
+def resume_chain(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession]:
+    """One echo connection offering ``session``; whether it was resumed, and the session to offer next."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(b"x")
+        assert tls.recv(1) == b"x"  # the ticket arrives after the handshake; reading collects it
+        assert tls.session is not None
+        return tls.session_reused, tls.session
+
+
+@pytest.mark.asyncio
+async def test_tickets_survive_a_reload(pki_files: dict[str, Path], ca: trustme.CA) -> None:
+    ctx = alice_context(ca)
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_cn=["alice"])) as tun:
+        port = port_of(tun)
+        reused, session = await asyncio.to_thread(resume_chain, port, ctx)
+        assert not reused
+        before = tun.runtime.accept_ctx
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        assert tun.runtime.accept_ctx is not before  # a new SSLContext, the same ticket key
+        reused, session = await asyncio.to_thread(resume_chain, port, ctx, session)
+        assert reused
+        assert tun.stats.reloads == 1
+
+
+@pytest.mark.asyncio
+async def test_a_reload_that_drops_a_ca_refuses_its_clients_tickets(
+    pki_files: dict[str, Path], ca: trustme.CA, other_ca: trustme.CA
+) -> None:
+    bundle = pki_files["ca"]
+    original = bundle.read_bytes()
+    bundle.write_bytes(original + other_ca.cert_pem.bytes())
+    outsider = client_context(ca, other_ca.issue_cert("mallory.test", common_name="alice"))
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_cn=["alice"])) as tun:
+        port = port_of(tun)
+        _, session = await asyncio.to_thread(resume_chain, port, outsider)
+        bundle.write_bytes(original)
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.to_thread(resume_chain, port, outsider, session)
+
+
+# -- --workers 2 ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workers_gate(pki_files: dict[str, Path], tmp_path: Path) -> Iterator[Tlsgate]:
+    """``tlsgate server --workers 2`` with client certificates required, in front of a threaded echo server."""
+    echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    echo.daemon_threads = True
+    thread = threading.Thread(target=echo.serve_forever, daemon=True)
+    thread.start()
+    gate = Tlsgate(server_args(pki_files, f"127.0.0.1:{echo.server_address[1]}"), tmp_path / "tlsgate.log")
+    try:
+        yield gate
+    finally:
+        gate.stop()
+        echo.shutdown()
+        echo.server_close()
+        thread.join(10)
+
+
+def closed_by(log: str) -> Callable[[int], bool]:
+    """Whether worker N logged a closed connection in ``log``."""
+    lines = [line for line in log.splitlines() if " closed " in f" {line} "]
+    return lambda index: any(f"worker={index}" in line for line in lines)
+
+
+def chain_of_resumptions(gate: Tlsgate, ctx: ssl.SSLContext, count: int, session: ssl.SSLSession | None) -> Any:
+    """``count`` connections, each offering the previous one's session; every one must resume."""
+    for i in range(count):
+        reused, session = resume_chain(gate.port, ctx, session)
+        assert reused, f"connection {i} was not resumed:\n{gate.log()}"
+    return session
+
+
+def test_every_worker_resumes_every_workers_tickets(workers_gate: Tlsgate, pki_files: dict[str, Path]) -> None:
+    gate = workers_gate
+    gate.wait_ready(2)
+    ctx = client_ctx(pki_files)
+    reused, session = resume_chain(gate.port, ctx)
+    assert not reused
+    chain_of_resumptions(gate, ctx, 24, session)
+    # The kernel spread them (25 coin flips all one way: 2**-24), so consecutive connections crossed workers and
+    # each resumed a ticket the other worker had issued.
+    eventually("both workers' connection lines", lambda: all(map(closed_by(gate.log()), (0, 1))))
+
+
+def test_tickets_survive_sighup_and_a_restarted_worker(workers_gate: Tlsgate, pki_files: dict[str, Path]) -> None:
+    gate = workers_gate
+    doc = gate.wait_ready(2)
+    ctx = client_ctx(pki_files)
+    _, session = resume_chain(gate.port, ctx)
+    session = chain_of_resumptions(gate, ctx, 4, session)
+
+    gate.proc.send_signal(signal.SIGHUP)
+    eventually("both workers reloaded", lambda: gate.metric("tlsgate.reload.total") == 2)
+    session = chain_of_resumptions(gate, ctx, 10, session)
+
+    victim = doc["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        worker = gate.status()["workers"][0]
+        return bool(worker["ready"] and worker["pid"] not in (None, victim))
+
+    eventually("worker 0 to come back", replaced)
+    mark = len(gate.log())
+    chain_of_resumptions(gate, ctx, 20, session)
+    # The new worker 0 took some of them (2**-20 that it took none), with the key it was handed at start.
+    eventually("the restarted worker's connection lines", lambda: closed_by(gate.log()[mark:])(0))
