@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -15,9 +16,11 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from test_workers import Echo, Tlsgate, client_ctx, eventually, server_args
 from tlsgate import tickets, tlsctx
+from tlsgate.pki import CertificateAuthority
 
 from conftest import client_context
 from helpers import backend, port_of, server_opts, tunnel
@@ -153,7 +156,7 @@ def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
         assert tickets.apply(mismatched) is False
     with monkeypatch.context() as patch:
         # Another struct layout: the next field (the ALPN list, not set) is where we would look for SSL_CTX*.
-        patch.setattr(tickets, "_CTX_OFFSET", tickets._CTX_OFFSET + tickets.ctypes.sizeof(tickets.ctypes.c_void_p))
+        patch.setattr(tickets, "_CTX_OFFSET", tickets._CTX_OFFSET + ctypes.sizeof(ctypes.c_void_p))
         shifted = server()
         assert tickets.apply(shifted) is False
     with monkeypatch.context() as patch:
@@ -186,7 +189,7 @@ def resume_chain(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None 
         tls.sendall(b"x")
         assert tls.recv(1) == b"x"  # the ticket arrives after the handshake; reading collects it
         assert tls.session is not None
-        return tls.session_reused, tls.session
+        return bool(tls.session_reused), tls.session
 
 
 @pytest.mark.asyncio
@@ -221,6 +224,50 @@ async def test_a_reload_that_drops_a_ca_refuses_its_clients_tickets(
             await asyncio.to_thread(resume_chain, port, outsider, session)
 
 
+@pytest.mark.asyncio
+async def test_a_resumed_session_is_still_checked_against_a_new_crl(tmp_path: Path) -> None:
+    """Resumption skips OpenSSL's verification, not tlsgate's own checks: a revoked client's ticket gets it nowhere."""
+    authority = CertificateAuthority.create(tmp_path / "ca")
+    server = authority.issue("localhost").write(tmp_path, "server")
+    alice = authority.issue("alice", client=True, server=False)
+    alice_files = alice.write(tmp_path, "alice")
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(authority.build_crl().public_bytes(Encoding.PEM))
+    ctx = ssl.create_default_context(cafile=str(authority.cert_path))
+    ctx.load_cert_chain(alice_files["cert"], alice_files["key"])
+
+    def offer(port: int, session: ssl.SSLSession) -> tuple[bool, bytes]:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            reused = bool(tls.session_reused)
+            try:
+                tls.sendall(b"x")
+                return reused, tls.recv(1)
+            except (ConnectionError, ssl.SSLError):
+                return reused, b""
+
+    async with (
+        backend() as be,
+        tunnel(
+            target=be.address,
+            cert=[str(server["cert"])],
+            key=[str(server["key"])],
+            cacert=str(authority.cert_path),
+            allow_cn=["alice"],
+            crl=[str(crl)],
+        ) as tun,
+    ):
+        port = port_of(tun)
+        _, session = await asyncio.to_thread(resume_chain, port, ctx)
+        authority.revoke(alice.serial)
+        crl.write_bytes(authority.build_crl().public_bytes(Encoding.PEM))
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(offer, port, session) == (True, b"")
+        assert tun.stats.refused.get("crl") == 1
+
+
 # -- --workers 2 ----------------------------------------------------------------------------------------------------
 
 
@@ -247,7 +294,7 @@ def closed_by(log: str) -> Callable[[int], bool]:
     return lambda index: any(f"worker={index}" in line for line in lines)
 
 
-def chain_of_resumptions(gate: Tlsgate, ctx: ssl.SSLContext, count: int, session: ssl.SSLSession | None) -> Any:
+def chain_of_resumptions(gate: Tlsgate, ctx: ssl.SSLContext, count: int, session: ssl.SSLSession) -> ssl.SSLSession:
     """``count`` connections, each offering the previous one's session; every one must resume."""
     for i in range(count):
         reused, session = resume_chain(gate.port, ctx, session)
