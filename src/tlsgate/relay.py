@@ -165,6 +165,8 @@ class Direction:
         self.read_wants_write = False
         if self.peer.pending is None:
             self.loop.remove_writer(self.src_fd)
+        if self.eof:  # ended meanwhile (the close_notify fallback reads directly); its reader stays gone
+            return
         self.loop.add_reader(self.src_fd, self.read)
         self.read()
 
@@ -303,10 +305,11 @@ class Relay:
         self.closed = True
         self.end = reason
         loop = self.loop
-        for sock in (self.client, self.target):
+        for sock, direction in ((self.client, self.outbound), (self.target, self.inbound)):
             fd = sock.fileno()
             if fd >= 0:
-                loop.remove_reader(fd)
+                if not direction.eof:  # an ended direction already dropped its reader (_on_eof)
+                    loop.remove_reader(fd)
                 loop.remove_writer(fd)
                 if reset and not isinstance(sock, ssl.SSLSocket):
                     with contextlib.suppress(OSError):
