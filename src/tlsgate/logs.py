@@ -13,6 +13,7 @@ import atexit
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -34,9 +35,12 @@ STATE = _State()
 FLUSH_INTERVAL = 0.2
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\n]|^$').search
+
+
 def _quote(value: object) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
+    text = value if isinstance(value, str) else str(value)
+    if _NEEDS_QUOTES(text):
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -172,6 +176,8 @@ def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = No
     LOGGER.propagate = False
     STATE.quiet = frozenset(quiet)
     LOGGER.setLevel(logging.WARNING if "all" in STATE.quiet else logging.INFO)
+    # No line prints a thread or process name; LogRecord would look them up (and call getpid) for every line.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 def event(name: str, level: int = logging.INFO, category: str = "", **fields: Any) -> None:
