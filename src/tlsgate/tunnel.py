@@ -181,20 +181,22 @@ class Tunnel:
 
     def _accept(self, listener: socket.socket) -> None:
         limit = self.cfg.max_concurrent_conns
+        # socket.accept() converts the listener's family and type to enums for every connection; do it once.
+        accept, family = listener._accept, int(listener.family)  # type: ignore[attr-defined]
         for _ in range(_ACCEPT_BATCH):
             if limit and self.active >= limit:
                 # Excess clients wait in the kernel's backlog instead of being refused mid-handshake.
                 self._pause_accepting()
                 return
             try:
-                sock, addr = listener.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
                 self._accept_failed(err)
                 return
             self.stats.accepted += 1
-            self._on_accepted(sock, addr)
+            self._on_accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), addr)
 
     def _accept_failed(self, err: OSError) -> None:
         self.stats.accept_errors += 1
