@@ -113,3 +113,48 @@ def test_warnings_are_written_at_once(captured: io.StringIO) -> None:
     assert "buffered" not in captured.getvalue()
     logs.event("target unreachable", logging.WARNING, peer="urgent")
     assert "buffered" in captured.getvalue() and "urgent" in captured.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_direct_lines_match_record_lines(captured: io.StringIO, fmt: str) -> None:
+    """event() formats straight into our handler; via a LogRecord (another handler attached) the line is the same."""
+    logs.setup_logging(fmt, stream=captured)
+    fields = {"peer": "127.0.0.1:5", "reason": "a b", "empty": "", "n": 3, "none": None}
+    logs.event("closed", **fields)
+    other = logging.NullHandler()
+    logs.LOGGER.addHandler(other)  # two destinations: the LogRecord path
+    try:
+        logs.event("closed", **fields)
+    finally:
+        logs.LOGGER.removeHandler(other)
+    direct, via_record = lines(captured)
+    if fmt == "json":
+        a, b = json.loads(direct), json.loads(via_record)
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+        assert a["reason"] == "a b" and a["n"] == 3 and "none" not in a
+    else:
+        assert direct.split(" ", 1)[1] == via_record.split(" ", 1)[1]  # all but the timestamp
+        assert 'reason="a b"' in direct and "empty=" not in direct and "none" not in direct
+
+
+def test_process_tags_are_added_to_every_line(captured: io.StringIO) -> None:
+    logs.setup_logging("text", stream=captured)
+    logs.STATE.tags["worker"] = 1
+    try:
+        logs.event("closed", peer="x")
+        logs.event("worker died; restarting", logging.ERROR, worker=0)  # an explicit field wins
+    finally:
+        logs.STATE.tags.clear()
+    first, second = lines(captured)
+    assert first.endswith("peer=x worker=1") and second.endswith("worker=0")
+
+
+def test_caplog_sees_events_after_setup_logging(captured: io.StringIO, caplog: pytest.LogCaptureFixture) -> None:
+    logs.setup_logging("text", stream=captured)
+    logs.LOGGER.addHandler(caplog.handler)
+    try:
+        logs.event("closed", peer="seen")
+    finally:
+        logs.LOGGER.removeHandler(caplog.handler)
+    assert [getattr(r, "fields", {}).get("peer") for r in caplog.records] == ["seen"]
+    assert "peer=seen" in "\n".join(lines(captured))

@@ -27,8 +27,15 @@ QUIET_CHOICES = ("conns", "conn-errs", "handshake-errs", "all")
 
 
 class _State:
-    quiet: frozenset[str] = frozenset()
-    dropped_lines = 0
+    def __init__(self) -> None:
+        self.quiet: frozenset[str] = frozenset()
+        self.dropped_lines = 0
+        # Fields added to every line of this process (a worker's "worker=N").
+        self.tags: dict[str, Any] = {}
+        # The handler setup_logging() installed, while it is the logger's only one: event() then formats
+        # straight into it. Building, filtering and dispatching a LogRecord was a quarter of the interpreter's
+        # work per short connection (callgrind); anything else attached to the logger (caplog) gets records.
+        self.direct: _SafeHandler | None = None
 
 
 STATE = _State()
@@ -45,31 +52,47 @@ def _quote(value: object) -> str:
     return text
 
 
-class TextFormatter(logging.Formatter):
+class _FieldsFormatter(logging.Formatter):
+    """Formats an event from its parts; ``format(record)`` is the same line for records from elsewhere."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.format_event(record.created, record.levelno, record.getMessage(), getattr(record, "fields", None))
+
+    def format_event(self, created: float, level: int, name: str, fields: dict[str, Any] | None) -> str:
+        raise NotImplementedError
+
+
+class TextFormatter(_FieldsFormatter):
     _second = -1
     _stamp = ""
 
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] | None = getattr(record, "fields", None)
-        second = int(record.created)
+    def format_event(self, created: float, level: int, name: str, fields: dict[str, Any] | None) -> str:
+        second = int(created)
         if second != self._second:  # strftime per line is a measurable share of a short connection's cost
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
-        stamp = self._stamp
-        line = f"{stamp} {record.levelname.lower():<5} {record.getMessage()}"
+        line = f"{self._stamp} {_level_name(level):<5} {name}"
         if fields:
             line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None and v != "")
         return line
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class JsonFormatter(_FieldsFormatter):
+    def format_event(self, created: float, level: int, name: str, fields: dict[str, Any] | None) -> str:
+        millis = int((created - int(created)) * 1000)
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z",
+            "level": _level_name(level),
+            "event": name,
         }
-        doc.update({k: v for k, v in (getattr(record, "fields", None) or {}).items() if v is not None})
+        doc.update({k: v for k, v in (fields or {}).items() if v is not None})
         return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
+
+
+def _level_name(level: int) -> str:
+    return _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower()
 
 
 class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -92,6 +115,17 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         if record.levelno >= logging.WARNING or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
+            self.flush()
+
+    def emit_event(self, level: int, name: str, fields: dict[str, Any]) -> None:
+        """``emit`` without a LogRecord: the same line, for ``event()`` when this is the only destination."""
+        formatter: _FieldsFormatter = self.formatter  # type: ignore[assignment]
+        try:
+            self.pending.append(formatter.format_event(time.time(), level, name, fields) + "\n")
+        except Exception:
+            STATE.dropped_lines += 1
+            return
+        if level >= logging.WARNING or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
     def flush(self) -> None:
@@ -174,6 +208,7 @@ def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = No
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     LOGGER.handlers[:] = [handler]
     LOGGER.propagate = False
+    STATE.direct = handler
     STATE.quiet = frozenset(quiet)
     LOGGER.setLevel(logging.WARNING if "all" in STATE.quiet else logging.INFO)
     # No line prints a thread or process name; LogRecord would look them up (and call getpid) for every line.
@@ -185,6 +220,12 @@ def event(name: str, level: int = logging.INFO, category: str = "", **fields: An
     if category and category in STATE.quiet:
         return
     if LOGGER.isEnabledFor(level):
+        if STATE.tags:
+            fields.update({k: v for k, v in STATE.tags.items() if k not in fields})
+        direct, handlers = STATE.direct, LOGGER.handlers
+        if direct is not None and len(handlers) == 1 and handlers[0] is direct and not direct.filters:
+            direct.emit_event(level, name, fields)
+            return
         # makeRecord + handle skips Logger.log's findCaller stack walk, which nothing here prints.
         record = LOGGER.makeRecord(LOGGER.name, level, "", 0, name, (), None, extra={"fields": fields})
         LOGGER.handle(record)

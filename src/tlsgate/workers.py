@@ -527,8 +527,7 @@ def worker_main() -> None:
     plan: _Plan = pickle.loads(_receive(control))
     tickets.set_process_key(plan.ticket_key)  # before any context is built
     logs.setup_logging(plan.options.log_format, plan.options.quiet)
-    for handler in logs.LOGGER.handlers:
-        handler.addFilter(_WorkerTag(plan.index))
+    logs.STATE.tags["worker"] = plan.index  # every line says which worker wrote it
     try:
         code = int(choose_loop(plan.options.loop)(_work(plan, control)))
     except TlsgateError as err:
@@ -552,20 +551,6 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
-
-
-class _WorkerTag(logging.Filter):
-    """Adds ``worker=N`` to every tlsgate log line of this process, so interleaved lines can be told apart."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            fields.setdefault("worker", self.index)
-        return True
 
 
 class _WorkerServer(Server):
