@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shlex
 import socket
 import ssl
 import subprocess
@@ -32,7 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 from newconn_ab import extract
 
-GROUPS = (("openssl", ("libcrypto", "libssl")), ("python", ("libpython", "python3")), ("loop", ("uvloop", "loop.")))
+GROUPS = (
+    ("openssl", ("libcrypto", "libssl")),
+    ("python", ("libpython", "python3")),
+    ("loop", ("uvloop", "loop.")),
+    ("haproxy", ("haproxy",)),
+)
 
 
 def fetch(port: int, ctx: ssl.SSLContext) -> None:
@@ -42,16 +48,21 @@ def fetch(port: int, ctx: ssl.SSLContext) -> None:
             pass
 
 
-def measure(wd: bl.Workdir, name: str, pythonpath: Path | None, loop: str, target: str, n: int) -> dict[str, int]:
+def measure(
+    wd: bl.Workdir, name: str, pythonpath: Path | None, loop: str, target: str, n: int, extra: list[str]
+) -> dict[str, int]:
     port = bl.free_port()
     out = wd.path / f"callgrind.{name.replace('/', '_')}.out"
     env = dict(os.environ, TLSGATE_LOOP=loop, PYTHONMALLOC="malloc")
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--collect-atstart=yes"]
-    argv += [str(bl.REPO / ".venv" / "bin" / "python"), "-m", "tlsgate", "server"]
-    argv += ["--listen", f"127.0.0.1:{port}", "--target", target, "--cert", str(wd.cert), "--key", str(wd.key)]
-    argv += ["--disable-authentication"]
+    if name == "haproxy":
+        argv += bl.haproxy_argv(wd, port, target)
+    else:
+        argv += [str(bl.REPO / ".venv" / "bin" / "python"), "-m", "tlsgate", "server"]
+        argv += ["--listen", f"127.0.0.1:{port}", "--target", target, "--cert", str(wd.cert), "--key", str(wd.key)]
+        argv += ["--disable-authentication", *extra]
     p = wd.spawn(name, argv, bl.PROXY_CPU, None, env=env)
     try:
         if not bl.wait_port(port, timeout=180, proc=p):
@@ -113,6 +124,8 @@ def main() -> int:
     ap.add_argument("--rev", action="append", default=[], help="git revision (repeatable; default HEAD)")
     ap.add_argument("--no-worktree", action="store_true", help="leave out the working tree's src/")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--args", default="", help="more tlsgate server flags, e.g. '--quiet conns'")
+    ap.add_argument("--haproxy", action="store_true", help="count haproxy too (the same client, the same nginx)")
     ap.add_argument("-n", type=int, default=200, help="connections counted (after 20 not counted)")
     args = ap.parse_args()
     bl.ensure_tools(["nginx", "openssl", "taskset", "valgrind"])
@@ -121,10 +134,12 @@ def main() -> int:
         paths: dict[str, Path | None] = {rev: extract(rev, Path(srcs)) for rev in args.rev or ["HEAD"]}
         if not args.no_worktree:
             paths["worktree"] = None
+        if args.haproxy:
+            paths["haproxy"] = None
         rows = {}
         for name, path in paths.items():
             bl.log(f"{name}: running under callgrind ...")
-            rows[name] = measure(wd, name, path, args.loop, target, args.n)
+            rows[name] = measure(wd, name, path, args.loop, target, args.n, shlex.split(args.args))
     cols = [g for g, _ in GROUPS] + ["other"]
     print(f"\nThousands of instructions per new connection ({args.loop}, {args.n} connections, one at a time):\n")
     print("| variant | total | " + " | ".join(cols) + " |")
