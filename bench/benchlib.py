@@ -40,6 +40,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "curl": "curl",
     "openssl": "openssl",
     "taskset": "util-linux",
+    "valgrind": "valgrind",
 }
 
 
