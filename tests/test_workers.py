@@ -113,6 +113,17 @@ class Tlsgate:
 
         return dict(eventually("all workers ready", ready))
 
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL worker ``index`` and wait until the parent has a new one ready in its place."""
+        victim = self.status()["workers"][index]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            worker = self.status()["workers"][index]
+            return bool(worker["ready"] and worker["pid"] not in (None, victim))
+
+        eventually(f"worker {index} to come back", replaced)
+
     @property
     def port(self) -> int:
         return int(self.status()["listen_address"].rsplit(":", 1)[1])
@@ -256,20 +267,13 @@ def test_a_killed_worker_is_restarted_and_counters_do_not_go_back(
     start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
 ) -> None:
     gate = start(*server_args(pki_files, echo_backend))
-    doc = gate.wait_ready(2)
+    gate.wait_ready(2)
     ctx = client_ctx(pki_files)
     for _ in range(10):
         echo_through(gate.port, ctx)
     eventually("10 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 10)
 
-    victim = doc["workers"][0]["pid"]
-    os.kill(victim, signal.SIGKILL)
-
-    def replaced() -> bool:
-        worker = gate.status()["workers"][0]
-        return bool(worker["ready"] and worker["pid"] not in (None, victim))
-
-    eventually("worker 0 to come back", replaced)
+    gate.kill_worker(0)
     assert gate.status()["workers"][0]["restarts"] == 1
     assert gate.metric("tlsgate.process.worker_restarts") == 1
     assert gate.metric("tlsgate.conn.closed") == 10

@@ -23,8 +23,10 @@ import os
 import platform
 import ssl
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+_T = TypeVar("_T")
 _SSL_ERROR_WANT_READ = 2
 _SSL_ERROR_WANT_WRITE = 3
 
@@ -64,9 +66,9 @@ def loaded_library(stem: str) -> str | None:
     return None
 
 
-def _load() -> _LibSSL | None:
-    if os.environ.get("TLSGATE_CLOSE_NOTIFY") == "unwrap":
-        return None
+def load_openssl(bind: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | None:
+    """``bind(libssl, libcrypto)`` for the OpenSSL that ``_ssl`` uses, or None where our layout assumptions may
+    not hold (not CPython 3.11-3.14, a free-threaded build, OpenSSL not found as a shared library)."""
     if platform.python_implementation() != "CPython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
         return None
     import sysconfig
@@ -77,9 +79,15 @@ def _load() -> _LibSSL | None:
     if ssl_path is None or crypto_path is None:
         return None
     try:
-        return _LibSSL(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
+        return bind(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
     except (OSError, AttributeError):
         return None
+
+
+def _load() -> _LibSSL | None:
+    if os.environ.get("TLSGATE_CLOSE_NOTIFY") == "unwrap":
+        return None
+    return load_openssl(_LibSSL)
 
 
 _LIB = _load()

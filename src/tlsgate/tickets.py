@@ -32,15 +32,13 @@ import _ssl
 import ctypes
 import hashlib
 import os
-import platform
 import ssl
-import sys
 import threading
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tlsgate.closenotify import loaded_library
+from tlsgate.closenotify import load_openssl
 
 _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
@@ -68,23 +66,7 @@ class _LibSSL:
         self.clear_errors.restype = None
 
 
-def _load() -> _LibSSL | None:
-    if platform.python_implementation() != "CPython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
-        return None
-    import sysconfig
-
-    if sysconfig.get_config_var("Py_GIL_DISABLED"):
-        return None  # free-threaded builds have a different object header
-    ssl_path, crypto_path = loaded_library("libssl"), loaded_library("libcrypto")
-    if ssl_path is None or crypto_path is None:
-        return None
-    try:
-        return _LibSSL(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
-    except (OSError, AttributeError):
-        return None
-
-
-_LIB = _load()
+_LIB = load_openssl(_LibSSL)
 # PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer.
 _CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
 
