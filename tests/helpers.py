@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tlsgate.config import tunnel_config
+from tlsgate.pki import CertificateAuthority
 from tlsgate.supervisor import ProcessOptions, Server
 from tlsgate.tunnel import Tunnel
 
@@ -170,3 +171,42 @@ def fd_limit_at_least(wanted: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@dataclass
+class RevocableClient:
+    """A CA, a server certificate, client "alice" and a CRL file: a tunnel that checks revocation, and a way to
+    revoke alice in the middle of a test."""
+
+    ca: CertificateAuthority
+    serial: int
+    crl: Path
+    ctx: ssl.SSLContext  # alice's client context
+    options: dict[str, Any]  # tunnel(...) options: certificate, client CA, allow-cn alice, the CRL
+
+    def revoke(self) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        self.ca.revoke(self.serial)
+        self.crl.write_bytes(self.ca.build_crl().public_bytes(Encoding.PEM))
+
+
+def revocable_client(tmp_path: Path) -> RevocableClient:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    server = ca.issue("localhost").write(tmp_path, "server")
+    alice = ca.issue("alice", client=True, server=False)
+    alice_files = alice.write(tmp_path, "alice")
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(ca.build_crl().public_bytes(Encoding.PEM))
+    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+    ctx.load_cert_chain(alice_files["cert"], alice_files["key"])
+    options: dict[str, Any] = {
+        "cert": [str(server["cert"])],
+        "key": [str(server["key"])],
+        "cacert": str(ca.cert_path),
+        "allow_cn": ["alice"],
+        "crl": [str(crl)],
+    }
+    return RevocableClient(ca, alice.serial, crl, ctx, options)

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tlsgate.pki import CertificateAuthority
-
 from conftest import client_context
-from helpers import assert_cut, backend, server_opts, tls_connect, tunnel, wait_until
+from helpers import assert_cut, backend, revocable_client, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -65,33 +63,14 @@ async def test_ca_bundle_reload_turns_a_refused_client_into_an_allowed_one_and_b
 
 
 async def test_crl_reload_refuses_a_newly_revoked_client(tmp_path: Path) -> None:
-    ca = CertificateAuthority.create(tmp_path / "ca")
-    server = ca.issue("localhost").write(tmp_path, "server")
-    alice = ca.issue("alice", client=True, server=False)
-    alice_files = alice.write(tmp_path, "alice")
-    crl = tmp_path / "crl.pem"
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    crl.write_bytes(ca.build_crl().public_bytes(Encoding.PEM))
-    ctx = ssl.create_default_context(cafile=str(ca.cert_path))
-    ctx.load_cert_chain(alice_files["cert"], alice_files["key"])
-    async with (
-        backend() as be,
-        tunnel(
-            target=be.address,
-            cert=[str(server["cert"])],
-            key=[str(server["key"])],
-            cacert=str(ca.cert_path),
-            allow_cn=["alice"],
-            crl=[str(crl)],
-        ) as tun,
-    ):
+    alice = revocable_client(tmp_path)
+    ctx = alice.ctx
+    async with backend() as be, tunnel(target=be.address, **alice.options) as tun:
         reader, writer = await tls_connect(tun, ctx)
         writer.write(b"1")
         assert await reader.readexactly(1) == b"1"
 
-        ca.revoke(alice.serial)
-        crl.write_bytes(ca.build_crl().public_bytes(Encoding.PEM))
+        alice.revoke()
         assert tun.server.reload()  # type: ignore[attr-defined]
         assert not await try_client(tun, ctx)
         assert tun.stats.refused.get("crl") == 1

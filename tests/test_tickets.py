@@ -16,14 +16,12 @@ from typing import Any
 
 import pytest
 import trustme
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from test_workers import Echo, Tlsgate, client_ctx, eventually, server_args
 from tlsgate import tickets, tlsctx
-from tlsgate.pki import CertificateAuthority
 
 from conftest import client_context
-from helpers import backend, port_of, server_opts, tunnel
+from helpers import backend, port_of, revocable_client, server_opts, tunnel
 
 
 @pytest.fixture(autouse=True)
@@ -227,14 +225,8 @@ async def test_a_reload_that_drops_a_ca_refuses_its_clients_tickets(
 @pytest.mark.asyncio
 async def test_a_resumed_session_is_still_checked_against_a_new_crl(tmp_path: Path) -> None:
     """Resumption skips OpenSSL's verification, not tlsgate's own checks: a revoked client's ticket gets it nowhere."""
-    authority = CertificateAuthority.create(tmp_path / "ca")
-    server = authority.issue("localhost").write(tmp_path, "server")
-    alice = authority.issue("alice", client=True, server=False)
-    alice_files = alice.write(tmp_path, "alice")
-    crl = tmp_path / "crl.pem"
-    crl.write_bytes(authority.build_crl().public_bytes(Encoding.PEM))
-    ctx = ssl.create_default_context(cafile=str(authority.cert_path))
-    ctx.load_cert_chain(alice_files["cert"], alice_files["key"])
+    alice = revocable_client(tmp_path)
+    ctx = alice.ctx
 
     def offer(port: int, session: ssl.SSLSession) -> tuple[bool, bytes]:
         with (
@@ -248,21 +240,10 @@ async def test_a_resumed_session_is_still_checked_against_a_new_crl(tmp_path: Pa
             except (ConnectionError, ssl.SSLError):
                 return reused, b""
 
-    async with (
-        backend() as be,
-        tunnel(
-            target=be.address,
-            cert=[str(server["cert"])],
-            key=[str(server["key"])],
-            cacert=str(authority.cert_path),
-            allow_cn=["alice"],
-            crl=[str(crl)],
-        ) as tun,
-    ):
+    async with backend() as be, tunnel(target=be.address, **alice.options) as tun:
         port = port_of(tun)
         _, session = await asyncio.to_thread(resume_chain, port, ctx)
-        authority.revoke(alice.serial)
-        crl.write_bytes(authority.build_crl().public_bytes(Encoding.PEM))
+        alice.revoke()
         assert tun.server.reload()  # type: ignore[attr-defined]
         assert await asyncio.to_thread(offer, port, session) == (True, b"")
         assert tun.stats.refused.get("crl") == 1

@@ -111,21 +111,24 @@ class _SafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.pending.append(self.format(record) + "\n")
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
-            self.flush()
+        self._add(line, record.levelno)
 
     def emit_event(self, level: int, name: str, fields: dict[str, Any]) -> None:
         """``emit`` without a LogRecord: the same line, for ``event()`` when this is the only destination."""
         formatter: _FieldsFormatter = self.formatter  # type: ignore[assignment]
         try:
-            self.pending.append(formatter.format_event(time.time(), level, name, fields) + "\n")
+            line = formatter.format_event(time.time(), level, name, fields)
         except Exception:
             STATE.dropped_lines += 1
             return
+        self._add(line, level)
+
+    def _add(self, line: str, level: int) -> None:
+        self.pending.append(line + "\n")
         if level >= logging.WARNING or time.monotonic() - self.last_flush >= FLUSH_INTERVAL:
             self.flush()
 
