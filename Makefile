@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# `make run LISTEN=127.0.0.1:9443` when 8443 is taken.
+LISTEN ?= 127.0.0.1:8443
 run: $(STAMP)
-	$(BIN)/tlsgate demo
+	$(BIN)/tlsgate demo --listen $(LISTEN)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

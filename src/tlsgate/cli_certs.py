@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.cli_support import TlsgateGroup
@@ -166,6 +167,10 @@ def issue_command(
     want_p12 = p12 or storepass is not None
     refuse_existing(IssuedCert.file_paths(out_dir, default_basename(name), p12=want_p12).values(), force=force)
     ca = CertificateAuthority.load(ca_dir, key_password=_secret(ca_pass, "--ca-pass"))
+    if name.lower() == "localhost" and not dns and not ips:
+        # Clients reach "localhost" by address too (curl https://127.0.0.1, browsers on ::1); like mkcert's
+        # users, a local certificate names both loopback addresses, or every such client fails to verify.
+        dns, ips = ("localhost",), ("127.0.0.1", "::1")
     leaf = ca.issue(
         name,
         dns=dns,
@@ -241,14 +246,30 @@ def revoke_command(ca_dir: Path, target: str, reason: str | None, ca_pass: str |
 def crl_command(ca_dir: Path, out_file: Path | None, days: int, der: bool, ca_pass: str | None, force: bool) -> None:
     """Sign a CRL listing every revoked certificate; servers read it with --crl FILE."""
     out = out_file or DEFAULT_OUT_DIR / ("crl.der" if der else "crl.pem")
-    # Checked first so a refused run does not use up a CRL number.
-    refuse_existing([out], force=force)
     ca = CertificateAuthority.load(ca_dir, key_password=_secret(ca_pass, "--ca-pass"))
+    # A CRL is derived output: publishing again after a revocation must just work, so an earlier CRL of this CA
+    # is replaced without --force. Anything else at that path (a key, another CA's list) is refused first, so a
+    # refused run does not use up a CRL number.
+    replace = force or _is_crl_of(out, ca)
+    refuse_existing([out], force=replace)
     crl = ca.build_crl(days=days)
-    write_public_file(out, crl.public_bytes(Encoding.DER if der else Encoding.PEM), force=force)
+    write_public_file(out, crl.public_bytes(Encoding.DER if der else Encoding.PEM), force=replace)
     count = sum(1 for _ in crl)
     next_update = crl.next_update_utc.strftime("%Y-%m-%d %H:%M:%S UTC") if crl.next_update_utc else "never"
     click.echo(f"wrote {out}: {count} revoked, next update {next_update}")
+
+
+def _is_crl_of(path: Path, ca: CertificateAuthority) -> bool:
+    """Whether ``path`` holds a CRL issued by ``ca`` (PEM or DER), i.e. an earlier `certs crl` output."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+    except ValueError:
+        return False
+    return crl.issuer == ca.certificate.subject
 
 
 @certs.command("show")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import html
 from pathlib import Path
 
 import click
@@ -53,7 +54,8 @@ async def serve_demo_backend(host: str = "127.0.0.1", port: int = 0) -> asyncio.
                 head = await reader.readuntil(b"\r\n\r\n")
                 request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 sock = writer.get_extra_info("sockname")
-                body = _PAGE.format(backend=f"{sock[0]}:{sock[1]}", request=request_line).encode()
+                # The request line is the client's text: escaped, so a crafted path cannot inject markup into the page.
+                body = _PAGE.format(backend=f"{sock[0]}:{sock[1]}", request=html.escape(request_line)).encode()
                 close = b"connection: close" in head.lower()
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\n"
