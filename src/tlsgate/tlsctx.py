@@ -169,6 +169,13 @@ def _harden(ctx: ssl.SSLContext) -> None:
     # Renegotiation is a DoS lever (client-initiated renegotiation costs the server a full handshake) and
     # was the root of the 2009 prefix-injection bug; nothing a tunnel carries needs it.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    # A peer that ends its stream with a TCP FIN and no close_notify (a bare shutdown(SHUT_WR), as many clients
+    # and servers do) is at the end of its stream, not in error. OpenSSL 3 otherwise turns that FIN into a fatal
+    # error that also kills our direction, and the answer the other side is still sending is lost. Safe for a
+    # tunnel: we carry TCP streams, whose end is a FIN anyway; a truncation is visible to the application
+    # protocol exactly as it is over plain TCP (the relay already passes the FIN on as a FIN). ghostunnel (Go's
+    # crypto/tls) and haproxy accept it the same way.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
 
 
 def _load_ca(ctx: ssl.SSLContext, cafile: str, what: str) -> None:
