@@ -1,8 +1,9 @@
 """``--status``: /_status for load balancers, /_metrics (ghostunnel's JSON) and /metrics (Prometheus) for people.
 
 Addresses follow ghostunnel: ``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:PATH``, and a bare ``HOST:PORT``,
-which is HTTPS with the certificate of the first server-mode tunnel. Like ghostunnel, the status port never asks
-for a client certificate (a load balancer's probe has none), and it serves the certificate the tunnel reloaded.
+which is HTTPS with a tunnel's certificate (`status_certificate_config`; client mode's too), plain HTTP when no
+tunnel has one. Like ghostunnel, the status port never asks for a client certificate (a load balancer's probe has
+none), and it serves the certificate the tunnel reloaded.
 
 The numbers come from a ``StatusSource``: this process's tunnels (``ServerSource``), or, with ``--workers``, the
 parent's sum of what every worker reports (``tlsgate.workers``). Both speak in ``TunnelView``s, plain data that
@@ -27,7 +28,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -172,8 +173,10 @@ class ServerSource:
         return Snapshot(views_of(server), state, {"log_lines_dropped": logs.STATE.dropped_lines})
 
     def certificate(self) -> tuple[TunnelConfig, object] | None:
-        for tunnel in self.server.tunnels.values():
-            if tunnel.cfg.mode == "server":
+        tunnels = list(self.server.tunnels.values())
+        chosen = status_certificate_config([tunnel.cfg for tunnel in tunnels])
+        for tunnel in tunnels:
+            if tunnel.cfg is chosen:
                 return tunnel.cfg, tunnel.runtime
         return None
 
@@ -185,7 +188,7 @@ class ServerSource:
 class StatusAddress:
     address: Address
     https: bool
-    # A bare HOST:PORT: HTTPS when there is a server certificate, else HTTP with a warning (ghostunnel's rule).
+    # A bare HOST:PORT: HTTPS when a tunnel has a certificate, else HTTP with a warning (ghostunnel's rule).
     https_if_possible: bool = False
 
 
@@ -203,6 +206,19 @@ def parse_status_address(text: str) -> StatusAddress:
         raise ConfigError(f"--status {text!r}: give only HOST:PORT after {scheme}:// (the paths are fixed)")
     address = parse_address(rest, name="--status")
     return StatusAddress(address, https=scheme.lower() == "https")
+
+
+def status_certificate_config(configs: Sequence[TunnelConfig]) -> TunnelConfig | None:
+    """The tunnel whose certificate an HTTPS status port presents, or None (then the port speaks plain HTTP).
+
+    The first server-mode tunnel: its certificate is the one clients of this host already trust. Failing that, the
+    first client-mode tunnel that presents a certificate (``--keystore`` or ``--cert``/``--key``): ghostunnel's
+    client mode serves its status port with the client certificate, and health checks written for it expect a
+    TLS handshake there. A client with ``--disable-authentication`` has nothing to present.
+    """
+    servers = [cfg for cfg in configs if cfg.mode == "server"]
+    clients = [cfg for cfg in configs if cfg.mode == "client" and (cfg.keystore or cfg.cert)]
+    return next(iter(servers + clients), None)
 
 
 class _Certificate:

@@ -1,8 +1,10 @@
 """Runs tunnels in one event loop and owns the process: signals, reload, graceful drain, choice of loop.
 
-SIGTERM/SIGINT: stop accepting, let open connections finish for up to --shutdown-timeout, then cut the rest and
-exit 0; a second signal cuts at once. SIGHUP/SIGUSR1 (and --timed-reload): rebuild certificates and policies
-from disk; a reload that fails keeps what is running and logs why. With a config file, SIGHUP also re-reads
+SIGTERM/SIGINT: stop accepting, let open connections finish for up to --shutdown-timeout, then cut the rest; a
+second signal cuts at once. The exit code is 0 when every connection finished, 1 when some had to be cut (as
+ghostunnel exits 1 when its shutdown timeout fires), so a supervisor can tell a clean stop from a forced one.
+SIGHUP/SIGUSR1 (and --timed-reload): rebuild certificates and policies from disk; a reload that fails keeps what
+is running and logs why. With a config file, SIGHUP also re-reads
 the file: changed tunnels are replaced, unchanged ones keep their connections, added and removed ones start
 and stop.
 """
@@ -25,6 +27,10 @@ from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
 from tlsgate.tunnel import Tunnel
+
+# The process exit code when shutting down had to cut connections (--shutdown-timeout expired, or a second stop
+# signal): ghostunnel's code for the same event. Bad input is 2 (cli_support.UserError), a clean stop 0.
+EXIT_CONNECTIONS_CUT = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Server:
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
+        self._cut_by_signal = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -119,8 +126,8 @@ class Server:
             if asyncio.iscoroutine(result):
                 await result
         await self._stop.wait()
-        await self._drain()
-        return 0
+        cut = await self._drain()
+        return EXIT_CONNECTIONS_CUT if cut else 0
 
     @property
     def stopping(self) -> bool:
@@ -131,22 +138,30 @@ class Server:
         if self._stopping:
             logs.event("second stop signal: closing all connections now", logging.WARNING)
             for tunnel in [*self.tunnels.values(), *self.retired]:
-                tunnel.abort_all("shutdown")
+                self._cut_by_signal += tunnel.abort_all("shutdown")
             return
         self._stopping = True
         logs.event("shutting down", open=sum(t.active for t in self.tunnels.values()))
         self._stop.set()
 
-    async def _drain(self) -> None:
+    async def _drain(self) -> int:
+        """Drain every tunnel; how many connections had to be cut (by the timeout or a second signal)."""
         if self._reload_timer is not None:
             self._reload_timer.cancel()
         if self.status_server is not None:
             self.status_server.close()
         tunnels = [*self.tunnels.values(), *self.retired]
-        cut = await asyncio.gather(*(t.drain(t.cfg.timeouts.shutdown) for t in tunnels))
-        logs.event("stopped", cut=sum(cut))
+        timed_out = sum(await asyncio.gather(*(t.drain(t.cfg.timeouts.shutdown) for t in tunnels)))
+        if timed_out:
+            logs.event(
+                "shutdown timeout expired; cut the connections still open", logging.WARNING, cut=timed_out,
+                exit=EXIT_CONNECTIONS_CUT,
+            )  # fmt: skip
+        cut = timed_out + self._cut_by_signal
+        logs.event("stopped", cut=cut)
         logs.flush_logs()
         self._remove_signals()
+        return cut
 
     # -- signals and reload ----------------------------------------------------------------------------------
 

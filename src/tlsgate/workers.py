@@ -52,11 +52,22 @@ from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
-from tlsgate.status import Snapshot, StatusServer, TunnelView, merge_views, serve_status, views_of
-from tlsgate.supervisor import ProcessOptions, Server, choose_loop
+from tlsgate.status import (
+    Snapshot,
+    StatusServer,
+    TunnelView,
+    merge_views,
+    serve_status,
+    status_certificate_config,
+    views_of,
+)
+from tlsgate.supervisor import EXIT_CONNECTIONS_CUT, ProcessOptions, Server, choose_loop
 from tlsgate.tunnel import bind_listeners, bind_tcp
 
 _WORKER_CODE = "from tlsgate.workers import worker_main; worker_main()"
+# A worker's exit code when it stopped as told but had to cut connections at --shutdown-timeout. Not 1, which any
+# uncaught error also gives: the parent must not call this worker broken. The parent then exits 1 itself.
+_EXIT_CUT = 4
 # A worker's answer to "stats" must come this fast, or status uses its previous answer.
 _STATS_TIMEOUT = 1.0
 # Restart back-off: the first restart waits this long, each quick failure doubles it, up to the cap.
@@ -194,10 +205,12 @@ class _Pool:
     def _exit_code(self) -> int:
         if self._startup_failure is not None:
             return self._startup_failure
-        failed = [w for w in self.workers if w.exit_code not in (0, None, -signal.SIGTERM, -signal.SIGINT)]
+        failed = [w for w in self.workers if w.exit_code not in (0, None, _EXIT_CUT, -signal.SIGTERM, -signal.SIGINT)]
         for w in failed:
             logs.event("worker did not stop cleanly", logging.ERROR, worker=w.index, exit=_describe(w.exit_code))
-        code = 1 if failed or self._killed else 0
+        # A worker that cut connections said so itself ("shutdown timeout expired"); the process exits as one would.
+        cut = any(w.exit_code == _EXIT_CUT for w in self.workers)
+        code = 1 if failed or cut or self._killed else 0
         logs.event("stopped", workers=len(self.workers), exit=code)
         return code
 
@@ -451,10 +464,8 @@ class _Pool:
         return Snapshot(live, state, process, workers)
 
     def certificate(self) -> tuple[TunnelConfig, object] | None:
-        for cfg in self.configs:
-            if cfg.mode == "server":
-                return cfg, self._cert_token
-        return None
+        cfg = status_certificate_config(self.configs)
+        return None if cfg is None else (cfg, self._cert_token)
 
 
 def _send(w: _Worker, sig: signal.Signals) -> None:
@@ -530,6 +541,8 @@ def worker_main() -> None:
     logs.STATE.tags["worker"] = plan.index  # every line says which worker wrote it
     try:
         code = int(choose_loop(plan.options.loop)(_work(plan, control)))
+        if code == EXIT_CONNECTIONS_CUT:
+            code = _EXIT_CUT
     except TlsgateError as err:
         for line in str(err).splitlines():
             logs.event("worker failed to start", logging.ERROR, error=line)
