@@ -7,14 +7,16 @@ Every TlsgateError becomes one line on stderr and exit code 2 (see cli_support.T
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from tlsgate import __version__
-from tlsgate.cli_support import TlsgateGroup, access_options, stack_options
+from tlsgate.cli_support import TlsgateGroup, UserError, access_options, stack_options
 from tlsgate.config import TunnelConfig, tunnel_config
+from tlsgate.errors import TlsgateError
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.supervisor import ProcessOptions, run_server
 
@@ -28,10 +30,18 @@ def _duration(flag: str, help_text: str) -> Callable[[F], F]:
 _common = stack_options(
     click.option("--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT or unix:PATH."),
     click.option("--target", required=True, metavar="ADDR", help="Address to forward to: HOST:PORT or unix:PATH."),
-    click.option("--keystore", metavar="FILE", help="PEM bundle with certificate and key, or a PKCS#12 file."),
-    click.option("--cert", multiple=True, metavar="FILE", help="Certificate chain (PEM). Repeat with --key for SNI."),
-    click.option("--key", multiple=True, metavar="FILE", help="Private key (PEM) for the --cert before it."),
-    click.option("--storepass", metavar="PASS", help="Keystore password; env:VAR or file:PATH keep it out of ps."),
+    click.option("--keystore", metavar="FILE", help="PEM bundle with cert and key, or PKCS#12 [env KEYSTORE_PATH]."),
+    click.option(
+        "--cert", multiple=True, metavar="FILE", help="Certificate chain (PEM) [env CERT_PATH]. Repeat for SNI."
+    ),
+    click.option(
+        "--key", multiple=True, metavar="FILE", help="Private key (PEM) for the --cert before it [env KEY_PATH]."
+    ),
+    click.option(
+        "--storepass",
+        metavar="PASS",
+        help="Keystore password; env:VAR or file:PATH keep it out of ps [env KEYSTORE_PASS].",
+    ),
     click.option("--key-pass", metavar="PASS", help="Passphrase of an encrypted --key (env:VAR, file:PATH)."),
     click.option("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)."),
     click.option("--unsafe-listen", is_flag=True, default=None, help="Allow listening on a non-loopback address."),
@@ -59,13 +69,60 @@ _common = stack_options(
 
 _PROCESS_FLAGS = ("status", "metrics_prefix", "workers", "log_format", "quiet", "loop")
 
+# ghostunnel's environment variables (kingpin's Envar), by the flag each one stands in for. As there, a flag on the
+# command line wins, and an empty variable counts as unset. They serve images that mount credentials at a path
+# given in the environment; `tlsgate run` files do not read them (a file names its paths itself).
+ENV_FLAGS = {
+    "keystore": "KEYSTORE_PATH",
+    "cert": "CERT_PATH",
+    "key": "KEY_PATH",
+    "storepass": "KEYSTORE_PASS",
+    "cacert": "CACERT_PATH",
+}
 
-def _run(mode: str, kwargs: dict[str, Any]) -> None:
+
+def _from_environment(kwargs: dict[str, Any]) -> dict[str, str]:
+    """Fill the flags not given on the command line from ENV_FLAGS; returns ``{flag: variable}`` for those filled."""
+    used: dict[str, str] = {}
+    for name, variable in ENV_FLAGS.items():
+        value = os.environ.get(variable, "")
+        if not value or kwargs.get(name) not in (None, ()):
+            continue
+        if name in ("cert", "key"):
+            kwargs[name] = (value,)  # one path, spaces and all: ghostunnel's --cert and --key name one file each
+        elif name == "storepass":
+            kwargs[name] = "pass:" + value  # the password itself, as in ghostunnel: no env:/file: indirection
+        else:
+            kwargs[name] = value
+        used[name] = variable
+    return used
+
+
+def _name_variables(message: str, used: dict[str, str]) -> str:
+    """Say which of the flags a message names came from the environment, one line at a time.
+
+    ``give either --keystore or --cert/--key, not both [--keystore from KEYSTORE_PATH]``: without it, a user who
+    typed only --cert/--key would look for a --keystore that is not on their command line.
+    """
+    lines = []
+    for line in message.splitlines():
+        named = [f"--{name} from {var}" for name, var in used.items() if re.search(rf"--{name}(?![\w-])", line)]
+        lines.append(f"{line} [{', '.join(named)}]" if named else line)
+    return "\n".join(lines)
+
+
+def _run(mode: str, kwargs: dict[str, Any], used: dict[str, str]) -> None:
     process = ProcessOptions(**{k: kwargs.pop(k) for k in _PROCESS_FLAGS})
     if kwargs.get("alpn"):
         kwargs["alpn"] = tuple(p.strip() for p in kwargs["alpn"].split(",") if p.strip())
-    cfg = tunnel_config(mode, _given(kwargs))
-    raise SystemExit(_start(cfg, process))
+    try:
+        cfg = tunnel_config(mode, _given(kwargs))
+        code = _start(cfg, process)
+    except TlsgateError as err:
+        if not used:
+            raise
+        raise UserError(_name_variables(str(err), used)) from None
+    raise SystemExit(code)
 
 
 def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +146,7 @@ def cli() -> None:
 
 @cli.command()
 @_common
-@click.option("--cacert", metavar="FILE", help="CA bundle that client certificates must chain to.")
+@click.option("--cacert", metavar="FILE", help="CA bundle that client certificates must chain to [env CACERT_PATH].")
 @click.option("--disable-authentication", is_flag=True, default=None, help="Do not ask clients for a certificate.")
 @access_options
 @click.option("--target-tls", is_flag=True, default=None, help="Re-encrypt: speak TLS to the target, verified.")
@@ -103,12 +160,14 @@ def cli() -> None:
 @click.option("--accept-proxy-from", multiple=True, metavar="CIDR", help="Trust PROXY headers from this network.")
 def server(**kwargs: Any) -> None:
     """Accept TLS (mutual TLS by default) and forward plaintext to --target."""
-    _run("server", kwargs)
+    _run("server", kwargs, _from_environment(kwargs))
 
 
 @cli.command()
 @_common
-@click.option("--cacert", metavar="FILE", help="CA bundle the server's certificate must chain to [system store].")
+@click.option(
+    "--cacert", metavar="FILE", help="CA bundle the server's certificate must chain to [system store; env CACERT_PATH]."
+)
 @click.option(
     "--disable-authentication", is_flag=True, default=None, help="Present no client certificate to the server."
 )
@@ -122,11 +181,18 @@ def server(**kwargs: Any) -> None:
 @click.option("--deny-from", multiple=True, metavar="CIDR", help="Refuse local clients from this network.")
 def client(**kwargs: Any) -> None:
     """Accept plaintext and forward it over TLS (mutual TLS when a certificate is given) to --target."""
-    if not kwargs.get("disable_authentication") and not (kwargs.get("keystore") or kwargs.get("cert")):
-        # ghostunnel's client mode needs a certificate unless told not to present one; we follow it.
+    used = _from_environment(kwargs)
+    has_certificate = kwargs.get("keystore") or kwargs.get("cert") or kwargs.get("key")
+    # ghostunnel's client mode needs a certificate unless told not to present one, and refuses both at once: a
+    # certificate silently presented after --disable-authentication would be a surprise. We follow it.
+    if kwargs.pop("disable_authentication", None):
+        if has_certificate:
+            raise click.UsageError(
+                _name_variables("--disable-authentication presents no certificate: drop --keystore/--cert/--key", used)
+            )
+    elif not has_certificate:
         raise click.UsageError("client mode needs --keystore or --cert/--key, or --disable-authentication")
-    kwargs.pop("disable_authentication", None)
-    _run("client", kwargs)
+    _run("client", kwargs, used)
 
 
 @cli.command()
