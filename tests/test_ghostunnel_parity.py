@@ -40,7 +40,7 @@ from tlsgate.config import Timeouts, TunnelConfig, tunnel_config
 from tlsgate.supervisor import ProcessOptions, Server
 
 from conftest import client_context
-from helpers import Handler, backend, port_of, server_opts, tunnel
+from helpers import Handler, backend, port_of, server_opts, tunnel, wait_until
 
 MiB = 1 << 20
 
@@ -207,6 +207,51 @@ async def test_client_mode_relays_to_a_target_that_ends_with_a_bare_fin(
     assert target.error is None, repr(target.error)
     assert len(received) == len(answer) and sha(received) == sha(answer)
     assert target.digest == sha(payload)
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() + str(getattr(record, "fields", "")) for record in caplog.records)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x00\x50\x01"], ids=["nothing", "half-a-client-hello"])
+async def test_a_fin_during_the_handshake_is_still_named_as_such(
+    pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    # Under OP_IGNORE_UNEXPECTED_EOF OpenSSL reports that FIN as a clean close, not an EOF error; the log line
+    # must not turn into "TLS error: tls/ssl connection has been closed (eof)".
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, disable_authentication=True)) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(sent)
+        writer.write_eof()
+        assert await reader.read() == b""
+        writer.close()
+        await writer.wait_closed()
+        await wait_until(lambda: tun.stats.handshake_errors >= 1)
+    assert logged(caplog, "client closed the connection during the handshake")
+
+
+@pytest.mark.asyncio
+async def test_a_target_fin_during_the_handshake_is_named_as_such(
+    pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fin_after_the_client_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write_eof()
+        await reader.read()
+
+    async with (
+        backend(fin_after_the_client_hello) as target,
+        tunnel("client", target=target.address, cacert=str(pki_files["ca"])) as tun,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        with contextlib.suppress(ConnectionError):  # the local client is reset when the target fails
+            await reader.read()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        await wait_until(lambda: tun.stats.target_errors >= 1)
+    assert logged(caplog, "target closed the connection during the handshake")
 
 
 # -- b) client mode's status port serves HTTPS with the client certificate -----------------------------------------

@@ -298,7 +298,8 @@ def describe_handshake_error(err: BaseException, side: str) -> tuple[str, str]:
         if side == "client":
             return _CLIENT_VERIFY.get(message, ("untrusted", f"client certificate rejected: {message}"))
         return "untrusted", f"target certificate rejected: {message}"
-    if isinstance(err, ssl.SSLEOFError):
+    # A FIN mid-handshake: SSLEOFError, or SSLZeroReturnError under OP_IGNORE_UNEXPECTED_EOF (see _harden).
+    if isinstance(err, ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return "handshake", f"{side} closed the connection during the handshake"
     if isinstance(err, ssl.SSLError):
         reason = err.reason or ""
