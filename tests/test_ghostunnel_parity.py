@@ -478,7 +478,7 @@ async def test_shutdown_with_every_connection_finished_exits_0(
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
             await be.done.wait()  # the tunnel saw the close too: nothing is open any more
-            while "closed" not in proc.log:
+            while " closed tunnel=" not in proc.log:
                 proc.changed.clear()
                 await proc.changed.wait()
             proc.proc.send_signal(signal.SIGTERM)
@@ -662,3 +662,17 @@ def test_client_mode_disable_authentication_with_a_certificate_flag_is_refused(
     assert code == 2, output
     assert "--disable-authentication" in output and "Traceback" not in output
     assert started == []
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_keystore_and_storepass_flags_win_over_their_variables(
+    mode: str, pki_files: dict[str, Path], client_identity: ClientIdentity, tmp_path: Path, started: list[TunnelConfig]
+) -> None:
+    other = tmp_path / "other.p12"
+    other.write_bytes(client_identity.p12.read_bytes())
+    env = {"KEYSTORE_PATH": str(other), "KEYSTORE_PASS": "from-the-environment", "CACERT_PATH": str(pki_files["ca"])}
+    flags = ["--keystore", str(client_identity.p12), "--storepass", "storepass"]
+    code, output = invoke(mode_args(mode, *flags), env)
+    assert code == 0, output
+    (cfg,) = started
+    assert (cfg.keystore, cfg.storepass) == (str(client_identity.p12), b"storepass")
