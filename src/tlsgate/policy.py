@@ -19,6 +19,7 @@ identity rules are AND'd: a client must pass both.
 
 from __future__ import annotations
 
+import _ssl
 import base64
 import binascii
 import functools
@@ -26,6 +27,8 @@ import hashlib
 import ipaddress
 import re
 import socket
+import ssl
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,6 +50,7 @@ __all__ = [
     "RevocationList",
     "build_policy",
     "check_validity",
+    "verified_chain",
     "verify_chain",
 ]
 
@@ -129,17 +133,27 @@ class PeerIdentity:
                 not_before=cert.not_valid_before_utc,
                 not_after=cert.not_valid_after_utc,
             )
-        except ValueError as err:
-            # cryptography parses extensions lazily; a malformed one only shows up here.
-            raise CertificateError(f"peer certificate cannot be parsed: {err}") from None
+        except _PARSE_ERRORS as err:
+            # cryptography parses extensions lazily, so a malformed one only shows up here, long after OpenSSL
+            # accepted the certificate: OpenSSL keeps an IP SAN of 5 bytes as an opaque string, we cannot.
+            raise CertificateError(f"certificate cannot be parsed: {_parse_problem(err)}") from None
+
+
+# What cryptography raises for a certificate it cannot read. Not all are ValueErrors.
+_PARSE_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _parse_problem(err: Exception) -> str:
+    """cryptography's message, shortened: it may quote bytes of the certificate, which the peer chose."""
+    return _shorten(str(err) or type(err).__name__, 160)
 
 
 @functools.lru_cache(maxsize=1024)
 def _identity_from_der(der: bytes) -> PeerIdentity:
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        raise CertificateError("peer certificate is not a DER X.509 certificate") from None
+    except _PARSE_ERRORS as err:
+        raise CertificateError(f"certificate is not a DER X.509 certificate: {_parse_problem(err)}") from None
     return PeerIdentity.from_certificate(cert)
 
 
@@ -512,6 +526,20 @@ class IdentityRules:
             )
         return Decision(False, "identity", self._refusal(peer))
 
+    def check_certificate(self, der: bytes | None) -> Decision:
+        """Client mode, after the handshake with the target: its DER certificate against the ``--verify-*`` rules.
+
+        Never raises, for the same reason as `Policy.check_peer`: a certificate we cannot read is a refusal.
+        """
+        if not der:
+            return Decision(False, "no-server-cert", "target sent no certificate")
+        try:
+            return self.check(PeerIdentity.from_der(der))
+        except CertificateError as err:
+            return Decision(False, "bad-cert", f"server {err}")
+        except Exception as err:
+            return Decision(False, "policy-error", f"internal error checking the certificate: {err!r}"[:200])
+
     def _refusal(self, peer: PeerIdentity) -> str:
         """Name the peer's values for the kinds of rule that are set, so the reason compares like with like."""
         present, missing = [], []
@@ -571,6 +599,19 @@ class _Revoked:
     reason: str | None
     source: str
 
+    def describe(self, serial: int) -> str:
+        details = [f"serial {serial:#x}", f"{self.date:%Y-%m-%d}"]
+        if self.reason:
+            details.append(self.reason)
+        return ", ".join(details)
+
+
+@functools.lru_cache(maxsize=256)
+def _chain_link(der: bytes) -> tuple[str, int, str]:
+    """(issuer RFC 4514, serial, subject for people) of a chain certificate: the few CAs recur on every handshake."""
+    cert = x509.load_der_x509_certificate(der)
+    return cert.issuer.rfc4514_string(), cert.serial_number, _name(cert.subject)
+
 
 _CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
@@ -623,15 +664,40 @@ class RevocationList:
         entry = self._entries.get((peer.issuer, peer.serial))
         if entry is None:
             return None
-        details = [f"serial {peer.serial:#x}", f"{entry.date:%Y-%m-%d}"]
-        if entry.reason:
-            details.append(entry.reason)
-        return Decision(False, "crl", f"revoked ({', '.join(details)})")
+        return Decision(False, "crl", f"revoked ({entry.describe(peer.serial)})")
+
+    def check_chain(self, chain: Sequence[bytes]) -> Decision | None:
+        """A refusal if any CA certificate of the verified chain (DER, leaf first) is revoked, else None.
+
+        Revoking an intermediate CA revokes everything it issued: the leaf's own serial is not enough. The leaf
+        (``chain[0]``) is left to `check`, which names it by serial; here the reason names the CA.
+        """
+        if not self._entries:
+            return None
+        for der in chain[1:]:
+            try:
+                issuer, serial, subject = _chain_link(bytes(der))
+            except _PARSE_ERRORS:
+                # OpenSSL verified it, so it is a CA; one we cannot read is one we cannot vouch for.
+                return Decision(False, "bad-cert", "a CA certificate of the chain cannot be parsed to check the CRL")
+            entry = self._entries.get((issuer, serial))
+            if entry is not None:
+                return Decision(False, "crl", f"intermediate {subject} revoked ({entry.describe(serial)})")
+        return None
 
     def revoked_by(self, peer: PeerIdentity) -> str | None:
         """The CRL file that revokes peer, for ``policy check``."""
         entry = self._entries.get((peer.issuer, peer.serial))
         return entry.source if entry else None
+
+    def chain_revoked_by(self, chain: Sequence[bytes]) -> str | None:
+        """The CRL file that revokes a CA of the chain, for ``policy check``."""
+        for der in chain[1:]:
+            issuer, serial, _ = _chain_link(bytes(der))
+            entry = self._entries.get((issuer, serial))
+            if entry is not None:
+                return entry.source
+        return None
 
     def summary(self) -> str:
         if not self.sources:
@@ -676,6 +742,49 @@ def _revocation_reason(revoked: x509.RevokedCertificate) -> str | None:
     except x509.ExtensionNotFound:
         return None
     return None if reason is x509.ReasonFlags.unspecified else str(reason.value)
+
+
+# --- the verified chain of a live connection ----------------------------------------------------------------
+
+_CHAIN_MEMORY = 1024
+_remembered_chains: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
+
+
+def verified_chain(tls: ssl.SSLSocket, leaf_der: bytes) -> tuple[bytes, ...]:
+    """The chain OpenSSL verified for the peer of ``tls``, leaf first, as DER; ``(leaf_der,)`` when unknown.
+
+    The one place the engine hands policy a live socket: it reads a property of the finished handshake, no I/O.
+    Python has it publicly from 3.13 (``SSLSocket.get_verified_chain``, DER bytes); 3.10-3.12 have it only on the
+    private ``_sslobj`` (``_ssl.Certificate`` objects), used here guarded so a future Python degrades to the
+    leaf alone instead of failing.
+
+    A resumed session has no chain: OpenSSL keeps only the leaf in a session, and does not verify again. So the
+    chain of each full handshake is remembered by leaf (a bounded, per-process memory), and a resumed session
+    gets the chain its leaf was last verified with. A session resumed in a process that never saw its full
+    handshake (another worker) gets only the leaf: docs/access-control.md ("Revocation") says so.
+    """
+    key = hashlib.sha256(leaf_der).digest()
+    chain = _read_verified_chain(tls)
+    if len(chain) > 1 and chain[0] == leaf_der:
+        _remembered_chains[key] = chain
+        _remembered_chains.move_to_end(key)
+        if len(_remembered_chains) > _CHAIN_MEMORY:
+            _remembered_chains.popitem(last=False)
+        return chain
+    return _remembered_chains.get(key) or (leaf_der,)
+
+
+def _read_verified_chain(tls: ssl.SSLSocket) -> tuple[bytes, ...]:
+    getter = getattr(tls, "get_verified_chain", None) or getattr(
+        getattr(tls, "_sslobj", None), "get_verified_chain", None
+    )
+    if getter is None:
+        return ()
+    try:
+        items = getter() or ()
+        return tuple(item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER) for item in items)
+    except (AttributeError, TypeError, ValueError, ssl.SSLError):
+        return ()
 
 
 # --- chain (for policy check) --------------------------------------------------------------------------------
@@ -778,23 +887,38 @@ class Policy:
         return self.addresses.check(ip)
 
     def check_peer(
-        self, leaf_der: bytes | None, *, now: datetime | None = None
+        self, leaf_der: bytes | None, *, chain: Sequence[bytes] = (), now: datetime | None = None
     ) -> tuple[Decision, PeerIdentity | None]:
-        """After the handshake: certificate present, in its dates, not revoked, and allowed by an identity rule.
+        """After the handshake: certificate present and readable, in its dates, not revoked (the leaf nor any
+        certificate of ``chain``, the verified chain as DER, leaf first), and allowed by an identity rule.
 
-        Returns the decision and the parsed identity (for the log line), None when there is no certificate.
+        Returns the decision and the parsed identity (for the log line), None when there is no certificate or
+        it cannot be read. Never raises: the engine calls this from an event-loop callback, where an exception
+        would fire again each time the socket is readable, so every failure is a refusal (fail closed).
         """
-        peer = PeerIdentity.from_der(leaf_der) if leaf_der else None
+        try:
+            return self._check_peer(leaf_der, chain, now)
+        except Exception as err:
+            # A bug of ours, not the peer's doing; still one refusal and one log line, never a loop.
+            return Decision(False, "policy-error", f"internal error checking the certificate: {err!r}"[:200]), None
+
+    def _check_peer(
+        self, leaf_der: bytes | None, chain: Sequence[bytes], now: datetime | None
+    ) -> tuple[Decision, PeerIdentity | None]:
         if self.identity is None:
-            return _NO_AUTHENTICATION, peer
-        if peer is None:
-            role = self.role
+            return _NO_AUTHENTICATION, None
+        role = self.role
+        if not leaf_der:
             return Decision(False, f"no-{role}-cert", f"no {role} certificate"), None
+        try:
+            peer = PeerIdentity.from_der(leaf_der)
+        except CertificateError as err:
+            return Decision(False, "bad-cert", f"{role} {err}"), None
         now = _utc(now)
         if not peer.not_before <= now <= peer.not_after:
             # Only a refusal pays for formatting dates.
-            return check_validity(peer, now=now, role=self.role), peer
-        revoked = self.revocation.check(peer)
+            return check_validity(peer, now=now, role=role), peer
+        revoked = self.revocation.check(peer) or self.revocation.check_chain(chain)
         if revoked is not None:
             return revoked, peer
         return self.identity.check(peer), peer

@@ -26,7 +26,7 @@ from tlsgate import logs
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError
-from tlsgate.policy import Decision, PeerIdentity
+from tlsgate.policy import Decision, verified_chain
 from tlsgate.relay import Relay
 from tlsgate.runtime import Runtime
 from tlsgate.tlsctx import describe_handshake_error
@@ -529,7 +529,9 @@ class _Setup:
             stats.handshake_buckets[bucket] += 1
         policy = self.rt.policy
         if policy.identity is not None:
-            decision, identity = policy.check_peer(tls.getpeercert(binary_form=True))
+            leaf = tls.getpeercert(binary_form=True)
+            chain = verified_chain(tls, leaf) if leaf and policy.revocation.active else ()
+            decision, identity = policy.check_peer(leaf, chain=chain)
             if identity is not None:
                 self.identity = identity.describe()
             if not decision.allowed:
@@ -648,12 +650,7 @@ class _Setup:
             return
         rules = self.rt.target_identity
         if rules is not None:
-            der = tls.getpeercert(binary_form=True)
-            decision = (
-                rules.check(PeerIdentity.from_der(der))
-                if der
-                else Decision(False, "no-server-cert", "target sent no certificate")
-            )
+            decision = rules.check_certificate(tls.getpeercert(binary_form=True))
             if not decision.allowed:
                 self.tunnel.stats.target_errors += 1
                 logs.event(
