@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,8 +22,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tlsgate import policy as policy_module
+from tlsgate.cli_policy import policy as policy_cli
+from tlsgate.policy import IdentityRules, build_policy
+
 from helpers import assert_cut, backend, port_of, tunnel, wait_until
-from tlsgate.policy import IdentityRules, PeerIdentity, build_policy
 
 NOW = datetime.now(UTC)
 _KEY = ec.generate_private_key(ec.SECP256R1())  # one key for every leaf: generating keys is the slow part
@@ -57,7 +61,11 @@ class Ca:
     ) -> Ca:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = _base(
-            _name(name), self.cert.subject, key.public_key(), NOW - timedelta(days=2), not_after or NOW + timedelta(days=90)
+            _name(name),
+            self.cert.subject,
+            key.public_key(),
+            NOW - timedelta(days=2),
+            not_after or NOW + timedelta(days=90),
         )
         builder = _ca_extensions(builder, key.public_key(), self.key.public_key(), path_length=path_length)
         if permitted_dns:
@@ -76,7 +84,9 @@ class Ca:
     ) -> x509.Certificate:
         cns = [cn] if isinstance(cn, str) else list(cn)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, value) for value in cns])
-        builder = _base(subject, self.cert.subject, _KEY.public_key(), NOW - timedelta(days=1), NOW + timedelta(days=30))
+        builder = _base(
+            subject, self.cert.subject, _KEY.public_key(), NOW - timedelta(days=1), NOW + timedelta(days=30)
+        )
         builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
@@ -112,7 +122,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _base(subject: x509.Name, issuer: x509.Name, public_key: Any, start: datetime, end: datetime) -> Any:
+def _base(
+    subject: x509.Name, issuer: x509.Name, public_key: Any, start: datetime, end: datetime
+) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -125,7 +137,9 @@ def _base(subject: x509.Name, issuer: x509.Name, public_key: Any, start: datetim
     )
 
 
-def _ca_extensions(builder: Any, public_key: Any, issuer_key: Any, *, path_length: int | None) -> Any:
+def _ca_extensions(
+    builder: x509.CertificateBuilder, public_key: Any, issuer_key: Any, *, path_length: int | None
+) -> x509.CertificateBuilder:
     builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
     builder = builder.add_extension(_key_usage(ca=True), critical=True)
     if issuer_key is not None:
@@ -257,7 +271,9 @@ async def test_unparseable_target_certificate_in_client_mode_is_one_refusal(
     server_ctx.load_cert_chain(site.write("target.pem", pem(bad)), site.write("target.key", _key_pem()))
     async with (
         backend(ssl_ctx=server_ctx) as be,
-        tunnel("client", target=f"localhost:{be.port}", cacert=str(site.dir / "ca.pem"), verify_cn=["localhost"]) as cli,
+        tunnel(
+            "client", target=f"localhost:{be.port}", cacert=str(site.dir / "ca.pem"), verify_cn=["localhost"]
+        ) as cli,
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(cli))
         writer.write(b"ping")
@@ -298,3 +314,156 @@ def test_check_peer_refuses_bytes_that_are_not_a_certificate() -> None:
 
 
 _ROOT = Ca.root("hypothesis root")
+
+
+def policy_check(*args: str | Path) -> Result:
+    return CliRunner().invoke(policy_cli, ["check", *map(str, args)])
+
+
+# --- item 4: a CRL that revokes an intermediate CA ---------------------------------------------------------------
+
+
+@pytest.fixture
+def revoked_intermediate(site: Site) -> tuple[Ca, x509.Certificate, Path]:
+    """root -> "issuing CA" -> alice, and a CRL from the root revoking the issuing CA (not alice)."""
+    intermediate = site.root.sub_ca("issuing CA")
+    alice = intermediate.leaf("alice")
+    crl = site.write("crl.pem", site.root.crl(intermediate.cert).public_bytes(serialization.Encoding.PEM))
+    return intermediate, alice, crl
+
+
+@pytest.mark.asyncio
+async def test_handshake_under_a_revoked_intermediate_is_refused_naming_it(
+    site: Site, revoked_intermediate: tuple[Ca, x509.Certificate, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    intermediate, alice, crl = revoked_intermediate
+    options = site.server_options("127.0.0.1:1", allow_cn=["alice"], crl=[str(crl)])
+    async with tunnel(**options) as tun:
+        await attempt(port_of(tun), site.client_context(alice, intermediate.cert))
+        await wait_until(lambda: tun.stats.refused.get("crl") == 1)
+    (refusal,) = tlsgate_events(caplog, "refused")
+    assert refusal["rule"] == "crl"
+    assert refusal["reason"].startswith("intermediate CN=issuing CA revoked (serial ")
+    assert hex(intermediate.cert.serial_number) in refusal["reason"]
+
+
+@pytest.mark.asyncio
+async def test_handshake_under_a_sound_intermediate_still_passes_the_crl(site: Site) -> None:
+    intermediate = site.root.sub_ca("issuing CA")
+    other = site.root.sub_ca("another CA")
+    crl = site.write("crl.pem", site.root.crl(other.cert).public_bytes(serialization.Encoding.PEM))
+    async with (
+        backend() as be,
+        tunnel(**site.server_options(be.address, allow_cn=["alice"], crl=[str(crl)])) as tun,
+    ):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port_of(tun), ssl=site.client_context(intermediate.leaf("alice"), intermediate.cert),
+            server_hostname="localhost",
+        )  # fmt: skip
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_policy_check_refuses_a_leaf_under_a_revoked_intermediate(
+    site: Site, revoked_intermediate: tuple[Ca, x509.Certificate, Path]
+) -> None:
+    intermediate, alice, crl = revoked_intermediate
+    cert = site.write("alice-chain.pem", pem(alice, intermediate.cert))
+    ca = site.write("ca.pem", pem(site.root.cert))
+    result = policy_check("--cert", cert, "--cacert", ca, "--crl", crl, "--allow-cn", "alice")
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[:2] == ["DENY", "rule:   crl"]
+    assert lines[2].startswith("reason: intermediate CN=issuing CA revoked (serial ")
+    assert any(line.startswith("  FAIL  revocation  intermediate CN=issuing CA revoked") for line in lines)
+    assert "a CA of the chain is revoked by" in result.output
+
+
+class _FakeTls:
+    """Stands in for an SSLSocket on 3.11: the chain lives on the private ``_sslobj``; empty when resumed."""
+
+    def __init__(self, chain: Sequence[bytes]) -> None:
+        self._sslobj = self
+        self._chain = [_Blob(c) for c in chain]
+
+    def get_verified_chain(self) -> list[_Blob]:
+        return self._chain
+
+
+@dataclass
+class _Blob:
+    data: bytes
+
+    def public_bytes(self, _encoding: int) -> bytes:
+        return self.data
+
+
+def test_a_resumed_session_is_checked_against_the_chain_its_leaf_was_verified_with(
+    revoked_intermediate: tuple[Ca, x509.Certificate, Path],
+) -> None:
+    intermediate, alice, _ = revoked_intermediate
+    full = (der(alice), der(intermediate.cert))
+    assert policy_module.verified_chain(_FakeTls(full), der(alice)) == full  # type: ignore[arg-type]
+    # OpenSSL keeps no chain in a session: the resumed connection gets the remembered one.
+    assert policy_module.verified_chain(_FakeTls(()), der(alice)) == full  # type: ignore[arg-type]
+    stranger = der(intermediate.leaf("mallory"))
+    assert policy_module.verified_chain(_FakeTls(()), stranger) == (stranger,)  # type: ignore[arg-type]
+
+
+# --- item 7: `policy check` and the handshake agree ---------------------------------------------------------------
+
+
+def _chain_cases(root: Ca) -> dict[str, tuple[tuple[x509.Certificate, ...], str | None]]:
+    """name -> (the chain the client sends, leaf first; the rule policy check must give, None for ALLOW)."""
+    intermediate = root.sub_ca("issuing CA")
+    constrained = root.sub_ca("example.org only", permitted_dns=["example.org"])
+    no_sub_cas = root.sub_ca("no sub-CAs", path_length=0)
+    below_limit = no_sub_cas.sub_ca("one too deep")
+    expired = root.sub_ca("expired CA", not_after=NOW - timedelta(hours=1))
+    return {
+        "good, directly under the root": ((root.leaf("alice"),), None),
+        "good, via an intermediate": ((intermediate.leaf("alice"), intermediate.cert), None),
+        "good, no EKU and no SAN": ((root.leaf("alice", eku=()),), None),
+        "good, within name constraints": ((constrained.leaf("alice", dns=["a.example.org"]), constrained.cert), None),
+        "EKU serverAuth only": ((root.leaf("alice", eku=[ExtendedKeyUsageOID.SERVER_AUTH]),), "untrusted"),
+        "name constraints violated": ((constrained.leaf("alice", dns=["evil.test"]), constrained.cert), "untrusted"),
+        "path length exceeded": ((below_limit.leaf("alice"), below_limit.cert, no_sub_cas.cert), "untrusted"),
+        "expired intermediate": ((expired.leaf("alice"), expired.cert), "untrusted"),
+    }
+
+
+_CASES = list(_chain_cases(_ROOT))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", _CASES)
+async def test_policy_check_and_the_handshake_agree(site: Site, case: str) -> None:
+    site.root = _ROOT
+    chain, expected_rule = _chain_cases(_ROOT)[case]
+    cert = site.write("client-chain.pem", pem(*chain))
+    ca = site.write("ca.pem", pem(_ROOT.cert))
+    verdict = policy_check("--cert", cert, "--cacert", ca, "--allow-cn", "alice")
+    assert verdict.exit_code in (0, 1), verdict.output
+    check_allows = verdict.exit_code == 0
+    async with (
+        backend() as be,
+        tunnel(**site.server_options(be.address, allow_cn=["alice"])) as tun,
+    ):
+        ctx = site.client_context(*chain)
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port_of(tun), ssl=ctx, server_hostname="localhost"
+            )
+            writer.write(b"ping")
+            handshake_allows = await reader.read(4) == b"ping"
+            writer.close()
+        except (ssl.SSLError, ConnectionError):
+            handshake_allows = False
+        if not handshake_allows:
+            await wait_until(lambda: sum(tun.stats.refused.values()) + tun.stats.handshake_errors >= 1)
+    assert check_allows == handshake_allows, verdict.output
+    assert check_allows == (expected_rule is None), verdict.output
+    if expected_rule is not None:
+        assert verdict.output.splitlines()[1] == f"rule:   {expected_rule}", verdict.output

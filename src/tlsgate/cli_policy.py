@@ -26,7 +26,7 @@ from tlsgate.policy import (
     Policy,
     build_policy,
     check_validity,
-    verify_chain,
+    verify_client_chain,
 )
 
 
@@ -91,9 +91,9 @@ def check(
 
     leaf = chain[0] if chain else None
     leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
-    steps = _steps(rules, source, leaf, chain[1:], ca_certs, now, cacert_given=cacert is not None)
+    steps, verified = _steps(rules, source, leaf, chain[1:], ca_certs, now, cacert_given=cacert is not None)
     # The server's own function decides the peer part, so this command cannot drift from what it enforces.
-    peer_decision, peer = rules.check_peer(leaf_der, now=now)
+    peer_decision, peer = rules.check_peer(leaf_der, chain=_ders(verified), now=now)
     decision = next((s.decision for s in steps[:2] if s.failed and s.decision is not None), peer_decision)
 
     click.echo("ALLOW" if decision.allowed else "DENY")
@@ -109,7 +109,7 @@ def check(
         if any(step.name == "identity" and step.failed for step in steps):
             click.echo("")
             _echo_identity_comparison(rules, peer)
-    hints = _hints(decision, rules, peer, leaf, ca_certs)
+    hints = _hints(decision, rules, peer, leaf, ca_certs, _ders(verified))
     if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs:
         hints.append("the chain was not checked (no --cacert): the TLS handshake may still refuse this certificate")
     if hints:
@@ -129,8 +129,12 @@ def _steps(
     now: datetime,
     *,
     cacert_given: bool,
-) -> list[Step]:
-    """Every check, each run even after an earlier one failed: the operator may have two problems, not one."""
+) -> tuple[list[Step], tuple[x509.Certificate, ...]]:
+    """Every check, each run even after an earlier one failed: the operator may have two problems, not one.
+
+    Also returns the chain to check for revocation, leaf first: the verified one when the chain was checked,
+    else the leaf and the intermediates as given (the server checks the chain it verified; the best we can do).
+    """
     steps = []
     if source is not None:
         steps.append(Step("address", rules.check_address(source)))
@@ -143,27 +147,39 @@ def _steps(
         note = "client certificates are not asked for (--disable-authentication)"
         steps.append(Step("chain", None, note))
         steps.append(Step("identity", rules.check_peer(None)[0]))
-        return steps
+        return steps, ()
     if leaf is None:
         steps.append(Step("chain", None, "no certificate given (--cert FILE)"))
         steps.append(Step("certificate", rules.check_peer(None)[0]))
-        return steps
+        return steps, ()
 
+    chain: tuple[x509.Certificate, ...] = (leaf, *intermediates)
     if cacert_given:
-        steps.append(Step("chain", verify_chain(leaf, intermediates, ca_certs, now=now)))
+        decision, verified = verify_client_chain(leaf, intermediates, ca_certs, now=now)
+        steps.append(Step("chain", decision))
+        chain = verified or chain
     else:
         steps.append(Step("chain", None, "not checked: give --cacert FILE to check it as the TLS handshake does"))
-    peer = PeerIdentity.from_certificate(leaf)
+    try:
+        peer = PeerIdentity.from_certificate(leaf)
+    except CertificateError as err:
+        steps.append(Step("certificate", Decision(False, "bad-cert", f"client {err}")))
+        return steps, chain
     steps.append(Step("validity", check_validity(peer, now=now, role="client")))
     if rules.revocation.active:
-        revoked = rules.revocation.check(peer)
+        revoked = rules.revocation.check(peer) or rules.revocation.check_chain(_ders(chain))
         if revoked is None:
-            revoked = Decision(True, "crl", f"not in {rules.revocation.summary()}")
+            checked = "the leaf only" if len(chain) == 1 else f"all {len(chain)} certificates of the chain"
+            revoked = Decision(True, "crl", f"not in {rules.revocation.summary()} (checked {checked})")
         steps.append(Step("revocation", revoked))
     else:
         steps.append(Step("revocation", None, "no --crl given"))
     steps.append(Step("identity", rules.identity.check(peer)))
-    return steps
+    return steps, chain
+
+
+def _ders(chain: Sequence[x509.Certificate]) -> tuple[bytes, ...]:
+    return tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
 
 def _format_step(step: Step) -> str:
@@ -201,6 +217,7 @@ def _hints(
     peer: PeerIdentity | None,
     leaf: x509.Certificate | None,
     ca_certs: Sequence[x509.Certificate],
+    chain: Sequence[bytes],
 ) -> list[str]:
     """What to do next, for the refusals people actually meet."""
     rule = decision.rule
@@ -219,8 +236,12 @@ def _hints(
     if rule in ("expired", "not-yet-valid"):
         return ["the TLS handshake fails on this certificate; issue a new one (tlsgate certs issue)"]
     if rule == "crl" and peer is not None:
-        source = rules.revocation.revoked_by(peer) or "a --crl file"
-        return [f"revoked by {source}; issue the client a new certificate (tlsgate certs issue)"]
+        source = rules.revocation.revoked_by(peer)
+        if source is None and (source := rules.revocation.chain_revoked_by(chain)) is not None:
+            return [f"a CA of the chain is revoked by {source}: every certificate it issued is refused"]
+        return [f"revoked by {source or 'a --crl file'}; issue the client a new certificate (tlsgate certs issue)"]
+    if rule == "bad-cert":
+        return ["the server refuses a certificate it cannot parse, even from a trusted CA; issue a new one"]
     if rule == "no-client-cert":
         return [
             "the client must present a certificate, e.g. curl --cert FILE --key FILE, "

@@ -9,9 +9,10 @@ reload.
 A server checks in this order, stopping at the first refusal:
 
 1. the source address (`Policy.check_address`), at accept, before any TLS byte is read;
-2. the certificate chain, by OpenSSL during the handshake (`verify_chain` reproduces it for ``policy check``);
-3. the peer certificate (`Policy.check_peer`): present, within its validity period, not revoked by a CRL,
-   and matching at least one identity rule.
+2. the certificate chain, by OpenSSL during the handshake (`verify_client_chain` reproduces it for
+   ``policy check``);
+3. the peer certificate (`Policy.check_peer`): present and readable, within its validity period, not revoked
+   by a CRL (nor any CA of its verified chain), and matching at least one identity rule.
 
 Identity rules are OR'd with each other, like ghostunnel's ``--allow-*`` flags; the address rules and the
 identity rules are AND'd: a client must pass both.
@@ -36,7 +37,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from tlsgate.errors import CertificateError, ConfigError
 
@@ -52,6 +54,7 @@ __all__ = [
     "check_validity",
     "verified_chain",
     "verify_chain",
+    "verify_client_chain",
 ]
 
 
@@ -792,6 +795,89 @@ def _read_verified_chain(tls: ssl.SSLSocket) -> tuple[bytes, ...]:
 _MAX_CHAIN = 8
 
 
+def verify_client_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    ca_certs: Sequence[x509.Certificate],
+    *,
+    now: datetime | None = None,
+) -> tuple[Decision, tuple[x509.Certificate, ...]]:
+    """Would the handshake accept leaf as a client certificate? The decision, and the chain built (leaf first).
+
+    The verdict comes from cryptography's RFC 5280 path builder, which checks what the handshake checks and
+    `verify_chain` does not: extended key usage (clientAuth), name constraints, path lengths. It is told to be
+    as lenient as OpenSSL where the Web PKI profile it defaults to is stricter (see `_openssl_like_policies`), so
+    that ``policy check`` and the handshake agree. `verify_chain` then only explains a refusal in our words.
+    The chain is empty when verification fails.
+    """
+    now = _utc(now)
+    if not ca_certs:
+        return Decision(False, "untrusted", "no CA certificate to check against (give --cacert)"), ()
+    ca_policy, ee_policy = _openssl_like_policies()
+    verifier = (
+        PolicyBuilder()
+        .store(Store(list(ca_certs)))
+        .time(now)
+        .max_chain_depth(_MAX_CHAIN)
+        .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
+        .build_client_verifier()
+    )
+    try:
+        verified = verifier.verify(leaf, list(intermediates))
+    except VerificationError as err:
+        explained = verify_chain(leaf, intermediates, ca_certs, now=now)
+        if explained.allowed and not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            # The handshake names an out-of-date leaf "expired" (or "not yet valid"), and so do we.
+            if now > leaf.not_valid_after_utc:
+                return Decision(False, "expired", f"client certificate expired {_when(leaf.not_valid_after_utc)}"), ()
+            until = _when(leaf.not_valid_before_utc)
+            return Decision(False, "not-yet-valid", f"client certificate not valid until {until}"), ()
+        if not explained.allowed:
+            return explained, ()
+        return Decision(False, "untrusted", _verification_problem(err)), ()
+    chain = tuple(verified.chain)
+    via = [_name(c.subject) for c in chain[1:-1]]
+    reason = f"signed by {_name(chain[-1].subject)}" + (f" via {', '.join(via)}" if via else "")
+    return Decision(True, "chain", reason), chain
+
+
+@functools.cache
+def _openssl_like_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
+    """Web PKI extension rules, relaxed where OpenSSL's client-certificate check (purpose ``sslclient``) is.
+
+    OpenSSL accepts a client certificate without a SubjectAltName or an AuthorityKeyIdentifier, or with a
+    critical ExtendedKeyUsage, and a CA certificate without KeyUsage (but with KeyUsage, it must allow
+    certificate signing). cryptography's defaults refuse all four. Found by running the same certificates
+    through both; tests/test_attack_policy.py keeps them in step.
+    """
+    ca = ExtensionPolicy.webpki_defaults_ca().may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
+    ee = (
+        ExtensionPolicy.webpki_defaults_ee()
+        .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+        .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _client_auth_usage)
+    )
+    return ca, ee
+
+
+def _client_auth_usage(_policy: object, cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
+    # Replacing the default EKU rule (which also wants the extension non-critical, as trustme does not make it)
+    # drops its check too, so here it is: with an EKU, it must name clientAuth, as OpenSSL requires.
+    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise ValueError(f"{_name(cert.subject)}: extended key usage does not include clientAuth")
+
+
+def _ca_key_usage(_policy: object, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
+    if usage is not None and not usage.key_cert_sign:
+        raise ValueError(f"{_name(cert.subject)}: KeyUsage does not allow signing certificates")
+
+
+def _verification_problem(err: VerificationError) -> str:
+    """cryptography's message without the certificate repr it appends."""
+    text = str(err).split(" (encountered processing", 1)[0]
+    return _shorten(text.removeprefix("validation failed: "), 200)
+
+
 def verify_chain(
     leaf: x509.Certificate,
     intermediates: Sequence[x509.Certificate],
@@ -801,9 +887,9 @@ def verify_chain(
 ) -> Decision:
     """Is leaf signed, through the given intermediates, by one of ca_certs, with every issuer within its dates?
 
-    What the TLS handshake checks, redone without a socket so ``policy check`` can say which link is missing.
-    The leaf's own dates are left to `check_validity`. This is a diagnosis, not a replacement for OpenSSL: it
-    does not check key usage, name constraints or path lengths.
+    Only an explanation: `verify_client_chain` gives the verdict, and calls this to say in plain words which
+    link is missing when it can. The leaf's own dates are left to `check_validity`. It does not check key
+    usage, name constraints or path lengths, so it must never be the only check.
     """
     now = _utc(now)
     if not ca_certs:
