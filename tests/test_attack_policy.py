@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tlsgate import policy as policy_module
 from tlsgate.cli_policy import policy as policy_cli
-from tlsgate.policy import IdentityRules, build_policy
+from tlsgate.policy import IdentityRules, PeerIdentity, build_policy
 
 from helpers import assert_cut, backend, port_of, tunnel, wait_until
 
@@ -467,3 +467,100 @@ async def test_policy_check_and_the_handshake_agree(site: Site, case: str) -> No
     assert check_allows == (expected_rule is None), verdict.output
     if expected_rule is not None:
         assert verdict.output.splitlines()[1] == f"rule:   {expected_rule}", verdict.output
+
+
+# --- item 8: several CN attributes: only the last one counts, as in ghostunnel --------------------------------------
+
+cn_values = st.text(alphabet="abelvi", min_size=1, max_size=5)
+
+
+@bounded
+@given(cns=st.lists(cn_values, min_size=1, max_size=4), allowed=cn_values)
+@example(cns=["evil", "alice"], allowed="alice")
+@example(cns=["alice", "evil"], allowed="alice")
+def test_only_the_last_cn_is_matched_and_shown(cns: list[str], allowed: str) -> None:
+    peer = PeerIdentity.from_certificate(_ROOT.leaf(cns))
+    decision = IdentityRules.parse(cn=[allowed]).check(peer)
+    assert decision.allowed == (cns[-1] == allowed), (cns, decision)
+    assert peer.describe() == f"CN={cns[-1]}"
+    assert peer.other_common_names == tuple(cns[:-1])
+    if not decision.allowed:
+        assert f"CN={cns[-1]} " in decision.reason and all(
+            f"CN={cn} " not in decision.reason for cn in set(cns) - {cns[-1]}
+        )
+
+
+@pytest.mark.asyncio
+async def test_a_subject_with_two_cns_is_admitted_and_logged_by_the_last(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        backend() as be,
+        tunnel(**site.server_options(be.address, allow_cn=["alice"])) as tun,
+    ):
+        await attempt(port_of(tun), site.client_context(site.root.leaf(["alice", "evil"])))
+        await wait_until(lambda: tun.stats.refused.get("identity") == 1)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port_of(tun), ssl=site.client_context(site.root.leaf(["evil", "alice"])),
+            server_hostname="localhost",
+        )  # fmt: skip
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+    (refusal,) = tlsgate_events(caplog, "refused")
+    assert refusal["identity"] == "CN=evil" and refusal["rule"] == "identity"
+    assert "CN=evil not allowed" in refusal["reason"]
+    assert not any(fields.get("identity") == "CN=evil" for fields in tlsgate_events(caplog, "connected"))
+
+
+def test_policy_check_shows_the_ignored_cns(site: Site) -> None:
+    cert = site.write("two-cns.pem", pem(site.root.leaf(["evil", "alice"])))
+    result = policy_check("--cert", cert, "--allow-cn", "evil")
+    assert result.exit_code == 1, result.output
+    assert "CN           alice (the last CN counts, as in ghostunnel; ignored: evil)" in result.output
+
+
+# --- item 15a: SPIFFE IDs have no dot segments and no percent-encoding ---------------------------------------------
+
+good_segments = st.text(alphabet="abcXYZ019.-_", min_size=1, max_size=6).filter(lambda s: s not in (".", ".."))
+bad_segments = st.sampled_from(["..", ".", "%2F", "a%2Fb", "%2e%2e", "", "a b", "a?b", "a#b"])
+
+
+@bounded
+@given(segments=st.lists(good_segments | bad_segments, min_size=1, max_size=5))
+@example(segments=["..", "admin"])
+@example(segments=["a%2Fb"])
+def test_spiffe_wildcards_never_match_dot_segments_or_percent_encoding(segments: list[str]) -> None:
+    uri = "spiffe://example.org/ns/" + "/".join(segments)
+    # One trailing slash is tolerated, as ghostunnel's patterns tolerate it: spiffe://example.org/ns/ matches ns/**.
+    segments = segments[:-1] if segments[-1] == "" else segments
+    valid = all(s and s not in (".", "..") and all(c.isalnum() or c in "._-" for c in s) for s in segments)
+    deep = IdentityRules.parse(uri=["spiffe://example.org/ns/**"])
+    one = IdentityRules.parse(uri=["spiffe://example.org/ns/*"])
+    peer = PeerIdentity.from_certificate(_ROOT.leaf("x", uris=[uri]))
+    assert deep.check(peer).allowed == valid, uri
+    assert one.check(peer).allowed == (valid and len(segments) == 1), uri
+
+
+def test_non_spiffe_uri_patterns_keep_ghostunnel_semantics() -> None:
+    rules = IdentityRules.parse(uri=["https://example.org/ns/**"])
+    peer = PeerIdentity.from_certificate(_ROOT.leaf("x", uris=["https://example.org/ns/a%2Fb"]))
+    assert rules.check(peer).allowed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("spiffe://example.org/ns/../**", "path segment '..' is not allowed"),
+        ("spiffe://example.org/./api", "path segment '.' is not allowed"),
+        ("spiffe://example.org/a%2Fb/*", "percent-encoding is not allowed"),
+        ("spiffe://example.org//api", "path segment '' is not allowed"),
+        ("spiffe://Example.org/api", "the trust domain 'Example.org' must be lowercase"),
+    ],
+)
+def test_spiffe_patterns_with_dot_segments_or_percent_encoding_are_a_one_line_error(pattern: str, problem: str) -> None:
+    result = policy_check("--allow-uri", pattern)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"tlsgate: error: --allow-uri: '{pattern}' is not a SPIFFE ID pattern: {problem}")

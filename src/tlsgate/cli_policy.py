@@ -197,7 +197,7 @@ def _echo_certificate(
         ("issuer", peer.issuer or "(empty)"),
         ("serial", f"{peer.serial:#x}"),
         ("valid", f"{_when(peer.not_before)} to {_when(peer.not_after)}"),
-        ("CN", _values(peer.common_names)),
+        ("CN", _common_name(peer)),
         ("OU", _values(peer.organizational_units)),
         ("DNS SAN", _values(peer.dns_names)),
         ("URI SAN", _values(peer.uris)),
@@ -259,7 +259,7 @@ def _echo_identity_comparison(rules: Policy, peer: PeerIdentity) -> None:
     rows = [
         (flag, _values(allowed), f"{label}: {_values(actual)}")
         for flag, allowed, label, actual in (
-            ("--allow-cn", identity.cn, "CN", peer.common_names),
+            ("--allow-cn", identity.cn, "CN", () if peer.common_name is None else (peer.common_name,)),
             ("--allow-ou", identity.ou, "OU", peer.organizational_units),
             ("--allow-dns", identity.dns, "DNS SAN", peer.dns_names),
             ("--allow-uri", identity.uri, "URI SAN", peer.uris),
@@ -306,6 +306,15 @@ def _parse_time(text: str | None) -> datetime:
     except ValueError:
         raise ConfigError(f"--at: {text!r} is not a time (use ISO 8601 like 2026-07-01 or 2026-07-01T12:00Z)") from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _common_name(peer: PeerIdentity) -> str:
+    if peer.common_name is None:
+        return "-"
+    if not peer.other_common_names:
+        return peer.common_name
+    ignored = ", ".join(peer.other_common_names)
+    return f"{peer.common_name} (the last CN counts, as in ghostunnel; ignored: {ignored})"
 
 
 def _values(values: Sequence[str]) -> str:

@@ -84,7 +84,12 @@ _NO_AUTHENTICATION = Decision(True, "no-authentication", "--disable-authenticati
 class PeerIdentity:
     """What the policy looks at in a peer's leaf certificate, extracted once and kept as plain values."""
 
-    common_names: tuple[str, ...]
+    common_name: str | None
+    """The subject's LAST CN attribute, the one Go's ``pkix.Name.CommonName`` and so ghostunnel use: the only CN
+    that ``--allow-cn`` matches and logs show. A subject may hold several; matching any of them would let
+    ``CN=evil,CN=alice`` in as alice while logs name it evil."""
+    other_common_names: tuple[str, ...]
+    """The earlier CN attributes, ignored by every rule; kept so ``policy check`` can show them."""
     organizational_units: tuple[str, ...]
     dns_names: tuple[str, ...]
     uris: tuple[str, ...]
@@ -99,8 +104,8 @@ class PeerIdentity:
 
     def describe(self, limit: int = 100) -> str:
         """A short name for logs: the CN, else the first URI SAN, DNS SAN or IP SAN, else the key hash."""
-        if self.common_names:
-            text = "CN=" + self.common_names[0]
+        if self.common_name is not None:
+            text = "CN=" + self.common_name
         elif self.uris:
             text = "URI=" + self.uris[0]
         elif self.dns_names:
@@ -120,12 +125,14 @@ class PeerIdentity:
     def from_certificate(cls, cert: x509.Certificate) -> PeerIdentity:
         try:
             subject = cert.subject
+            common_names = _attribute_values(subject, NameOID.COMMON_NAME)
             try:
                 sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound:
                 sans = x509.SubjectAlternativeName([])
             return cls(
-                common_names=_attribute_values(subject, NameOID.COMMON_NAME),
+                common_name=common_names[-1] if common_names else None,
+                other_common_names=common_names[:-1],
                 organizational_units=_attribute_values(subject, NameOID.ORGANIZATIONAL_UNIT_NAME),
                 dns_names=tuple(sans.get_values_for_type(x509.DNSName)),
                 uris=tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)),
@@ -363,17 +370,25 @@ class _UriPattern:
     text: str
     regex: re.Pattern[str]
 
+    spiffe: bool = False
+    """A ``spiffe://`` pattern: it matches only URIs that are valid SPIFFE IDs (see `spiffe_id_problem`)."""
+
     @classmethod
     def parse(cls, flag: str, text: str) -> _UriPattern:
         if not _URI_SCHEME.match(text):
             raise ConfigError(f"{flag}: {text!r} is not a URI (use a full URI such as spiffe://example.org/service)")
+        spiffe = text.lower().startswith(_SPIFFE)
+        if spiffe:
+            problem = spiffe_id_problem(text, pattern=True)
+            if problem is not None:
+                raise ConfigError(f"{flag}: {text!r} is not a SPIFFE ID pattern: {problem}")
         segments = text.split("/")
         parts: list[str] = []
         for index, segment in enumerate(segments):
             if segment == "**":
                 if index != len(segments) - 1:
                     raise ConfigError(f"{flag}: {text!r}: '**' may only be the last segment")
-                return cls(text, re.compile("/".join(parts) + "(?:/.*)?", re.DOTALL))
+                return cls(text, re.compile("/".join(parts) + "(?:/.*)?", re.DOTALL), spiffe)
             if segment == "*":
                 parts.append("[^/]+")
             elif "*" in segment:
@@ -382,10 +397,48 @@ class _UriPattern:
                 )
             else:
                 parts.append(re.escape(segment))
-        return cls(text, re.compile("/".join(parts) + "/?"))
+        return cls(text, re.compile("/".join(parts) + "/?"), spiffe)
 
     def matches(self, uri: str) -> bool:
-        return self.regex.fullmatch(uri) is not None
+        if self.regex.fullmatch(uri) is None:
+            return False
+        # `*` and `**` would otherwise take ".." or "%2F" as path text: spiffe://x/ns/** must not admit
+        # spiffe://x/ns/../admin, which a consumer that normalises the path reads as spiffe://x/admin.
+        return not self.spiffe or spiffe_id_problem(uri) is None
+
+
+_SPIFFE = "spiffe://"
+_SPIFFE_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]+")
+_SPIFFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def spiffe_id_problem(uri: str, *, pattern: bool = False) -> str | None:
+    """Why ``uri`` is not a SPIFFE ID, or None if it is one (the SPIFFE-ID specification, section 2).
+
+    A SPIFFE ID is ``spiffe://`` + a lowercase trust domain + path segments of letters, digits, ``.``, ``-``
+    and ``_``: no empty segment, no ``.`` or ``..`` segment, no percent-encoding, query or fragment. A single
+    trailing ``/`` is tolerated, as ghostunnel's patterns tolerate it. With ``pattern``, ``*`` may stand for
+    the trust domain or a segment and ``**`` for the last segment (`_UriPattern` checks where they stand).
+    """
+    if not uri.startswith(_SPIFFE):
+        return "the scheme must be spiffe:// in lowercase"
+    domain, slash, path = uri[len(_SPIFFE) :].partition("/")
+    # In a pattern, a segment with a `*` is left to `_UriPattern.parse`, whose message says where `*` may stand.
+    if not (pattern and "*" in domain) and not _SPIFFE_TRUST_DOMAIN.fullmatch(domain):
+        return f"the trust domain {_shorten(domain, 40)!r} must be lowercase letters, digits, '.', '-', '_'"
+    segments = path.split("/") if slash else []
+    if segments and segments[-1] == "":
+        segments.pop()
+    for segment in segments:
+        if pattern and "*" in segment:
+            continue
+        if segment in ("", ".", ".."):
+            return f"path segment {segment!r} is not allowed (no empty, '.' or '..' segments)"
+        if "%" in segment:
+            return "percent-encoding is not allowed in a SPIFFE ID"
+        if not _SPIFFE_SEGMENT.fullmatch(segment):
+            return f"path segment {_shorten(segment, 40)!r} may only hold letters, digits, '.', '-', '_'"
+    return None
 
 
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -507,9 +560,8 @@ class IdentityRules:
             if prefix == "allow":
                 return Decision(False, "identity", f"{peer.describe()} not allowed (no --allow-* rule is set)")
             return Decision(True, f"no-{prefix}-rules", f"no --{prefix}-* rule: the hostname check decides")
-        for name in peer.common_names:
-            if name in self._cn:
-                return Decision(True, f"{prefix}-cn", f"CN={name} matched {prefix}-cn")
+        if peer.common_name in self._cn:
+            return Decision(True, f"{prefix}-cn", f"CN={peer.common_name} matched {prefix}-cn")
         for unit in peer.organizational_units:
             if unit in self._ou:
                 return Decision(True, f"{prefix}-ou", f"OU={unit} matched {prefix}-ou")
@@ -547,7 +599,7 @@ class IdentityRules:
         """Name the peer's values for the kinds of rule that are set, so the reason compares like with like."""
         present, missing = [], []
         for rules, label, values in (
-            (self.cn, "CN=", peer.common_names),
+            (self.cn, "CN=", () if peer.common_name is None else (peer.common_name,)),
             (self.ou, "OU=", peer.organizational_units),
             (self.dns, "DNS SAN ", peer.dns_names),
             (self.uri, "URI SAN ", peer.uris),
