@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -41,7 +41,11 @@ class Ca:
     """A CA certificate and its key; issues leaves and sub-CAs with the extensions a real CA would add."""
 
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+    @property
+    def hash(self) -> hashes.SHA256 | None:
+        return None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
     @classmethod
     def root(cls, name: str = "attack root") -> Ca:
@@ -58,8 +62,9 @@ class Ca:
         path_length: int | None = None,
         not_after: datetime | None = None,
         permitted_dns: Sequence[str] = (),
+        ed25519_key: bool = False,
     ) -> Ca:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = ed25519.Ed25519PrivateKey.generate() if ed25519_key else ec.generate_private_key(ec.SECP256R1())
         builder = _base(
             _name(name),
             self.cert.subject,
@@ -71,7 +76,7 @@ class Ca:
         if permitted_dns:
             constraints = x509.NameConstraints([x509.DNSName(d) for d in permitted_dns], None)
             builder = builder.add_extension(constraints, critical=True)
-        return Ca(builder.sign(self.key, hashes.SHA256()), key)
+        return Ca(builder.sign(self.key, self.hash), key)
 
     def leaf(
         self,
@@ -103,7 +108,7 @@ class Ca:
             names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
             names += [x509.UniformResourceIdentifier(u) for u in uris]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        return builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, self.hash)
 
     def crl(self, *revoked: x509.Certificate) -> x509.CertificateRevocationList:
         builder = (
@@ -115,7 +120,7 @@ class Ca:
         for cert in revoked:
             entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(NOW)
             builder = builder.add_revoked_certificate(entry.build())
-        return builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, self.hash)
 
 
 def _name(cn: str) -> x509.Name:
@@ -422,11 +427,20 @@ def _chain_cases(root: Ca) -> dict[str, tuple[tuple[x509.Certificate, ...], str 
     no_sub_cas = root.sub_ca("no sub-CAs", path_length=0)
     below_limit = no_sub_cas.sub_ca("one too deep")
     expired = root.sub_ca("expired CA", not_after=NOW - timedelta(hours=1))
+    edwards = root.sub_ca("Ed25519 CA", ed25519_key=True)
     return {
         "good, directly under the root": ((root.leaf("alice"),), None),
         "good, via an intermediate": ((intermediate.leaf("alice"), intermediate.cert), None),
         "good, no EKU and no SAN": ((root.leaf("alice", eku=()),), None),
         "good, within name constraints": ((constrained.leaf("alice", dns=["a.example.org"]), constrained.cert), None),
+        "good, Ed25519 intermediate (cryptography's profile refuses it)": (
+            (edwards.leaf("alice"), edwards.cert),
+            None,
+        ),
+        "Ed25519 intermediate, EKU serverAuth only": (
+            (edwards.leaf("alice", eku=[ExtendedKeyUsageOID.SERVER_AUTH]), edwards.cert),
+            "untrusted",
+        ),
         "EKU serverAuth only": ((root.leaf("alice", eku=[ExtendedKeyUsageOID.SERVER_AUTH]),), "untrusted"),
         "name constraints violated": ((constrained.leaf("alice", dns=["evil.test"]), constrained.cert), "untrusted"),
         "path length exceeded": ((below_limit.leaf("alice"), below_limit.cert, no_sub_cas.cert), "untrusted"),

@@ -876,7 +876,15 @@ def verify_client_chain(
     )
     try:
         verified = verifier.verify(leaf, list(intermediates))
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        # Not a verdict on the chain: cryptography could not run. Our walk is all that is left.
+        return _walk_only(leaf, intermediates, ca_certs, now, f"cryptography cannot verify it: {_parse_problem(err)}")
     except VerificationError as err:
+        problem = _verification_problem(err)
+        if _FORBIDDEN_ALGORITHM.search(problem):
+            # The Web PKI profile allows only a few key and signature algorithms; OpenSSL also takes Ed25519 and
+            # Ed448, which tlsgate's own CA can issue. For such a chain only our walk can judge.
+            return _walk_only(leaf, intermediates, ca_certs, now, "cryptography's verifier refuses its algorithms")
         explained = verify_chain(leaf, intermediates, ca_certs, now=now)
         if explained.allowed and not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             # The handshake names an out-of-date leaf "expired" (or "not yet valid"), and so do we.
@@ -886,11 +894,27 @@ def verify_client_chain(
             return Decision(False, "not-yet-valid", f"client certificate not valid until {until}"), ()
         if not explained.allowed:
             return explained, ()
-        return Decision(False, "untrusted", _verification_problem(err)), ()
+        return Decision(False, "untrusted", problem), ()
     chain = tuple(verified.chain)
     via = [_name(c.subject) for c in chain[1:-1]]
     reason = f"signed by {_name(chain[-1].subject)}" + (f" via {', '.join(via)}" if via else "")
     return Decision(True, "chain", reason), chain
+
+
+def _walk_only(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    ca_certs: Sequence[x509.Certificate],
+    now: datetime,
+    why: str,
+) -> tuple[Decision, tuple[x509.Certificate, ...]]:
+    """The verdict of `verify_chain` and the leaf's EKU, saying what went unchecked and why."""
+    explained = verify_chain(leaf, intermediates, ca_certs, now=now)
+    if not explained.allowed:
+        return explained, ()
+    if (eku := _client_auth_problem(leaf)) is not None:
+        return Decision(False, "untrusted", eku), ()
+    return Decision(True, "chain", f"{explained.reason} (name constraints and path lengths unchecked: {why})"), ()
 
 
 @functools.cache
@@ -912,11 +936,26 @@ def _openssl_like_policies() -> tuple[ExtensionPolicy, ExtensionPolicy]:
     return ca, ee
 
 
+_FORBIDDEN_ALGORITHM = re.compile(r"Forbidden (?:public key|signature) algorithm")
+
+
 def _client_auth_usage(_policy: object, cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
     # Replacing the default EKU rule (which also wants the extension non-critical, as trustme does not make it)
     # drops its check too, so here it is: with an EKU, it must name clientAuth, as OpenSSL requires.
     if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
         raise ValueError(f"{_name(cert.subject)}: extended key usage does not include clientAuth")
+
+
+def _client_auth_problem(leaf: x509.Certificate) -> str | None:
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    except _PARSE_ERRORS as err:
+        return f"certificate cannot be parsed: {_parse_problem(err)}"
+    if ExtendedKeyUsageOID.CLIENT_AUTH in usage:
+        return None
+    return f"{_name(leaf.subject)}: extended key usage does not include clientAuth"
 
 
 def _ca_key_usage(_policy: object, cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
