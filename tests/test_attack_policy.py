@@ -293,6 +293,14 @@ async def test_unparseable_target_certificate_in_client_mode_is_one_refusal(
     assert tracebacks(caplog) == []
 
 
+def test_policy_check_gives_the_servers_verdict_on_an_unparseable_certificate(site: Site) -> None:
+    bad = site.write("bad.pem", pem(site.root.leaf("alice", raw_san=ip_san(b"\x0a\x01\x02\x03\x04"))))
+    result = policy_check("--cert", bad, "--cacert", site.write("ca.pem", pem(site.root.cert)), "--allow-cn", "alice")
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[:2] == ["DENY", "rule:   bad-cert"], result.output
+    assert "  FAIL  certificate client certificate cannot be parsed" in result.output
+
+
 # IP SANs are 4 or 16 bytes; every other length is one OpenSSL keeps as an opaque string and cryptography refuses.
 bad_ip_payloads = st.binary(min_size=0, max_size=40).filter(lambda b: len(b) not in (4, 16))
 

@@ -226,6 +226,8 @@ def _hints(
             "the server closes such connections at accept, before the TLS handshake: the client sees the "
             "connection reset or closed, not a TLS alert"
         ]
+    if rule == "untrusted" and leaf is not None and any(ca.subject == leaf.issuer for ca in ca_certs):
+        return ["the TLS handshake refuses this certificate for the reason above; issue one that meets it"]
     if rule == "untrusted" and leaf is not None:
         bundle = "; ".join(ca.subject.rfc4514_string() for ca in ca_certs) or "nothing"
         return [

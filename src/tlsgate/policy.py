@@ -949,10 +949,8 @@ def _client_auth_usage(_policy: object, cert: x509.Certificate, usage: x509.Exte
 def _client_auth_problem(leaf: x509.Certificate) -> str | None:
     try:
         usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    except _PARSE_ERRORS as err:
-        return f"certificate cannot be parsed: {_parse_problem(err)}"
+    except (x509.ExtensionNotFound, *_PARSE_ERRORS):
+        return None  # unreadable extensions are the certificate step's refusal ("bad-cert"), as in the server
     if ExtendedKeyUsageOID.CLIENT_AUTH in usage:
         return None
     return f"{_name(leaf.subject)}: extended key usage does not include clientAuth"
