@@ -301,6 +301,19 @@ def test_policy_check_gives_the_servers_verdict_on_an_unparseable_certificate(si
     assert "  FAIL  certificate client certificate cannot be parsed" in result.output
 
 
+def test_an_internal_error_while_checking_is_a_refusal_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: IdentityRules, peer: PeerIdentity) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(IdentityRules, "check", broken)
+    cert = der(_ROOT.leaf("alice"))
+    decision, _ = build_policy(allow_cn=["alice"]).check_peer(cert)
+    assert (decision.allowed, decision.rule) == (False, "policy-error")
+    assert "RuntimeError('a bug')" in decision.reason
+    refused = IdentityRules.parse(cn=["alice"], flag_prefix="verify").check_certificate(cert)
+    assert (refused.allowed, refused.rule) == (False, "policy-error")
+
+
 # IP SANs are 4 or 16 bytes; every other length is one OpenSSL keeps as an opaque string and cryptography refuses.
 bad_ip_payloads = st.binary(min_size=0, max_size=40).filter(lambda b: len(b) not in (4, 16))
 
