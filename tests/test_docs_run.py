@@ -1,0 +1,141 @@
+"""Docs that run: every shell example of README.md and docs/*.md runs here as a reader would type it.
+
+How pages mark their examples, how shown output is compared, and how ports are mapped to free ones is
+described in ``tests/docs_blocks.py``. One test per page (a page runs its blocks in order, in its own
+scratch directory, with ``tlsgate`` on PATH), one per example config file, and one per page that fails when
+a shell example carries no marker, so a new example is either run or says why it cannot be.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from docs_blocks import (
+    REPO,
+    Block,
+    PageRun,
+    blocks,
+    console_commands,
+    missing_programs,
+    output_matches,
+    run_page,
+)
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.toml"))
+
+
+def page_id(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_shell_example_is_run_or_says_why_not(page: Path) -> None:
+    unmarked = [block.where for block in blocks(page) if block.is_shell_example and block.marker is None]
+    assert not unmarked, f"shell examples without <!-- run --> or <!-- not run: REASON -->: {unmarked}"
+    reasonless = [block.where for block in blocks(page) if block.marker == "not run" and not block.argument]
+    assert not reasonless, f"<!-- not run --> needs a reason: {reasonless}"
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(b.marker == "run" for b in blocks(p))], ids=page_id)
+def test_page_examples_run_as_shown(page: Path, tmp_path: Path) -> None:
+    missing = missing_programs(page)
+    if missing:
+        pytest.skip(f"{page_id(page)} needs {', '.join(missing)} (apt-get install redis-server; .ci/run does)")
+    ran = list(run_page(page, tmp_path))
+    assert ran
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_config_is_valid_once_its_certificates_exist(example: Path, tmp_path: Path) -> None:
+    """Each example's header comment says which `tlsgate` commands make its certificates; run them, then check."""
+    shutil.copy(example, tmp_path / example.name)
+    commands = [
+        line.lstrip("#").strip().split("  #")[0].strip()
+        for line in example.read_text().splitlines()
+        if re.match(r"#\s+tlsgate (certs|check-config) ", line)
+    ]
+    assert any(c.startswith("tlsgate check-config") for c in commands), f"{example.name}: no check-config line"
+    runner = PageRun(example, tmp_path)
+    for command in commands:
+        result = runner.shell(command)
+        assert result.returncode == 0, f"{example.name}: `{command}` exited {result.returncode}\n{result.stdout}"
+        assert "ok:" in result.stdout or not command.startswith("tlsgate check-config")
+
+
+# --- The runner itself -----------------------------------------------------------------------------------
+
+
+def test_output_comparison_ignores_only_what_varies() -> None:
+    shown = ["wrote pki/crl.pem: 0 revoked, next update 2026-12-25 06:56:26 UTC", "..."]
+    assert output_matches(shown, ["wrote pki/crl.pem: 0 revoked, next update 2027-01-03 10:00:01 UTC", "x", "y"])
+    assert output_matches(shown, ["wrote pki/crl.pem: 0 revoked, next update 2027-01-03 10:00:01 UTC"])
+    assert not output_matches(shown, ["wrote pki/crl.pem: 1 revoked, next update 2027-01-03 10:00:01 UTC"])
+    assert not output_matches(["DENY"], ["ALLOW"])
+    assert not output_matches(["a"], ["a", "b"])
+    assert output_matches(["a", "...", "z"], ["a", "z"])
+
+
+def test_console_blocks_split_into_commands_and_shown_output() -> None:
+    text = "$ tlsgate x \\\n    --flag\nout 1\nout 2\n$ echo $?\n1\n"
+    commands = console_commands(text)
+    assert [c.text for c in commands] == ["tlsgate x \\\n    --flag", "echo $?"]
+    assert [c.expected for c in commands] == [["out 1", "out 2"], ["1"]]
+
+
+def test_a_drifted_output_fails_with_both_versions(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- run -->\n```console\n$ echo hello\ngoodbye\n```\n")
+    with pytest.raises(AssertionError, match="(?s)shown on the page.*goodbye.*printed now.*hello"):
+        list(run_page_outside_repo(page, tmp_path))
+
+
+def test_a_failing_sh_command_fails_the_page(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- run -->\n```sh\ntrue\ntlsgate certs show missing.pem\n```\n")
+    with pytest.raises(AssertionError, match="exit 2"):
+        list(run_page_outside_repo(page, tmp_path))
+
+
+def test_ports_are_mapped_consistently_and_back(tmp_path: Path) -> None:
+    runner = PageRun(tmp_path / "page.md", tmp_path)
+    command = runner.substitute("tlsgate server --listen 0.0.0.0:8443 --target localhost:6379")
+    assert "8443" not in command and "6379" not in command and "0.0.0.0" not in command
+    assert f"127.0.0.1:{runner.ports[8443]}" in command
+    assert runner.unsubstitute(f"listen=127.0.0.1:{runner.ports[8443]}") == "listen=127.0.0.1:8443"
+
+
+def test_background_server_is_ready_on_its_listening_line_and_stopped_at_the_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["tlsgate", "certs", "ca"], cwd=tmp_path, capture_output=True, text=True, env=PageRun(tmp_path, tmp_path).env
+    )
+    assert result.returncode == 0, result.stderr
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- backend: http 8080 -->\n"
+        "<!-- run -->\n```sh\ntlsgate certs issue --name localhost\n```\n"
+        "<!-- run: background -->\n```sh\n"
+        "tlsgate server --listen localhost:8443 --target localhost:8080 \\\n"
+        "  --cert certs/localhost.pem --key certs/localhost.key --disable-authentication\n```\n"
+        "<!-- run -->\n```console\n$ curl -s --cacert certs/ca/ca.pem https://localhost:8443/\n"
+        "hello from the backend\n```\n"
+    )
+    ran = list(run_page_outside_repo(page, tmp_path))
+    assert len(ran) == 3
+
+
+def run_page_outside_repo(page: Path, workdir: Path) -> list[Block]:
+    """run_page for a page written by a test (Block.where wants a path under the repository)."""
+    import docs_blocks
+
+    saved = docs_blocks.REPO
+    docs_blocks.REPO = page.parent
+    try:
+        return list(run_page(page, workdir))
+    finally:
+        docs_blocks.REPO = saved
