@@ -55,7 +55,8 @@ DOC_PORTS = (3000, 5432, 5433, 6379, 6380, 6381, 8080, 8443, 9090, 9091, 9100, 9
 
 #: Languages whose blocks are shell examples and so must carry a marker.
 SHELL_LANGUAGES = {"sh", "shell", "bash", "console"}
-#: A block with no language that starts like a command is a shell example in disguise.
+#: A block with no language that starts like a command is a shell example in disguise (output that starts
+#: like one is marked ```text).
 COMMAND_START = re.compile(r"^\$ |^(tlsgate|curl|redis-cli|kill|docker|make|openssl|systemctl|sudo)\b")
 
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+)(?P<info>[^`]*)$")
@@ -83,7 +84,7 @@ class Block:
         if self.language in SHELL_LANGUAGES:
             return True
         first = next((line for line in self.text.splitlines() if line.strip()), "")
-        return self.language in ("", "text") and bool(COMMAND_START.match(first))
+        return self.language == "" and bool(COMMAND_START.match(first))
 
 
 def blocks(page: Path) -> list[Block]:
@@ -255,7 +256,7 @@ class PageRun:
             self.env.pop(variable, None)
 
     def substitute(self, command: str) -> str:
-        command = command.replace("0.0.0.0", "127.0.0.1")
+        command = re.sub(r"(?<![\d.])0\.0\.0\.0(?![\d./])", "127.0.0.1", command)
         for doc, real in self.ports.items():
             command = re.sub(rf"(?<![0-9A-Za-z]){doc}(?![0-9A-Za-z])", str(real), command)
         return command

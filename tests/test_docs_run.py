@@ -104,8 +104,9 @@ def test_a_failing_sh_command_fails_the_page(tmp_path: Path) -> None:
 
 def test_ports_are_mapped_consistently_and_back(tmp_path: Path) -> None:
     runner = PageRun(tmp_path / "page.md", tmp_path)
-    command = runner.substitute("tlsgate server --listen 0.0.0.0:8443 --target localhost:6379")
-    assert "8443" not in command and "6379" not in command and "0.0.0.0" not in command
+    command = runner.substitute("tlsgate server --listen 0.0.0.0:8443 --target localhost:6379 --allow-from 10.0.0.0/8")
+    assert "8443" not in command and "6379" not in command and "0.0.0.0:" not in command
+    assert "--allow-from 10.0.0.0/8" in command
     assert f"127.0.0.1:{runner.ports[8443]}" in command
     assert runner.unsubstitute(f"listen=127.0.0.1:{runner.ports[8443]}") == "listen=127.0.0.1:8443"
 
