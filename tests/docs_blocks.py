@@ -143,6 +143,11 @@ def console_commands(text: str) -> list[Command]:
     return commands
 
 
+# A page reads like one terminal session: variables a block exports are there in the next blocks.
+_STATE = '"$HOME/.docs-run-env"'
+_RESTORE = f"if [ -f {_STATE} ]; then . {_STATE}; fi"
+_SAVE = f"export -p > {_STATE}"
+
 _NORMALISE = [
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)?"), "<TIME>"),
     (re.compile(r"\d{4}-\d\d-\d\d"), "<DATE>"),
@@ -194,7 +199,7 @@ class Background:
         self._settled = threading.Event()  # ready, or the output ended (the process died)
         self.ready = False
         self.process = subprocess.Popen(
-            ["bash", "-c", "exec " + command],
+            ["bash", "-c", f"{_RESTORE}\nexec {command}"],
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -240,6 +245,8 @@ class PageRun:
         self.background: list[Background] = []
         home = workdir / ".home"
         home.mkdir(exist_ok=True)
+        # curl shows a progress meter when its output is not a terminal, as here; a reader never sees it.
+        (home / ".curlrc").write_text("silent\nshow-error\n")
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -326,7 +333,7 @@ class PageRun:
 
     def shell(self, script: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["bash", "-c", "exec 2>&1\n" + script],
+            ["bash", "-c", f"exec 2>&1\n{_RESTORE}\ntrap '{_SAVE}' EXIT\n{script}"],
             cwd=self.workdir,
             env=self.env,
             stdin=subprocess.DEVNULL,
