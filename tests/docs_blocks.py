@@ -13,6 +13,9 @@ for it, so the page reads as before):
     A ```` ```sh ```` block with one long-running command (``tlsgate server ...``): started in the background,
     ready once it prints a line containing ``listening`` (``<!-- run: background, ready=TEXT -->`` for
     another line), and stopped with SIGTERM when the page ends.
+``<!-- run: file NAME -->``
+    Write the block (a config file, say) to ``NAME`` in the scratch directory, as the page tells the reader
+    to save it. Written as shown: no port is substituted, so such a file is checked, not run.
 ``<!-- not run: REASON -->``
     An example the test cannot run (it needs root, systemd, a browser, another machine...). The reason is
     required, so the page says why.
@@ -305,7 +308,9 @@ class PageRun:
     def run(self, block: Block) -> None:
         if block.marker != "run":
             return
-        if block.argument.startswith("background"):
+        if block.argument.startswith("file "):
+            (self.workdir / block.argument.removeprefix("file ").strip()).write_text(block.text)
+        elif block.argument.startswith("background"):
             ready = "listening"
             match = re.search(r"ready=(.+)$", block.argument)
             if match:
