@@ -250,6 +250,7 @@ class PageRun:
         home.mkdir(exist_ok=True)
         # curl shows a progress meter when its output is not a terminal, as here; a reader never sees it.
         (home / ".curlrc").write_text("silent\nshow-error\n")
+        (home / "system-anchors").mkdir(exist_ok=True)
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
