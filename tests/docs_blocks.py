@@ -26,8 +26,9 @@ is not installed), ``<!-- backend: http 8080 -->`` (a plaintext HTTP server answ
 backend``).
 
 Shown output is compared line by line after both sides are normalised. Parts that differ from run to run
-are recognised by their shape, so the page can show real values: timestamps and dates, long hex strings
-(serials, hashes), ``pid=N``, ``duration=Ns``, ephemeral ports (32768 and up). A line holding only ``...``
+are recognised by their shape, so the page can show real values: timestamps, dates and Unix times, long hex
+strings (serials, hashes), floats with five decimals or more, ``pid=N``, ``duration=Ns``, ephemeral ports
+(32768 and up), and the ``hostname`` and ``compiler`` of status JSON. A line holding only ``...``
 stands for any number of lines.
 
 Ports: pages show the real ports a reader would use (8443, 6379...). For each page the runner picks a free
@@ -152,6 +153,9 @@ _RESTORE = f"if [ -f {_STATE} ]; then . {_STATE}; fi"
 _SAVE = f"export -p > {_STATE}"
 
 _NORMALISE = [
+    (re.compile(r'"(hostname|compiler)": "[^"]*"'), r'"\1": <VARIES>'),
+    (re.compile(r"\b1[6-9]\d{8}(\.\d+)?\b"), "<EPOCH>"),
+    (re.compile(r"\b\d+\.\d{5,}\b"), "<FLOAT>"),
     (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?(Z|[+-]\d\d:\d\d)?"), "<TIME>"),
     (re.compile(r"\d{4}-\d\d-\d\d"), "<DATE>"),
     (re.compile(r"\b(0x)?[0-9a-f]{16,}\b(\.\.\.)?"), "<HEX>"),

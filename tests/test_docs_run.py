@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def test_example_config_is_valid_once_its_certificates_exist(example: Path, tmp_
         assert "ok:" in result.stdout or not command.startswith("tlsgate check-config")
 
 
+def test_dev_front_example_binds_both_loopback_addresses_as_tlsgate_dev_does() -> None:
+    """Browsers try 127.0.0.1 or ::1 for localhost; a hosts file naming one would leave the other unanswered."""
+    doc = tomllib.loads((REPO / "docs" / "examples" / "dev-front.toml").read_text())
+    assert {tunnel["listen"] for tunnel in doc["tunnel"]} == {"127.0.0.1:8443", "[::1]:8443"}
+
+
+def test_wrap_redis_example_connects_by_an_address_or_says_how_its_name_resolves() -> None:
+    text = (REPO / "docs" / "examples" / "wrap-redis.toml").read_text()
+    for line in text.splitlines():
+        if "-h redis.internal" in line:
+            assert "hosts" in text and "DNS" in text, "redis.internal needs a DNS record or a hosts entry"
+    assert re.search(r"redis-cli .* -h \d+\.\d+\.\d+\.\d+ ", text), "show a redis-cli line that works without DNS"
+
+
 # --- The runner itself -----------------------------------------------------------------------------------
 
 
@@ -91,7 +106,7 @@ def test_console_blocks_split_into_commands_and_shown_output() -> None:
 def test_a_drifted_output_fails_with_both_versions(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text("<!-- run -->\n```console\n$ echo hello\ngoodbye\n```\n")
-    with pytest.raises(AssertionError, match="(?s)shown on the page.*goodbye.*printed now.*hello"):
+    with pytest.raises(AssertionError, match=r"(?s)shown on the page.*goodbye.*printed now.*hello"):
         list(run_page_outside_repo(page, tmp_path))
 
 
