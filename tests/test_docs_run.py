@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from docs_blocks import (
     REPO,
@@ -94,6 +96,34 @@ def test_output_comparison_ignores_only_what_varies() -> None:
     assert not output_matches(["DENY"], ["ALLOW"])
     assert not output_matches(["a"], ["a", "b"])
     assert output_matches(["a", "...", "z"], ["a", "z"])
+
+
+# Lines as pages show them: words and punctuation, never a bare "..." (that is the wildcard).
+_lines = st.lists(
+    st.text(st.sampled_from("abc xyz:=-"), min_size=1, max_size=12).filter(lambda t: t.strip()), max_size=8
+)
+
+
+@given(_lines, st.data())
+def test_a_wildcard_anywhere_still_matches_and_a_changed_line_never_does(lines: list[str], data: st.DataObject) -> None:
+    assert output_matches(lines, lines)
+    at = data.draw(st.integers(0, len(lines)))
+    assert output_matches([*lines[:at], "...", *lines[at:]], lines)
+    if lines:
+        i = data.draw(st.integers(0, len(lines) - 1))
+        changed = [*lines[:i], lines[i] + "!", *lines[i + 1 :]]
+        assert not output_matches(lines, changed)
+        assert not output_matches(lines, lines[:i] + lines[i + 1 :])
+
+
+@given(st.lists(st.sampled_from([8443, 6379, 6380, 9090, 3000]), min_size=1, max_size=5))
+def test_port_mapping_round_trips_whatever_the_ports_a_page_shows(ports: list[int]) -> None:
+    runner = PageRun.__new__(PageRun)  # no scratch directory needed to map ports
+    runner.ports = {8443: 41001, 6379: 41002, 6380: 41003, 9090: 41004, 3000: 41005}
+    command = " ".join(f"--listen 127.0.0.1:{port} -p {port}" for port in ports)
+    mapped = runner.substitute(command)
+    assert not any(str(port) in mapped for port in ports)
+    assert runner.unsubstitute(mapped) == command
 
 
 def test_console_blocks_split_into_commands_and_shown_output() -> None:
