@@ -236,7 +236,12 @@ class Background:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        self.process.wait()
+        try:
+            # A drain waits for open connections (up to --shutdown-timeout); a page that failed may leave some.
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self._reader.join()
         assert self.process.stdout is not None
         self.process.stdout.close()
@@ -361,6 +366,8 @@ class PageRun:
         )
         output = self.shell(script).stdout
         chunks = output.split(f"\n{separator}\n")
+        if len(chunks) != len(commands) + 1:
+            raise AssertionError(f"{block.where}: the session ended early (an `exit`?):\n{output}")
         for command, chunk in zip(commands, chunks, strict=False):
             actual = self.unsubstitute(chunk).splitlines()
             if not output_matches(command.expected, actual):
