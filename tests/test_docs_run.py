@@ -185,3 +185,12 @@ def run_page_outside_repo(page: Path, workdir: Path) -> list[Block]:
         return list(run_page(page, workdir))
     finally:
         docs_blocks.REPO = saved
+
+
+def test_a_page_needing_redis_is_skipped_with_the_package_to_install_when_it_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("<!-- backend: redis 6379 -->\n<!-- run -->\n```console\n$ redis-cli -p 6379 ping\nPONG\n```\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing installed
+    assert missing_programs(page) == ["redis-cli", "redis-server"]
