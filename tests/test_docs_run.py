@@ -194,3 +194,22 @@ def test_a_page_needing_redis_is_skipped_with_the_package_to_install_when_it_is_
     page.write_text("<!-- backend: redis 6379 -->\n<!-- run -->\n```console\n$ redis-cli -p 6379 ping\nPONG\n```\n")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing installed
     assert missing_programs(page) == ["redis-cli", "redis-server"]
+
+
+def test_readme_tour_says_how_to_put_tlsgate_on_path_and_that_way_works() -> None:
+    """Finding 1 of #17: after `make run`, every tour command failed with `tlsgate: command not found`."""
+    readme = (REPO / "README.md").read_text()
+    tour = readme[readme.index("## A 60-second tour") :]
+    first_command = tour.index("```")
+    match = re.search(r"`(\. \.venv/bin/activate)`", tour[:first_command])
+    assert match, "the tour must say how to get tlsgate on PATH before its first command"
+    if not (REPO / ".venv" / "bin" / "activate").exists():
+        pytest.skip("no .venv here (make run or make test creates it)")
+    result = subprocess.run(
+        ["bash", "-c", f"{match[1]} && command -v tlsgate"],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.stdout.strip() == str(REPO / ".venv" / "bin" / "tlsgate"), result.stderr
