@@ -69,6 +69,20 @@ def test_example_config_is_valid_once_its_certificates_exist(example: Path, tmp_
         result = runner.shell(command)
         assert result.returncode == 0, f"{example.name}: `{command}` exited {result.returncode}\n{result.stdout}"
         assert "ok:" in result.stdout or not command.startswith("tlsgate check-config")
+        for shown in shown_outputs(command):
+            assert output_matches(shown, result.stdout.splitlines()), f"docs show {shown}, it printed {result.stdout}"
+
+
+def shown_outputs(command: str) -> list[list[str]]:
+    """What docs/configuration.md shows ``command`` printing (its check-config of an example is not run there)."""
+    page = REPO / "docs" / "configuration.md"
+    return [
+        shown.expected
+        for block in blocks(page)
+        if block.language == "console"
+        for shown in console_commands(block.text)
+        if shown.text == command
+    ]
 
 
 def test_dev_front_example_binds_both_loopback_addresses_as_tlsgate_dev_does() -> None:
