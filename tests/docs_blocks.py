@@ -279,6 +279,11 @@ class PageRun:
         command = re.sub(r"(?<![\d.])0\.0\.0\.0(?![\d./])", "127.0.0.1", command)
         for doc, real in self.ports.items():
             command = re.sub(rf"(?<![0-9A-Za-z]){doc}(?![0-9A-Za-z])", str(real), command)
+        # A port the runner does not know would be used as written, and collide with whatever holds it.
+        mapped = {str(real) for real in self.ports.values()}
+        for port in re.findall(r"(?<=:)(\d{2,5})\b", command):
+            if port not in mapped:
+                raise AssertionError(f"{self.page.name}: port {port} is not in docs_blocks.DOC_PORTS; add it there")
         return command
 
     def unsubstitute(self, output: str) -> str:
@@ -289,6 +294,8 @@ class PageRun:
     # Set-up the page asks for with <!-- backend: ... -->.
 
     def start_backend(self, kind: str, port: int) -> None:
+        if port not in self.ports:
+            raise AssertionError(f"{self.page.name}: backend port {port} is not in docs_blocks.DOC_PORTS")
         real = self.ports[port]
         if kind == "redis":
             command = f"redis-server --port {real} --bind 127.0.0.1 --save '' --appendonly no"
@@ -318,6 +325,9 @@ class PageRun:
     def run(self, block: Block) -> None:
         if block.marker != "run":
             return
+        if block.argument and not re.fullmatch(r"background(,\s*ready=.+)?|file \S+", block.argument):
+            # A misspelt `background` would otherwise run a server in the foreground until the test times out.
+            raise AssertionError(f"{block.where}: unknown marker <!-- run: {block.argument} -->")
         if block.argument.startswith("file "):
             (self.workdir / block.argument.removeprefix("file ").strip()).write_text(block.text)
         elif block.argument.startswith("background"):

@@ -227,3 +227,14 @@ def test_readme_tour_says_how_to_put_tlsgate_on_path_and_that_way_works() -> Non
         text=True,
     )
     assert result.stdout.strip() == str(REPO / ".venv" / "bin" / "tlsgate"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("marker", "problem"),
+    [("<!-- run: backgrond -->", "unknown marker"), ("<!-- run -->", "port 7000 is not in")],
+)
+def test_a_misspelt_marker_or_an_unknown_port_fails_at_once(tmp_path: Path, marker: str, problem: str) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(f"{marker}\n```sh\ntlsgate server --listen 127.0.0.1:7000 --target 127.0.0.1:8080\n```\n")
+    with pytest.raises(AssertionError, match=problem):
+        run_page_outside_repo(page, tmp_path)
