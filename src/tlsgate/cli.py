@@ -28,7 +28,9 @@ def _duration(flag: str, help_text: str) -> Callable[[F], F]:
 
 
 _common = stack_options(
-    click.option("--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT or unix:PATH."),
+    click.option(
+        "--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT, unix:PATH or systemd:NAME."
+    ),
     click.option("--target", required=True, metavar="ADDR", help="Address to forward to: HOST:PORT or unix:PATH."),
     click.option("--keystore", metavar="FILE", help="PEM bundle with cert and key, or PKCS#12 [env KEYSTORE_PATH]."),
     click.option(
@@ -58,6 +60,7 @@ _common = stack_options(
     click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Processes."),
     click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True),
     click.option("--quiet", multiple=True, type=click.Choice(QUIET_CHOICES), help="Silence a class of log lines."),
+    click.option("--syslog", is_flag=True, default=False, help="Log to the local syslog (/dev/log) instead of stderr."),
     click.option(
         "--loop",
         type=click.Choice(["auto", "uvloop", "asyncio"]),
@@ -67,7 +70,7 @@ _common = stack_options(
     ),
 )
 
-_PROCESS_FLAGS = ("status", "metrics_prefix", "workers", "log_format", "quiet", "loop")
+_PROCESS_FLAGS = ("status", "metrics_prefix", "workers", "log_format", "quiet", "loop", "syslog")
 
 # ghostunnel's environment variables (kingpin's Envar), by the flag each one stands in for. As there, a flag on the
 # command line wins, and an empty variable counts as unset. They serve images that mount credentials at a path

@@ -109,7 +109,7 @@ _TIMEOUT_KEYS = {
 }
 _FIELD_NAMES = {f.name for f in fields(TunnelConfig)} - {"timeouts"}
 # Keys that only the process as a whole uses (status port, workers, logging); a tunnel ignores them.
-PROCESS_KEYS = frozenset({"status", "metrics_prefix", "workers", "log_format", "quiet", "loop"})
+PROCESS_KEYS = frozenset({"status", "metrics_prefix", "workers", "log_format", "quiet", "loop", "syslog"})
 KNOWN_KEYS = frozenset(_FIELD_NAMES | set(_TIMEOUT_KEYS) | PROCESS_KEYS)
 
 
@@ -216,7 +216,7 @@ def _convert(key: str, value: object) -> Any:
     if key in _TIMEOUT_KEYS or key == "timed_reload":
         return _as_duration(value, key)
     if key in ("listen", "target"):
-        return parse_address(_as_str(value, key) or "", name=flag(key))
+        return parse_address(_as_str(value, key) or "", name=flag(key), activated=key == "listen")
     if key in ("storepass", "key_pass"):
         return _secret(value, key)
     if key == "max_concurrent_conns":

@@ -2,7 +2,7 @@
 
 A file has up to three kinds of table::
 
-    [process]        # optional: the whole process (status, metrics-prefix, workers, log-format, quiet, loop)
+    [process]        # optional: the whole process (status, metrics-prefix, workers, log-format, quiet, loop, syslog)
     [defaults]       # optional: any tunnel key; every tunnel starts from these and overrides what it sets
     [[tunnel]]       # one per tunnel: name (unique), mode ("server" or "client"), then flags as keys
 
@@ -345,7 +345,14 @@ _PROCESS_VALUES: dict[str, Callable[[object, str], Any]] = {
     "log_format": _choice("log-format", _LOG_FORMATS),
     "quiet": _quiet,
     "loop": _choice("loop", _LOOPS),
+    "syslog": lambda value, base: _syslog(value),
 }
+
+
+def _syslog(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"syslog: expected true or false, got {value!r}")
+    return value
 
 
 # -- [defaults] and [[tunnel]] ----------------------------------------------------------------------------------
@@ -505,7 +512,7 @@ def _check_listen(label: str, value: object, problems: list[str], seen: _Seen) -
     if not isinstance(value, str):
         return
     try:
-        address = parse_address(value, name="listen")
+        address = parse_address(value, name="listen", activated=True)
     except ConfigError:
         return  # tunnel_config reports it
     for other_label, other in seen.listens:
@@ -522,6 +529,8 @@ def _check_listen(label: str, value: object, problems: list[str], seen: _Seen) -
 def _overlap(a: Address, b: Address) -> bool:
     if a.is_unix or b.is_unix:
         return a.path == b.path
+    if a.is_activated or b.is_activated:
+        return a.systemd == b.systemd
     if a.port == 0 or a.port != b.port:
         return False  # port 0 is a fresh port for each tunnel
     return any(_same_interface(x, y) for x in _bound_hosts(a.host) for y in _bound_hosts(b.host))

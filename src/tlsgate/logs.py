@@ -5,15 +5,24 @@ costs a dict and a level check, nothing more. A broken log destination (full dis
 relaying: ``_SafeHandler`` drops the line and counts it instead of raising into the event loop. Nor may a stuck
 one (a pipe whose reader stopped reading, a paused terminal): lines written to a real file descriptor go through
 ``_Writer``, whose thread is the only one that can block on it.
+
+``--syslog`` sends the same lines to the local syslog daemon instead (ghostunnel's flag): one datagram per line,
+``<PRI>Mmm dd hh:mm:ss tlsgate[PID]: LINE`` as the C library's ``syslog()`` writes it locally, facility daemon,
+severity from the line's level. The socket is the first of ``/dev/log``, ``/var/run/syslog`` (macOS) and
+``/var/run/log`` (FreeBSD) that accepts us; the environment variable ``TLSGATE_SYSLOG_SOCKET`` names another
+(tests, chroots). The text lines drop their own time stamp there: syslog stamps each line itself.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
+import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
@@ -72,6 +81,16 @@ class TextFormatter(_FieldsFormatter):
         if second != self._second:  # strftime per line is a measurable share of a short connection's cost
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
         line = f"{self._stamp} {_level_name(level):<5} {name}"
+        if fields:
+            line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None and v != "")
+        return line
+
+
+class SyslogTextFormatter(_FieldsFormatter):
+    """The text line without its time stamp: the syslog header carries the time."""
+
+    def format_event(self, created: float, level: int, name: str, fields: dict[str, Any] | None) -> str:
+        line = f"{_level_name(level):<5} {name}"
         if fields:
             line += " " + " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None and v != "")
         return line
@@ -197,6 +216,110 @@ def _has_fileno(stream: Any) -> bool:
     return True
 
 
+# -- syslog ----------------------------------------------------------------------------------------------------
+
+SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog", "/var/run/log")
+SYSLOG_SOCKET_ENV = "TLSGATE_SYSLOG_SOCKET"
+_FACILITY_DAEMON = 3
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _severity(level: int) -> int:
+    """syslog severities: 3 err, 4 warning, 6 info, 7 debug."""
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    return 6 if level >= logging.INFO else 7
+
+
+def syslog_header(level: int, created: float, pid: int, tag: str = "tlsgate") -> str:
+    """``<30>Nov  9 08:33:19 tlsgate[4242]: ``: the local (RFC 3164) form glibc and Go's log/syslog write."""
+    t = time.localtime(created)
+    stamp = f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:2d} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    return f"<{_FACILITY_DAEMON * 8 + _severity(level)}>{stamp} {tag}[{pid}]: "
+
+
+class SyslogSocket:
+    """A stream-like object over the local syslog socket: each line written becomes one message.
+
+    A datagram socket takes one line per datagram; a stream socket (some daemons listen that way) takes lines
+    ended by a newline. A send that fails (the daemon restarted) reconnects once; a second failure raises, and
+    the handler counts the lines as dropped.
+    """
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self.paths = paths
+        self.sock: socket.socket | None = None
+        self.kind = socket.SOCK_DGRAM
+        self.connect()
+
+    @classmethod
+    def open(cls) -> SyslogSocket:
+        override = os.environ.get(SYSLOG_SOCKET_ENV, "")
+        return cls((override,) if override else SYSLOG_SOCKETS)
+
+    def connect(self) -> None:
+        from tlsgate.errors import StartupError
+
+        errors: list[str] = []
+        for path in self.paths:
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                sock = socket.socket(socket.AF_UNIX, kind)
+                try:
+                    sock.connect(path)
+                except OSError as err:
+                    sock.close()
+                    if kind == socket.SOCK_STREAM or err.errno != errno.EPROTOTYPE:  # a stream socket: try that
+                        errors.append(f"{path}: {err.strerror or err}")
+                        break
+                    continue
+                self.sock, self.kind = sock, kind
+                return
+        raise StartupError(f"--syslog: no syslog socket accepts us ({'; '.join(errors)}); is a syslog daemon running?")
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            if line:
+                self._send(line.encode("utf-8", "replace"))
+
+    def _send(self, message: bytes) -> None:
+        for attempt in (1, 2):
+            try:
+                if self.sock is None:
+                    self.connect()
+                assert self.sock is not None
+                if self.kind == socket.SOCK_DGRAM:
+                    self.sock.send(message)
+                else:
+                    self.sock.sendall(message + b"\n")
+                return
+            except Exception:
+                if self.sock is not None:
+                    self.sock.close()
+                    self.sock = None
+                if attempt == 2:
+                    raise
+
+    def flush(self) -> None:
+        pass
+
+
+class _SyslogHandler(_SafeHandler):
+    """A _SafeHandler whose lines carry a syslog header, the priority taken from each line's own level."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.pid = os.getpid()  # once: a worker is a fresh interpreter and sets up its own handler
+
+    def _add(self, line: str, level: int) -> None:
+        # A line from outside event() could hold a newline; in syslog that would be a second, headerless message.
+        super()._add(syslog_header(level, time.time(), self.pid) + line.replace("\n", " "), level)
+
+
 def flush_logs(wait: float = 0.0) -> None:
     """Hand buffered lines to their destination; with ``wait``, give them that long to be written."""
     for handler in LOGGER.handlers:
@@ -206,10 +329,16 @@ def flush_logs(wait: float = 0.0) -> None:
             writer.drain(wait)
 
 
-def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = None) -> None:
+def setup_logging(fmt: str = "text", quiet: Iterable[str] = (), stream: Any = None, *, syslog: bool = False) -> None:
+    """Log to ``stream`` (stderr), or with ``syslog`` to the local syslog socket (StartupError if there is none)."""
     flush_logs()
-    handler = _SafeHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler: _SafeHandler
+    if syslog:
+        handler = _SyslogHandler(SyslogSocket.open())
+        handler.setFormatter(JsonFormatter() if fmt == "json" else SyslogTextFormatter())
+    else:
+        handler = _SafeHandler(stream or sys.stderr)
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     LOGGER.handlers[:] = [handler]
     LOGGER.propagate = False
     STATE.direct = handler

@@ -197,14 +197,14 @@ def parse_status_address(text: str) -> StatusAddress:
     value = text.strip()
     scheme, sep, rest = value.partition("://")
     if not sep:
-        address = parse_address(value, name="--status")
+        address = parse_address(value, name="--status", activated=True)
         return StatusAddress(address, https=False, https_if_possible=not address.is_unix)
     if scheme.lower() not in ("http", "https"):
         raise ConfigError(f"--status {text!r}: scheme {scheme!r} is not http or https")
     rest = rest.rstrip("/")
     if "/" in rest:
         raise ConfigError(f"--status {text!r}: give only HOST:PORT after {scheme}:// (the paths are fixed)")
-    address = parse_address(rest, name="--status")
+    address = parse_address(rest, name="--status", activated=True)
     return StatusAddress(address, https=scheme.lower() == "https")
 
 
@@ -303,7 +303,14 @@ class StatusServer:
         if ssl_ctx is not None:
             kwargs["ssl_handshake_timeout"] = _REQUEST_TIMEOUT
         try:
-            if address.is_unix:
+            if address.is_activated:
+                from tlsgate.systemd import activated_listener
+
+                # systemd bound it (and owns a unix path): serve on it, never unlink it.
+                server = await asyncio.start_server(
+                    self._handle, sock=activated_listener(address.systemd, "--status"), **kwargs
+                )
+            elif address.is_unix:
                 _remove_stale_socket(address.path, flag)
                 server = await asyncio.start_unix_server(self._handle, address.path, **kwargs)
                 self._unix_path = address.path

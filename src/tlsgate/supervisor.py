@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs
+from tlsgate import logs, systemd
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -43,6 +43,8 @@ class ProcessOptions:
     log_format: str = "text"
     quiet: tuple[str, ...] = ()
     loop: str = "auto"
+    # Log to the local syslog socket instead of stderr (ghostunnel's --syslog).
+    syslog: bool = False
     config_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +111,21 @@ class Server:
             self._loop.call_later(logs.FLUSH_INTERVAL, self._flush_logs_periodically)
 
     async def serve(self, ready: Callable[[Server], Awaitable[None] | None] | None = None) -> int:
+        notifier = systemd.notifier()
+        notifier.start_watchdog(asyncio.get_running_loop())
+        try:
+            return await self._serve(ready, notifier)
+        finally:
+            notifier.stop_watchdog()
+
+    def describe(self, state: str) -> str:
+        """A one-line state for ``systemctl status``: ``listening | server proxying :8443 => 127.0.0.1:8080``."""
+        tunnels = [
+            (t.cfg.mode, ",".join(t.addresses) or str(t.cfg.listen), str(t.cfg.target)) for t in self.tunnels.values()
+        ]
+        return f"{state} | {systemd.describe(tunnels)}"
+
+    async def _serve(self, ready: Callable[[Server], Awaitable[None] | None] | None, notifier: systemd.Notifier) -> int:
         self.start()
         try:
             if self.options.status:
@@ -125,6 +142,7 @@ class Server:
             result = ready(self)
             if asyncio.iscoroutine(result):
                 await result
+        notifier.ready(self.describe("listening"))
         await self._stop.wait()
         cut = await self._drain()
         return EXIT_CONNECTIONS_CUT if cut else 0
@@ -141,7 +159,9 @@ class Server:
                 self._cut_by_signal += tunnel.abort_all("shutdown")
             return
         self._stopping = True
-        logs.event("shutting down", open=sum(t.active for t in self.tunnels.values()))
+        open_connections = sum(t.active for t in self.tunnels.values())
+        logs.event("shutting down", open=open_connections)
+        systemd.notifier().stopping(f"stopping | draining {open_connections} connections")
         self._stop.set()
 
     async def _drain(self) -> int:
@@ -195,8 +215,13 @@ class Server:
         """Re-read certificates, CA bundles, CRLs and policies (and the config file, when there is one)."""
         if self._stopping:
             return False
-        if self.load_configs is not None:
-            return self._reload_file()
+        notifier = systemd.notifier()
+        notifier.reloading(self.describe("reloading"))
+        ok = self._reload_file() if self.load_configs is not None else self._reload_tunnels()
+        notifier.ready(self.describe("listening" if ok else "listening, last reload failed (see the log)"))
+        return ok
+
+    def _reload_tunnels(self) -> bool:
         ok = True
         for tunnel in self.tunnels.values():
             try:
@@ -284,7 +309,7 @@ def _key(cfg: TunnelConfig) -> str:
 
 def _socket_key(key: str, listen: Address) -> tuple[str, Address]:
     """Which tunnel may take over sockets bound for ``listen``: any on the same address, except for port 0."""
-    return (key if listen.port == 0 and not listen.is_unix else "", listen)
+    return (key if listen.port == 0 and not (listen.is_unix or listen.is_activated) else "", listen)
 
 
 def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
@@ -303,7 +328,8 @@ def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
 
 def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwargs: Any) -> int:
     """Blocking entry point for the CLI."""
-    logs.setup_logging(options.log_format, options.quiet)
+    systemd.consume_environment()
+    logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
     runner = choose_loop(options.loop)
 
     async def main() -> int:

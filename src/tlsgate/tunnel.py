@@ -134,7 +134,8 @@ class Tunnel:
         for sock in self.listeners:
             name = sock.getsockname()
             sock.close()
-            if isinstance(name, str) and name and not name.startswith("\0"):
+            # A systemd socket's path belongs to its .socket unit (owner, mode): never ours to remove.
+            if isinstance(name, str) and name and not name.startswith("\0") and not self.cfg.listen.is_activated:
                 with contextlib.suppress(OSError):
                     os.unlink(name)
         self.listeners = []
@@ -783,7 +784,12 @@ def _reset(sock: socket.socket) -> None:
 
 
 def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.socket]:
-    """Listening sockets for ``address``: every local address a host name resolves to, or a unix socket."""
+    """Listening sockets for ``address``: every local address a host name resolves to, a unix socket, or the one
+    socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply)."""
+    if address.is_activated:
+        from tlsgate.systemd import activated_listener
+
+        return [activated_listener(address.systemd)]
     if address.is_unix:
         return [_bind_unix(address.path)]
     host = address.host or None

@@ -6,6 +6,10 @@ the parent binds each TCP listen address itself, with SO_REUSEPORT and *without*
 not listen gets no connections). That turns port 0 into a real port for every worker to bind, reports a port in
 use as a one-line error before anything starts, and keeps the port ours while a worker restarts. A unix socket
 cannot be shared that way, so the parent creates it once and every worker inherits the same listening socket.
+A socket systemd passed (``systemd:NAME``) is shared the same way: the parent takes it and every worker accepts
+from that one socket (one accept queue, so no SO_REUSEPORT spreading; the workers take turns as they are free).
+The parent also keeps systemd's variables to itself (``tlsgate.systemd``): it alone says READY=1 (once every
+worker is ready), RELOADING=1 and STOPPING=1, and feeds the watchdog from its own event loop.
 
 Workers. Each is a fresh interpreter (``python -P -c ...``), not a fork: the parent runs an event loop and may
 run threads, neither of which survives a fork cleanly. It gets its settings as one pickled message over a
@@ -47,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs, tickets
+from tlsgate import logs, systemd, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -95,7 +99,8 @@ def run_workers(
     load_configs: Callable[[], list[TunnelConfig]] | None = None,
 ) -> int:
     """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function)."""
-    logs.setup_logging(options.log_format, options.quiet)
+    systemd.consume_environment()  # before any worker starts: they must not see LISTEN_* or NOTIFY_SOCKET
+    logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
     return asyncio.run(_Pool(configs, options, load_configs).run())
 
@@ -110,7 +115,7 @@ class _Plan:
     index: int
     configs: list[TunnelConfig]
     options: ProcessOptions
-    # Tunnel key -> the fd of the parent's unix listening socket (fd numbers survive pass_fds unchanged).
+    # Tunnel key -> the fd of the parent's unix or systemd listening socket (fd numbers survive pass_fds unchanged).
     unix_fds: dict[str, int]
     # Port-0 listen addresses -> the concrete address the parent reserved, applied to reloaded configs too.
     listen_map: dict[Address, Address]
@@ -173,6 +178,19 @@ class _Pool:
         # Read every certificate and policy once here, so a bad file is a one-line exit 2, not N dying workers.
         for cfg in self.configs:
             build_runtime(cfg)
+        notifier = systemd.notifier()
+        notifier.start_watchdog(self._loop)
+        try:
+            return await self._run()
+        finally:
+            notifier.stop_watchdog()
+
+    def describe(self, state: str) -> str:
+        """A one-line state for ``systemctl status``."""
+        tunnels = [(cfg.mode, str(cfg.listen), str(cfg.target)) for cfg in self.configs]
+        return f"{state} | {systemd.describe(tunnels, len(self.workers))}"
+
+    async def _run(self) -> int:
         try:
             self._bind()
             if self.options.status:
@@ -217,7 +235,7 @@ class _Pool:
     def _bind(self) -> None:
         """Reserve every TCP listen address (port 0 becomes a real port); create unix listeners to hand down."""
         for cfg in self.configs:
-            if cfg.listen.is_unix:
+            if cfg.listen.is_unix or cfg.listen.is_activated:
                 (sock,) = bind_listeners(cfg.listen)
                 self._unix_listeners[_key(cfg)] = sock
                 continue
@@ -243,6 +261,7 @@ class _Pool:
             return
         self.stopping = True
         logs.event("shutting down", workers=sum(w.proc is not None and w.exit_code is None for w in self.workers))
+        systemd.notifier().stopping(f"stopping | {len(self.workers)} workers draining")
         if self.status is not None:
             self.status.close()
         # Our copies must not keep a port (or a unix socket) accepting into a queue no worker reads any more.
@@ -273,11 +292,16 @@ class _Pool:
                 # Each worker re-reads the file too, and logs the same problem; this copy is for restarts only.
                 logs.event("config reload failed in the parent", logging.ERROR, error=str(err).splitlines()[0])
         logs.event("reloading workers", signal=sig.name)
+        # Before every worker came up, READY=1 is still to come from _on_message: a reload must not say it early.
+        notifier = systemd.notifier() if self._all_ready_logged else systemd.Notifier()
+        notifier.reloading(self.describe("reloading"))
         for w in self.workers:
             if w.ready:
                 _send(w, sig)
             elif w.proc is not None:
                 w.reload_pending = sig
+        # Each worker reloads on its own and logs the outcome; the parent's part, passing the signal on, is done.
+        notifier.ready(self.describe("listening"))
 
     def _install_signals(self) -> None:
         assert self._loop is not None
@@ -329,6 +353,9 @@ class _Pool:
                 "worker died; restarting", logging.ERROR, worker=w.index, exit=_describe(code),
                 restart_in=f"{delay:.1f}s",
             )  # fmt: skip
+            systemd.notifier().status(
+                self.describe(f"listening, worker {w.index} died ({_describe(code)}); restarting")
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
 
@@ -389,6 +416,7 @@ class _Pool:
                 self._all_ready_logged = True
                 listen = ",".join(str(cfg.listen) for cfg in self.configs)
                 logs.event("workers ready", workers=len(self.workers), listen=listen)
+                systemd.notifier().ready(self.describe("listening"))
             return
         if "tunnels" in message:
             w.last_views = [TunnelView.from_json(doc) for doc in message["tunnels"]]
