@@ -600,3 +600,46 @@ def test_every_event_is_one_syslog_message_whatever_its_fields_hold(value: str) 
     match = _SYSLOG_LINE.match(message)
     assert match and match.group(1) == str(3 * 8 + 4), message
     assert "\n" not in message and match.group(3).startswith("warning refused")
+
+
+def test_reading_the_variables_removes_them_and_keeps_the_sockets_from_children() -> None:
+    import subprocess
+
+    probe = (
+        "import os, socket; from tlsgate import systemd\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); os.dup2(s.fileno(), 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web',\n"
+        "                  NOTIFY_SOCKET='@x', WATCHDOG_USEC='1000000', WATCHDOG_PID=str(os.getpid()))\n"
+        "systemd.consume_environment()\n"
+        "left = sorted(k for k in os.environ if k.startswith(('LISTEN_', 'NOTIFY_', 'WATCHDOG_')))\n"
+        "print(left, os.get_inheritable(3), systemd.notifier().watchdog)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL
+    )
+    assert result.stdout.split("\n")[0] == "[] False 0.5"
+
+
+def test_config_file_takes_systemd_listen_addresses_and_a_boolean_syslog(
+    tmp_path: Path, pki_files: dict[str, Path]
+) -> None:
+    from click.testing import CliRunner
+
+    from tlsgate.cli import cli
+
+    def check(process: str, listens: Sequence[str]) -> tuple[int, str]:
+        tunnels = "".join(
+            f'[[tunnel]]\nname = "t{i}"\nmode = "server"\nlisten = "{listen}"\ntarget = "127.0.0.1:9"\n'
+            f'cert = "{pki_files["cert"]}"\nkey = "{pki_files["key"]}"\ndisable-authentication = true\n'
+            for i, listen in enumerate(listens)
+        )
+        path = tmp_path / "tlsgate.toml"
+        path.write_text(f"[process]\n{process}\n{tunnels}")
+        result = CliRunner().invoke(cli, ["check-config", str(path)])
+        return result.exit_code, result.output
+
+    assert check("syslog = true", ["systemd:https", "systemd:admin"])[0] == 0
+    code, output = check('syslog = "yes"', ["systemd:https"])
+    assert code == 2 and "syslog: expected true or false" in output, output
+    code, output = check("", ["systemd:https", "systemd:https"])
+    assert code == 2 and "systemd:https is already the listen address of" in output, output
