@@ -50,6 +50,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 client_ca=cfg.cacert,
                 require_client_cert=not cfg.disable_authentication,
                 alpn=cfg.alpn,
+                crl=cfg.crl,
             )
             for material in materials
         ]

@@ -12,11 +12,26 @@ the ``SSL_CTX*`` behind the context, like `tlsgate.closenotify` does for ``SSL*`
 
 Why derived, not the secret itself: on resumption OpenSSL does not verify the client certificate again, it
 trusts the session. Every context ``_ssl`` makes carries the same session-id context ("Python"), so a ticket
-issued by a context that trusts CA X would resume on one that trusts only CA Y: across two tunnels, or across a
-reload that removed X from ``--cacert``. The key is therefore derived from the secret *and* what the context
-verifies clients with (verify mode, verify flags, CA certificates). Contexts that verify alike share tickets;
-any other ticket does not decrypt and the client makes a full handshake, verified as usual. (Identity rules,
-validity and CRLs are checked by tlsgate on every connection, resumed or not; see `tlsgate.policy`.)
+issued by a context that trusts certificate X would resume on one that no longer does: across two tunnels, or
+across a reload that removed X from ``--cacert``. The key is therefore derived from the secret *and* what
+decides who a full handshake admits: the verify mode and flags, and the *admission* bytes the context builder
+passes in, which are the whole ``--cacert`` file exactly as OpenSSL loaded it and every ``--crl`` file.
+Contexts that admit alike share tickets; any other ticket does not decrypt and the client makes a full
+handshake, verified as usual. (Identity rules, validity and CRLs are checked by tlsgate on every connection,
+resumed or not; see `tlsgate.policy`. What resumption skips is OpenSSL's chain verification.)
+
+The file bytes, not ``SSLContext.get_ca_certs()``: that list leaves out every certificate without CA:TRUE,
+and a self-signed CA:FALSE certificate in the bundle is a trust anchor (a pinned client). Deriving from that
+list let a pinned client removed from ``--cacert`` resume across the reload, and chain further resumptions.
+
+How long a ticket chain lasts (measured with OpenSSL 3.0): each ticket is good for the context's session
+timeout (OpenSSL's default, 7200 s; Python cannot set it). On TLS 1.2 a resumption keeps the session's original
+time, so a chain ends that long after the full handshake. On TLS 1.3 OpenSSL issues a new ticket on every
+resumption with the time reset to now, so a client that comes back within each timeout resumes indefinitely
+without its chain being verified again (RFC 8446 section 4.6.1 recommends a bound). That is why the key must
+change whenever the admission inputs do: a reload that changes them ends every chain; the per-connection
+checks keep the leaf's validity, revocation and identity current in between. A process restart (a new secret)
+ends every chain too.
 
 Reaching ``SSL_CTX*`` relies on CPython's ``PySSLContext`` layout (``PyObject_HEAD`` then ``SSL_CTX *ctx``,
 unchanged from 3.6 to 3.14). Before trusting the pointer we check that OpenSSL reports the same options and
@@ -34,6 +49,7 @@ import hashlib
 import os
 import ssl
 import threading
+from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -111,31 +127,42 @@ def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
     return pointer
 
 
-def _scope(ctx: ssl.SSLContext) -> bytes:
-    """A digest of how ``ctx`` verifies client certificates (see the module docstring for why)."""
-    digest = hashlib.sha256(b"%d %d\n" % (ctx.verify_mode, ctx.verify_flags))
+def _scope(ctx: ssl.SSLContext, admission: Sequence[bytes]) -> bytes:
+    """A digest of who ``ctx`` admits at the handshake (see the module docstring for why)."""
+    digest = hashlib.sha256(b"%d %d %d\n" % (ctx.verify_mode, ctx.verify_flags, len(admission)))
+    # Each input by its own digest, so no two different lists of inputs can run together into the same bytes.
+    for data in admission:
+        digest.update(hashlib.sha256(data).digest())
+    # Also what OpenSSL reports it holds: a caller that loaded CAs but passed no admission bytes still gets a
+    # key that depends on them (on the CA:TRUE ones, which is all this list shows).
     for der in sorted(ctx.get_ca_certs(binary_form=True)):
         digest.update(hashlib.sha256(der).digest())
+    stats = ctx.cert_store_stats()
+    digest.update(b"%d %d %d" % (stats["x509"], stats["x509_ca"], stats["crl"]))
     return digest.digest()
 
 
 def _key_block(secret: bytes, scope: bytes) -> bytes:
-    info = b"tlsgate session ticket keys v1\0" + scope
+    info = b"tlsgate session ticket keys v2\0" + scope
     return HKDF(algorithm=hashes.SHA256(), length=_KEY_BLOCK, salt=None, info=info).derive(secret)
 
 
-def apply(ctx: ssl.SSLContext) -> bool:
+def apply(ctx: ssl.SSLContext, admission: Sequence[bytes] = ()) -> bool:
     """Give server context ``ctx`` the process's ticket key; False (``ctx`` unchanged) where that cannot be done.
 
     Call it once the context's client verification is final (CA certificates loaded, verify mode set), and
-    before the context serves a handshake. With SNI, OpenSSL encrypts and decrypts tickets with the context a
-    connection started on, so the default context is the one that matters; tlsgate applies it to all of them.
+    before the context serves a handshake. ``admission`` is every input that decides which client certificates
+    a full handshake (and tlsgate's revocation check) admits, as bytes: the trust bundle exactly as loaded, each
+    CRL. Any change to them gives another key, so no ticket issued before the change resumes after it.
+
+    With SNI, OpenSSL encrypts and decrypts tickets with the context a connection started on, so the default
+    context is the one that matters; tlsgate applies it to all of them.
     """
     pointer = _ctx_pointer(ctx)
     if pointer is None:
         return False
     assert _LIB is not None
-    block = _key_block(process_key(), _scope(ctx))
+    block = _key_block(process_key(), _scope(ctx, admission))
     previous, readback = ctypes.create_string_buffer(_KEY_BLOCK), ctypes.create_string_buffer(_KEY_BLOCK)
     try:
         if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous) != 1:

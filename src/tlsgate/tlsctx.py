@@ -55,7 +55,10 @@ def _read(path: str | Path, what: str) -> bytes:
 
 def load_certificates(path: str | Path, what: str = "certificate") -> list[x509.Certificate]:
     """All certificates in a PEM bundle or one DER certificate; a one-line error for anything else."""
-    data = _read(path, what)
+    return _parse_certificates(_read(path, what), path, what)
+
+
+def _parse_certificates(data: bytes, path: str | Path, what: str) -> list[x509.Certificate]:
     try:
         if b"-----BEGIN" in data:
             certs = x509.load_pem_x509_certificates(data)
@@ -137,13 +140,13 @@ def load_key_material(
 
 
 @contextlib.contextmanager
-def _pem_file(material: KeyMaterial) -> Iterator[str]:
-    """A path OpenSSL can read the chain and key from, that never touches a disk where possible.
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path from which OpenSSL reads exactly ``data``, that never touches a disk where possible.
 
-    ``load_cert_chain`` only takes paths. On Linux a memfd is an anonymous in-memory file; elsewhere a file
-    created 0600 in a private temp dir, removed as soon as OpenSSL has read it.
+    ``load_cert_chain`` only takes paths, and ``load_verify_locations(cafile=...)`` is the loader that reads a
+    bundle the way OpenSSL's tools do (``cadata`` parses PEM differently). On Linux a memfd is an anonymous
+    in-memory file; elsewhere a file created 0600 in a private temp dir, removed as soon as OpenSSL has read it.
     """
-    data = material.chain_pem + material.key_pem
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("tlsgate-key", os.MFD_CLOEXEC)
         try:
@@ -178,16 +181,25 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
 
 
-def _load_ca(ctx: ssl.SSLContext, cafile: str, what: str) -> None:
-    load_certificates(cafile, what)  # a clear error for a missing or garbage file, before OpenSSL's
-    try:
-        ctx.load_verify_locations(cafile=cafile)
-    except ssl.SSLError as err:
-        raise CertificateError(f"{what} {cafile}: OpenSSL cannot use it ({err.reason or err})") from None
+def _load_ca(ctx: ssl.SSLContext, cafile: str, what: str) -> bytes:
+    """Trust the certificates in ``cafile``; returns the bytes OpenSSL was given.
+
+    The file is read once and OpenSSL loads those very bytes from memory: the session-ticket key is derived
+    from them (see `tickets`), so a bundle rewritten between two reads cannot leave a context trusting one
+    version under the key of another.
+    """
+    data = _read(cafile, what)
+    _parse_certificates(data, cafile, what)  # a clear error for a garbage file, before OpenSSL's
+    with _memory_file(data) as path:
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except ssl.SSLError as err:
+            raise CertificateError(f"{what} {cafile}: OpenSSL cannot use it ({err.reason or err})") from None
+    return data
 
 
 def _load_chain(ctx: ssl.SSLContext, material: KeyMaterial) -> None:
-    with _pem_file(material) as path:
+    with _memory_file(material.chain_pem + material.key_pem) as path:
         try:
             ctx.load_cert_chain(path)
         except ssl.SSLError as err:
@@ -200,8 +212,13 @@ def server_context(
     client_ca: str | None,
     require_client_cert: bool,
     alpn: Sequence[str] = (),
+    crl: Sequence[str | Path] = (),
 ) -> ssl.SSLContext:
-    """A context for accepting TLS from clients; asks for (and verifies) a client certificate when told to."""
+    """A context for accepting TLS from clients; asks for (and verifies) a client certificate when told to.
+
+    ``crl`` are the ``--crl`` files `tlsgate.policy` enforces on every connection. OpenSSL does not read them;
+    they are here because the session-ticket key is derived from them (a CRL change must end resumption).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     # The server's order of suites wins, so a client cannot steer us to its weakest acceptable choice.
@@ -212,8 +229,12 @@ def server_context(
     # an extra record on every new connection.
     ctx.num_tickets = 1
     _load_chain(ctx, material)
+    # What decides who a full handshake admits, byte for byte; see tickets.py for why the key depends on it.
+    admission: list[bytes] = []
     if client_ca:
-        _load_ca(ctx, client_ca, "--cacert")
+        admission += [b"--cacert", _load_ca(ctx, client_ca, "--cacert")]
+    for path in crl:
+        admission += [b"--crl", _read(path, "--crl")]
     if require_client_cert:
         if not client_ca:
             raise CertificateError("client certificates are required but no --cacert was given to verify them")
@@ -222,7 +243,7 @@ def server_context(
         ctx.set_alpn_protocols(list(alpn))
     # Last, once client verification is final: the ticket key is derived from it (see tickets.py). Tickets then
     # resume on every worker and across reloads; where that cannot be done, OpenSSL keeps its own random key.
-    tickets.apply(ctx)
+    tickets.apply(ctx, admission)
     return ctx
 
 

@@ -1,0 +1,200 @@
+"""Attacks on the TLS layer (security issue #13): tickets that outlive the trust that issued them, certificates
+named only in their CN, and a development CA that could sign any name."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import datetime
+import functools
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from test_tickets import resume_chain
+from tlsgate import tickets, tlsctx
+from tlsgate.pki import CertificateAuthority
+from tlsgate.runtime import build_runtime
+
+from conftest import client_context
+from helpers import backend, port_of, revocable_client, server_opts, tunnel
+
+TLS_VERSIONS = [
+    pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
+    pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tickets, "_secret", None)
+
+
+# -- item 1: the ticket key follows every certificate in --cacert and every --crl --------------------------------
+
+
+def pinned_certificate(common_name: str) -> tuple[bytes, bytes]:
+    """A self-signed CA:FALSE client certificate, as people put in a trust bundle to pin one client: (cert, key).
+
+    OpenSSL accepts it because it is in the trust store itself; ``SSLContext.get_ca_certs()`` does not list it.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def offer(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession) -> tuple[bool, bytes]:
+    """One connection offering ``session``: (resumed?, the echoed byte, or b"" when refused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                reused = bool(tls.session_reused)
+                tls.sendall(b"x")
+                return reused, tls.recv(1)
+        except (ConnectionError, ssl.SSLError):
+            return False, b""
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+@pytest.mark.asyncio
+async def test_a_pinned_client_removed_from_cacert_can_neither_resume_nor_reconnect(
+    pki_files: dict[str, Path], ca: trustme.CA, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    pin_pem, pin_key = pinned_certificate("pinned")
+    (tmp_path / "pin.pem").write_bytes(pin_pem + pin_key)
+    bundle = pki_files["ca"]
+    only_ca = bundle.read_bytes()
+    bundle.write_bytes(only_ca + pin_pem)
+    pinned = client_context(ca)
+    pinned.maximum_version = version
+    pinned.load_cert_chain(tmp_path / "pin.pem")
+
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_cn=["pinned"])) as tun:
+        port = port_of(tun)
+        reused, session = await asyncio.to_thread(resume_chain, port, pinned)
+        assert not reused
+        reused, session = await asyncio.to_thread(resume_chain, port, pinned, session)
+        assert reused  # tickets work for it while it is trusted; a resumption hands it a fresh ticket
+
+        bundle.write_bytes(only_ca)
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(offer, port, pinned, session) == (False, b"")
+        assert await asyncio.to_thread(offer, port, pinned, None) == (False, b"")  # type: ignore[arg-type]
+        assert tun.stats.refused.get("untrusted") == 2
+        assert be.connections == 2  # only the two connections made while it was trusted
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+@pytest.mark.asyncio
+async def test_a_crl_change_ends_resumption_for_everyone(tmp_path: Path, version: ssl.TLSVersion) -> None:
+    """Revoking someone else still re-keys: a full handshake re-verifies the chain of every client once."""
+    alice = revocable_client(tmp_path)
+    alice.ctx.maximum_version = version
+    async with backend() as be, tunnel(target=be.address, **alice.options) as tun:
+        port = port_of(tun)
+        _, session = await asyncio.to_thread(resume_chain, port, alice.ctx)
+        reused, session = await asyncio.to_thread(resume_chain, port, alice.ctx, session)
+        assert reused
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        reused, session = await asyncio.to_thread(resume_chain, port, alice.ctx, session)
+        assert reused  # an unchanged CRL keeps the key
+
+        bob = alice.ca.issue("bob", client=True, server=False)
+        alice.ca.revoke(bob.serial)
+        alice.crl.write_bytes(alice.ca.build_crl().public_bytes(serialization.Encoding.PEM))
+        assert tun.server.reload()  # type: ignore[attr-defined]
+        assert await asyncio.to_thread(offer, port, alice.ctx, session) == (False, b"x")  # full handshake, allowed
+
+
+@pytest.mark.asyncio
+async def test_a_resumed_connection_still_meets_the_identity_rules_of_a_reload(
+    pki_files: dict[str, Path], ca: trustme.CA
+) -> None:
+    """Identity rules do not change the ticket key (they are checked on every connection, resumed or not)."""
+    alice = client_context(ca, ca.issue_cert("alice.test", common_name="alice"))
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_cn=["alice"])) as tun:
+        port = port_of(tun)
+        _, session = await asyncio.to_thread(resume_chain, port, alice)
+        tun.reload(build_runtime(dataclasses.replace(tun.cfg, allow_cn=("bob",))))
+        assert await asyncio.to_thread(offer, port, alice, session) == (True, b"")
+        assert tun.stats.refused.get("identity") == 1
+
+
+# A pool of trust anchors: two CAs, and two pinned CA:FALSE certificates `get_ca_certs()` does not show.
+@functools.cache
+def _anchor_pool() -> tuple[bytes, ...]:
+    cas = [CertificateAuthority.create(Path(tempfile.mkdtemp()) / "ca").cert_pem for _ in range(2)]
+    return (*cas, pinned_certificate("pin-a")[0], pinned_certificate("pin-b")[0])
+
+
+def _ticket_key(ctx: ssl.SSLContext) -> bytes:
+    pointer = tickets._ctx_pointer(ctx)
+    assert pointer is not None and tickets._LIB is not None
+    block = ctypes.create_string_buffer(tickets._KEY_BLOCK)
+    assert tickets._LIB.ctrl(pointer, tickets._SSL_CTRL_GET_TLSEXT_TICKET_KEYS, tickets._KEY_BLOCK, block) == 1
+    return block.raw
+
+
+_bundles = st.lists(st.sampled_from(range(4)), min_size=1, max_size=4, unique=True)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=_bundles, second=_bundles)
+def test_the_ticket_key_differs_exactly_when_the_trust_bundle_does(
+    pki_files: dict[str, Path], first: list[int], second: list[int]
+) -> None:
+    pool = _anchor_pool()
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        keys = []
+        for i, chosen in enumerate((first, second)):
+            bundle = Path(tmp) / f"bundle{i}.pem"
+            bundle.write_bytes(b"".join(pool[j] for j in chosen))
+            keys.append(_ticket_key(tlsctx.server_context(material, client_ca=str(bundle), require_client_cert=True)))
+    assert (keys[0] == keys[1]) == (first == second)
+
+
+def test_the_ticket_key_follows_each_crl_file(pki_files: dict[str, Path], tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    crl = tmp_path / "crl.pem"
+
+    def key(*crls: Path) -> bytes:
+        return _ticket_key(
+            tlsctx.server_context(material, client_ca=str(ca.cert_path), require_client_cert=True, crl=crls)
+        )
+
+    crl.write_bytes(ca.build_crl().public_bytes(serialization.Encoding.PEM))
+    empty = key(crl)
+    assert key(crl) == empty
+    assert key() != empty
+    ca.revoke(ca.issue("bob", client=True, server=False).serial)
+    crl.write_bytes(ca.build_crl().public_bytes(serialization.Encoding.PEM))
+    assert key(crl) != empty
