@@ -28,7 +28,7 @@ from tlsgate.pki import CertificateAuthority
 from tlsgate.runtime import build_runtime
 
 from conftest import client_context
-from helpers import backend, port_of, revocable_client, server_opts, tunnel
+from helpers import backend, port_of, revocable_client, server_opts, tunnel, wait_until
 
 TLS_VERSIONS = [
     pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
@@ -198,3 +198,95 @@ def test_the_ticket_key_follows_each_crl_file(pki_files: dict[str, Path], tmp_pa
     ca.revoke(ca.issue("bob", client=True, server=False).serial)
     crl.write_bytes(ca.build_crl().public_bytes(serialization.Encoding.PEM))
     assert key(crl) != empty
+
+
+# -- item 14: the target's name must be in subjectAltName, never only in the Common Name ----------------------
+
+
+def cn_only_target(tmp_path: Path, common_name: str) -> tuple[Path, ssl.SSLContext]:
+    """A CA file, and a server context for a certificate from that CA naming ``common_name`` in its CN only."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CN-only test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+
+    def builder(subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    ca_cert = (
+        builder(ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]), key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file, chain = tmp_path / "cn-only-ca.pem", tmp_path / "cn-only.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    chain.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain)
+    return ca_file, ctx
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
+    return [dict(getattr(r, "fields", {})) for r in caplog.records if r.name == "tlsgate" and r.getMessage() == name]
+
+
+@pytest.mark.parametrize("mode", ["client", "server --target-tls"])
+@pytest.mark.asyncio
+async def test_a_target_named_only_in_its_common_name_is_refused(
+    pki_files: dict[str, Path], ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    heard: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers at once, so that a tunnel which wrongly connects ends the test with a failure, not a wait.
+        writer.write(b"target speaking")
+        heard.append(await reader.read(6))
+
+    ca_file, target_ctx = cn_only_target(tmp_path, "localhost")
+    async with backend(record, ssl_ctx=target_ctx) as be:
+        if mode == "client":
+            gate = tunnel("client", target=f"localhost:{be.port}", cacert=str(ca_file))
+        else:
+            gate = tunnel(
+                target=f"localhost:{be.port}",
+                cert=[str(pki_files["cert"])],
+                key=[str(pki_files["key"])],
+                disable_authentication=True,
+                target_tls=True,
+                target_cacert=str(ca_file),
+            )
+        async with gate as tun:
+            if mode == "client":
+                reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+            else:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port_of(tun), ssl=client_context(ca), server_hostname="localhost"
+                )
+            writer.write(b"secret")
+            try:
+                assert await reader.read(100) == b""  # the end, not the target's greeting
+            except (ConnectionError, ssl.SSLError):
+                pass
+            writer.close()
+            await wait_until(lambda: tun.stats.target_errors == 1)
+    assert heard == []  # the target saw a handshake at most, never the client's bytes
+    [failure] = [e for e in events(caplog, "handshake failed") if e.get("side") == "target"]
+    assert failure["rule"] == "untrusted"
+    assert "Hostname mismatch" in str(failure["reason"])
+    assert "subjectAltName only, never the Common Name" in str(failure["reason"])

@@ -283,6 +283,10 @@ def client_context(
     _harden(ctx)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = check_hostname
+    # The name must be in subjectAltName: the Common Name fallback (RFC 6125 deprecates it; browsers, Go and
+    # urllib3 dropped it) lets a certificate whose CN merely looks like a host name pass, e.g. a client
+    # certificate from the same CA whose CN is "db.internal", and no name constraint on a CA covers the CN.
+    ctx.hostname_checks_common_name = False
     if cafile:
         _load_ca(ctx, cafile, what)
     else:
@@ -304,6 +308,7 @@ _CLIENT_VERIFY = {
     "certificate revoked": ("crl", "client certificate is revoked"),
     "unsupported certificate purpose": ("untrusted", "client certificate is not valid for client authentication"),
 }
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
 _NOT_TLS = {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE"}
 _OLD_TLS = {"UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE", "VERSION_TOO_LOW"}
 
@@ -318,6 +323,9 @@ def describe_handshake_error(err: BaseException, side: str) -> tuple[str, str]:
         message = str(err.verify_message or err.reason or err)
         if side == "client":
             return _CLIENT_VERIFY.get(message, ("untrusted", f"client certificate rejected: {message}"))
+        if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
+            # Most often a certificate with the name in its Common Name only: say where the name must be.
+            message = f"{message.rstrip('.')} (names are matched in subjectAltName only, never the Common Name)"
         return "untrusted", f"target certificate rejected: {message}"
     # A FIN mid-handshake: SSLEOFError, or SSLZeroReturnError under OP_IGNORE_UNEXPECTED_EOF (see _harden).
     if isinstance(err, ssl.SSLEOFError | ssl.SSLZeroReturnError):
