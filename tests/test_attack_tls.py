@@ -8,13 +8,16 @@ import ctypes
 import dataclasses
 import datetime
 import functools
+import ipaddress
 import socket
 import ssl
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 import trustme
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,7 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from test_tickets import resume_chain
-from tlsgate import tickets, tlsctx
+from tlsgate import dev, tickets, tlsctx
+from tlsgate.cli_dev import dev as dev_command
+from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
 from tlsgate.runtime import build_runtime
 
@@ -290,3 +295,143 @@ async def test_a_target_named_only_in_its_common_name_is_refused(
     assert failure["rule"] == "untrusted"
     assert "Hostname mismatch" in str(failure["reason"])
     assert "subjectAltName only, never the Common Name" in str(failure["reason"])
+
+
+# -- item 15c: the dev CA is name-constrained to local names, and `dev --name` keeps to them ---------------------
+
+
+@pytest.fixture
+def no_trust_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The dev CA under tmp_path, and no real trust store within reach of `tlsgate dev trust`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TLSGATE_CAROOT", str(tmp_path / "caroot"))
+    monkeypatch.setenv("TLSGATE_SYSTEM_CA_DIR", "")
+    monkeypatch.setenv("TLSGATE_UPDATE_CA_COMMAND", "")
+    monkeypatch.setenv("TLSGATE_NSS_DBS", "")
+    monkeypatch.setenv("TLSGATE_CERTUTIL", "")
+    return tmp_path / "caroot"
+
+
+def test_the_dev_ca_is_name_constrained_to_local_names(tmp_path: Path) -> None:
+    ca, created = dev.ensure_dev_ca(tmp_path / "caroot")
+    assert created
+    extension = ca.certificate.extensions.get_extension_for_class(x509.NameConstraints)
+    assert extension.critical  # RFC 5280: a verifier that cannot enforce it must refuse the CA
+    assert extension.value.excluded_subtrees is None
+    assert set(extension.value.permitted_subtrees or ()) == {
+        x509.DNSName("localhost"),
+        x509.DNSName("test"),
+        x509.DNSName("local"),
+        x509.DNSName("internal"),
+        x509.DNSName("home.arpa"),
+        x509.IPAddress(ipaddress.ip_network("127.0.0.0/8")),
+        x509.IPAddress(ipaddress.ip_network("::1/128")),
+    }
+    assert dev.dev_ca_warning(ca) is None
+    assert dev.ensure_dev_ca(tmp_path / "caroot")[0].certificate == ca.certificate  # made once, then reused
+
+
+@pytest.mark.parametrize("name", ["evil.com", "localhost.evil.com", "192.168.1.10", "fe80::1", "*.myapp.com"])
+def test_dev_name_outside_the_local_names_is_one_line_exit_2(no_trust_stores: Path, name: str) -> None:
+    result = CliRunner().invoke(dev_command, ["--to", "3000", "--name", name])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"tlsgate: error: --name {name!r}: not a local name"), line
+    assert not no_trust_stores.exists()  # refused before any CA was made
+
+
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_local_suffix = st.sampled_from(dev.LOCAL_DNS_SUFFIXES)
+# Public suffixes, and names that merely contain a local one without ending in it.
+_other_suffix = st.sampled_from(
+    ["com", "org", "dev", "app", "io", "localhost.com", "test.net", "home.arpa.example", "internal.example",
+     "xlocalhost", "testing", "locals", "arpa", "my-test"]
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(labels=st.lists(_label, max_size=3), local=_local_suffix, other=_other_suffix, wildcard=st.booleans())
+def test_dev_names_are_accepted_exactly_under_the_local_suffixes(
+    labels: list[str], local: str, other: str, wildcard: bool
+) -> None:
+    prefix = ("*." if wildcard and labels else "") + "".join(f"{label}." for label in labels)
+    assert dev.normalise_name(prefix + local) == prefix + local
+    with pytest.raises(ConfigError, match="not a local name"):
+        dev.normalise_name(prefix + other)
+
+
+@settings(max_examples=200, deadline=None)
+@given(address=st.ip_addresses())
+def test_dev_ip_names_are_accepted_exactly_on_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    if (address.version == 4 and address in ipaddress.ip_network("127.0.0.0/8")) or str(address) == "::1":
+        assert dev.normalise_name(str(address)) == str(address)
+    else:
+        with pytest.raises(ConfigError, match="not a local name"):
+            dev.normalise_name(str(address))
+
+
+def test_a_leaf_for_a_public_name_from_the_dev_ca_key_fails_verification_by_openssl(tmp_path: Path) -> None:
+    """Someone who copied the dev CA's key signs whatever they like; OpenSSL, with the CA as its only trust
+    anchor, refuses every leaf that names anything outside the constraints, even next to a local name."""
+    ca, _ = dev.ensure_dev_ca(tmp_path / "caroot")
+    cases = {
+        "evil.com": ca.issue("evil.com", dns=["evil.com"]),
+        "10.0.0.1": ca.issue("10.0.0.1", ips=["10.0.0.1"]),
+        "localhost": ca.issue("localhost", dns=["localhost", "evil.com"]),  # one bad name spoils the lot
+    }
+    for server_name, issued in cases.items():
+        files = issued.write(tmp_path, server_name.replace(".", "-"))
+        with pytest.raises(ssl.SSLCertVerificationError) as info:
+            tls_handshake(files["cert"], files["key"], ca.cert_path, server_name)
+        assert info.value.verify_message == "permitted subtree violation", info.value
+    # The certificate `tlsgate dev` issues, and any other local name, verify as before.
+    for server_name, issued in {
+        "localhost": ca.issue("localhost", dns=["localhost", "myapp.test"], ips=["127.0.0.1", "::1"]),
+        "db.home.arpa": ca.issue("db.home.arpa"),
+        # Not CN=127.0.0.2: with no DNS SAN OpenSSL takes a host-like CN for a DNS name and checks it too.
+        "127.0.0.2": ca.issue("localhost", ips=["127.0.0.2"]),
+    }.items():
+        files = issued.write(tmp_path, server_name.replace(".", "-") + "-ok")
+        tls_handshake(files["cert"], files["key"], ca.cert_path, server_name)
+
+
+def tls_handshake(cert: Path, key: Path, ca_file: Path, server_name: str) -> None:
+    """A TLS handshake over loopback: a server presenting ``cert``, a client trusting only ``ca_file``."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(ca_file))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    with server.wrap_socket(conn, server_side=True) as tls:
+                        tls.sendall(b"ok")
+                except (ssl.SSLError, OSError) as err:
+                    errors.append(err)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                client.wrap_socket(raw, server_hostname=server_name) as tls,
+            ):
+                assert tls.recv(2) == b"ok"
+        finally:
+            thread.join(10)
+
+
+def test_a_dev_ca_from_before_name_constraints_is_kept_with_a_warning(no_trust_stores: Path) -> None:
+    old = CertificateAuthority.create(no_trust_stores, name=dev.dev_ca_name())
+    ca, created = dev.ensure_dev_ca(no_trust_stores)
+    assert not created and ca.certificate == old.certificate  # still the CA the user's stores trust
+    warning = dev.dev_ca_warning(ca)
+    assert warning is not None and "predates name constraints" in warning and "tlsgate dev untrust" in warning
+
+    result = CliRunner().invoke(dev_command, ["trust"])
+    assert f"warning: {warning}" in result.stderr.splitlines()

@@ -185,9 +185,9 @@ def test_ca_is_named_after_the_user_and_host(sandbox: Path) -> None:
 
 def test_leaf_has_localhost_names_extra_names_server_auth_and_chains_to_the_ca(sandbox: Path) -> None:
     ca, _ = ensure_dev_ca(sandbox / "caroot")
-    leaf = ensure_dev_certificate(ca, ["myapp.localhost", "*.api.localhost", "10.1.2.3"])
+    leaf = ensure_dev_certificate(ca, ["myapp.localhost", "*.api.localhost", "127.1.2.3"])
     cert = leaf.certificate
-    assert sans(cert) == {"localhost", "127.0.0.1", "::1", "myapp.localhost", "*.api.localhost", "10.1.2.3"}
+    assert sans(cert) == {"localhost", "127.0.0.1", "::1", "myapp.localhost", "*.api.localhost", "127.1.2.3"}
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -263,8 +263,8 @@ def test_damaged_leaf_files_are_replaced(sandbox: Path) -> None:
         ("MyApp.LocalHost.", "myapp.localhost"),
         ("café.localhost", "xn--caf-dma.localhost"),
         ("*.myapp.localhost", "*.myapp.localhost"),
-        ("192.168.1.10", "192.168.1.10"),
-        ("fe80::1", "fe80::1"),
+        ("127.0.0.2", "127.0.0.2"),
+        ("0:0:0:0:0:0:0:1", "::1"),
     ],
 )
 def test_extra_names_are_normalised(value: str, stored: str) -> None:

@@ -21,6 +21,7 @@ from tlsgate.dev import (
     StoreResult,
     TrustStores,
     ca_root,
+    dev_ca_warning,
     ensure_dev_ca,
     trust_exit_code,
     untrust_exit_code,
@@ -42,7 +43,8 @@ from tlsgate.supervisor import choose_loop
     "names",
     multiple=True,
     metavar="NAME",
-    help="Another name for the certificate, like myapp.localhost or *.myapp.localhost (repeatable).",
+    help="Another name for the certificate, like myapp.localhost or *.myapp.localhost (repeatable); local names "
+    "only: localhost, 127.0.0.0/8, ::1 and names under .localhost, .test, .local, .internal, .home.arpa.",
 )
 @click.option("--ca-path", is_flag=True, help="Print the directory of the local CA and exit.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection, not only the failed ones.")
@@ -106,6 +108,8 @@ def trust() -> None:
     ca, created = ensure_dev_ca(ca_root())
     if created:
         click.echo(f"created a local CA in {ca.directory}")
+    if (warning := dev_ca_warning(ca)) is not None:
+        click.echo(f"warning: {warning}", err=True)
     results = install_ca(ca.cert_path, TrustStores.discover())
     _report(results)
     raise SystemExit(trust_exit_code(results))

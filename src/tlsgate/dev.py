@@ -59,6 +59,8 @@ __all__ = [
     "FAILED",
     "INSTALLED",
     "LEAF_BASENAME",
+    "LOCAL_DNS_SUFFIXES",
+    "LOCAL_NETWORKS",
     "NOT_PRESENT",
     "REMOVED",
     "RENEW_BEFORE",
@@ -74,8 +76,11 @@ __all__ = [
     "bind_dev_listeners",
     "ca_root",
     "dev_ca_name",
+    "dev_ca_warning",
+    "dev_name_constraints",
     "ensure_dev_ca",
     "ensure_dev_certificate",
+    "is_local_name",
     "is_trusted",
     "normalise_name",
     "parse_target",
@@ -91,6 +96,12 @@ CAROOT_ENV = "TLSGATE_CAROOT"
 DEFAULT_LISTEN = "localhost:8443"
 BASE_NAMES = ("localhost", "127.0.0.1", "::1")
 """The names every dev certificate carries: what people type to reach their own machine."""
+LOCAL_DNS_SUFFIXES = ("localhost", "test", "local", "internal", "home.arpa")
+"""DNS names the local CA may vouch for: each of these and every name under it. All are set aside for local
+or private use (RFC 6761: localhost, test; RFC 6762: local; ICANN: internal; RFC 8375: home.arpa), so no public
+site can have one, and a certificate for one is worth nothing to someone who steals the CA key."""
+LOCAL_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+"""IP addresses the local CA may vouch for: loopback only, the only addresses `tlsgate dev` listens on."""
 LEAF_BASENAME = "dev"
 # A month's margin means a front started today still has a valid certificate in every session this month,
 # and the renewal happens at a start-up (when the developer is watching) rather than mid-session.
@@ -136,15 +147,59 @@ def dev_ca_name() -> str:
     return f"{_CA_NAME_PREFIX} {user}@{socket.gethostname()}"[:_MAX_CN]
 
 
+def dev_name_constraints() -> x509.NameConstraints:
+    """The local CA's name constraints: `LOCAL_DNS_SUFFIXES` and `LOCAL_NETWORKS`, nothing else.
+
+    The CA is installed in the system and browser trust stores and its key sits unencrypted on disk, so
+    whoever copies ``ca.key`` could otherwise sign a certificate for any bank this machine would accept.
+    With the constraint, browsers and OpenSSL refuse any leaf it signs for another name. A DNS constraint
+    ``test`` covers ``test`` and every name ending in ``.test`` (RFC 5280, 4.2.1.10).
+    """
+    permitted: list[x509.GeneralName] = [x509.DNSName(suffix) for suffix in LOCAL_DNS_SUFFIXES]
+    permitted += [x509.IPAddress(network) for network in LOCAL_NETWORKS]
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None)
+
+
+def is_local_name(name: str) -> bool:
+    """Whether ``name`` (normalised: an IP address, or a lowercase A-label, maybe ``*.`` in front) is one the
+    local CA may vouch for."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        host = name.removeprefix("*.")
+        return any(host == suffix or host.endswith("." + suffix) for suffix in LOCAL_DNS_SUFFIXES)
+    return any(address in network for network in LOCAL_NETWORKS)
+
+
+def dev_ca_warning(ca: CertificateAuthority) -> str | None:
+    """A warning when ``ca`` has no name constraints (one made before tlsgate added them), else None.
+
+    Such a CA keeps working: replacing it silently would leave the old one trusted in every store it was
+    installed in, and the user's other tools pointed at a file that changed. The warning says how to replace
+    it; until then its key can sign certificates for any name.
+    """
+    try:
+        ca.certificate.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return (
+            f"the local CA in {ca.directory} predates name constraints: its key could sign certificates for any "
+            f"site; replace it with `tlsgate dev untrust`, then delete {ca.directory}, then `tlsgate dev trust`"
+        )
+    return None
+
+
 def ensure_dev_ca(directory: Path) -> tuple[CertificateAuthority, bool]:
     """The local CA in ``directory``, created on first use; also says whether it was just created.
 
     The CA key is kept unencrypted (like mkcert's): a password asked for at every ``tlsgate dev`` would be
-    typed so often it protects nothing. The directory is owner-only, and the CA's name says whose it is.
+    typed so often it protects nothing. The directory is owner-only, the CA's name says whose it is, and its
+    name constraints (`dev_name_constraints`) keep the key from vouching for any public name. A CA from an
+    older tlsgate, without them, is used as it is; `dev_ca_warning` says so.
     """
     if not CertificateAuthority.exists(directory):
         try:
-            return CertificateAuthority.create(directory, name=dev_ca_name()), True
+            ca = CertificateAuthority.create(directory, name=dev_ca_name(), name_constraints=dev_name_constraints())
+            return ca, True
         except CertificateError:
             # Another tlsgate dev started at the same instant and won the race; use its CA.
             if not CertificateAuthority.exists(directory):
@@ -167,14 +222,17 @@ def normalise_name(value: str) -> str:
     lowercase A-label (``Café.localhost`` -> ``xn--caf-dma.localhost``). ``*.`` in front makes a wildcard
     for one label.
 
-    Raises `ConfigError` for anything else, and for a wildcard right under a top-level name (``*.localhost``):
-    browsers refuse those, so the certificate would not help.
+    Raises `ConfigError` for anything else, for a wildcard right under a top-level name (``*.localhost``):
+    browsers refuse those, so the certificate would not help; and for a name outside the local set the CA is
+    constrained to (`is_local_name`), which no browser would accept from it.
     """
     text = value.strip()
     try:
-        return str(ipaddress.ip_address(text))
+        address = str(ipaddress.ip_address(text))
     except ValueError:
         pass
+    else:
+        return _local(address, value)
     wildcard = text.startswith("*.")
     host = text[2:] if wildcard else text
     host = host.removesuffix(".")
@@ -195,7 +253,17 @@ def normalise_name(value: str) -> str:
             f"--name {value!r}: browsers refuse a wildcard right under a top-level name; "
             f"use a deeper one like '*.myapp.{ascii_host}'"
         )
-    return "*." + ascii_host if wildcard else ascii_host
+    return _local("*." + ascii_host if wildcard else ascii_host, value)
+
+
+def _local(name: str, value: str) -> str:
+    if not is_local_name(name):
+        suffixes = ", ".join(f".{suffix}" for suffix in LOCAL_DNS_SUFFIXES)
+        raise ConfigError(
+            f"--name {value!r}: not a local name; the local CA vouches only for localhost, 127.0.0.0/8, ::1 "
+            f"and names ending in {suffixes} (like myapp.localhost)"
+        )
+    return name
 
 
 def _wanted_sans(names: Iterable[str]) -> set[x509.GeneralName]:
@@ -274,6 +342,9 @@ def ensure_dev_certificate(
     `RENEW_BEFORE` of ``now``, or when its names differ from those asked for (extra names dropped from the
     command line are dropped from the certificate too, so it says exactly what this front serves).
     """
+    outside = [name for name in names if not is_local_name(name)]
+    if outside:
+        raise ConfigError(f"not local names, which the local CA cannot vouch for: {', '.join(outside)}")
     moment = now or datetime.now(UTC)
     cert_path = ca.directory / f"{LEAF_BASENAME}.pem"
     key_path = ca.directory / f"{LEAF_BASENAME}.key"
@@ -590,6 +661,8 @@ class DevFront(Server):
             lines.append(f"issued a new certificate ({cert.issued_because}): {cert.cert_path}")
         if self.ca_created:
             lines.append(f"created a local CA in {self.ca.directory}")
+        if (warning := dev_ca_warning(self.ca)) is not None:
+            lines.append(f"warning: {warning}")
         if not is_trusted(self.ca.cert_path, self._stores or TrustStores.discover()):
             lines.append("browsers do not trust the local CA yet: run `tlsgate dev trust` once")
         lines.append("Press Ctrl-C to stop.")

@@ -741,6 +741,7 @@ class CertificateAuthority:
         days: int = DEFAULT_CA_DAYS,
         key_password: bytes | None = None,
         force: bool = False,
+        name_constraints: x509.NameConstraints | None = None,
     ) -> CertificateAuthority:
         """Make a new self-signed CA in ``directory`` (created if missing) and return it.
 
@@ -751,6 +752,11 @@ class CertificateAuthority:
 
         An existing CA is replaced only with ``force``, and that is a *new* CA: every certificate the old
         one issued stops being trusted by peers that get the new ``ca.pem``.
+
+        ``name_constraints`` limits the names the CA can vouch for, whoever holds its key: verifiers refuse a
+        leaf with a subjectAltName (or, lacking those, a Common Name host name) outside the permitted subtrees.
+        The extension is marked critical, as RFC 5280 requires, so a verifier that cannot enforce it refuses
+        the CA rather than ignoring the limit. The local development CA uses it (see `tlsgate.dev`).
         """
         if days < 1:
             raise ConfigError(f"--days {days}: a CA must be valid for at least 1 day")
@@ -762,7 +768,7 @@ class CertificateAuthority:
         key = _generate_key(rsa_bits)
         now = _now()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        certificate = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(subject)
@@ -774,8 +780,10 @@ class CertificateAuthority:
             .add_extension(_key_usage(digital_signature=True, key_encipherment=False, cert_sign=True), critical=True)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(key, _signature_hash(key))
         )
+        if name_constraints is not None:
+            builder = builder.add_extension(name_constraints, critical=True)
+        certificate = builder.sign(key, _signature_hash(key))
         _make_private_dir(directory)
         ca = cls(directory, certificate, key)
         write_private_file(ca.key_path, _private_key_pem(key, key_password), force=force)
