@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_tickets import resume_chain
+from test_tickets import handshake, resume_chain
 from tlsgate import dev, tickets, tlsctx
 from tlsgate.cli_dev import dev as dev_command
 from tlsgate.errors import ConfigError
@@ -435,3 +435,52 @@ def test_a_dev_ca_from_before_name_constraints_is_kept_with_a_warning(no_trust_s
 
     result = CliRunner().invoke(dev_command, ["trust"])
     assert f"warning: {warning}" in result.stderr.splitlines()
+
+
+# -- item 1, continued: a chain of resumptions ends MAX_AUTHENTICATION_AGE after the full handshake -------------
+
+
+@pytest.mark.parametrize("version", TLS_VERSIONS)
+def test_a_chain_of_resumptions_ends_a_fixed_time_after_the_full_handshake(
+    pki_files: dict[str, Path], ca: trustme.CA, monkeypatch: pytest.MonkeyPatch, version: ssl.TLSVersion
+) -> None:
+    """TLS 1.3 hands out a fresh ticket on every resumption; the stamp inside dates the last full handshake."""
+    clock = [1_900_000_000.0]
+    monkeypatch.setattr(tickets, "_now", lambda: clock[0])
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    server = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    client = client_context(ca, ca.issue_cert("alice.test", common_name="alice"))
+    client.maximum_version = version
+    limit = tickets.MAX_AUTHENTICATION_AGE
+
+    session, reused = handshake(client, server)
+    assert not reused
+    for elapsed in (limit / 2, limit - 60):  # each resumption gets a new ticket (TLS 1.3) or keeps the old one
+        clock[0] = 1_900_000_000.0 + elapsed
+        session, reused = handshake(client, server, session)
+        assert reused, elapsed
+    clock[0] = 1_900_000_000.0 + limit + 1
+    session, reused = handshake(client, server, session)
+    assert not reused  # a full handshake: the client certificate was verified again
+    clock[0] += limit - 60
+    assert handshake(client, server, session)[1]  # and the clock starts over from that handshake
+
+
+def test_a_failing_clock_costs_resumption_not_the_handshake(
+    pki_files: dict[str, Path], ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing raised in a ticket callback reaches OpenSSL: no stamp, or no way to read the time, means no
+    resumption, and the handshake itself goes on."""
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    server = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    client = client_context(ca)
+    session, _ = handshake(client, server)
+
+    def broken() -> float:
+        raise OSError("no clock")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tickets, "_now", broken)
+        session, reused = handshake(client, server, session)
+        assert not reused
+    assert not handshake(client, server, session)[1]  # that ticket was issued without a stamp

@@ -24,14 +24,17 @@ The file bytes, not ``SSLContext.get_ca_certs()``: that list leaves out every ce
 and a self-signed CA:FALSE certificate in the bundle is a trust anchor (a pinned client). Deriving from that
 list let a pinned client removed from ``--cacert`` resume across the reload, and chain further resumptions.
 
-How long a ticket chain lasts (measured with OpenSSL 3.0): each ticket is good for the context's session
-timeout (OpenSSL's default, 7200 s; Python cannot set it). On TLS 1.2 a resumption keeps the session's original
-time, so a chain ends that long after the full handshake. On TLS 1.3 OpenSSL issues a new ticket on every
-resumption with the time reset to now, so a client that comes back within each timeout resumes indefinitely
-without its chain being verified again (RFC 8446 section 4.6.1 recommends a bound). That is why the key must
-change whenever the admission inputs do: a reload that changes them ends every chain; the per-connection
-checks keep the leaf's validity, revocation and identity current in between. A process restart (a new secret)
-ends every chain too.
+How long a chain of resumptions lasts. Each ticket is good for the context's session timeout (OpenSSL's
+default, 7200 s; Python cannot set it). On TLS 1.2 a resumption keeps the session's original time, so a chain
+ends that long after the full handshake. On TLS 1.3 OpenSSL issues a new ticket on every resumption with the
+time reset to now (measured with OpenSSL 3.0), so a client that came back within each timeout would resume
+forever without its chain being verified again; RFC 8446 section 4.6.1 recommends a bound. So `apply` also
+installs ticket callbacks (``SSL_CTX_set_session_ticket_cb``): a new session's ticket carries, inside its
+encryption, the time of the full handshake that authenticated the client, copied unchanged into every ticket
+issued on resumption; a ticket whose stamp is older than `MAX_AUTHENTICATION_AGE` (or that has none) is not
+resumed, and the client makes a full, verified handshake. Between full handshakes, tlsgate's per-connection
+checks keep the leaf's validity, revocation and identity current, and any change of the admission inputs
+(a new key) or a restart (a new secret) ends every chain at once.
 
 Reaching ``SSL_CTX*`` relies on CPython's ``PySSLContext`` layout (``PyObject_HEAD`` then ``SSL_CTX *ctx``,
 unchanged from 3.6 to 3.14). Before trusting the pointer we check that OpenSSL reports the same options and
@@ -48,7 +51,9 @@ import ctypes
 import hashlib
 import os
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import hashes
@@ -64,6 +69,22 @@ SECRET_LENGTH = 32
 # SSL_VERIFY_* bits as Python reports them through verify_mode.
 _VERIFY_MODES = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 3: ssl.CERT_REQUIRED}
 
+MAX_AUTHENTICATION_AGE = 7200.0
+"""Seconds after a full handshake that resumptions stemming from it are accepted: OpenSSL's default session
+timeout, the bound TLS 1.2 resumption already has, now for TLS 1.3 chains too. A client resuming more than
+this long after it was last verified makes one full handshake."""
+# SSL_TICKET_STATUS (what OpenSSL found in the ticket) and SSL_TICKET_RETURN (what to do), from <openssl/ssl.h>.
+_TICKET_FATAL_ERR_MALLOC, _TICKET_FATAL_ERR_OTHER, _TICKET_NONE, _TICKET_EMPTY = 0, 1, 2, 3
+_TICKET_NO_DECRYPT, _TICKET_SUCCESS, _TICKET_SUCCESS_RENEW = 4, 5, 6
+_RETURN_ABORT, _RETURN_IGNORE, _RETURN_IGNORE_RENEW, _RETURN_USE, _RETURN_USE_RENEW = 0, 1, 2, 3, 4
+# The application data a ticket carries: a tag, then the time of the full handshake (whole seconds since 1970).
+_STAMP = struct.Struct(">4sQ")
+_STAMP_TAG = b"tga1"
+_GenerateTicket = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_DecryptTicket = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
+)
+
 
 class _LibSSL:
     def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
@@ -77,6 +98,22 @@ class _LibSSL:
         self.get_verify_mode = libssl.SSL_CTX_get_verify_mode
         self.get_verify_mode.argtypes = [ctypes.c_void_p]
         self.get_verify_mode.restype = ctypes.c_int
+        self.set_ticket_callbacks = libssl.SSL_CTX_set_session_ticket_cb
+        self.set_ticket_callbacks.argtypes = [ctypes.c_void_p, _GenerateTicket, _DecryptTicket, ctypes.c_void_p]
+        self.set_ticket_callbacks.restype = ctypes.c_int
+        self.get_session = libssl.SSL_get_session
+        self.get_session.argtypes = [ctypes.c_void_p]
+        self.get_session.restype = ctypes.c_void_p
+        self.set_ticket_appdata = libssl.SSL_SESSION_set1_ticket_appdata
+        self.set_ticket_appdata.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        self.set_ticket_appdata.restype = ctypes.c_int
+        self.get_ticket_appdata = libssl.SSL_SESSION_get0_ticket_appdata
+        self.get_ticket_appdata.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        self.get_ticket_appdata.restype = ctypes.c_int
         self.clear_errors = libcrypto.ERR_clear_error
         self.clear_errors.argtypes = []
         self.clear_errors.restype = None
@@ -142,6 +179,62 @@ def _scope(ctx: ssl.SSLContext, admission: Sequence[bytes]) -> bytes:
     return digest.digest()
 
 
+def _now() -> float:
+    """The clock tickets are stamped and judged with (a module function, so tests can move it)."""
+    return time.time()
+
+
+def _authenticated_at(session: int) -> int | None:
+    """The full-handshake time stamped in ``session``'s ticket data, or None when it carries no stamp of ours."""
+    assert _LIB is not None
+    data, size = ctypes.c_void_p(), ctypes.c_size_t()
+    if _LIB.get_ticket_appdata(session, ctypes.byref(data), ctypes.byref(size)) != 1:
+        return None
+    if not data.value or size.value != _STAMP.size:
+        return None
+    tag, when = _STAMP.unpack(ctypes.string_at(data.value, size.value))
+    return int(when) if tag == _STAMP_TAG else None
+
+
+def _on_new_ticket(ssl_pointer: int | None, _arg: int | None) -> int:
+    """OpenSSL is about to issue a ticket: stamp a new session with the time of its full handshake.
+
+    A session resumed from a ticket keeps the stamp it came with (OpenSSL copies the ticket data into the
+    session it issues the next ticket for), so the stamp always dates the last full verification.
+    """
+    try:
+        session = _LIB.get_session(ssl_pointer) if _LIB is not None and ssl_pointer else None
+        if session and _authenticated_at(session) is None:
+            stamp = _STAMP.pack(_STAMP_TAG, max(0, int(_now())))
+            _LIB.set_ticket_appdata(session, stamp, _STAMP.size)  # type: ignore[union-attr]
+    except Exception:  # nothing may escape into OpenSSL; an unstamped ticket is merely not resumed
+        pass
+    return 1  # 0 would fail the handshake
+
+
+def _on_ticket(
+    _ssl: int | None, session: int | None, _name: int | None, _name_length: int, status: int, _arg: int | None
+) -> int:
+    """OpenSSL decrypted (or failed to decrypt) a ticket: resume only within `MAX_AUTHENTICATION_AGE`."""
+    try:
+        if status in (_TICKET_SUCCESS, _TICKET_SUCCESS_RENEW):
+            stamped = _authenticated_at(session) if session else None
+            if stamped is None or not 0 <= _now() - stamped < MAX_AUTHENTICATION_AGE:
+                return _RETURN_IGNORE_RENEW  # a full handshake, and a fresh ticket after it
+            return _RETURN_USE if status == _TICKET_SUCCESS else _RETURN_USE_RENEW
+        if status in (_TICKET_FATAL_ERR_MALLOC, _TICKET_FATAL_ERR_OTHER):
+            return _RETURN_ABORT
+        # OpenSSL's own choices without a callback: no ticket, or one it cannot read, means a full handshake.
+        return _RETURN_IGNORE if status == _TICKET_NONE else _RETURN_IGNORE_RENEW
+    except Exception:  # nothing may escape into OpenSSL; when in doubt, a full handshake
+        return _RETURN_IGNORE_RENEW
+
+
+# Kept here for the life of the process: OpenSSL holds raw pointers to these.
+_GENERATE_CALLBACK = _GenerateTicket(_on_new_ticket)
+_DECRYPT_CALLBACK = _DecryptTicket(_on_ticket)
+
+
 def _key_block(secret: bytes, scope: bytes) -> bytes:
     info = b"tlsgate session ticket keys v2\0" + scope
     return HKDF(algorithm=hashes.SHA256(), length=_KEY_BLOCK, salt=None, info=info).derive(secret)
@@ -155,6 +248,9 @@ def apply(ctx: ssl.SSLContext, admission: Sequence[bytes] = ()) -> bool:
     a full handshake (and tlsgate's revocation check) admits, as bytes: the trust bundle exactly as loaded, each
     CRL. Any change to them gives another key, so no ticket issued before the change resumes after it.
 
+    It also installs the callbacks that bound a chain of resumptions to `MAX_AUTHENTICATION_AGE` after the
+    full handshake it stems from (see the module docstring).
+
     With SNI, OpenSSL encrypts and decrypts tickets with the context a connection started on, so the default
     context is the one that matters; tlsgate applies it to all of them.
     """
@@ -166,6 +262,9 @@ def apply(ctx: ssl.SSLContext, admission: Sequence[bytes] = ()) -> bool:
     previous, readback = ctypes.create_string_buffer(_KEY_BLOCK), ctypes.create_string_buffer(_KEY_BLOCK)
     try:
         if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous) != 1:
+            return False
+        # Callbacks first: a shared key without the age bound would let TLS 1.3 chains run on forever.
+        if _LIB.set_ticket_callbacks(pointer, _GENERATE_CALLBACK, _DECRYPT_CALLBACK, None) != 1:
             return False
         if _LIB.ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, block) != 1:
             return False
