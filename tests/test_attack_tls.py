@@ -484,3 +484,29 @@ def test_a_failing_clock_costs_resumption_not_the_handshake(
         session, reused = handshake(client, server, session)
         assert not reused
     assert not handshake(client, server, session)[1]  # that ticket was issued without a stamp
+
+
+def test_no_shared_key_without_the_age_bound(
+    pki_files: dict[str, Path], ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where OpenSSL refuses the ticket callbacks, the context keeps OpenSSL's own random key: a shared key
+    without the bound would let TLS 1.3 chains run on forever across workers and reloads."""
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    shared = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    client = client_context(ca)
+    session, _ = handshake(client, shared)
+    real = tickets._LIB
+
+    class RefusesCallbacks:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def set_ticket_callbacks(self, *args: object) -> int:
+            return 0
+
+    monkeypatch.setattr(tickets, "_LIB", RefusesCallbacks())
+    alone = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    monkeypatch.setattr(tickets, "_LIB", real)
+    assert _ticket_key(alone) != _ticket_key(shared)
+    assert not handshake(client, alone, session)[1]
+    assert handshake(client, shared, session)[1]
