@@ -180,6 +180,8 @@ def server(**kwargs: Any) -> None:
 @click.option("--verify-dns", multiple=True, metavar="NAME", help="Server certificate must have this DNS SAN.")
 @click.option("--verify-uri", multiple=True, metavar="URI", help="Server certificate must have this URI SAN.")
 @click.option("--verify-spki-sha256", multiple=True, metavar="HASH", help="Pin the server's key (SPKI SHA-256).")
+@click.option("--verify-policy", metavar="BUNDLE", help="Rego policy the server's certificate must pass (opa).")
+@click.option("--verify-query", metavar="QUERY", help="Rego query that must be true, e.g. data.tlsgate.allow.")
 @click.option("--allow-from", multiple=True, metavar="CIDR", help="Accept local clients only from this network.")
 @click.option("--deny-from", multiple=True, metavar="CIDR", help="Refuse local clients from this network.")
 def client(**kwargs: Any) -> None:

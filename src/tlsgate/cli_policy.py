@@ -62,6 +62,9 @@ class Step:
     "--at", "at", metavar="TIME", help="Check as of this UTC time (ISO 8601, e.g. 2026-07-01) instead of now."
 )
 @access_options
+@click.option(
+    "--show-input", is_flag=True, help="Also print the input document an --allow-policy query is evaluated on."
+)
 @click.pass_context
 def check(
     ctx: click.Context,
@@ -71,6 +74,7 @@ def check(
     cacert: str | None,
     disable_authentication: bool,
     at: str | None,
+    show_input: bool,
     **access: Any,
 ) -> None:
     """Would a server with these access flags accept this client? Prints ALLOW or DENY and why.
@@ -109,6 +113,12 @@ def check(
         if any(step.name == "identity" and step.failed for step in steps):
             click.echo("")
             _echo_identity_comparison(rules, peer)
+    if show_input and leaf_der is not None:
+        from tlsgate.regopolicy import peer_input_json
+
+        click.echo("")
+        click.echo("input of the policy (as ghostunnel gives it):")
+        click.echo(peer_input_json(leaf_der))
     hints = _hints(decision, rules, peer, leaf, ca_certs, _ders(verified))
     if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs:
         hints.append("the chain was not checked (no --cacert): the TLS handshake may still refuse this certificate")
@@ -174,7 +184,7 @@ def _steps(
         steps.append(Step("revocation", revoked))
     else:
         steps.append(Step("revocation", None, "no --crl given"))
-    steps.append(Step("identity", rules.identity.check(peer)))
+    steps.append(Step("identity", rules.identity.check(peer, leaf.public_bytes(serialization.Encoding.DER))))
     return steps, chain
 
 

@@ -57,6 +57,8 @@ access_options = stack_options(
     _many("--allow-dns", "Allow clients whose certificate has this DNS SAN", "NAME"),
     _many("--allow-uri", "Allow clients with this URI SAN; '*' matches one path segment", "URI"),
     _many("--allow-spki-sha256", "Allow the client key with this SPKI SHA-256 (hex or base64)", "HASH"),
+    click.option("--allow-policy", metavar="BUNDLE", help="Rego policy: a .rego file, bundle dir or .tar.gz (opa)."),
+    click.option("--allow-query", metavar="QUERY", help="Rego query that must be true, e.g. data.tlsgate.allow."),
     _many("--allow-from", "Accept connections only from this network; checked before the handshake", "CIDR"),
     _many("--deny-from", "Refuse connections from this network; deny wins over allow", "CIDR"),
     _many("--crl", "Refuse client certificates revoked by this CRL (PEM or DER)", "FILE"),

@@ -70,12 +70,16 @@ class TunnelConfig:
     allow_from: tuple[str, ...] = ()
     deny_from: tuple[str, ...] = ()
     crl: tuple[str, ...] = ()
+    allow_policy: str | None = None
+    allow_query: str | None = None
     # Client mode: who the server must be.
     verify_cn: tuple[str, ...] = ()
     verify_ou: tuple[str, ...] = ()
     verify_dns: tuple[str, ...] = ()
     verify_uri: tuple[str, ...] = ()
     verify_spki_sha256: tuple[str, ...] = ()
+    verify_policy: str | None = None
+    verify_query: str | None = None
     override_server_name: str | None = None
     # Server mode re-encryption to a TLS upstream.
     target_tls: bool = False
@@ -264,6 +268,10 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
     for key in ("cert", "key", "crl"):
         for path in values.get(key, ()):
             where.run(partial(_check_file, path, key))
+    for key in ("allow_policy", "verify_policy"):
+        # A bundle may be a directory; its contents are read (and compiled) by runtime.build_runtime.
+        if values.get(key) is not None and not os.path.exists(values[key]):
+            where.add(f"{flag(key)}: {values[key]}: no such file or directory")
     for key in ("allow_from", "deny_from", "accept_proxy_from"):
         where.run(partial(_check_cidrs, values.get(key, ()), key))
     if where.problems:
@@ -280,7 +288,9 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
 def _cross_checks(cfg: TunnelConfig) -> list[str]:
     """Rules that involve several flags, with ghostunnel's safety checks for unsafe listen/target."""
     problems: list[str] = []
-    identity = cfg.allow_all or any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_uri, cfg.allow_spki_sha256))
+    values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_uri, cfg.allow_spki_sha256))
+    rego = cfg.allow_policy is not None or cfg.allow_query is not None
+    identity = cfg.allow_all or values or rego
     has_pem = bool(cfg.cert or cfg.key)
     if cfg.keystore and has_pem:
         problems.append("give either --keystore or --cert/--key, not both")
@@ -294,7 +304,14 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
         if not cfg.disable_authentication and not identity:
             problems.append(
                 "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, "
-                "--allow-spki-sha256, or --disable-authentication"
+                "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication"
+            )
+        if rego and (cfg.allow_policy is None or cfg.allow_query is None):
+            problems.append("--allow-policy and --allow-query go together: give both, or neither")
+        if rego and (cfg.allow_all or values):
+            problems.append(
+                "--allow-policy/--allow-query are mutually exclusive with the other --allow-* identity flags "
+                "(as in ghostunnel: put every rule in the policy)"
             )
         if not cfg.disable_authentication and not cfg.cacert:
             problems.append("client certificates are verified against --cacert; give it (or --disable-authentication)")
@@ -309,11 +326,14 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
                 "or add --unsafe-target if the network in between is trusted"
             )
         verify = any((cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_uri, cfg.verify_spki_sha256))
-        if verify:
+        if verify or cfg.verify_policy or cfg.verify_query:
             problems.append("--verify-* flags are for client mode; server mode uses --allow-*")
     else:
         if identity or cfg.crl:
             problems.append("--allow-*/--crl flags are for server mode; client mode uses --verify-*")
+        if (cfg.verify_policy is None) != (cfg.verify_query is None):
+            # ghostunnel silently ignores one without the other, which would leave the server unchecked.
+            problems.append("--verify-policy and --verify-query go together: give both, or neither")
         if not cfg.listen.is_loopback and not cfg.unsafe_listen:
             problems.append(
                 f"--listen {cfg.listen} exposes a plaintext port to other machines; add --unsafe-listen if intended"

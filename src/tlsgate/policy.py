@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -41,6 +42,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from tlsgate.errors import CertificateError, ConfigError
+
+if TYPE_CHECKING:
+    from tlsgate.regopolicy import RegoPolicy
 
 __all__ = [
     "AddressRules",
@@ -475,12 +479,15 @@ def _nonempty(flag: str, values: Iterable[str]) -> tuple[str, ...]:
 
 
 class IdentityRules:
-    """Who the peer must be: any of CN, OU, DNS SAN, URI SAN (with wildcards) or key pin matches (OR).
+    """Who the peer must be: any of CN, OU, DNS SAN, URI SAN (with wildcards), key pin or Rego policy (OR).
 
     Server mode uses the ``--allow-*`` flags; client mode checks the server with the same rules under
     ``--verify-*`` (pass ``flag_prefix="verify"``), and the prefix shows up in rule ids and reasons. Like
     ghostunnel, an empty rule set refuses every client in server mode and leaves a server to the hostname check
     in client mode. Only the leaf certificate is looked at.
+
+    The Rego policy (``--allow-policy``/``--verify-policy``, see `tlsgate.regopolicy`) is asked last, only when
+    no other rule matched, because it is the only rule that costs more than a set lookup.
     """
 
     __slots__ = (
@@ -496,6 +503,7 @@ class IdentityRules:
         "dns",
         "flag_prefix",
         "ou",
+        "rego",
         "spki_sha256",
         "uri",
     )
@@ -510,13 +518,15 @@ class IdentityRules:
         uri: Sequence[str] = (),
         spki_sha256: Sequence[str] = (),
         flag_prefix: str = "allow",
+        rego: RegoPolicy | None = None,
     ) -> None:
         """Use `parse`; this takes values already checked (URI patterns valid, hashes as lowercase hex)."""
         self.flag_prefix = flag_prefix
         self.allow_all = allow_all
         self.cn, self.ou, self.dns, self.uri = tuple(cn), tuple(ou), tuple(dns), tuple(uri)
         self.spki_sha256 = tuple(spki_sha256)
-        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256)
+        self.rego = rego
+        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego)
         self._cn, self._ou = frozenset(cn), frozenset(ou)
         self._dns = frozenset(name.lower().rstrip(".") for name in dns)
         self._spki = frozenset(spki_sha256)
@@ -537,6 +547,7 @@ class IdentityRules:
         uri: Iterable[str] = (),
         spki_sha256: Iterable[str] = (),
         flag_prefix: str = "allow",
+        rego: RegoPolicy | None = None,
     ) -> IdentityRules:
         """Validate flag values; ConfigError names the flag (``--allow-uri``/``--verify-uri``) and the value."""
         uris = _nonempty(f"--{flag_prefix}-uri", uri)
@@ -550,9 +561,11 @@ class IdentityRules:
             uri=uris,
             spki_sha256=[_parse_spki_hash(f"--{flag_prefix}-spki-sha256", text) for text in spki_sha256],
             flag_prefix=flag_prefix,
+            rego=rego,
         )
 
-    def check(self, peer: PeerIdentity) -> Decision:
+    def check(self, peer: PeerIdentity, der: bytes | None = None) -> Decision:
+        """Does ``peer`` match a rule? ``der`` is its certificate, which only the Rego policy needs."""
         prefix = self.flag_prefix
         if self.allow_all:
             return Decision(True, f"{prefix}-all", f"{peer.describe()} allowed by {prefix}-all")
@@ -579,7 +592,17 @@ class IdentityRules:
             return Decision(
                 True, f"{prefix}-spki-sha256", f"SPKI sha256 {peer.spki_sha256[:16]}… matched {prefix}-spki-sha256"
             )
+        if self.rego is not None:
+            allowed, why = self.rego.check(der) if der else (False, "no certificate to give the policy")
+            if allowed:
+                return Decision(True, f"{prefix}-policy", f"{peer.describe()} allowed: {why}")
+            if not self._has_value_rules():
+                return Decision(False, f"{prefix}-policy", f"{peer.describe()} not allowed: {why}")
+            return Decision(False, "identity", f"{self._refusal(peer)}; {prefix}-policy: {why}")
         return Decision(False, "identity", self._refusal(peer))
+
+    def _has_value_rules(self) -> bool:
+        return bool(self.cn or self.ou or self.dns or self.uri or self.spki_sha256)
 
     def check_certificate(self, der: bytes | None) -> Decision:
         """Client mode, after the handshake with the target: its DER certificate against the ``--verify-*`` rules.
@@ -589,7 +612,7 @@ class IdentityRules:
         if not der:
             return Decision(False, "no-server-cert", "target sent no certificate")
         try:
-            return self.check(PeerIdentity.from_der(der))
+            return self.check(PeerIdentity.from_der(der), der)
         except CertificateError as err:
             return Decision(False, "bad-cert", f"server {err}")
         except Exception as err:
@@ -628,6 +651,8 @@ class IdentityRules:
                 parts.append(f"{label} {_listing(values)}")
         if self.spki_sha256:
             parts.append("SPKI sha256 " + _listing([h[:16] + "…" for h in self.spki_sha256]))
+        if self.rego is not None:
+            parts.append(f"policy {self.rego.query}")
         return "; ".join(parts) or "nothing"
 
     def __repr__(self) -> str:
@@ -1096,7 +1121,7 @@ class Policy:
         revoked = self.revocation.check(peer) or self.revocation.check_chain(chain)
         if revoked is not None:
             return revoked, peer
-        return self.identity.check(peer), peer
+        return self.identity.check(peer, leaf_der), peer
 
     def summary(self) -> str:
         """One line for the start-up log."""
@@ -1117,8 +1142,14 @@ def build_policy(
     crl: Iterable[str | Path] = (),
     ca_certs: Sequence[x509.Certificate] = (),
     disable_authentication: bool = False,
+    allow_policy: str | None = None,
+    allow_query: str | None = None,
 ) -> Policy:
-    """The server-mode policy from the ``access_options`` flags, with ghostunnel's rules on which go together."""
+    """The server-mode policy from the ``access_options`` flags, with ghostunnel's rules on which go together.
+
+    As in ghostunnel, ``--allow-policy``/``--allow-query`` go together and exclude every other identity flag
+    (``--allow-all``, ``--allow-cn`` ... and ``--disable-authentication``): the policy is the whole rule.
+    """
     identity_flags = {
         "--allow-cn": tuple(allow_cn),
         "--allow-ou": tuple(allow_ou),
@@ -1128,6 +1159,17 @@ def build_policy(
     }
     given = [flag for flag, values in identity_flags.items() if values]
     crl_paths = tuple(crl)
+    if (allow_policy is None) != (allow_query is None):
+        raise ConfigError("--allow-policy and --allow-query go together: give both, or neither")
+    if allow_policy is not None:
+        if disable_authentication:
+            raise ConfigError("--disable-authentication contradicts --allow-policy: no client certificate to check")
+        if allow_all or given:
+            other = "--allow-all" if allow_all else given[0]
+            raise ConfigError(
+                f"--allow-policy/--allow-query and {other} are mutually exclusive (as in ghostunnel: "
+                "put every rule in the policy)"
+            )
     if disable_authentication:
         if allow_all or given:
             flag = "--allow-all" if allow_all else given[0]
@@ -1136,16 +1178,21 @@ def build_policy(
             )
         if crl_paths:
             raise ConfigError("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
-    elif not allow_all and not given:
+    elif not allow_all and not given and allow_policy is None:
         raise ConfigError(
-            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256 "
-            "or --disable-authentication"
+            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256, "
+            "--allow-policy/--allow-query or --disable-authentication"
         )
     if allow_all and given:
         raise ConfigError(
             f"--allow-all and {given[0]} are mutually exclusive (--allow-all already allows every client)"
         )
     addresses = AddressRules.parse(allow_from, deny_from)
+    rego = None
+    if allow_policy is not None and allow_query is not None:
+        from tlsgate.regopolicy import load_policy
+
+        rego = load_policy(allow_policy, allow_query, flag_prefix="allow")
     identity = (
         None
         if disable_authentication
@@ -1156,6 +1203,7 @@ def build_policy(
             dns=identity_flags["--allow-dns"],
             uri=identity_flags["--allow-uri"],
             spki_sha256=identity_flags["--allow-spki-sha256"],
+            rego=rego,
         )
     )
     return Policy(addresses, identity, RevocationList.load(crl_paths, ca_certs))

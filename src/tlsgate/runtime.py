@@ -10,10 +10,14 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tlsgate import tlsctx
 from tlsgate.config import TunnelConfig
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
+
+if TYPE_CHECKING:
+    from tlsgate.regopolicy import RegoPolicy
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             crl=cfg.crl,
             ca_certs=ca_certs,
             disable_authentication=cfg.disable_authentication,
+            allow_policy=cfg.allow_policy,
+            allow_query=cfg.allow_query,
         )
         target_identity = None
         if cfg.target_tls:
@@ -105,6 +111,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             uri=cfg.verify_uri,
             spki_sha256=cfg.verify_spki_sha256,
             flag_prefix="verify",
+            rego=_rego(cfg.verify_policy, cfg.verify_query, "verify"),
         )
         if not target_identity.active:
             target_identity = None
@@ -118,6 +125,15 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         proxy_sources=AddressRules.parse(allow_from=cfg.accept_proxy_from),
         cert_not_after=not_after,
     )
+
+
+def _rego(path: str | None, query: str | None, flag_prefix: str) -> RegoPolicy | None:
+    """The compiled policy, read afresh on every (re)load: a failed reload keeps the running runtime and policy."""
+    if path is None or query is None:
+        return None
+    from tlsgate.regopolicy import load_policy
+
+    return load_policy(path, query, flag_prefix=flag_prefix)
 
 
 def _dns_names(material: tlsctx.KeyMaterial) -> list[str]:
