@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import ssl
@@ -153,8 +154,8 @@ def test_a_policy_that_errors_refuses_and_is_not_cached(tmp_path: Path, ca: trus
 def test_decisions_are_cached_per_certificate(tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> None:
     policy = load_policy(write(tmp_path / "p.rego", ALLOW_ALICE), "data.tlsgate.allow")
     runs: list[bytes] = []
-    real = policy._run
-    monkeypatch.setattr(policy, "_run", lambda d: runs.append(d) or real(d))
+    real = policy.evaluator.run
+    monkeypatch.setattr(policy.evaluator, "run", lambda d: runs.append(d) or real(d))
     alice, bob = der(ca.issue_cert("a.test", common_name="alice")), der(ca.issue_cert("b.test", common_name="bob"))
     for _ in range(3):
         assert policy.check(alice)[0]
@@ -167,14 +168,14 @@ def test_a_slow_evaluation_refuses_within_the_budget_and_later_peers_are_not_kep
 ) -> None:
     policy = load_policy(write(tmp_path / "p.rego", ALLOW_ALICE), "data.tlsgate.allow")
     release, entered = threading.Event(), threading.Event()
-    real = policy._run
+    real = policy.evaluator.run
 
     def stuck(d: bytes) -> Evaluation:
         entered.set()
         release.wait()
         return real(d)
 
-    monkeypatch.setattr(policy, "_run", stuck)
+    monkeypatch.setattr(policy.evaluator, "run", stuck)
     policy.budget = 0.01  # the evaluation blocks until released, so the budget always runs out
     alice = der(ca.issue_cert("a.test", common_name="alice"))
     assert policy.check(alice) == (False, "data.tlsgate.allow failed: evaluation took longer than 0.01s")
@@ -184,7 +185,7 @@ def test_a_slow_evaluation_refuses_within_the_budget_and_later_peers_are_not_kep
         False,
         "data.tlsgate.allow failed: an earlier evaluation is still running (over the time budget)",
     )
-    monkeypatch.setattr(policy, "_run", real)
+    monkeypatch.setattr(policy.evaluator, "run", real)
     release.set()
     policy._runaway.result()  # type: ignore[union-attr]
     policy.budget = 60
@@ -438,3 +439,14 @@ async def test_client_verifies_the_server_by_policy(
             await assert_cut(reader)
             assert cli_tun.stats.target_errors == 1
         writer.close()
+
+
+def test_a_replaced_policy_lets_its_thread_end(tmp_path: Path, ca: trustme.CA) -> None:
+    """Each reload builds a new policy: the old one's worker thread must not stay behind."""
+    policy = load_policy(write(tmp_path / "p.rego", ALLOW_ALICE), "data.tlsgate.allow")
+    assert policy.check(der(ca.issue_cert("a.test", common_name="alice")))[0]
+    thread = policy.evaluator.thread
+    assert thread is not None and thread.is_alive()
+    del policy
+    gc.collect()
+    thread.join()  # returns only if the thread ended; a leak would hit the per-test timeout

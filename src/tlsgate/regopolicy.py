@@ -31,6 +31,7 @@ import json
 import re
 import tarfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,12 +80,11 @@ class RegoPolicy:
         self.query = query
         self.flag_prefix = flag_prefix
         self.budget = EVALUATION_BUDGET
-        self._interpreter = interpreter
-        self._bundle = bundle
+        self.evaluator = _Evaluator(interpreter, bundle, name=f"rego {query}")
         self._cache: OrderedDict[bytes, Evaluation] = OrderedDict()
-        self._jobs: SimpleQueue[tuple[bytes, concurrent.futures.Future[Evaluation]]] = SimpleQueue()
-        self._worker: threading.Thread | None = None
         self._runaway: concurrent.futures.Future[Evaluation] | None = None
+        # A reload replaces the policy; its thread must not outlive it (one per reload would pile up).
+        weakref.finalize(self, self.evaluator.stop)
 
     @classmethod
     def load(cls, path: str, query: str, *, flag_prefix: str = "allow") -> RegoPolicy:
@@ -136,10 +136,8 @@ class RegoPolicy:
             if not self._runaway.done():
                 return Evaluation(False, "undefined", "an earlier evaluation is still running (over the time budget)")
             self._runaway = None
-        future: concurrent.futures.Future[Evaluation] = concurrent.futures.Future()
         try:
-            self._start_worker()
-            self._jobs.put((der, future))
+            future = self.evaluator.submit(der)
             outcome = future.result(timeout=self.budget)
         except concurrent.futures.TimeoutError:
             self._runaway = future
@@ -153,24 +151,53 @@ class RegoPolicy:
                 self._cache.popitem(last=False)
         return outcome
 
-    def _start_worker(self) -> None:
-        # Started on first use, not at load: `--workers` loads every policy in the parent before it forks.
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name=f"rego {self.query}", daemon=True)
-            self._worker.start()
+    def summary(self) -> str:
+        return f"{self.flag_prefix}-policy {self.path} query {self.query}"
 
-    def _work(self) -> None:
-        """The worker thread: the only user of the interpreter after `load`. ctypes releases the GIL in Rego."""
-        while True:
-            der, future = self._jobs.get()
+    def __repr__(self) -> str:
+        return f"RegoPolicy({self.path!r}, {self.query!r})"
+
+
+class _Evaluator:
+    """One thread that owns a regopy interpreter and runs the compiled query for each certificate handed to it.
+
+    rego-cpp's interpreter is not thread-safe, so after `RegoPolicy.load` only this thread touches it. regopy
+    calls rego-cpp through ctypes, which releases the GIL, so the event loop keeps running (and can stop waiting)
+    while Rego evaluates.
+    """
+
+    def __init__(self, interpreter: Any, bundle: Any, *, name: str) -> None:
+        self._interpreter = interpreter
+        self._bundle = bundle
+        self._name = name
+        self._jobs: SimpleQueue[tuple[bytes, concurrent.futures.Future[Evaluation]] | None] = SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, der: bytes) -> concurrent.futures.Future[Evaluation]:
+        # Started on first use, not at load: `--workers` loads every policy in the parent before it forks.
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self.thread.start()
+        future: concurrent.futures.Future[Evaluation] = concurrent.futures.Future()
+        self._jobs.put((der, future))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread end once the job in hand (if any) is done."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            der, future = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._run(der))
+                future.set_result(self.run(der))
             except BaseException as err:  # never let the thread die: the next peer would wait a budget for nothing
                 future.set_result(Evaluation(False, "undefined", f"internal error: {err!r}"[:200]))
 
-    def _run(self, der: bytes) -> Evaluation:
+    def run(self, der: bytes) -> Evaluation:
+        """Evaluate the query with ``der`` as ``input.certificate``, in this thread."""
         try:
             cert = x509.load_der_x509_certificate(der)
             document = json.dumps({"certificate": certificate_input(cert)}, ensure_ascii=False)
@@ -188,12 +215,6 @@ class RegoPolicy:
         shown = values[0][0] if len(values) == 1 and len(values[0]) == 1 else values
         allowed = len(values) == 1 and len(values[0]) == 1 and values[0][0] is True
         return Evaluation(allowed, _shorten(json.dumps(shown), 120))
-
-    def summary(self) -> str:
-        return f"{self.flag_prefix}-policy {self.path} query {self.query}"
-
-    def __repr__(self) -> str:
-        return f"RegoPolicy({self.path!r}, {self.query!r})"
 
 
 # --- the bundle ----------------------------------------------------------------------------------------------
