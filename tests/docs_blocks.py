@@ -55,7 +55,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 #: The ports pages may show; each is replaced by a free port per page. Add one here before using it in a page.
-DOC_PORTS = (3000, 5432, 5433, 6379, 6380, 6381, 8080, 8443, 9090, 9091, 9100, 9443)
+DOC_PORTS = (3000, 5432, 5433, 6379, 6380, 6381, 6382, 8080, 8443, 9090, 9091, 9100, 9443)
 
 #: Languages whose blocks are shell examples and so must carry a marker.
 SHELL_LANGUAGES = {"sh", "shell", "bash", "console"}
