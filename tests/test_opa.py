@@ -450,3 +450,29 @@ def test_a_replaced_policy_lets_its_thread_end(tmp_path: Path, ca: trustme.CA) -
     del policy
     gc.collect()
     thread.join()  # returns only if the thread ended; a leak would hit the per-test timeout
+
+
+def test_config_file_tunnel_with_a_policy_is_checked_and_described(tmp_path: Path, pki_files: dict[str, Path]) -> None:
+    """`tlsgate check-config` compiles the policy (a broken one is a one-line error) and names the query."""
+    rego = write(tmp_path / "p.rego", ALLOW_ALICE)
+    toml = tmp_path / "tlsgate.toml"
+    toml.write_text(
+        f"""[[tunnel]]
+name = "api"
+mode = "server"
+listen = "127.0.0.1:0"
+target = "127.0.0.1:1"
+cert = "{pki_files["cert"]}"
+key = "{pki_files["key"]}"
+cacert = "{pki_files["ca"]}"
+allow-policy = "{rego}"
+allow-query = "data.tlsgate.allow"
+"""
+    )
+    result = CliRunner().invoke(cli, ["check-config", str(toml)])
+    assert result.exit_code == 0, result.output
+    assert "mTLS allow-query data.tlsgate.allow" in result.output
+    write(tmp_path / "p.rego", "package tlsgate\n\nallow if {\n")
+    result = CliRunner().invoke(cli, ["check-config", str(toml)])
+    assert result.exit_code == 2
+    assert "p.rego:3: this is unclosed" in result.output

@@ -153,6 +153,7 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
                 ("allow-dns", cfg.allow_dns),
                 ("allow-uri", cfg.allow_uri),
                 ("allow-spki-sha256", cfg.allow_spki_sha256),
+                ("allow-query", (cfg.allow_query,) if cfg.allow_query else ()),
             )
             parts.append(" ".join(["mTLS", *rules]))
     else:
@@ -162,6 +163,7 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
             ("verify-dns", cfg.verify_dns),
             ("verify-uri", cfg.verify_uri),
             ("verify-spki-sha256", cfg.verify_spki_sha256),
+            ("verify-query", (cfg.verify_query,) if cfg.verify_query else ()),
         )
         parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))
     parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
