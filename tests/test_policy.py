@@ -624,8 +624,8 @@ def test_address_and_identity_must_both_pass(
     [
         (
             {},
-            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256 "
-            "or --disable-authentication",
+            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256, "
+            "--allow-policy/--allow-query or --disable-authentication",
         ),
         ({"allow_from": ["10.0.0.0/8"]}, "server mode needs --allow-all"),
         ({"disable_authentication": True, "allow_cn": ["alice"]}, "--disable-authentication contradicts --allow-cn"),
