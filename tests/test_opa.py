@@ -24,7 +24,7 @@ from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.policy import build_policy
+from tlsgate.policy import Decision, IdentityRules, build_policy
 from tlsgate.regopolicy import Evaluation, certificate_input, load_policy
 
 from conftest import client_context
@@ -476,3 +476,18 @@ allow-query = "data.tlsgate.allow"
     result = CliRunner().invoke(cli, ["check-config", str(toml)])
     assert result.exit_code == 2
     assert "p.rego:3: this is unclosed" in result.output
+
+
+def test_client_mode_policy_is_ored_with_the_verify_rules(tmp_path: Path, ca: trustme.CA) -> None:
+    policy = load_policy(write(tmp_path / "p.rego", ALLOW_ALICE), "data.tlsgate.allow", flag_prefix="verify")
+    rules = IdentityRules.parse(cn=["server.test"], flag_prefix="verify", rego=policy)
+    alice = ca.issue_cert("alice.test", common_name="alice")
+    server = ca.issue_cert("server.test", common_name="server.test")
+    other = ca.issue_cert("other.test", common_name="other")
+    assert rules.check_certificate(der(server)) == Decision(True, "verify-cn", "CN=server.test matched verify-cn")
+    assert rules.check_certificate(der(alice)) == Decision(
+        True, "verify-policy", "CN=alice allowed: data.tlsgate.allow is true"
+    )
+    refused = rules.check_certificate(der(other))
+    assert (refused.allowed, refused.rule) == (False, "identity")
+    assert refused.reason.endswith("; verify-policy: data.tlsgate.allow is undefined, not true")

@@ -206,7 +206,10 @@ class _Evaluator:
         self._interpreter.set_input_term(document)
         output = self._interpreter.query_bundle(self._bundle)
         if not output.ok():
-            return Evaluation(False, "undefined", _shorten(f"the policy returned an error: {output}", 200))
+            # rego-cpp's evaluation errors read only "<error>" through regopy; more would be kept if it said more.
+            detail = str(output).strip()
+            problem = "the policy returned an error" + (f": {detail}" if detail not in ("", "<error>") else "")
+            return Evaluation(False, "undefined", _shorten(problem, 200))
         # rego-cpp gives an undefined query as one result with no expressions, OPA as an empty result set.
         results = [result for result in output.results if result.expressions]
         if not results:
