@@ -491,3 +491,15 @@ def test_client_mode_policy_is_ored_with_the_verify_rules(tmp_path: Path, ca: tr
     refused = rules.check_certificate(der(other))
     assert (refused.allowed, refused.rule) == (False, "identity")
     assert refused.reason.endswith("; verify-policy: data.tlsgate.allow is undefined, not true")
+
+
+def test_a_rego_v0_policy_file_loads_as_in_ghostunnel(tmp_path: Path, ca: trustme.CA) -> None:
+    """ghostunnel loads a lone .rego file as Rego v0 (no `if`, `=` defaults), so old policies must keep working."""
+    rego = write(
+        tmp_path / "old.rego",
+        "package policy\n\nimport input\n\ndefault allow = false\n\n"
+        'allow {\n  input.certificate.Subject.CommonName == "alice"\n}\n',
+    )
+    policy = load_policy(rego, "data.policy.allow")
+    assert policy.check(der(ca.issue_cert("a.test", common_name="alice"))) == (True, "data.policy.allow is true")
+    assert not policy.check(der(ca.issue_cert("b.test", common_name="bob")))[0]
