@@ -174,7 +174,7 @@ class _Evaluator:
         self.thread: threading.Thread | None = None
 
     def submit(self, der: bytes) -> concurrent.futures.Future[Evaluation]:
-        # Started on first use, not at load: `--workers` loads every policy in the parent before it forks.
+        # Started on first use, not at load: check-config and the parent of --workers load a policy only to check it.
         if self.thread is None:
             self.thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self.thread.start()
