@@ -503,3 +503,13 @@ def test_a_rego_v0_policy_file_loads_as_in_ghostunnel(tmp_path: Path, ca: trustm
     policy = load_policy(rego, "data.policy.allow")
     assert policy.check(der(ca.issue_cert("a.test", common_name="alice"))) == (True, "data.policy.allow is true")
     assert not policy.check(der(ca.issue_cert("b.test", common_name="bob")))[0]
+
+
+def test_client_command_refuses_a_lone_verify_policy(tmp_path: Path, pki_files: dict[str, Path]) -> None:
+    rego = write(tmp_path / "p.rego", ALLOW_ALICE)
+    args = ["client", "--listen", "127.0.0.1:0", "--target", "localhost:1", "--disable-authentication"]
+    result = CliRunner().invoke(cli, [*args, "--cacert", str(pki_files["ca"]), "--verify-policy", rego])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "tlsgate: error: --verify-policy and --verify-query go together: give both, or neither"
+    ]
