@@ -302,7 +302,7 @@ def test_policy_check_gives_the_servers_verdict_on_an_unparseable_certificate(si
 
 
 def test_an_internal_error_while_checking_is_a_refusal_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: IdentityRules, peer: PeerIdentity) -> None:
+    def broken(self: IdentityRules, peer: PeerIdentity, der: bytes | None = None) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(IdentityRules, "check", broken)
