@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench clean install dist smoke-install
 
 # The venv is rebuilt when pyproject.toml changes, so a stale environment never hides a missing dependency.
 $(STAMP): pyproject.toml
@@ -34,4 +34,24 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist
+
+# -- packaging (docs/install.md) --------------------------------------------------------------------------------
+# `make install`: `tlsgate` on your PATH, independent of this checkout and its .venv. With pipx, in a venv of its
+# own (~/.local/pipx/venvs/tlsgate, command in ~/.local/bin); without, `pip install --user .` into your user site.
+install:
+	@if command -v pipx >/dev/null 2>&1; then \
+		echo "pipx install --force ."; pipx install --force .; \
+	else \
+		echo "$(PYTHON) -m pip install --user ."; $(PYTHON) -m pip install --user .; \
+	fi
+
+# `make dist`: dist/tlsgate-X.tar.gz and dist/tlsgate-X-py3-none-any.whl, checked as PyPI would check them.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# Build, check, install the wheel into a clean venv and run a real tunnel from it (.ci/smoke_install.py).
+smoke-install: $(STAMP)
+	$(BIN)/python .ci/smoke_install.py

@@ -214,10 +214,11 @@ def demo(listen: str, backend_port: int, certs_dir: str) -> None:
 def _register_subcommands() -> None:
     from tlsgate.cli_certs import certs
     from tlsgate.cli_dev import dev
+    from tlsgate.cli_extras import completion, man
     from tlsgate.cli_policy import policy
     from tlsgate.cli_run import check_config, run
 
-    for command in (certs, check_config, dev, policy, run):
+    for command in (certs, check_config, completion, dev, man, policy, run):
         cli.add_command(command)
 
 
