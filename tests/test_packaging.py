@@ -7,9 +7,11 @@ it needs the network for pip, so it stays out of the unit tests.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +20,17 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from hypothesis import given
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tlsgate.cli import cli
 from tlsgate.cli_extras import _escape, render_man_page
+from tlsgate.config import tunnel_config
+from tlsgate.runtime import build_runtime, usage_verdict
 
 # -- shell completion ------------------------------------------------------------------------------------------
 
@@ -134,3 +142,240 @@ def test_escaped_help_text_is_never_a_roff_request_and_reads_back_unchanged(text
     escaped = _escape(text)
     assert not escaped.startswith((".", "'"))
     assert _unescape(escaped) == text
+
+
+# -- a certificate that does not fit its role -------------------------------------------------------------------
+
+_NOW = datetime.datetime.now(datetime.UTC)
+
+
+class _MiniCA:
+    """Just enough CA to issue leaves with any extended key usage (tlsgate's pki only issues sensible ones)."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(1)
+            .not_valid_before(_NOW - datetime.timedelta(hours=1))
+            .not_valid_after(_NOW + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def leaf(self, usages: list[ObjectIdentifier] | None) -> tuple[x509.Certificate, bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_NOW - datetime.timedelta(hours=1))
+            .not_valid_after(_NOW + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        )
+        if usages is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cert, cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+    def files(self, where: Path, stem: str, usages: list[ObjectIdentifier] | None) -> tuple[Path, Path]:
+        _, cert_pem, key_pem = self.leaf(usages)
+        (where / f"{stem}.pem").write_bytes(cert_pem)
+        (where / f"{stem}.key").write_bytes(key_pem)
+        return where / f"{stem}.pem", where / f"{stem}.key"
+
+
+_MINI_CA = _MiniCA()
+_SERVER, _CLIENT, _ANY = (
+    ExtendedKeyUsageOID.SERVER_AUTH,
+    ExtendedKeyUsageOID.CLIENT_AUTH,
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+)
+_USAGES = [_SERVER, _CLIENT, ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.EMAIL_PROTECTION, _ANY]
+
+
+def _openssl_accepts_as_server(cert_pem: bytes, key_pem: bytes, tmp: Path) -> bool:
+    """Whether an OpenSSL client (CERT_REQUIRED, hostname checked) completes a handshake with this server cert."""
+    (tmp / "server.pem").write_bytes(cert_pem + key_pem)
+    (tmp / "ca.pem").write_bytes(_MINI_CA.pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp / "server.pem")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(tmp / "ca.pem")
+    bios = [ssl.MemoryBIO() for _ in range(4)]  # client in/out, server in/out
+    client = client_ctx.wrap_bio(bios[0], bios[1], server_hostname="localhost")
+    server = server_ctx.wrap_bio(bios[2], bios[3], server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):  # a TLS 1.3 handshake is two flights each way; 10 rounds is far more than enough
+        for name, end, out_bio, peer_in in (("client", client, bios[1], bios[2]), ("server", server, bios[3], bios[0])):
+            if not done[name]:
+                try:
+                    end.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError:
+                    return False
+            peer_in.write(out_bio.read())
+        if all(done.values()):
+            return True
+    raise AssertionError("handshake made no progress")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(usages=st.none() | st.lists(st.sampled_from(_USAGES), min_size=1, max_size=4, unique=True))
+def test_server_certificate_verdict_matches_what_openssl_clients_accept(
+    usages: list[ObjectIdentifier] | None, tmp_path: Path
+) -> None:
+    cert, cert_pem, key_pem = _MINI_CA.leaf(usages)
+    verdict = usage_verdict(cert, "server")
+    accepted = _openssl_accepts_as_server(cert_pem, key_pem, tmp_path)
+    # Refused at start-up exactly when no client can use it; a warning when OpenSSL refuses but Go would not.
+    assert accepted == (verdict is None)
+    if verdict is not None:
+        assert verdict[0] == ("warn" if _ANY in (usages or []) else "refuse")
+
+
+@pytest.fixture
+def never_listen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CLI test that expects a refusal must not start serving (and block) when the refusal is missing."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("tlsgate started listening instead of refusing")
+
+    monkeypatch.setattr("tlsgate.tunnel.Tunnel.start", refuse)
+
+
+@pytest.mark.usefixtures("never_listen")
+def test_server_refuses_a_client_only_certificate_at_startup_in_one_line(tmp_path: Path) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "alice", [_CLIENT])
+    (tmp_path / "ca.pem").write_bytes(_MINI_CA.pem)
+    argv = ["server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--cert", str(cert), "--key", str(key)]
+    argv += ["--cacert", str(tmp_path / "ca.pem"), "--allow-all"]
+    result = CliRunner().invoke(cli, argv, prog_name="tlsgate")
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"tlsgate: error: --cert {cert}: certificate is not for TLS servers")
+    assert "extended key usage: clientAuth; serverAuth needed" in result.output
+
+
+@pytest.mark.usefixtures("never_listen")
+def test_server_refuses_a_client_only_keystore(tmp_path: Path) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "alice", [_CLIENT])
+    keystore = tmp_path / "alice-bundle.pem"
+    keystore.write_bytes(cert.read_bytes() + key.read_bytes())
+    argv = ["server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--keystore", str(keystore)]
+    result = CliRunner().invoke(cli, [*argv, "--disable-authentication"], prog_name="tlsgate")
+    assert result.exit_code == 2
+    assert f"--keystore {keystore}: certificate is not for TLS servers" in result.output
+
+
+def test_check_config_refuses_a_client_only_server_certificate(tmp_path: Path) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "alice", [_CLIENT])
+    config = tmp_path / "tlsgate.toml"
+    config.write_text(
+        f'[[tunnel]]\nname = "edge"\nmode = "server"\nlisten = "127.0.0.1:0"\ntarget = "127.0.0.1:9"\n'
+        f'cert = "{cert}"\nkey = "{key}"\ndisable-authentication = true\n',
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(cli, ["check-config", str(config)], prog_name="tlsgate")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"tlsgate: error: tunnel 'edge': cert {cert}: certificate is not for TLS servers")
+
+
+@pytest.mark.parametrize(
+    ("usages", "ok"), [(None, True), ([_SERVER], True), ([_SERVER, _CLIENT], True), ([_ANY], True), ([_CLIENT], False)]
+)
+def test_server_certificates_that_fit_still_start(
+    tmp_path: Path, usages: list[ObjectIdentifier] | None, ok: bool
+) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "srv", usages)
+    cfg = tunnel_config(
+        "server",
+        {
+            "listen": "127.0.0.1:0",
+            "target": "127.0.0.1:9",
+            "cert": [str(cert)],
+            "key": [str(key)],
+            "disable_authentication": True,
+        },
+    )
+    if ok:
+        assert build_runtime(cfg).accept_ctx is not None
+    else:
+        with pytest.raises(Exception, match="not for TLS servers"):
+            build_runtime(cfg)
+
+
+def test_client_mode_warns_about_a_server_only_certificate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "srv", [_SERVER])
+    (tmp_path / "ca.pem").write_bytes(_MINI_CA.pem)
+    options = {"listen": "127.0.0.1:0", "target": "localhost:9", "cacert": str(tmp_path / "ca.pem")}
+    cfg = tunnel_config("client", {**options, "cert": [str(cert)], "key": [str(key)]})
+    assert build_runtime(cfg).target_ctx is not None  # it starts: a server that does not check would accept it
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"--cert {cert}: certificate lacks clientAuth (extended key usage: serverAuth): "
+                        "OpenSSL-based peers refuse it"]  # fmt: skip
+
+
+def test_client_mode_is_quiet_about_a_client_certificate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "alice", [_CLIENT])
+    (tmp_path / "ca.pem").write_bytes(_MINI_CA.pem)
+    options = {"listen": "127.0.0.1:0", "target": "localhost:9", "cacert": str(tmp_path / "ca.pem")}
+    build_runtime(tunnel_config("client", {**options, "cert": [str(cert)], "key": [str(key)]}))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# -- certs ca --force --------------------------------------------------------------------------------------------
+
+
+def test_certs_ca_force_warns_that_every_issued_certificate_stops_being_trusted(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ca_dir = tmp_path / "ca"
+    first = runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir)], prog_name="tlsgate")
+    assert first.exit_code == 0 and first.stderr == ""
+    for name in ("localhost", "alice"):
+        issued = runner.invoke(
+            cli, ["certs", "issue", "--ca", str(ca_dir), "--name", name, "--out", str(tmp_path)], prog_name="tlsgate"
+        )
+        assert issued.exit_code == 0, issued.output
+    again = runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir), "--force"], prog_name="tlsgate")
+    assert again.exit_code == 0
+    assert again.stderr.count("\n") == 1
+    assert again.stderr.startswith(f"tlsgate: warning: replaced the CA in {ca_dir}: every certificate the old CA")
+    assert "(2 recorded in ca.json)" in again.stderr
+
+
+def test_certs_ca_force_on_an_empty_directory_does_not_warn(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["certs", "ca", "--out", str(tmp_path / "ca"), "--force"], prog_name="tlsgate")
+    assert result.exit_code == 0
+    assert result.stderr == ""
+
+
+def test_certs_ca_force_warns_even_when_the_record_is_unreadable(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ca_dir = tmp_path / "ca"
+    assert runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir)], prog_name="tlsgate").exit_code == 0
+    (ca_dir / "ca.json").write_text("{not json", encoding="utf-8")
+    result = runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir), "--force"], prog_name="tlsgate")
+    assert result.exit_code == 0
+    assert "(ca.json unreadable)" in result.stderr
+
+
+def test_certs_ca_that_is_refused_does_not_warn(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ca_dir = tmp_path / "ca"
+    assert runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir)], prog_name="tlsgate").exit_code == 0
+    result = runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir)], prog_name="tlsgate")
+    assert result.exit_code == 2
+    assert "warning" not in result.stderr

@@ -6,6 +6,7 @@ Every password flag accepts ``env:VAR``, ``file:PATH`` or ``pass:TEXT`` as well 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tlsgate.cli_support import TlsgateGroup
 from tlsgate.errors import ConfigError
 from tlsgate.pki import (
+    CA_CERT_FILE,
+    CA_STATE_FILE,
     DEFAULT_CA_DAYS,
     DEFAULT_CA_NAME,
     DEFAULT_CRL_DAYS,
@@ -97,6 +100,7 @@ def certs() -> None:
 @_force_option
 def ca_command(out_dir: Path, name: str, rsa_bits: str | None, days: int, key_pass: str | None, force: bool) -> None:
     """Create a CA: ca.pem (share it: peers trust it via --cacert), ca.key (secret, 0600) and ca.json (records)."""
+    replaced = _replaced_ca(out_dir) if force else None
     ca = CertificateAuthority.create(
         out_dir,
         name=name,
@@ -110,6 +114,28 @@ def ca_command(out_dir: Path, name: str, rsa_bits: str | None, days: int, key_pa
     click.echo(f"  {ca.cert_path}  CA certificate: give it to servers and clients as --cacert")
     click.echo(f"  {ca.key_path}  CA private key: keep it secret, never commit it")
     click.echo(f"  {ca.state_path}  record of issued and revoked serials")
+    if replaced is not None:
+        # After the files are replaced, not before: a CA that could not be created has invalidated nothing.
+        click.echo(
+            f"tlsgate: warning: replaced the CA in {out_dir}: every certificate the old CA issued ({replaced}) stops "
+            "being trusted by peers given the new ca.pem; reissue them and hand the new ca.pem to every peer",
+            err=True,
+        )
+
+
+def _replaced_ca(out_dir: Path) -> str | None:
+    """What `certs ca --force` is about to orphan: ``"3 recorded in ca.json"``, or None when there is no CA yet.
+
+    Read leniently from ca.json (no key, no password needed): the count is for the warning only, and a CA whose
+    record is unreadable still gets the warning, worded without a number.
+    """
+    if not (out_dir / CA_CERT_FILE).exists():
+        return None
+    try:
+        count = len(json.loads((out_dir / CA_STATE_FILE).read_text(encoding="utf-8"))["issued"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CA_STATE_FILE} unreadable"
+    return f"{count} recorded in {CA_STATE_FILE}"
 
 
 @certs.command("issue")

@@ -7,13 +7,18 @@ disturbs an established connection.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tlsgate import tlsctx
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from tlsgate import logs, tlsctx
 from tlsgate.config import TunnelConfig
+from tlsgate.errors import CertificateError
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
 
 if TYPE_CHECKING:
@@ -48,6 +53,8 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             )
             for cert, key in pairs
         ]
+        for (cert, _), material in zip(pairs, materials, strict=True):
+            check_own_usage(material, "server", _flag_label(cert, cfg.keystore))
         contexts = [
             tlsctx.server_context(
                 material,
@@ -87,6 +94,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             client_material = None
             if cfg.target_cert and cfg.target_key:
                 client_material = tlsctx.load_key_material(cert=cfg.target_cert, key=cfg.target_key)
+                check_own_usage(client_material, "client", f"--target-cert {cfg.target_cert}")
             target_ctx = tlsctx.client_context(
                 cafile=cfg.target_cacert, material=client_material, alpn=cfg.alpn, what="--target-cacert"
             )
@@ -101,6 +109,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 storepass=cfg.storepass,
                 key_pass=cfg.key_pass,
             )
+            check_own_usage(material, "client", _flag_label(cfg.cert[0] if cfg.cert else None, cfg.keystore))
             not_after = material.leaf.not_valid_after_utc.timestamp()
         target_ctx = tlsctx.client_context(cafile=cfg.cacert, material=material, alpn=cfg.alpn)
         policy = build_policy(allow_from=cfg.allow_from, deny_from=cfg.deny_from, disable_authentication=True)
@@ -144,3 +153,65 @@ def _dns_names(material: tlsctx.KeyMaterial) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return [str(name) for name in san.get_values_for_type(x509.DNSName)]
+
+
+# -- does our own certificate fit the role we present it in? -------------------------------------------------------
+
+_PURPOSE = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
+
+
+def _flag_label(cert: str | None, keystore: str | None) -> str:
+    return f"--cert {cert}" if cert else f"--keystore {keystore}"
+
+
+def usage_verdict(leaf: x509.Certificate, role: str) -> tuple[str, str] | None:
+    """Whether peers will accept ``leaf`` as a TLS ``role`` ("server" or "client") certificate, by its EKU.
+
+    Returns None when it fits, else ``(severity, reason)`` with severity ``refuse`` or ``warn``. The extended key
+    usage extension, when present, lists the roles a certificate may play; absent, it may play any. OpenSSL
+    (curl, Python, tlsgate) then refuses a server certificate without ``serverAuth`` -- even one with
+    ``anyExtendedKeyUsage``, which Go accepts -- and a client certificate without ``clientAuth``.
+
+    Only a server certificate without either is refused: it fails every handshake (clients abort with
+    "unsupported certificate purpose", our log says "sslv3 alert unsupported certificate"). With only
+    ``anyExtendedKeyUsage`` it still works for Go clients, so that is a warning. A client certificate is a warning
+    too: it is sent only to servers that ask, and a server that does not check its purpose accepts it.
+    """
+    try:
+        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return None
+    purpose = _PURPOSE[role]
+    if purpose in usages:
+        return None
+    listed = ", ".join(_name(oid) for oid in usages)
+    wanted = _name(purpose)
+    if role == "server" and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        return "refuse", f"certificate is not for TLS servers (extended key usage: {listed}; {wanted} needed)"
+    return "warn", f"certificate lacks {wanted} (extended key usage: {listed}): OpenSSL-based peers refuse it"
+
+
+def check_own_usage(material: tlsctx.KeyMaterial, role: str, label: str) -> None:
+    """Refuse (CertificateError: one line, exit 2) or log a warning per `usage_verdict` for our own certificate."""
+    verdict = usage_verdict(material.leaf, role)
+    if verdict is None:
+        return
+    severity, reason = verdict
+    if severity == "refuse":
+        # No flag names in the hint: check-config rewrites them into config-file keys.
+        hint = "; use a server certificate, such as `tlsgate certs issue` makes by default"
+        raise CertificateError(f"{label}: {reason}{hint}")
+    logs.event(f"{label}: {reason}", logging.WARNING)
+
+
+def _name(oid: ObjectIdentifier) -> str:
+    return _EKU_NAMES.get(oid, oid.dotted_string)
