@@ -7,10 +7,13 @@ it needs the network for pip, so it stays out of the unit tests.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import re
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,10 +30,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tlsgate import platforms, tlsctx
 from tlsgate.cli import cli
 from tlsgate.cli_extras import _escape, render_man_page
 from tlsgate.config import tunnel_config
 from tlsgate.runtime import build_runtime, usage_verdict
+from tlsgate.supervisor import choose_loop
+
+from helpers import backend, echo, server_opts, tls_connect, tunnel
 
 # -- shell completion ------------------------------------------------------------------------------------------
 
@@ -379,3 +386,134 @@ def test_certs_ca_that_is_refused_does_not_warn(tmp_path: Path) -> None:
     result = runner.invoke(cli, ["certs", "ca", "--out", str(ca_dir)], prog_name="tlsgate")
     assert result.exit_code == 2
     assert "warning" not in result.stderr
+
+
+# -- platforms without Linux's signals and socket options --------------------------------------------------------
+
+_LINUX_ONLY = """
+import importlib, pkgutil, signal, socket, os
+for name in ("SIGHUP", "SIGUSR1"):
+    delattr(signal, name)
+for name in ("SO_REUSEPORT", "AF_UNIX"):
+    delattr(socket, name)
+del os.memfd_create
+import tlsgate
+for module in pkgutil.iter_modules(tlsgate.__path__):
+    importlib.import_module("tlsgate." + module.name)
+print("imported")
+"""
+
+
+def test_every_module_imports_without_linux_only_signals_and_socket_options() -> None:
+    proc = subprocess.run([sys.executable, "-c", _LINUX_ONLY], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stdout == "imported\n", proc.stderr
+
+
+def _server_argv(pki_files: dict[str, Path], *extra: str) -> list[str]:
+    return [
+        "server", "--target", "127.0.0.1:9", "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]),
+        "--cacert", str(pki_files["ca"]), "--allow-all", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.usefixtures("never_listen")
+def test_workers_are_refused_in_one_line_without_so_reuseport(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    argv = _server_argv(pki_files, "--listen", "127.0.0.1:0", "--workers", "2")
+    result = CliRunner().invoke(cli, argv, prog_name="tlsgate")
+    assert result.exit_code == 2
+    assert result.output == (
+        f"tlsgate: error: --workers 2: needs SO_REUSEPORT, which this platform ({sys.platform}) lacks; "
+        "use --workers 1\n"
+    )
+
+
+@pytest.mark.usefixtures("never_listen")
+def test_unix_listen_is_refused_in_one_line_without_af_unix(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delattr(socket, "AF_UNIX")
+    result = CliRunner().invoke(cli, _server_argv(pki_files, "--listen", f"unix:{tmp_path}/s"), prog_name="tlsgate")
+    assert result.exit_code == 2
+    assert result.output == (
+        f"tlsgate: error: --listen unix:{tmp_path}/s: unix sockets are not available on {sys.platform}\n"
+    )
+
+
+def _client_ctx(pki_files: dict[str, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
+    ctx.load_cert_chain(pki_files["client_cert"], pki_files["client_key"])
+    return ctx
+
+
+@pytest.mark.usefixtures("never_listen")
+def test_syslog_is_refused_in_one_line_without_af_unix(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(socket, "AF_UNIX")
+    result = CliRunner().invoke(
+        cli, _server_argv(pki_files, "--listen", "127.0.0.1:0", "--syslog"), prog_name="tlsgate"
+    )
+    assert result.exit_code == 2
+    assert result.output == (
+        f"tlsgate: error: --syslog: needs a unix socket to the syslog daemon, not available on {sys.platform}\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_server_runs_without_reload_signals_and_says_how_to_reload(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(signal, "SIGHUP")
+    monkeypatch.delattr(signal, "SIGUSR1")
+    async with backend(echo) as target, tunnel(**server_opts(pki_files, target.address, allow_all=True)) as tun:
+        reader, writer = await tls_connect(tun, _client_ctx(pki_files))
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "no SIGHUP or SIGUSR1 on this platform: reload with --timed-reload (or a restart)" in messages
+
+
+@pytest.mark.asyncio
+async def test_stop_signal_still_drains_when_the_loop_cannot_handle_signals(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    def unsupported(*_: object) -> None:
+        raise NotImplementedError  # what Windows' event loops do
+
+    monkeypatch.setattr(loop, "add_signal_handler", unsupported)
+    before = signal.getsignal(signal.SIGTERM)
+    async with backend(echo) as target, tunnel(**server_opts(pki_files, target.address, allow_all=True)) as tun:
+        server = tun.server  # type: ignore[attr-defined]
+        assert signal.getsignal(signal.SIGTERM) is not before  # the plain signal.signal fallback is in place
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server._stop.wait(), 30)
+    assert signal.getsignal(signal.SIGTERM) is before  # and the previous handler is back
+
+
+def test_windows_runs_on_the_selector_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.delenv("TLSGATE_LOOP", raising=False)
+    runner = choose_loop("asyncio")
+    assert runner is platforms.run_on_selector_loop
+
+    async def loop_kind() -> bool:
+        return isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
+
+    assert runner(loop_kind())
+
+
+def test_key_material_goes_through_a_private_temp_file_off_linux(
+    pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    ctx = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    assert isinstance(ctx, ssl.SSLContext)
+    assert not any(tmp_path.glob("tlsgate-*"))  # the temp dir with the key is gone as soon as OpenSSL read it

@@ -179,13 +179,13 @@ def _write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
                 raise CertificateError(f"{path} already exists; pass --force to replace it") from None
             with os.fdopen(fd, "wb") as out:
                 # The umask may have narrowed the mode; certificates should still be readable by everyone.
-                os.fchmod(out.fileno(), mode)
+                _set_mode(out.fileno(), mode)
                 out.write(data)
             return
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out:
-                os.fchmod(out.fileno(), mode)
+                _set_mode(out.fileno(), mode)
                 out.write(data)
             os.replace(tmp_name, path)
         except BaseException:
@@ -194,6 +194,12 @@ def _write_file(path: Path, data: bytes, *, mode: int, force: bool) -> None:
             raise
     except OSError as err:
         raise CertificateError(f"{path}: cannot write ({err.strerror or err})") from None
+
+
+def _set_mode(fd: int, mode: int) -> None:
+    # Windows has no os.fchmod before Python 3.13, and no POSIX modes to set: the file's ACL decides there.
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
 
 
 def refuse_existing(paths: Iterable[Path], *, force: bool) -> None:

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs, systemd
+from tlsgate import logs, platforms, systemd
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -68,6 +70,9 @@ class Server:
         self._cut_by_signal = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
+        # Signals handled with signal.signal because the loop cannot (see _install_signals), and the handler each
+        # had before, put back on stop: SIGINT's was Python's KeyboardInterrupt, not the default.
+        self._plain_signals: dict[signal.Signals, Any] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.status_server: Any = None
 
@@ -187,20 +192,36 @@ class Server:
 
     def _install_signals(self) -> None:
         assert self._loop is not None
+        loop = self._loop
+        handlers: list[tuple[signal.Signals, Callable[[], object]]] = [
+            *((sig, self.stop) for sig in platforms.signals(platforms.STOP_SIGNALS)),
+            *((sig, self.reload) for sig in platforms.signals(platforms.RELOAD_SIGNALS)),
+        ]
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(sig, self.stop)
-            for sig in (signal.SIGHUP, signal.SIGUSR1):
-                self._loop.add_signal_handler(sig, self.reload)
+            for sig, handler in handlers:
+                try:
+                    loop.add_signal_handler(sig, handler)
+                except NotImplementedError:
+                    # Windows' event loops have no add_signal_handler; a plain handler hands over to the loop.
+                    previous = signal.signal(sig, functools.partial(_call_in_loop, loop, handler))
+                    self._plain_signals[sig] = previous
         except (RuntimeError, ValueError):
-            pass  # not the main thread (tests run servers in-process); signals are the caller's business
+            return  # not the main thread (tests run servers in-process); signals are the caller's business
+        if not platforms.signals(platforms.RELOAD_SIGNALS):
+            logs.event(
+                "no SIGHUP or SIGUSR1 on this platform: reload with --timed-reload (or a restart)", logging.WARNING
+            )
 
     def _remove_signals(self) -> None:
         if self._loop is None:
             return
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-            with contextlib.suppress(RuntimeError, ValueError):
+        for sig in platforms.signals((*platforms.STOP_SIGNALS, *platforms.RELOAD_SIGNALS)):
+            if sig in self._plain_signals:
+                signal.signal(sig, self._plain_signals[sig])
+                continue
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
                 self._loop.remove_signal_handler(sig)
+        self._plain_signals.clear()
 
     def _schedule_timed_reload(self) -> None:
         intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
@@ -323,12 +344,20 @@ def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
                 raise TlsgateError("--loop uvloop: uvloop is not installed (pip install 'tlsgate[speed]')") from None
         else:
             return uvloop.run
+    if sys.platform == "win32":
+        return platforms.run_on_selector_loop
     return asyncio.run
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, handler: Callable[[], object], *_: object) -> None:
+    """A ``signal.signal`` handler (it gets the signal and the frame) that runs ``handler`` in ``loop``."""
+    loop.call_soon_threadsafe(handler)
 
 
 def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwargs: Any) -> int:
     """Blocking entry point for the CLI."""
     systemd.consume_environment()
+    platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
     runner = choose_loop(options.loop)
 

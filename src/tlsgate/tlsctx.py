@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def _memory_file(data: bytes) -> Iterator[str]:
     bundle the way OpenSSL's tools do (``cadata`` parses PEM differently). On Linux a memfd is an anonymous
     in-memory file; elsewhere a file created 0600 in a private temp dir, removed as soon as OpenSSL has read it.
     """
-    if hasattr(os, "memfd_create"):
+    # Linux only: the memfd is reached through /proc/self/fd, which other systems with memfd_create may lack.
+    if hasattr(os, "memfd_create") and sys.platform.startswith("linux"):
         fd = os.memfd_create("tlsgate-key", os.MFD_CLOEXEC)
         try:
             os.write(fd, data)

@@ -591,7 +591,7 @@ class _Setup:
             self._target_failed(f"cannot open a socket: {failure.strerror or failure}")
             return
         sock.setblocking(False)
-        if family != socket.AF_UNIX:
+        if family in (socket.AF_INET, socket.AF_INET6):  # not socket.AF_UNIX: Windows has none
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.target = sock
         err = sock.connect_ex(sockaddr)

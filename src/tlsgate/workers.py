@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs, systemd, tickets
+from tlsgate import logs, platforms, systemd, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -83,8 +83,9 @@ _STABLE_AFTER = 10.0
 _KILL_GRACE = 10.0
 # Stats replies carry every tunnel's counters; a generous line limit, far above any real config.
 _LINE_LIMIT = 16 * 1024 * 1024
-_RELOAD_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# platforms.signals: the module must import where SIGHUP is missing, so check_startup can say what is.
+_RELOAD_SIGNALS = platforms.signals(platforms.RELOAD_SIGNALS)
+_STOP_SIGNALS = platforms.signals(platforms.STOP_SIGNALS)
 
 
 def restart_delay(failures: int) -> float:
@@ -100,7 +101,9 @@ def run_workers(
 ) -> int:
     """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function)."""
     systemd.consume_environment()  # before any worker starts: they must not see LISTEN_* or NOTIFY_SOCKET
+    platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
+    platforms.warn_about_workers(options.workers)
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
     return asyncio.run(_Pool(configs, options, load_configs).run())
 
@@ -281,7 +284,9 @@ class _Pool:
         for w in self.workers:
             _send(w, sig)
 
-    def reload(self, sig: signal.Signals = signal.SIGHUP) -> None:
+    def reload(self, sig: signal.Signals | None = None) -> None:
+        # None, not signal.SIGHUP, as the default: the class must be definable where SIGHUP does not exist.
+        sig = sig or _RELOAD_SIGNALS[0]
         if self.stopping:
             return
         self._cert_token = object()  # the status port rebuilds its certificate on its next handshake
