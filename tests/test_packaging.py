@@ -335,6 +335,21 @@ def test_client_mode_warns_about_a_server_only_certificate(tmp_path: Path, caplo
                         "OpenSSL-based peers refuse it"]  # fmt: skip
 
 
+def test_target_cert_without_client_auth_is_warned_about(
+    pki_files: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, key = _MINI_CA.files(tmp_path, "srv", [_SERVER])
+    (tmp_path / "ca.pem").write_bytes(_MINI_CA.pem)
+    opts = server_opts(
+        pki_files, "localhost:9", allow_all=True, target_tls=True, target_cacert=str(tmp_path / "ca.pem")
+    )
+    opts.update(listen="127.0.0.1:0", target_cert=str(cert), target_key=str(key))
+    build_runtime(tunnel_config("server", opts))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"--target-cert {cert}: certificate lacks clientAuth (extended key usage: serverAuth): "
+                        "OpenSSL-based peers refuse it"]  # fmt: skip
+
+
 def test_client_mode_is_quiet_about_a_client_certificate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cert, key = _MINI_CA.files(tmp_path, "alice", [_CLIENT])
     (tmp_path / "ca.pem").write_bytes(_MINI_CA.pem)
