@@ -388,7 +388,9 @@ async def test_client_initiated_renegotiation_is_refused(
                 proc.kill()
                 await proc.wait()
         assert b"RENEGOTIATING" in output
-        assert b"no renegotiation" in output.lower()
+        # The server's no_renegotiation alert; under load s_client sometimes reads the record that follows it first
+        # and names that instead. Either way the renegotiation failed: the handshake count below is what matters.
+        assert b"no renegotiation" in output.lower() or b"unexpected record" in output.lower(), output
         assert tun.stats.handshakes == 1
         assert b"".join(received) == b"before\n"
         assert be.connections == 1
