@@ -15,9 +15,10 @@ import click
 
 from tlsgate import __version__
 from tlsgate.cli_support import TlsgateGroup, UserError, access_options, stack_options
-from tlsgate.config import TunnelConfig, tunnel_config
+from tlsgate.config import TunnelConfig, check_metrics_prefix, tunnel_config
 from tlsgate.errors import TlsgateError
 from tlsgate.logs import QUIET_CHOICES
+from tlsgate.status import check_status_setting
 from tlsgate.supervisor import ProcessOptions, run_server
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,7 +54,7 @@ _common = stack_options(
     _duration("--idle-timeout", "Cut connections with no bytes either way for this long [0: never]."),
     _duration("--max-conn-lifetime", "Cut connections older than this [0: never]."),
     _duration("--shutdown-timeout", "On SIGTERM, how long open connections may finish [5m]."),
-    _duration("--timed-reload", "Reload certificates and policies this often [0: only on SIGHUP/SIGUSR1]."),
+    _duration("--timed-reload", "Reload certificates and policies this often, 1s or more [0: only on signals]."),
     click.option("--max-concurrent-conns", type=int, help="Open connections at most; more wait in the backlog."),
     click.option("--status", metavar="ADDR", help="Serve /_status, /_metrics and /metrics on this address."),
     click.option("--metrics-prefix", default="tlsgate", show_default=True, help="Prefix of metric names."),
@@ -120,6 +121,10 @@ def _run(mode: str, kwargs: dict[str, Any], used: dict[str, str]) -> None:
         kwargs["alpn"] = tuple(p.strip() for p in kwargs["alpn"].split(",") if p.strip())
     try:
         cfg = tunnel_config(mode, _given(kwargs))
+        # The process flags are judged with the tunnel's, before anything starts (the file path does the same).
+        check_metrics_prefix(process.metrics_prefix)
+        if process.status:
+            check_status_setting(process.status, [cfg])
         code = _start(cfg, process)
     except TlsgateError as err:
         if not used:
@@ -161,6 +166,7 @@ def cli() -> None:
 @click.option("--proxy-protocol", is_flag=True, default=None, help="Send a PROXY header to the target.")
 @click.option("--proxy-protocol-version", type=click.Choice(["1", "2"]), help="PROXY header version [2].")
 @click.option("--accept-proxy-from", multiple=True, metavar="CIDR", help="Trust PROXY headers from this network.")
+@_duration("--crl-max-age", "Refuse to start or reload with a --crl issued longer ago than this [0: no limit].")
 def server(**kwargs: Any) -> None:
     """Accept TLS (mutual TLS by default) and forward plaintext to --target."""
     _run("server", kwargs, _from_environment(kwargs))

@@ -42,8 +42,11 @@ def summary(configs: list[TunnelConfig]) -> str:
 @click.argument("file", metavar="FILE")
 def check_config(file: str) -> None:
     """Check a config file without starting anything: syntax, keys, values, certificates, keys and CRLs."""
+    warnings: list[str] = []
     with _user_errors():
-        configs, _ = check_config_file(file)
+        configs, _ = check_config_file(file, warnings)
+    for line in warnings:
+        click.echo(f"tlsgate: warning: {line}", err=True)
     click.echo(summary(configs))
 
 

@@ -9,7 +9,10 @@ Files are only checked here (exists, readable); they are parsed by ``runtime.bui
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -96,6 +99,8 @@ class TunnelConfig:
     proxy_protocol_version: int = 2
     accept_proxy_from: tuple[str, ...] = ()
     timed_reload: float = 0.0
+    # Refuse to start (or to apply a reload) with a CRL whose lastUpdate is older than this; 0 means no limit.
+    crl_max_age: float = 0.0
 
     @property
     def label(self) -> str:
@@ -115,6 +120,56 @@ _FIELD_NAMES = {f.name for f in fields(TunnelConfig)} - {"timeouts"}
 # Keys that only the process as a whole uses (status port, workers, logging); a tunnel ignores them.
 PROCESS_KEYS = frozenset({"status", "metrics_prefix", "workers", "log_format", "quiet", "loop", "syslog"})
 KNOWN_KEYS = frozenset(_FIELD_NAMES | set(_TIMEOUT_KEYS) | PROCESS_KEYS)
+
+
+# Keys whose value is a password or names where one comes from: an error never shows what was given.
+SECRET_KEYS = frozenset({"storepass", "key_pass"})
+# Shortest --timed-reload: each reload re-reads every file and rebuilds every context, so "1ns" would spin.
+MIN_TIMED_RELOAD = 1.0
+# A string longer than this is a mistake (PATH_MAX is 4096; names and rules are far shorter), and quoting it
+# back in full would bury the error message.
+MAX_VALUE_LENGTH = 4096
+# RFC 7301: each protocol name is 1-255 bytes, and the whole list goes in a 16-bit length.
+_ALPN_MAX_NAME, _ALPN_MAX_LIST = 255, 65535
+# AF_UNIX addresses are at most 108 bytes including the terminating NUL (Linux sun_path).
+_MAX_UNIX_PATH = 107
+
+# Prometheus metric names: anything else in the prefix would make /metrics unparseable for the scraper.
+_METRIC_PREFIX = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
+
+
+def shown(value: object) -> str:
+    """``value`` as an error message may quote it: one line, about 60 characters at most, never raising.
+
+    repr escapes newlines, control and bidi characters; reprlib cuts long strings and deep or long lists in the
+    middle, so a 1 MB string or an array nested 2,000 deep quoted back stays a short line.
+    """
+    try:
+        return _SHOWN.repr(value)
+    except Exception:  # a recursion or an odd __repr__: naming the type is still useful
+        return f"a {type(value).__name__}"
+
+
+def shown_path(path: str) -> str:
+    """A file path as typed when it prints as one short line, else quoted with escapes (see ``shown``)."""
+    return path if path.isprintable() and len(path) <= 200 else shown(path)
+
+
+def _kind_of(value: object) -> str:
+    """What a value is, without what it says: for secret-bearing keys."""
+    names = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "a table"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def check_metrics_prefix(text: str) -> str:
+    """``--metrics-prefix``/``metrics-prefix``: a Prometheus metric name, or ConfigError."""
+    if not _METRIC_PREFIX.fullmatch(text):
+        raise ConfigError(f"--metrics-prefix: {shown(text)} is not a metric name (letters, digits, _ and :)")
+    return text
 
 
 def normalise_key(key: str) -> str:
@@ -142,57 +197,130 @@ class _Collector:
             self.add(str(err))
 
 
+def _plain_text(text: str, key: str) -> str:
+    """Every string value passes here: no NUL (no path, name or rule can hold one, and OpenSSL and the OS stop
+    at it or refuse it later, with a traceback), and not so long that the error quoting it is unreadable."""
+    if len(text) > MAX_VALUE_LENGTH:
+        raise ConfigError(f"{flag(key)}: {shown(text)} is {len(text)} characters long (at most {MAX_VALUE_LENGTH})")
+    if "\0" in text:
+        raise ConfigError(f"{flag(key)}: {shown(text)} contains a NUL character")
+    return text
+
+
 def _as_tuple(value: object, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,)
+        return (_plain_text(value, key),)
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError(f"{flag(key)}: expected a string or a list of strings, got {value!r}")
+        return tuple(_plain_text(v, key) for v in value)
+    raise ConfigError(f"{flag(key)}: expected a string or a list of strings, got {shown(value)}")
 
 
 def _as_bool(value: object, key: str) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"{flag(key)}: expected true or false, got {value!r}")
+    raise ConfigError(f"{flag(key)}: expected true or false, got {shown(value)}")
 
 
 def _as_str(value: object, key: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value or None
-    raise ConfigError(f"{flag(key)}: expected a string, got {value!r}")
+    if value is None or value == "":
+        return None  # an empty string means "not given", as an absent flag
+    if isinstance(value, str):
+        return _plain_text(value, key)
+    raise ConfigError(f"{flag(key)}: expected a string, got {shown(value)}")
 
 
 def _as_int(value: object, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ConfigError(f"{flag(key)}: expected a whole number, got {value!r}")
+        raise ConfigError(f"{flag(key)}: expected a whole number, got {shown(value)}")
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{flag(key)}: expected a whole number, got {value!r}") from None
+        raise ConfigError(f"{flag(key)}: expected a whole number, got {shown(value)}") from None
     if not low <= number <= high:
-        raise ConfigError(f"{flag(key)}: {number} out of range ({low}-{high})")
+        raise ConfigError(f"{flag(key)}: {shown(number)} out of range ({low}-{high})")
     return number
 
 
 def _as_duration(value: object, key: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        return parse_duration(value, name=flag(key))
-    raise ConfigError(f"{flag(key)}: expected a duration like 10s, got {value!r}")
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_duration(_plain_text(value, key), name=flag(key))
+    else:
+        raise ConfigError(f"{flag(key)}: expected a duration like 10s, got {shown(value)}")
+    # TOML has inf, and "999...9s" overflows to inf: a timer that never fires is "0" (no limit), said plainly.
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{flag(key)}: {shown(value)} is not a finite duration (0 means no limit)")
+    if key == "timed_reload" and 0 < seconds < MIN_TIMED_RELOAD:
+        raise ConfigError(
+            f"{flag(key)}: {shown(value)} is too short: reload at most once a second (at least 1s, or 0 for never)"
+        )
+    return seconds
+
+
+def _as_alpn(value: object, key: str) -> tuple[str, ...]:
+    """ALPN protocol names as OpenSSL takes them: ASCII, 1-255 bytes each (Python raises SSLError otherwise)."""
+    names = _as_tuple(value, key)
+    for name in names:
+        if not name:
+            raise ConfigError(f"{flag(key)}: an empty protocol name (each name is 1-255 characters)")
+        if not (name.isascii() and name.isprintable()):
+            raise ConfigError(f"{flag(key)}: {shown(name)} is not printable ASCII (protocol names like h2, http/1.1)")
+        if len(name) > _ALPN_MAX_NAME:
+            raise ConfigError(f"{flag(key)}: a protocol name of {len(name)} characters (at most {_ALPN_MAX_NAME})")
+    if sum(len(name) + 1 for name in names) > _ALPN_MAX_LIST:
+        raise ConfigError(f"{flag(key)}: the protocol list is longer than TLS allows ({_ALPN_MAX_LIST} bytes)")
+    return names
+
+
+def _as_server_name(value: object, key: str) -> str | None:
+    """A name the TLS hop sends as SNI and checks the certificate against; ``ssl`` encodes it with IDNA only
+    when it connects, so an unencodable name would fail every connection instead of the start."""
+    name = _as_str(value, key)
+    if name is None:
+        return None
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        pass
+    try:
+        name.encode("idna")
+    except UnicodeError:
+        raise ConfigError(f"{flag(key)}: {shown(name)} is not a host name (labels of 1-63 characters)") from None
+    return name
+
+
+def _as_address(value: object, key: str) -> Address:
+    address = parse_address(_as_str(value, key) or "", name=flag(key), activated=key == "listen")
+    return check_socket_path(address, flag(key))
+
+
+def check_socket_path(address: Address, name: str) -> Address:
+    """A ``unix:`` path the kernel can bind: no NUL, and short enough for ``sun_path`` (bind would raise)."""
+    if not address.is_unix:
+        return address
+    if "\0" in address.path:
+        raise ConfigError(f"{name}: unix:{shown_path(address.path)} contains a NUL character")
+    size = len(os.fsencode(address.path))
+    if size > _MAX_UNIX_PATH:
+        raise ConfigError(
+            f"{name}: the unix socket path is {size} bytes long, more than the kernel takes ({_MAX_UNIX_PATH})"
+        )
+    return address
 
 
 def _check_file(path: str | None, key: str) -> None:
     if path is None:
         return
     if not os.path.exists(path):
-        raise ConfigError(f"{flag(key)}: {path}: no such file")
+        raise ConfigError(f"{flag(key)}: {shown_path(path)}: no such file")
     if os.path.isdir(path):
-        raise ConfigError(f"{flag(key)}: {path}: is a directory, expected a file")
+        raise ConfigError(f"{flag(key)}: {shown_path(path)}: is a directory, expected a file")
     if not os.access(path, os.R_OK):
-        raise ConfigError(f"{flag(key)}: {path}: permission denied")
+        raise ConfigError(f"{flag(key)}: {shown_path(path)}: permission denied")
 
 
 def _check_cidrs(values: Sequence[str], key: str) -> None:
@@ -200,16 +328,22 @@ def _check_cidrs(values: Sequence[str], key: str) -> None:
         try:
             ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
-            raise ConfigError(f"{flag(key)}: {value!r} is not a network (use CIDR like 10.0.0.0/8)") from None
+            raise ConfigError(f"{flag(key)}: {shown(value)} is not a network (use CIDR like 10.0.0.0/8)") from None
 
 
 def _secret(value: object, key: str) -> bytes | None:
-    text = _as_str(value, key)
-    if text is None:
+    # Never quote the value back: a password typed in the wrong form is still the password.
+    if value is None or value == "":
         return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{flag(key)}: expected a string (env:VAR, file:PATH or the password), got {_kind_of(value)}")
+    if len(value) > MAX_VALUE_LENGTH:
+        raise ConfigError(f"{flag(key)}: the value is {len(value)} characters long (at most {MAX_VALUE_LENGTH})")
+    if "\0" in value:
+        raise ConfigError(f"{flag(key)}: the value contains a NUL character")
     from tlsgate.secrets import resolve_secret
 
-    return resolve_secret(text, flag=flag(key))
+    return resolve_secret(value, flag=flag(key))
 
 
 _DEFAULTS = TunnelConfig(mode="server", listen=Address(), target=Address())
@@ -217,12 +351,16 @@ _DEFAULTS = TunnelConfig(mode="server", listen=Address(), target=Address())
 
 def _convert(key: str, value: object) -> Any:
     """One flag's value in its typed form; ConfigError names the flag and the expected form."""
-    if key in _TIMEOUT_KEYS or key == "timed_reload":
+    if key in _TIMEOUT_KEYS or key in ("timed_reload", "crl_max_age"):
         return _as_duration(value, key)
     if key in ("listen", "target"):
-        return parse_address(_as_str(value, key) or "", name=flag(key), activated=key == "listen")
-    if key in ("storepass", "key_pass"):
+        return _as_address(value, key)
+    if key in SECRET_KEYS:
         return _secret(value, key)
+    if key == "alpn":
+        return _as_alpn(value, key)
+    if key in ("target_server_name", "override_server_name"):
+        return _as_server_name(value, key)
     if key == "max_concurrent_conns":
         return _as_int(value, key, 0, 10_000_000)
     if key == "proxy_protocol_version":
@@ -240,9 +378,9 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
     where = _Collector(f"tunnel {name!r}: " if name else "")
     opts = {normalise_key(k): v for k, v in options.items()}
     for key in sorted(set(opts) - KNOWN_KEYS - {"name", "mode"}):
-        where.add(f"unknown key {key!r}")
+        where.add(f"unknown key {shown(key)}")
     if mode not in ("server", "client"):
-        where.add(f"mode: {mode!r} is not 'server' or 'client'")
+        where.add(f"mode: {shown(mode)} is not 'server' or 'client'")
         raise ConfigErrors(where.problems)
 
     values: dict[str, Any] = {}
@@ -329,7 +467,7 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
         if verify or cfg.verify_policy or cfg.verify_query:
             problems.append("--verify-* flags are for client mode; server mode uses --allow-*")
     else:
-        if identity or cfg.crl:
+        if identity or cfg.crl or cfg.crl_max_age:
             problems.append("--allow-*/--crl flags are for server mode; client mode uses --verify-*")
         if (cfg.verify_policy is None) != (cfg.verify_query is None):
             # ghostunnel silently ignores one without the other, which would leave the server unchecked.
@@ -348,4 +486,6 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
         problems.append("--target-cacert/--target-server-name/--target-cert need --target-tls")
     if cfg.accept_proxy_from and cfg.mode != "server":
         problems.append("--accept-proxy-from is for server mode")
+    if cfg.crl_max_age and not cfg.crl and cfg.mode == "server":
+        problems.append("--crl-max-age limits the age of --crl files: give --crl too")
     return problems

@@ -30,11 +30,23 @@ from typing import Any
 
 from tlsgate import logs
 from tlsgate.addresses import Address, parse_address
-from tlsgate.config import KNOWN_KEYS, PROCESS_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
+from tlsgate.config import (
+    KNOWN_KEYS,
+    PROCESS_KEYS,
+    SECRET_KEYS,
+    ConfigErrors,
+    TunnelConfig,
+    check_metrics_prefix,
+    normalise_key,
+    shown,
+    shown_path,
+    tunnel_config,
+)
+from tlsgate.crlcheck import check_runtime_crls, crl_warning
 from tlsgate.errors import ConfigError, TlsgateError
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.runtime import build_runtime
-from tlsgate.status import parse_status_address
+from tlsgate.status import check_status_setting, parse_status_address
 from tlsgate.supervisor import ProcessOptions
 
 __all__ = [
@@ -50,12 +62,11 @@ __all__ = [
 _SECTIONS = ("process", "defaults", "tunnel")
 _TUNNEL_KEYS = frozenset(KNOWN_KEYS - PROCESS_KEYS) | {"mode"}
 _PATH_KEYS = frozenset({"cert", "key", "keystore", "cacert", "crl", "target_cacert", "target_cert", "target_key"})
-_SECRET_KEYS = frozenset({"storepass", "key_pass"})
 _LOG_FORMATS = ("text", "json")
 _LOOPS = ("auto", "uvloop", "asyncio")
 _MAX_WORKERS = 256  # the same bound as --workers
-# Prometheus metric names: anything else in the prefix would make /metrics unparseable for the scraper.
-_METRIC_PREFIX = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
+# Tunnel names appear in every log line and metric label of the tunnel.
+_MAX_NAME = 200
 _TOML_WHERE = re.compile(r"(?P<what>.*) \((?:at line (?P<line>\d+), column (?P<column>\d+)|at end of document)\)")
 _FLAG = re.compile(r"(?<![\w-])--(?=[a-z])")
 
@@ -78,18 +89,22 @@ def load_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
     return result.tunnels, result.process
 
 
-def check_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
+def check_config_file(path: str, warnings: list[str] | None = None) -> tuple[list[TunnelConfig], ProcessOptions]:
     """`load_config_file`, and every certificate, key, CA bundle and CRL parsed as at start, all problems together.
 
-    What ``run``, ``check-config`` and a reload use, so a file is judged the same way by all three.
+    What ``run``, ``check-config`` and a reload use, so a file is judged the same way by all three. A CRL older
+    than its tunnel's ``crl-max-age`` is a problem; one past its next update is a line added to ``warnings``.
     """
     result = read_config_file(path)
     problems = list(result.problems)
     for cfg in result.tunnels:
         try:
-            build_runtime(cfg)
+            overdue = check_runtime_crls(cfg, build_runtime(cfg))
         except TlsgateError as err:
             problems.extend(f"tunnel {cfg.name!r}: {key_names(line)}" for line in str(err).splitlines())
+            continue
+        if warnings is not None:
+            warnings.extend(f"tunnel {cfg.name!r}: {crl_warning(source)}" for source in overdue)
     if problems:
         raise ConfigErrors(problems)
     return result.tunnels, result.process
@@ -125,12 +140,17 @@ def read_config_file(path: str) -> ConfigFile:
     problems = result.problems
     for key in document:
         if key not in _SECTIONS:
-            problems.append(f"{path}: unknown top-level key {key!r}{_top_level_hint(key)}")
+            problems.append(f"{shown_path(path)}: unknown top-level key {shown(key)}{_top_level_hint(key)}")
     process = _section(document, "process", problems)
     defaults = _section(document, "defaults", problems)
     tables = _tunnel_tables(document, path, problems)
     result.process = _process_options(process, os.path.abspath(path), problems)
     result.tunnels = _tunnels(tables, _defaults(defaults, problems), base, problems)
+    if result.process.status and result.tunnels and len(result.tunnels) == len(tables):
+        try:
+            check_status_setting(result.process.status, result.tunnels)
+        except ConfigError as err:
+            problems.append(f"process: {key_names(str(err))}")
     return result
 
 
@@ -182,23 +202,33 @@ def _rules(*pairs: tuple[str, tuple[str, ...]]) -> list[str]:
 
 
 def _parse(path: str, problems: list[str]) -> dict[str, Any] | None:
+    shown_as = shown_path(path)
     try:
         with open(path, "rb") as file:
             data = file.read()
         return tomllib.loads(data.decode())
     except FileNotFoundError:
-        problems.append(f"{path}: no such file")
+        problems.append(f"{shown_as}: no such file")
     except IsADirectoryError:
-        problems.append(f"{path}: is a directory, expected a TOML file")
+        problems.append(f"{shown_as}: is a directory, expected a TOML file")
     except PermissionError:
-        problems.append(f"{path}: permission denied")
+        problems.append(f"{shown_as}: permission denied")
     except OSError as err:
-        problems.append(f"{path}: cannot read ({err.strerror or err})")
+        problems.append(f"{shown_as}: cannot read ({err.strerror or err})")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        problems.append(f"{path}: line {line}: not UTF-8 text; TOML files are UTF-8")
+        problems.append(f"{shown_as}: line {line}: not UTF-8 text; TOML files are UTF-8")
     except tomllib.TOMLDecodeError as err:
-        problems.append(f"{path}: {_toml_problem(str(err))}")
+        problems.append(f"{shown_as}: {_toml_problem(str(err))}")
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables by recursion: [[[[... 2,000 deep exhausts the stack.
+        problems.append(f"{shown_as}: arrays or inline tables nested too deeply")
+    except ValueError as err:
+        if "null byte" in str(err):  # open() refuses a path with a NUL in it
+            problems.append(f"{shown_as}: not a valid file path")
+        else:
+            # tomllib lets int() refuse a number of over 4300 digits (CPython's guard against slow conversion).
+            problems.append(f"{shown_as}: a number is too long (at most 4300 digits)")
     return None
 
 
@@ -235,7 +265,7 @@ def _section(document: Mapping[str, Any], name: str, problems: list[str]) -> Map
 def _tunnel_tables(document: Mapping[str, Any], path: str, problems: list[str]) -> list[Mapping[str, Any]]:
     value = document.get("tunnel")
     if value is None:
-        problems.append(f"{path}: no [[tunnel]] tables: nothing to run")
+        problems.append(f"{shown_path(path)}: no [[tunnel]] tables: nothing to run")
         return []
     if isinstance(value, Mapping):
         # [tunnel] instead of [[tunnel]]: TOML reads one table, and a second [tunnel] would be a syntax error.
@@ -245,7 +275,7 @@ def _tunnel_tables(document: Mapping[str, Any], path: str, problems: list[str]) 
         problems.append(f"tunnel: expected [[tunnel]] tables, got {_kind(value)}")
         return []
     if not value:
-        problems.append(f"{path}: no [[tunnel]] tables: nothing to run")
+        problems.append(f"{shown_path(path)}: no [[tunnel]] tables: nothing to run")
     return value
 
 
@@ -254,10 +284,12 @@ def _kind(value: object) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return shown(value)
 
 
 def _suggest(key: str, candidates: Iterable[str], *, spelled: Callable[[str], str] = str) -> str:
+    if len(key) > 100:
+        return ""  # no flag is that long, and difflib's cost grows with the length
     names = {spelled(c): c for c in candidates}
     close = difflib.get_close_matches(key.replace("_", "-"), list(names), n=1, cutoff=0.7)
     return f" (did you mean {names[close[0]]}?)" if close else ""
@@ -269,7 +301,7 @@ def _entries(table: Mapping[str, Any], where: str, problems: list[str]) -> dict[
     for key, value in table.items():
         canonical = normalise_key(key)
         if canonical in out:
-            problems.append(f"{where}: {out[canonical][0]!r} and {key!r} are the same key: give it once")
+            problems.append(f"{where}: {shown(out[canonical][0])} and {shown(key)} are the same key: give it once")
             continue
         out[canonical] = (key, value)
     return out
@@ -301,15 +333,12 @@ def _status(value: object, base: str) -> str:
 
 
 def _metrics_prefix(value: object, base: str) -> str:
-    text = _string(value, "metrics-prefix")
-    if not _METRIC_PREFIX.fullmatch(text):
-        raise ConfigError(f"metrics-prefix: {text!r} is not a metric name (letters, digits, _ and :)")
-    return text
+    return check_metrics_prefix(_string(value, "metrics-prefix"))
 
 
 def _workers(value: object, base: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"workers: expected a whole number, got {value!r}")
+        raise ConfigError(f"workers: expected a whole number, got {shown(value)}")
     if not 1 <= value <= _MAX_WORKERS:
         raise ConfigError(f"workers: {value} out of range (1-{_MAX_WORKERS})")
     return value
@@ -318,7 +347,7 @@ def _workers(value: object, base: str) -> int:
 def _choice(key: str, choices: tuple[str, ...]) -> Callable[[object, str], str]:
     def check(value: object, base: str) -> str:
         if value not in choices:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {shown(value)}")
         return str(value)
 
     return check
@@ -327,16 +356,16 @@ def _choice(key: str, choices: tuple[str, ...]) -> Callable[[object, str], str]:
 def _quiet(value: object, base: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise ConfigError(f"quiet: expected a string or a list of strings, got {value!r}")
+        raise ConfigError(f"quiet: expected a string or a list of strings, got {shown(value)}")
     wrong = [v for v in items if v not in QUIET_CHOICES]
     if wrong:
-        raise ConfigError(f"quiet: {wrong[0]!r} is not one of {', '.join(map(repr, QUIET_CHOICES))}")
+        raise ConfigError(f"quiet: {shown(wrong[0])} is not one of {', '.join(map(repr, QUIET_CHOICES))}")
     return tuple(items)
 
 
 def _string(value: object, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string, got {shown(value)}")
     return value.strip()
 
 
@@ -362,10 +391,10 @@ def _syslog(value: object) -> bool:
 
 def _unknown(canonical: str, spelled: str, allowed: Iterable[str]) -> str:
     if canonical in PROCESS_KEYS:
-        return f"{spelled!r} is a process setting: put it under [process]"
+        return f"{shown(spelled)} is a process setting: put it under [process]"
     if canonical in _TUNNEL_KEYS or canonical == "name":
-        return f"{spelled!r} is a tunnel setting: put it under a [[tunnel]], or [defaults] for every tunnel"
-    return f"unknown key {spelled!r}" + _suggest(
+        return f"{shown(spelled)} is a tunnel setting: put it under a [[tunnel]], or [defaults] for every tunnel"
+    return f"unknown key {shown(spelled)}" + _suggest(
         spelled, [repr(k.replace("_", "-")) for k in allowed], spelled=lambda s: s.strip("'")
     )
 
@@ -432,7 +461,7 @@ def _tunnel(
         problems.append(f'{label}: mode is required: "server" or "client"')
         return None
     if mode not in ("server", "client"):
-        problems.append(f'{label}: mode: expected "server" or "client", got {mode!r}')
+        problems.append(f'{label}: mode: expected "server" or "client", got {shown(mode)}')
         return None
     if isinstance(options.get("alpn"), str):
         # The flag takes a comma-separated list; the key takes that too, or a TOML list.
@@ -456,8 +485,11 @@ def _name(index: int, table: Mapping[str, Any], problems: list[str], seen: _Seen
     if value is None:
         problems.append(f"{label}: name is required (logs, status and reloads know a tunnel by its name)")
         return None, label
-    if not isinstance(value, str) or not value.strip() or not value.isprintable():
-        problems.append(f"{label}: name: expected a non-empty string on one line, got {value!r}")
+    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > _MAX_NAME:
+        problems.append(
+            f"{label}: name: expected a non-empty string on one line, at most {_MAX_NAME} characters, "
+            f"got {shown(value)}"
+        )
         return None, label
     if value in seen.names:
         label = f"tunnel {value!r} (#{index})"
@@ -492,7 +524,7 @@ def _resolve_paths(options: Mapping[str, Any], base: str) -> dict[str, Any]:
         value = out.get(key)
         if isinstance(value, str) and value.strip().startswith("unix:"):
             out[key] = "unix:" + _beside(base, value.strip()[len("unix:") :])
-    for key in _SECRET_KEYS:
+    for key in SECRET_KEYS:
         value = out.get(key)
         if isinstance(value, str) and value.startswith("file:"):
             out[key] = "file:" + _beside(base, value[len("file:") :])

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlsgate import __version__, logs, tlsctx
 from tlsgate import tunnel as tunnel_module
 from tlsgate.addresses import Address, parse_address
-from tlsgate.config import TunnelConfig
+from tlsgate.config import TunnelConfig, check_socket_path, shown
 from tlsgate.errors import ConfigError, StartupError, TlsgateError
 from tlsgate.tunnel import Stats, Tunnel
 
@@ -191,19 +191,24 @@ class StatusAddress:
     # A bare HOST:PORT: HTTPS when a tunnel has a certificate, else HTTP with a warning (ghostunnel's rule).
     https_if_possible: bool = False
 
+    @property
+    def exposed(self) -> bool:
+        """True when other machines can reach it: ``:PORT``, ``0.0.0.0``, ``[::]`` or a non-loopback host."""
+        return not self.address.is_loopback
+
 
 def parse_status_address(text: str) -> StatusAddress:
     """``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:PATH`` or ``HOST:PORT``; ConfigError names --status."""
     value = text.strip()
     scheme, sep, rest = value.partition("://")
     if not sep:
-        address = parse_address(value, name="--status", activated=True)
+        address = check_socket_path(parse_address(value, name="--status", activated=True), "--status")
         return StatusAddress(address, https=False, https_if_possible=not address.is_unix)
     if scheme.lower() not in ("http", "https"):
-        raise ConfigError(f"--status {text!r}: scheme {scheme!r} is not http or https")
+        raise ConfigError(f"--status {shown(text)}: scheme {shown(scheme)} is not http or https")
     rest = rest.rstrip("/")
     if "/" in rest:
-        raise ConfigError(f"--status {text!r}: give only HOST:PORT after {scheme}:// (the paths are fixed)")
+        raise ConfigError(f"--status {shown(text)}: give only HOST:PORT after {scheme}:// (the paths are fixed)")
     address = parse_address(rest, name="--status", activated=True)
     return StatusAddress(address, https=scheme.lower() == "https")
 
@@ -219,6 +224,27 @@ def status_certificate_config(configs: Sequence[TunnelConfig]) -> TunnelConfig |
     servers = [cfg for cfg in configs if cfg.mode == "server"]
     clients = [cfg for cfg in configs if cfg.mode == "client" and (cfg.keystore or cfg.cert)]
     return next(iter(servers + clients), None)
+
+
+def check_status_setting(text: str, configs: Sequence[TunnelConfig]) -> StatusAddress:
+    """``--status`` judged with the tunnels it serves, before anything listens: an address that cannot work
+    is a one-line exit 2 at start, not an error after the tunnels already said "listening"."""
+    where = parse_status_address(text)
+    if where.https and status_certificate_config(configs) is None:
+        raise ConfigError(
+            f"--status {shown(text)}: no certificate to serve HTTPS with (no tunnel has one); use http://"
+        )
+    return where
+
+
+def exposed_status_warning(where: StatusAddress, text: str) -> None:
+    """One start-up line when the status port answers other machines: its pages name every tunnel, target and
+    counter, to anyone who asks (no client certificate is ever asked for)."""
+    if where.exposed:
+        logs.event(
+            "status port is reachable from other machines; bind it to 127.0.0.1 or unix:PATH unless intended",
+            logging.WARNING, status=text,
+        )  # fmt: skip
 
 
 class _Certificate:

@@ -26,6 +26,7 @@ from typing import Any
 from tlsgate import logs, platforms, systemd
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
+from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
 from tlsgate.tunnel import Tunnel
@@ -52,6 +53,9 @@ class ProcessOptions:
 
 
 class Server:
+    # Whether start() logs overdue CRLs; a --workers worker leaves that to the parent, which says it once.
+    announce_overdue_crls = True
+
     def __init__(
         self,
         configs: Sequence[TunnelConfig],
@@ -82,6 +86,8 @@ class Server:
         """Build every runtime first (so a bad file fails before anything listens), then start listening."""
         self._loop = asyncio.get_running_loop()
         runtimes = [(cfg, build_runtime(cfg)) for cfg in self.configs]
+        # --crl-max-age refuses here, with the other start-up errors, before any port is bound.
+        overdue = [(cfg, check_runtime_crls(cfg, runtime)) for cfg, runtime in runtimes]
         reuse_port = self.options.workers > 1
         started: list[Tunnel] = []
         try:
@@ -105,6 +111,9 @@ class Server:
                 "listening", tunnel=tunnel.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
                 target=str(tunnel.cfg.target),
             )  # fmt: skip
+        if self.announce_overdue_crls:
+            for cfg, crls in overdue:
+                log_overdue_crls(cfg.label, crls)
         self._install_signals()
         self._schedule_timed_reload()
         self._flush_logs_periodically()
@@ -131,11 +140,14 @@ class Server:
         return f"{state} | {systemd.describe(tunnels)}"
 
     async def _serve(self, ready: Callable[[Server], Awaitable[None] | None] | None, notifier: systemd.Notifier) -> int:
+        from tlsgate.status import check_status_setting, exposed_status_warning, start_status_server
+
+        # A --status that cannot work fails with the other settings, before a tunnel binds or says "listening".
+        status = check_status_setting(self.options.status, self.configs) if self.options.status else None
         self.start()
         try:
-            if self.options.status:
-                from tlsgate.status import start_status_server
-
+            if self.options.status and status is not None:
+                exposed_status_warning(status, self.options.status)
                 self.status_server = await start_status_server(self, self.options.status)
         except BaseException:
             # The tunnels already listen: close them, and let go of the signal handlers that point at us.
@@ -247,6 +259,7 @@ class Server:
         for tunnel in self.tunnels.values():
             try:
                 runtime = build_runtime(tunnel.cfg)
+                overdue = check_runtime_crls(tunnel.cfg, runtime)
             except TlsgateError as err:
                 ok = False
                 tunnel.stats.reload_errors += 1
@@ -256,6 +269,7 @@ class Server:
                 )  # fmt: skip
                 continue
             tunnel.reload(runtime)
+            log_overdue_crls(tunnel.label, overdue)
             logs.event("reloaded", tunnel=tunnel.label)
         return ok
 
@@ -265,6 +279,7 @@ class Server:
             configs = self.load_configs()
             wanted = {_key(cfg): cfg for cfg in configs}
             runtimes = {key: build_runtime(cfg) for key, cfg in wanted.items()}
+            overdue = {key: check_runtime_crls(wanted[key], runtime) for key, runtime in runtimes.items()}
         except TlsgateError as err:
             for line in str(err).splitlines():
                 logs.event("reload failed, keeping the running tunnels", logging.ERROR, error=line)
@@ -307,6 +322,8 @@ class Server:
             old.stop_listening()
             self._retire(old, "changed" if key in wanted else "removed")
         self.configs = configs
+        for key, crls in overdue.items():
+            log_overdue_crls(wanted[key].label, crls)
         logs.event("reloaded", tunnels=len(self.tunnels))
         return ok
 

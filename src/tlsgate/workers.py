@@ -54,12 +54,16 @@ from typing import Any
 from tlsgate import logs, platforms, systemd, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
+from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.runtime import build_runtime
 from tlsgate.status import (
     Snapshot,
+    StatusAddress,
     StatusServer,
     TunnelView,
+    check_status_setting,
+    exposed_status_warning,
     merge_views,
     serve_status,
     status_certificate_config,
@@ -173,14 +177,17 @@ class _Pool:
         # One pending timer per purpose (log flush, timed reload, kill); rescheduling replaces it.
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._status_address: StatusAddress | None = None
 
     # -- start and stop ----------------------------------------------------------------------------------------
 
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         # Read every certificate and policy once here, so a bad file is a one-line exit 2, not N dying workers.
-        for cfg in self.configs:
-            build_runtime(cfg)
+        overdue = [(cfg, check_runtime_crls(cfg, build_runtime(cfg))) for cfg in self.configs]
+        self._status_address = check_status_setting(self.options.status, self.configs) if self.options.status else None
+        for cfg, crls in overdue:
+            log_overdue_crls(cfg.label, crls)
         notifier = systemd.notifier()
         notifier.start_watchdog(self._loop)
         try:
@@ -196,7 +203,8 @@ class _Pool:
     async def _run(self) -> int:
         try:
             self._bind()
-            if self.options.status:
+            if self.options.status and self._status_address is not None:
+                exposed_status_warning(self._status_address, self.options.status)
                 self.status = await serve_status(self.options.status, self, prefix=self.options.metrics_prefix)
         except BaseException:
             self._release()
@@ -601,6 +609,8 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
 
 class _WorkerServer(Server):
     """A Server that starts on the listening sockets the parent handed down (unix listeners)."""
+
+    announce_overdue_crls = False  # the parent said it once at start; each worker still says it on reload
 
     def __init__(
         self,
