@@ -95,7 +95,7 @@ def parse_address(text: str, *, name: str = "address", default_host: str = "", a
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name}: port {port} out of range (0-65535)")
-    if host and not _valid_host(host):
+    if host and not valid_host(host):
         raise ConfigError(f"{name}: {host!r} in {text!r} is not a valid host name or IP address")
     return Address(host=host, port=port)
 
@@ -126,7 +126,8 @@ def _parse_activated(text: str, value: str, name: str, activated: bool) -> Addre
     return Address(systemd=socket_name)
 
 
-def _valid_host(host: str) -> bool:
+def valid_host(host: str) -> bool:
+    """An IP address, or a DNS name of letters, digits, ``-`` and ``_`` in labels of 1-63 characters."""
     try:
         ipaddress.ip_address(host)
         return True

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tlsgate.cli_support import TlsgateGroup, access_options
+from tlsgate.crlcheck import crl_warning, overdue_crls
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.policy import (
     Decision,
@@ -119,6 +120,8 @@ def check(
         click.echo("")
         click.echo("input of the policy (as ghostunnel gives it):")
         click.echo(peer_input_json(leaf_der))
+    for crl in overdue_crls(rules.revocation.sources, now):
+        click.echo(f"warning: {crl_warning(crl)}")
     hints = _hints(decision, rules, peer, leaf, ca_certs, _ders(verified))
     if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs:
         hints.append("the chain was not checked (no --cacert): the TLS handshake may still refuse this certificate")

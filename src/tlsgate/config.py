@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Literal
 
-from tlsgate.addresses import Address, parse_address
+from tlsgate.addresses import Address, parse_address, valid_host
 from tlsgate.durations import parse_duration
 from tlsgate.errors import ConfigError
 
@@ -288,6 +288,8 @@ def _as_server_name(value: object, key: str) -> str | None:
         pass
     try:
         name.encode("idna")
+        if not valid_host(name):
+            raise UnicodeError(name)
     except UnicodeError:
         raise ConfigError(f"{flag(key)}: {shown(name)} is not a host name (labels of 1-63 characters)") from None
     return name

@@ -52,13 +52,38 @@ STATE = _State()
 FLUSH_INTERVAL = 0.2
 
 
-_NEEDS_QUOTES = re.compile(r'[ "=\n]|^$').search
+_NEEDS_QUOTES = re.compile(r'[ "=]|^$').search
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON has no \U: a character beyond the BMP is written as its UTF-16 surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def escape_unprintable(text: str) -> str:
+    """``text`` with every character Python does not call printable written as ``\\uXXXX``.
+
+    That is controls (Cc: CR, ESC, DEL, C1), format characters (Cf: the bidi override U+202E and its kin,
+    zero-width characters), line and paragraph separators (U+2028, U+2029), surrogates, private-use and
+    unassigned code points, and every space but the ASCII one. A certificate's CN is chosen by whoever made the
+    certificate: raw, U+202E would reverse what a person reads, CR or ESC would rewrite the terminal, U+2028
+    would split the line for some viewers. ``\\uXXXX`` is JSON's own escape, so a JSON line stays valid JSON
+    and a quoted text field reads back with ``json.loads``. ``str.isprintable`` keeps the common case one scan
+    in C.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
 
 
 def _quote(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
-    if _NEEDS_QUOTES(text):
-        return json.dumps(text, ensure_ascii=False)
+    if _NEEDS_QUOTES(text) or not text.isprintable():
+        # json.dumps escapes quotes, backslashes and C0 controls; whatever else is unprintable, it leaves raw.
+        return escape_unprintable(json.dumps(text, ensure_ascii=False))
     return text
 
 
@@ -105,7 +130,10 @@ class JsonFormatter(_FieldsFormatter):
             "event": name,
         }
         doc.update({k: v for k, v in (fields or {}).items() if v is not None})
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        # json.dumps leaves DEL, C1 controls, bidi and format characters and U+2028 raw (ensure_ascii=False);
+        # outside strings a JSON line is printable ASCII, so these occur only inside strings, where \uXXXX is
+        # the same character.
+        return escape_unprintable(json.dumps(doc, ensure_ascii=False, default=str))
 
 
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error"}
