@@ -380,19 +380,19 @@ def test_a_bad_status_address_is_refused_before_anything_listens(
     assert_refused(invoke("check-config", str(path)), needle)
 
 
-def test_https_status_without_a_server_tunnel_is_refused_before_anything_listens(
+def test_https_status_without_any_certificate_is_refused_before_anything_listens(
     pki_files: dict[str, Path], tmp_path: Path, no_start: list[Server]
 ) -> None:
     args = ["client", "--listen", "127.0.0.1:0", "--target", "localhost:1", "--disable-authentication"]
     result = invoke(*args, "--cacert", str(pki_files["ca"]), "--status", "https://127.0.0.1:0")
-    assert_refused(result, "no server certificate")
+    assert_refused(result, "no server certificate to serve HTTPS")
     assert "listening" not in result.output + result.stderr
     path = tmp_path / "client.toml"
     path.write_text(
         '[process]\nstatus = "https://127.0.0.1:0"\n[[tunnel]]\nname = "c"\nmode = "client"\n'
         'listen = "127.0.0.1:0"\ntarget = "localhost:1"\ndisable-authentication = true\n'
     )
-    assert_refused(invoke("check-config", str(path)), "no server certificate")
+    assert_refused(invoke("check-config", str(path)), "no server certificate to serve HTTPS")
 
 
 @pytest.mark.asyncio

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import tlsgate.status
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
-from tlsgate.errors import ConfigError, StartupError
+from tlsgate.errors import ConfigError
 from tlsgate.status import (
     Snapshot,
     TunnelView,
@@ -389,7 +389,8 @@ async def test_client_mode_without_server_certificate_falls_back_to_http_with_a_
 
 @pytest.mark.asyncio
 async def test_https_scheme_without_server_certificate_is_a_startup_error() -> None:
-    with pytest.raises(StartupError, match="no server certificate"):
+    # A ConfigError since issue #13 (13d): judged with the other settings, before any tunnel binds.
+    with pytest.raises(ConfigError, match="no server certificate"):
         async with running(
             {"target": "127.0.0.1:1", "disable_authentication": True}, status="https://127.0.0.1:0", mode="client"
         ):

@@ -485,11 +485,11 @@ def _name(index: int, table: Mapping[str, Any], problems: list[str], seen: _Seen
     if value is None:
         problems.append(f"{label}: name is required (logs, status and reloads know a tunnel by its name)")
         return None, label
-    if not isinstance(value, str) or not value.strip() or not value.isprintable() or len(value) > _MAX_NAME:
-        problems.append(
-            f"{label}: name: expected a non-empty string on one line, at most {_MAX_NAME} characters, "
-            f"got {shown(value)}"
-        )
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        problems.append(f"{label}: name: expected a non-empty string on one line, got {shown(value)}")
+        return None, label
+    if len(value) > _MAX_NAME:
+        problems.append(f"{label}: name: {len(value)} characters long (at most {_MAX_NAME}), got {shown(value)}")
         return None, label
     if value in seen.names:
         label = f"tunnel {value!r} (#{index})"

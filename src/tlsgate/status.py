@@ -232,7 +232,7 @@ def check_status_setting(text: str, configs: Sequence[TunnelConfig]) -> StatusAd
     where = parse_status_address(text)
     if where.https and status_certificate_config(configs) is None:
         raise ConfigError(
-            f"--status {shown(text)}: no certificate to serve HTTPS with (no tunnel has one); use http://"
+            f"--status {shown(text)}: no server certificate to serve HTTPS with (no tunnel has one); use http://"
         )
     return where
 
