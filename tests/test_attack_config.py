@@ -310,6 +310,15 @@ def test_a_password_never_appears_in_any_error(
         assert secret_shown not in output, output
 
 
+@pytest.mark.parametrize("source", ["file:a\nb", "env:A\u202eB"])
+def test_a_password_source_with_control_characters_is_one_line(
+    source: str, pki_files: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tunnel_file(tmp_path, pki_files, f"key-pass = {toml_string(source)}")
+    (line,) = assert_refused(invoke("check-config", str(path)), "key-pass")
+    assert line.isprintable(), line
+
+
 def test_digit_storepass_in_a_file_names_the_key_and_the_type_only(pki_files: dict[str, Path], tmp_path: Path) -> None:
     path = tunnel_file(tmp_path, pki_files, "storepass = 12345678")
     (line,) = assert_refused(invoke("check-config", str(path)), "storepass", "got a number")

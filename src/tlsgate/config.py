@@ -343,6 +343,9 @@ def _secret(value: object, key: str) -> bytes | None:
         raise ConfigError(f"{flag(key)}: the value is {len(value)} characters long (at most {MAX_VALUE_LENGTH})")
     if "\0" in value:
         raise ConfigError(f"{flag(key)}: the value contains a NUL character")
+    if value.startswith(("env:", "file:")) and not value.isprintable():
+        # resolve_secret names the variable or the file in its errors; a newline there would split the line.
+        raise ConfigError(f"{flag(key)}: {shown(value)}: a variable name or path with control characters")
     from tlsgate.secrets import resolve_secret
 
     return resolve_secret(value, flag=flag(key))
