@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tlsgate.closenotify import send_close_notify
+
 from conftest import client_context
 from helpers import backend, echo, port_of, recording, reply_after_eof, server_opts, tls_connect, tunnel, wait_until
 
@@ -26,12 +28,15 @@ def half_close_exchange(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes
     raw = socket.create_connection(("127.0.0.1", port), timeout=30)
     with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
         tls.sendall(payload)
-        tls.setblocking(False)
-        try:
-            tls.unwrap()  # sends close_notify; raises because the server's own close_notify is not here yet
-        except ssl.SSLWantReadError:
-            pass
-        tls.settimeout(30)
+        # Not tls.unwrap(): its second SSL_shutdown reads, and a reply that lands in between is dropped by OpenSSL
+        # (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). This thread shares tlsgate's GIL, which widens that window; send
+        # close_notify alone, as tlsgate itself does (see closenotify.py).
+        while True:
+            try:
+                send_close_notify(tls)
+                break
+            except ssl.SSLWantWriteError:  # the send buffer is still full of payload
+                select.select([], [tls], [], 30)
         return read_to_close_notify(tls)
 
 
