@@ -43,6 +43,7 @@ __all__ = [
     "PP2_TYPE_NOOP",
     "PP2_TYPE_SSL",
     "PP2_TYPE_UNIQUE_ID",
+    "UNIX_PATH_BYTES",
     "V1_MAX_LENGTH",
     "V2_SIGNATURE",
     "PeerAddress",
@@ -79,8 +80,12 @@ PP2_CLIENT_SSL: Final = 0x01
 PP2_CLIENT_CERT_CONN: Final = 0x02
 PP2_CLIENT_CERT_SESS: Final = 0x04
 
-PeerAddress = tuple[str, int] | tuple[str, int, int, int]
-"""What ``getpeername()`` returns for TCP: ``(host, port)``, or ``(host, port, flowinfo, scope_id)`` for IPv6."""
+PeerAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
+"""What ``accept()``/``getsockname()`` return: ``(host, port)`` for TCP over IPv4, ``(host, port, flowinfo,
+scope_id)`` over IPv6, and for a unix socket its path (``str``; ``""`` for an unbound peer) or an abstract name
+(``bytes`` starting with a NUL)."""
+UNIX_PATH_BYTES: Final = 108
+"""How many bytes v2 gives each unix socket address: ``sun_path``'s size on Linux, NUL-padded."""
 
 
 class ProxyProtocolError(TlsgateError):
@@ -154,6 +159,7 @@ class SslInfo:
 
 _V2_PROXY_TCP4: Final = V2_SIGNATURE + b"\x21\x11"
 _V2_PROXY_TCP6: Final = V2_SIGNATURE + b"\x21\x21"
+_V2_PROXY_UNIX: Final = V2_SIGNATURE + b"\x21\x31"
 _V2_LOCAL: Final = V2_SIGNATURE + b"\x20\x00"
 _V1_UNKNOWN: Final = b"PROXY UNKNOWN\r\n"
 _V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
@@ -167,7 +173,8 @@ def encode_v1(src: PeerAddress | None, dst: PeerAddress | None) -> bytes:
     """The v1 line for a connection from ``src`` to ``dst``.
 
     ``PROXY TCP4 ...`` or ``PROXY TCP6 ...``; ``PROXY UNKNOWN\\r\\n`` when either side is ``None`` or not an IP
-    address (a unix socket). IPv4-mapped IPv6 addresses are written as IPv4 when both sides allow it.
+    address (v1 has no form for a unix socket). IPv4-mapped IPv6 addresses are written as IPv4 when both sides
+    allow it.
     """
     packed = _pack_endpoints(src, dst)
     if packed is None:
@@ -189,26 +196,51 @@ def encode_v2(
 ) -> bytes:
     """The v2 header for a connection from ``src`` to ``dst``, followed by ``tlvs`` in the order given.
 
-    ``PROXY`` over ``AF_INET``/``AF_INET6`` and ``STREAM`` for TCP peers. ``local=True``, or addresses that are
-    unknown or not IP (a unix socket), give ``LOCAL`` with ``AF_UNSPEC`` and no addresses, as HAProxy sends:
-    every receiver must accept ``LOCAL`` and then use the real endpoints, while ``PROXY`` with ``AF_UNSPEC``
-    may be refused.
+    * Two IP endpoints give ``PROXY`` over ``AF_INET``/``AF_INET6`` and ``STREAM``.
+    * Two unix socket addresses (``str`` paths or ``bytes`` abstract names, as ``accept()`` and
+      ``getsockname()`` return them) give ``PROXY`` over ``AF_UNIX`` and ``STREAM``: each address takes 108
+      bytes, NUL-padded, so an unbound peer (``""``) is all zeros. This is what ghostunnel sends, and what a
+      receiver needs to tell a unix-socket client from the proxy's own health check.
+    * ``local=True``, an unknown side, or one IP and one unix side give ``LOCAL`` with ``AF_UNSPEC`` and no
+      addresses, as HAProxy sends: every receiver must accept ``LOCAL`` and then use the real endpoints, while
+      ``PROXY`` with ``AF_UNSPEC`` may be refused.
     """
     try:
         extra = b"".join([_TLV_HEAD.pack(kind, len(value)) + value for kind, value in tlvs]) if tlvs else b""
     except struct.error:
         raise ValueError("PROXY v2 TLV types must be 0-255 and values at most 65535 bytes") from None
-    packed = None if local else _pack_endpoints(src, dst)
-    if packed is None:
-        prefix, addresses = _V2_LOCAL, b""
-    else:
-        src_ip, dst_ip, src_port, dst_port = packed
-        prefix = _V2_PROXY_TCP4 if len(src_ip) == 4 else _V2_PROXY_TCP6
-        addresses = src_ip + dst_ip + _PORTS.pack(src_port, dst_port)
+    prefix, addresses = _V2_LOCAL, b""
+    if not local:
+        packed = _pack_endpoints(src, dst)
+        if packed is not None:
+            src_ip, dst_ip, src_port, dst_port = packed
+            prefix = _V2_PROXY_TCP4 if len(src_ip) == 4 else _V2_PROXY_TCP6
+            addresses = src_ip + dst_ip + _PORTS.pack(src_port, dst_port)
+        else:
+            paths = _pack_unix(src), _pack_unix(dst)
+            if paths[0] is not None and paths[1] is not None:
+                prefix, addresses = _V2_PROXY_UNIX, paths[0] + paths[1]
     length = len(addresses) + len(extra)
     if length > 0xFFFF:
         raise ValueError(f"PROXY v2 header would carry {length} bytes after the fixed part; the limit is 65535")
     return prefix + _U16.pack(length) + addresses + extra
+
+
+def _pack_unix(address: PeerAddress | None) -> bytes | None:
+    """A unix socket address as v2's 108 NUL-padded bytes, or None if it is not one (or cannot fit)."""
+    if isinstance(address, str):
+        try:
+            raw = address.encode("utf-8", "surrogateescape")  # what os.fsencode does on Linux
+        except UnicodeEncodeError:
+            return None
+    elif isinstance(address, bytes | bytearray):
+        raw = bytes(address)
+    else:
+        return None
+    # The kernel never reports more than sun_path holds; anything longer did not come from a socket.
+    if len(raw) > UNIX_PATH_BYTES:
+        return None
+    return raw.ljust(UNIX_PATH_BYTES, b"\x00")
 
 
 def tls_tlvs(
@@ -219,10 +251,12 @@ def tls_tlvs(
     cipher: str | None,
     verified: bool,
     has_client_cert: bool,
+    alpn: str | None = None,
 ) -> list[tuple[int, bytes]]:
     """TLVs describing the client's TLS session, as HAProxy and hitch send them.
 
-    ``PP2_TYPE_AUTHORITY`` carries the SNI (when the client sent one). ``PP2_TYPE_SSL`` carries the client
+    ``PP2_TYPE_ALPN`` carries the negotiated application protocol and ``PP2_TYPE_AUTHORITY`` the SNI, each
+    only when there is one (ghostunnel sends both the same way). ``PP2_TYPE_SSL`` carries the client
     flags (``PP2_CLIENT_SSL``; with a client certificate also ``PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS``,
     since one presented on this connection was presented in its session), the 32-bit verify field and the
     sub-TLVs ``PP2_SUBTYPE_SSL_VERSION`` (``"TLSv1.3"``), ``PP2_SUBTYPE_SSL_CN`` and ``PP2_SUBTYPE_SSL_CIPHER``.
@@ -230,8 +264,13 @@ def tls_tlvs(
     verify is 0 only for a certificate that was presented and verified, 1 otherwise. The spec asks for exactly
     that; HAProxy instead leaves 0 when no certificate was presented, which fools receivers that test
     ``verify == 0`` alone into trusting an anonymous client.
+
+    Values are sent whole, never shortened: a receiver may decide on the CN. One too long for its 16-bit length
+    field raises ``ValueError``, and ``encode_v2`` does the same when the whole header would not fit.
     """
     result: list[tuple[int, bytes]] = []
+    if alpn:
+        result.append((PP2_TYPE_ALPN, alpn.encode("utf-8")))
     if sni:
         result.append((PP2_TYPE_AUTHORITY, sni.encode("utf-8")))
     client = PP2_CLIENT_SSL
@@ -242,6 +281,8 @@ def tls_tlvs(
     for kind, text in sub_fields:
         if text:
             value = text.encode("utf-8")
+            if len(value) > 0xFFFF:
+                raise ValueError(f"PROXY v2 SSL sub-TLV 0x{kind:02x} of {len(value)} bytes does not fit in 65535")
             parts.append(_TLV_HEAD.pack(kind, len(value)) + value)
     result.append((PP2_TYPE_SSL, b"".join(parts)))
     return result
@@ -249,7 +290,7 @@ def tls_tlvs(
 
 def _pack_endpoints(src: PeerAddress | None, dst: PeerAddress | None) -> tuple[bytes, bytes, int, int] | None:
     """Both addresses packed in one family (4 or 16 bytes each) with the ports, or None if not both IP."""
-    if src is None or dst is None:
+    if not isinstance(src, tuple) or not isinstance(dst, tuple):
         return None
     src_ip = _pack_host(src[0])
     dst_ip = _pack_host(dst[0])
@@ -472,6 +513,8 @@ def _parse_v2(view: memoryview, max_tlv_bytes: int) -> ProxyHeader | None:
     for kind, value in tlvs:
         if kind == PP2_TYPE_CRC32C:
             _check_crc32c(header, offset + 3, value)
+        else:
+            _check_tlv(kind, value)
         offset += 3 + len(value)
     return ProxyHeader(2, "LOCAL" if local else "PROXY", source, destination, tlvs, total)
 
@@ -499,6 +542,21 @@ def _split_tlvs(block: bytes, start: int, what: str) -> tuple[tuple[int, bytes],
         tlvs.append((kind, block[offset : offset + length]))
         offset += length
     return tuple(tlvs)
+
+
+_MAX_UNIQUE_ID: Final = 128
+
+
+def _check_tlv(kind: int, value: bytes) -> None:
+    """Refuse a TLV whose value cannot be what its type says, so no later reader trusts a malformed one.
+
+    A container (``PP2_TYPE_SSL``) must hold exactly its 5-byte head and whole sub-TLVs: a sub-TLV length
+    that runs past the SSL record would otherwise make a reader take the next TLV's bytes as part of it.
+    """
+    if kind == PP2_TYPE_SSL:
+        parse_tlv_ssl(value)
+    elif kind == PP2_TYPE_UNIQUE_ID and len(value) > _MAX_UNIQUE_ID:
+        raise ProxyProtocolError(f"v2 UNIQUE_ID TLV of {len(value)} bytes exceeds the {_MAX_UNIQUE_ID} the spec allows")
 
 
 def _check_crc32c(header: bytes, position: int, value: bytes) -> None:
@@ -535,7 +593,7 @@ def _crc32c(data: bytes) -> int:
 
 def parse_tlv_ssl(value: bytes) -> SslInfo:
     """Decode the value of a ``PP2_TYPE_SSL`` TLV: client flags, verify, then sub-TLVs."""
-    if len(value) < 5:
+    if len(value) < _SSL_HEAD.size:
         raise ProxyProtocolError(f"SSL TLV must be at least 5 bytes, got {len(value)}")
     client, verify = _SSL_HEAD.unpack_from(value, 0)
     sub_tlvs = _split_tlvs(bytes(value), 5, "SSL sub-TLV")
