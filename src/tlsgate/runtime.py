@@ -72,6 +72,8 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 for name in _dns_names(material):
                     by_name.setdefault(name, ctx)
             tlsctx.add_sni_certificates(accept_ctx, by_name)
+        if cfg.proxy_protocol:
+            capture_sni(accept_ctx)
         not_after = min(m.leaf.not_valid_after_utc.timestamp() for m in materials)
         ca_certs = tlsctx.load_certificates(cfg.cacert, "--cacert") if cfg.cacert else []
         policy = build_policy(
@@ -131,7 +133,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         target_server_name=server_name,
         policy=policy,
         target_identity=target_identity,
-        proxy_sources=AddressRules.parse(allow_from=cfg.accept_proxy_from),
+        proxy_sources=AddressRules.parse(allow_from=cfg.proxy_source_networks),
         cert_not_after=not_after,
     )
 
@@ -215,3 +217,29 @@ def check_own_usage(material: tlsctx.KeyMaterial, role: str, label: str) -> None
 
 def _name(oid: ObjectIdentifier) -> str:
     return _EKU_NAMES.get(oid, oid.dotted_string)
+
+
+_SNI_ATTRIBUTE = "tlsgate_sni"
+
+
+def capture_sni(ctx: ssl.SSLContext) -> None:
+    """Remember on each connection the server name its client asked for; ``captured_sni`` reads it back.
+
+    A server-side ``SSLSocket`` cannot tell its SNI afterwards (``server_hostname`` is the client side's), and
+    ``--proxy-protocol`` sends it to the target as ``PP2_TYPE_AUTHORITY``, so the context's SNI callback keeps
+    it. A callback already there (several certificates, picked by name) still runs, after ours.
+    """
+    chosen = ctx.sni_callback
+
+    def remember(sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext) -> int | None:
+        setattr(sslobj, _SNI_ATTRIBUTE, server_name)
+        # typeshed types the callback narrower than the ssl module calls it (SSLSocket owners, None names).
+        return chosen(sslobj, server_name, context) if chosen is not None else None  # type: ignore[arg-type]
+
+    ctx.sni_callback = remember
+
+
+def captured_sni(sock: ssl.SSLSocket | ssl.SSLObject) -> str | None:
+    """The SNI of a connection accepted on a context prepared by ``capture_sni``; None if the client sent none."""
+    name = getattr(sock, _SNI_ATTRIBUTE, None)
+    return name if isinstance(name, str) and name else None

@@ -25,10 +25,10 @@ from typing import Any
 from tlsgate import logs
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
-from tlsgate.errors import StartupError
-from tlsgate.policy import Decision, verified_chain
+from tlsgate.errors import StartupError, TlsgateError
+from tlsgate.policy import Decision, PeerIdentity, verified_chain
 from tlsgate.relay import Relay
-from tlsgate.runtime import Runtime
+from tlsgate.runtime import Runtime, captured_sni
 from tlsgate.tlsctx import describe_handshake_error
 
 _ACCEPT_BATCH = 64
@@ -36,6 +36,11 @@ _BUFFER_SIZE = 64 * 1024
 _RESOLVE_TTL = 30.0
 # After EMFILE/ENFILE, pause accepting this long: retrying at once would spin on the same error.
 _FD_EXHAUSTED_PAUSE = 0.5
+# A unix peer, or a PROXY header without addresses (LOCAL, UNKNOWN, AF_UNIX), leaves nothing to match the
+# --allow-from/--deny-from rules against: fail closed rather than let the rules go unapplied.
+_NO_CLIENT_ADDRESS = Decision(
+    False, "address", "no client IP address to check --allow-from/--deny-from against (unix peer or PROXY LOCAL)"
+)
 # Upper bounds (seconds) of the handshake-latency histogram in /metrics: from a resumed handshake on a LAN to
 # a slow client far away. A handshake slower than the last bound counts in ``handshakes`` only (+Inf).
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -223,7 +228,7 @@ class Tunnel:
         if self._fd_warned:
             self._fd_warned = False
             logs.event("accept resumed", tunnel=self.label)
-        setup = _Setup(self, runtime, sock, peer_ip, peer)
+        setup = _Setup(self, runtime, sock, addr, peer_ip, peer)
         self.setups.add(setup)
         setup.begin()
 
@@ -341,6 +346,7 @@ class _Setup:
         "identity",
         "loop",
         "peer",
+        "peer_addr",
         "peer_ip",
         "proxy_header",
         "resolving",
@@ -351,7 +357,7 @@ class _Setup:
         "tunnel",
     )
 
-    def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, peer_ip: str, peer: str) -> None:
+    def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, addr: Any, peer_ip: str, peer: str) -> None:
         assert tunnel.loop is not None
         self.tunnel = tunnel
         self.loop = tunnel.loop
@@ -359,6 +365,8 @@ class _Setup:
         self.client: socket.socket = sock
         self.client_fd = sock.fileno()
         self.peer_ip, self.peer = peer_ip, peer
+        # The client's address as accept() gave it: a reset client's socket can no longer tell us.
+        self.peer_addr = addr
         self.target: socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self._waiting: tuple[int, bool, Callable[[], None]] | None = None
@@ -433,12 +441,16 @@ class _Setup:
     # -- steps -----------------------------------------------------------------------------------------------
 
     def begin(self) -> None:
-        cfg = self.tunnel.cfg
-        if self.peer_ip and self.rt.proxy_sources.active and self.rt.proxy_sources.check(self.peer_ip).allowed:
+        cfg, sources = self.tunnel.cfg, self.rt.proxy_sources
+        # A unix peer has no address to match; --accept-proxy-from unix trusts every peer of this socket.
+        trusted = sources.active and sources.check(self.peer_ip).allowed if self.peer_ip else cfg.proxy_from_unix
+        if trusted:
             self._arm(cfg.timeouts.handshake, "handshake timeout")
             self._read_proxy_header()
             return
-        if self.rt.proxy_sources.active and self.peer_ip and not self._address_allowed():
+        # _on_accepted has checked TCP peers unless PROXY sources are set; a unix peer is checked here, and with
+        # address rules it fails closed, since it has no address (config refuses that combination anyway).
+        if (sources.active or not self.peer_ip) and not self._address_allowed():
             return
         self._after_proxy_header()
 
@@ -446,7 +458,7 @@ class _Setup:
         policy = self.rt.policy
         if not policy.addresses.active:
             return True
-        decision = policy.check_address(self.peer_ip)
+        decision = policy.check_address(self.peer_ip) if self.peer_ip else _NO_CLIENT_ADDRESS
         if not decision.allowed:
             self._refuse(decision)
         return decision.allowed
@@ -683,28 +695,27 @@ class _Setup:
         relay.start()
 
     def _send_proxy_header(self) -> bool:
+        """Tell the target who the client is, from what the connection itself showed, never a display string.
+
+        The source is the address accept() returned (behind a trusted load balancer: the client its header
+        named), because a client that reset right after sending leaves a socket that no longer knows its peer.
+        The CN comes from the parsed certificate and the SNI from the handshake, both sent whole.
+        """
         from tlsgate import proxyproto
 
         assert self.target is not None
-        cfg = self.tunnel.cfg
-        src = _inet_tuple(self.proxy_header.source if self.proxy_header is not None else None, self.client, True)
-        dst = _inet_tuple(None, self.client, False)
-        if cfg.proxy_protocol_version == 1:
-            header = proxyproto.encode_v1(src, dst)
-        else:
-            tlvs: list[tuple[int, bytes]] = []
-            client = self.client
-            if isinstance(client, ssl.SSLSocket):
-                cipher = client.cipher()
-                tlvs = proxyproto.tls_tlvs(
-                    version=client.version(),
-                    sni=getattr(client, "server_hostname", None) or _sni_of(client),
-                    client_cn=self.identity.removeprefix("CN=").split(",")[0] if self.identity else None,
-                    cipher=cipher[0] if cipher else None,
-                    verified=bool(self.identity),
-                    has_client_cert=bool(self.identity),
-                )
-            header = proxyproto.encode_v2(src, dst, tlvs=tlvs)
+        src, dst = _proxy_endpoints(self.proxy_header, self.peer_addr, self.client)
+        try:
+            if self.tunnel.cfg.proxy_protocol_version == 1:
+                header = proxyproto.encode_v1(src, dst)
+            else:
+                header = proxyproto.encode_v2(src, dst, tlvs=_tls_tlvs(self.client))
+        except OSError as err:
+            self.abort(f"client gone ({err})")
+            return False
+        except (ValueError, TlsgateError) as err:
+            self._target_failed(f"cannot build the PROXY header: {err}")
+            return False
         try:
             sent = self.target.send(header)
         except OSError as err:
@@ -748,19 +759,48 @@ def _static_target(target: Address) -> list[tuple[int, Any]] | None:
 
 
 def _sni_of(sock: ssl.SSLSocket) -> str | None:
-    return getattr(sock, "sni", None)
+    return captured_sni(sock)
 
 
-def _inet_tuple(explicit: tuple[str, int] | None, sock: socket.socket, remote: bool) -> tuple[str, int] | None:
-    if explicit is not None:
-        return explicit
+def _proxy_endpoints(header: Any, accepted: Any, sock: socket.socket) -> tuple[Any, Any]:
+    """Source and destination of the PROXY header we send: the connection's own ends, as accept() saw them.
+
+    A header from a trusted load balancer that carried addresses describes the real connection, so its two
+    ends go on together (one family, one story). Otherwise the source is ``accepted`` and the destination the
+    address the client reached; getsockname() still answers after a reset, unlike getpeername().
+    """
+    if header is not None and header.source is not None and header.destination is not None:
+        return header.source, header.destination
     try:
-        name = sock.getpeername() if remote else sock.getsockname()
+        local = sock.getsockname()
     except OSError:
-        return None
-    if isinstance(name, tuple):
-        return (name[0], name[1])
-    return None
+        local = None
+    return accepted, local
+
+
+def _tls_tlvs(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """The PROXY v2 TLVs for the client's TLS session; none for a plaintext client (client mode)."""
+    from tlsgate import proxyproto
+
+    if not isinstance(sock, ssl.SSLSocket):
+        return []
+    der = sock.getpeercert(binary_form=True)
+    client_cn = None
+    if der:
+        # The policy parsed this certificate already (cached). Its CN is the one the policy matched: the last CN
+        # attribute, as Go's Subject.CommonName that ghostunnel sends. Without one, no other name stands in.
+        client_cn = PeerIdentity.from_der(der).common_name
+    cipher = sock.cipher()
+    return proxyproto.tls_tlvs(
+        version=sock.version(),
+        sni=_sni_of(sock),
+        client_cn=client_cn,
+        cipher=cipher[0] if cipher else None,
+        # A certificate only reaches us verified: the context requires one or asks for none at all.
+        verified=bool(der),
+        has_client_cert=bool(der),
+        alpn=sock.selected_alpn_protocol(),
+    )
 
 
 def _peer_of(addr: Any) -> tuple[str, str]:
