@@ -165,7 +165,12 @@ def cli() -> None:
 @click.option("--unsafe-target", is_flag=True, default=None, help="Allow a plaintext target on another machine.")
 @click.option("--proxy-protocol", is_flag=True, default=None, help="Send a PROXY header to the target.")
 @click.option("--proxy-protocol-version", type=click.Choice(["1", "2"]), help="PROXY header version [2].")
-@click.option("--accept-proxy-from", multiple=True, metavar="CIDR", help="Trust PROXY headers from this network.")
+@click.option(
+    "--accept-proxy-from",
+    multiple=True,
+    metavar="CIDR",
+    help="Trust PROXY headers from this network ('unix': from every peer of a unix: --listen).",
+)
 @_duration("--crl-max-age", "Refuse to start or reload with a --crl issued longer ago than this [0: no limit].")
 def server(**kwargs: Any) -> None:
     """Accept TLS (mutual TLS by default) and forward plaintext to --target."""

@@ -107,6 +107,25 @@ class TunnelConfig:
         """How logs name this tunnel: its config name, or its listen address."""
         return self.name or str(self.listen)
 
+    @property
+    def proxy_from_unix(self) -> bool:
+        """``--accept-proxy-from unix``: every peer of this unix-socket listener must start with a PROXY header.
+
+        A unix peer has no IP address to list, and whoever may open the socket is decided by its file
+        permissions, so the listener trusts its peers as a whole, never a CIDR.
+        """
+        return any(is_unix_source(value) for value in self.accept_proxy_from)
+
+    @property
+    def proxy_source_networks(self) -> tuple[str, ...]:
+        """The CIDR entries of ``--accept-proxy-from``: the TCP peers whose PROXY headers are trusted."""
+        return tuple(value for value in self.accept_proxy_from if not is_unix_source(value))
+
+
+def is_unix_source(value: str) -> bool:
+    """Whether an ``--accept-proxy-from`` entry is the word ``unix`` rather than a network."""
+    return value.strip().lower() == "unix"
+
 
 _TIMEOUT_KEYS = {
     "connect_timeout": "connect",
@@ -415,8 +434,10 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
         # A bundle may be a directory; its contents are read (and compiled) by runtime.build_runtime.
         if values.get(key) is not None and not os.path.exists(values[key]):
             where.add(f"{flag(key)}: {values[key]}: no such file or directory")
-    for key in ("allow_from", "deny_from", "accept_proxy_from"):
+    for key in ("allow_from", "deny_from"):
         where.run(partial(_check_cidrs, values.get(key, ()), key))
+    proxy_sources = [value for value in values.get("accept_proxy_from", ()) if not is_unix_source(value)]
+    where.run(partial(_check_cidrs, proxy_sources, "accept_proxy_from"))
     if where.problems:
         raise ConfigErrors(where.problems)
 
@@ -493,4 +514,34 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
         problems.append("--accept-proxy-from is for server mode")
     if cfg.crl_max_age and not cfg.crl and cfg.mode == "server":
         problems.append("--crl-max-age limits the age of --crl files: give --crl too")
+    problems += _unix_listener_checks(cfg)
+    return problems
+
+
+def _unix_listener_checks(cfg: TunnelConfig) -> list[str]:
+    """Address rules never silently go unapplied: a unix peer has no IP address for them to match.
+
+    On a unix listener they are allowed only with ``--accept-proxy-from unix``, where they apply to the client
+    address each PROXY header carries (a header without one is refused).
+    """
+    problems: list[str] = []
+    if not cfg.listen.is_unix:
+        if cfg.proxy_from_unix:
+            problems.append(f"--accept-proxy-from unix is for a unix: --listen; {cfg.listen} takes CIDRs")
+        return problems
+    for network in cfg.proxy_source_networks:
+        problems.append(
+            f"--accept-proxy-from {network}: peers of a unix: listener have no IP address; "
+            "use --accept-proxy-from unix to require a PROXY header from them"
+        )
+    if (cfg.allow_from or cfg.deny_from) and not cfg.proxy_from_unix:
+        hint = (
+            "; add --accept-proxy-from unix to apply them to the client address in a PROXY header"
+            if cfg.mode == "server"
+            else ""
+        )
+        problems.append(
+            f"--allow-from/--deny-from cannot apply to --listen {cfg.listen}: its peers have no IP address "
+            f"(remove them{hint})"
+        )
     return problems
