@@ -72,6 +72,13 @@ class TunnelView:
     handshake_buckets: list[int] = field(default_factory=list)
     last_reload: float = 0.0
     cert_not_after: float = 0.0
+    # A tunnel a reload removed or replaced, still relaying the connections it had: reported apart from its
+    # successor (same key) until the last of them ends, so no open connection drops out of the numbers.
+    retiring: bool = False
+
+    @property
+    def state(self) -> str:
+        return "retiring" if self.retiring else "active"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +104,7 @@ class TunnelView:
         self.listen = self.listen or other.listen
 
 
-def view_of(key: str, tunnel: Tunnel) -> TunnelView:
+def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
     stats = tunnel.stats
     counters: dict[str, float] = {name: getattr(stats, name) for name in COUNTER_FIELDS}
     # Bytes of open connections count too, so a long transfer shows as it happens rather than in one jump at its
@@ -116,21 +123,25 @@ def view_of(key: str, tunnel: Tunnel) -> TunnelView:
         handshake_buckets=list(stats.handshake_buckets),
         last_reload=tunnel.last_reload,
         cert_not_after=tunnel.runtime.cert_not_after,
+        retiring=retiring,
     )
 
 
 def views_of(server: Server) -> list[TunnelView]:
-    return [view_of(key, tunnel) for key, tunnel in server.tunnels.items()]
+    """The running tunnels, then those a reload retired that still have connections draining."""
+    views = [view_of(key, tunnel) for key, tunnel in server.tunnels.items()]
+    views += [view_of(key, tunnel, retiring=True) for tunnel, key in server.retired.items()]
+    return views
 
 
 def merge_views(groups: Iterable[Iterable[TunnelView]]) -> list[TunnelView]:
-    """Sum views of the same tunnel (same key) from several workers; first-seen order is kept."""
-    merged: dict[str, TunnelView] = {}
+    """Sum views of the same tunnel (same key and state) from several workers; first-seen order is kept."""
+    merged: dict[tuple[str, bool], TunnelView] = {}
     for group in groups:
         for view in group:
-            have = merged.get(view.key)
+            have = merged.get((view.key, view.retiring))
             if have is None:
-                merged[view.key] = copy.deepcopy(view)
+                merged[view.key, view.retiring] = copy.deepcopy(view)
             else:
                 have.add(view)
     return list(merged.values())
@@ -522,16 +533,18 @@ def status_document(snapshot: Snapshot, backend_errors: list[str | None]) -> tup
     """
     tunnels = snapshot.tunnels
     several = len(tunnels) > 1
+    # A retiring tunnel is listed, but it takes no new connections: its backend no longer decides health.
     problems = [
         f"tunnel {view.label}: {error}" if several else error
         for view, error in zip(tunnels, backend_errors, strict=True)
-        if error is not None
+        if error is not None and not view.retiring
     ]
-    if not tunnels:
+    active = [view for view in tunnels if not view.retiring]
+    if not active:
         problems.append("no tunnel is running")
     backend_ok = not problems
     ok = backend_ok and snapshot.state == "listening"
-    first = tunnels[0] if tunnels else None
+    first = active[0] if active else None
     doc: dict[str, Any] = {
         "ok": ok,
         "status": "ok" if ok else "critical",
@@ -545,12 +558,13 @@ def status_document(snapshot: Snapshot, backend_errors: list[str | None]) -> tup
         "message": snapshot.state,
         "revision": __version__,
         "compiler": f"{platform.python_implementation()} {platform.python_version()}",
-        "last_reload": _iso(max((v.last_reload for v in tunnels), default=time.time())),
+        "last_reload": _iso(max((v.last_reload for v in active), default=time.time())),
     }
     if several:
         doc["tunnels"] = [
             {
                 "name": view.label,
+                "state": view.state,
                 "mode": view.mode,
                 "listen_address": ",".join(view.listen),
                 "forward_address": view.target,
@@ -616,23 +630,25 @@ def json_metrics(snapshot: Snapshot, prefix: str) -> list[dict[str, Any]]:
     host = socket.gethostname()
     entries: list[dict[str, Any]] = []
 
-    def add(name: str, value: float, tunnel: str | None) -> None:
+    def add(name: str, value: float, view: TunnelView | None) -> None:
         entry: dict[str, Any] = {"timestamp": now, "metric": f"{prefix}.{name}", "value": value, "hostname": host}
-        if tunnel is not None:
-            entry["tunnel"] = tunnel
+        if view is not None:
+            entry["tunnel"] = view.label
+            if view.retiring:
+                entry["state"] = view.state
         entries.append(entry)
 
     for view in snapshot.tunnels:
         for metric in _METRICS:
-            add(metric.dotted, _value(view, metric.field), view.label)
+            add(metric.dotted, _value(view, metric.field), view)
         for rule, count in sorted(view.refused.items()):
-            add(f"accept.refused.{rule}", count, view.label)
-        add("conn.handshake.count", _value(view, "handshakes"), view.label)
-        add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view.label)
-        add("conn.lifetime.count", _value(view, "closed"), view.label)
-        add("conn.lifetime.seconds", _value(view, "lifetime_seconds_total"), view.label)
+            add(f"accept.refused.{rule}", count, view)
+        add("conn.handshake.count", _value(view, "handshakes"), view)
+        add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view)
+        add("conn.lifetime.count", _value(view, "closed"), view)
+        add("conn.lifetime.seconds", _value(view, "lifetime_seconds_total"), view)
         if view.cert_not_after:
-            add("cert.not_after", int(view.cert_not_after), view.label)
+            add("cert.not_after", int(view.cert_not_after), view)
     for name, value in sorted(snapshot.process.items()):
         add(f"process.{name}", value, None)
     return entries
@@ -668,6 +684,14 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+def _labels(view: TunnelView) -> dict[str, str]:
+    """A tunnel's series labels. A retiring tunnel adds ``state="retiring"``, so it never collides with its
+    successor under the same name, and running tunnels keep the label set dashboards already use."""
+    if view.retiring:
+        return {"tunnel": view.label, "state": view.state}
+    return {"tunnel": view.label}
+
+
 def _escape_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -688,7 +712,7 @@ def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
 
     def per_tunnel() -> Iterator[tuple[TunnelView, dict[str, str]]]:
         for view in tunnels:
-            yield view, {"tunnel": view.label}
+            yield view, _labels(view)
 
     for metric in _METRICS:
         name = out.family(metric.prometheus, metric.kind, metric.help)
@@ -740,7 +764,7 @@ def _handshake_family(out: _Exposition, tunnels: list[TunnelView]) -> None:
     help_text = "Time from accept to a completed TLS handshake with the client."
     name = out.family("handshake_duration_seconds", "histogram" if with_buckets else "summary", help_text)
     for view in tunnels:
-        labels = {"tunnel": view.label}
+        labels = _labels(view)
         count = _value(view, "handshakes")
         if with_buckets:
             running = 0

@@ -67,7 +67,9 @@ class Server:
         self.configs = list(configs)
         self.load_configs = load_configs
         self.tunnels: dict[str, Tunnel] = {}
-        self.retired: set[Tunnel] = set()
+        # Tunnels a reload removed or replaced, by the key they ran under, while their open connections drain:
+        # status and metrics keep counting those connections (as retiring) until the last one ends.
+        self.retired: dict[Tunnel, str] = {}
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
@@ -176,7 +178,7 @@ class Server:
                 self._cut_by_signal += tunnel.abort_all("shutdown")
             return
         self._stopping = True
-        open_connections = sum(t.active for t in self.tunnels.values())
+        open_connections = sum(t.active for t in [*self.tunnels.values(), *self.retired])
         logs.event("shutting down", open=open_connections)
         systemd.notifier().stopping(f"stopping | draining {open_connections} connections")
         self._stop.set()
@@ -320,23 +322,26 @@ class Server:
             # Sockets nobody took over are still this tunnel's to close; closed now, the port is free at once.
             old.listeners = own or []
             old.stop_listening()
-            self._retire(old, "changed" if key in wanted else "removed")
+            self._retire(key, old, "changed" if key in wanted else "removed")
         self.configs = configs
         for key, crls in overdue.items():
             log_overdue_crls(wanted[key].label, crls)
         logs.event("reloaded", tunnels=len(self.tunnels))
         return ok
 
-    def _retire(self, tunnel: Tunnel, why: str) -> None:
-        """A tunnel that left the config: no new connections; open ones finish within its shutdown timeout."""
+    def _retire(self, key: str, tunnel: Tunnel, why: str) -> None:
+        """A tunnel that left the config: no new connections; open ones finish within its shutdown timeout.
+
+        It stays in ``retired`` until the drain ends, so its connections are counted until they really end.
+        """
         logs.event("tunnel retired", tunnel=tunnel.label, why=why, open=tunnel.active)
-        self.retired.add(tunnel)
+        self.retired[tunnel] = key
         task = asyncio.ensure_future(tunnel.drain(tunnel.cfg.timeouts.shutdown))
         self._background.add(task)
 
         def forget(_: asyncio.Future[int]) -> None:
             self._background.discard(task)
-            self.retired.discard(tunnel)
+            self.retired.pop(tunnel, None)
 
         task.add_done_callback(forget)
 

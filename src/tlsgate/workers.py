@@ -441,6 +441,8 @@ class _Pool:
     def _forget(self, w: _Worker) -> None:
         """The worker is gone: keep its counters (not its gauges) and drop everything that pointed at it."""
         for view in w.last_views:
+            if view.retiring:
+                continue  # its connections died with the worker, as they would have at the end of the drain
             view.open = 0
             view.last_reload = 0.0
             view.cert_not_after = 0.0
@@ -479,7 +481,7 @@ class _Pool:
         await asyncio.gather(*(self._ask(w) for w in self.workers))
         live = merge_views(w.last_views for w in self.workers if w.ready)
         for view in live:
-            if view.key in self._retired:
+            if not view.retiring and view.key in self._retired:
                 view.add(self._retired[view.key])
         ready = sum(w.ready for w in self.workers)
         if self.stopping:
