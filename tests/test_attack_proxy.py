@@ -36,6 +36,7 @@ import tlsgate.cli
 import tlsgate.cli_run
 from tlsgate.cli import cli
 from tlsgate.config import ConfigErrors, TunnelConfig, tunnel_config
+from tlsgate.errors import StartupError
 from tlsgate.proxyproto import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
@@ -493,6 +494,35 @@ def test_the_rule_is_in_the_config_model_not_only_the_cli(pki_files: dict[str, P
         f"--allow-from/--deny-from cannot apply to --listen unix:{short_dir}/in.sock: its peers have no IP address "
         "(remove them; add --accept-proxy-from unix to apply them to the client address in a PROXY header)"
     ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("family", "extra", "needle"),
+    [
+        ("unix", {"deny_from": ["0.0.0.0/0"]}, "is a unix socket and its peers have no IP address"),
+        ("unix", {"accept_proxy_from": ["10.0.0.0/8"]}, "is a unix socket: its peers have no IP address"),
+        ("tcp", {"accept_proxy_from": ["unix"]}, "is not a unix socket: --accept-proxy-from unix"),
+    ],
+)
+async def test_a_systemd_socket_is_held_to_the_rules_of_its_real_family(
+    pki_files: dict[str, Path], short_dir: Path, family: str, extra: dict[str, object], needle: str
+) -> None:
+    """systemd:NAME does not say whether systemd passed a unix or a TCP socket: start-up checks the socket."""
+    if family == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(short_dir / "activated.sock"))
+    else:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    cfg = tunnel_config("server", server_opts(pki_files, "127.0.0.1:1", listen="systemd:web", allow_all=True, **extra))
+    server = Server([cfg], ProcessOptions())
+    with pytest.raises(StartupError, match=needle):
+        server.start({"systemd:web": [sock]})
+    assert sock.fileno() == -1  # closed, not left listening
+    assert not server.tunnels
 
 
 async def refused_after(path: Path, first_bytes: bytes) -> bool:

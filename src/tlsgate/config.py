@@ -525,6 +525,8 @@ def _unix_listener_checks(cfg: TunnelConfig) -> list[str]:
     address each PROXY header carries (a header without one is refused).
     """
     problems: list[str] = []
+    if cfg.listen.is_activated:
+        return problems  # a systemd: socket's family is known only once we hold it: Server.start checks it
     if not cfg.listen.is_unix:
         if cfg.proxy_from_unix:
             problems.append(f"--accept-proxy-from unix is for a unix: --listen; {cfg.listen} takes CIDRs")

@@ -97,6 +97,7 @@ class Server:
                 tunnel = Tunnel(cfg, runtime, reuse_port=reuse_port)
                 try:
                     tunnel.start(self._loop, (listeners or {}).get(_key(cfg)))
+                    _check_socket_family(tunnel)
                 except StartupError as err:
                     # With many tunnels from one file, "--listen :8443: address in use" must say whose it is.
                     if not cfg.name:
@@ -344,6 +345,28 @@ class Server:
             self.retired.pop(tunnel, None)
 
         task.add_done_callback(forget)
+
+
+def _check_socket_family(tunnel: Tunnel) -> None:
+    """The unix-listener rules of config.py, once a ``systemd:NAME`` socket shows which family it really is.
+
+    Address rules on a unix socket would match nothing; ``--accept-proxy-from unix`` on a TCP one would trust
+    nobody. Either is refused at start, as the same settings on a ``unix:`` or TCP ``--listen`` are.
+    """
+    cfg = tunnel.cfg
+    if not cfg.listen.is_activated:
+        return
+    unix = any(sock.family == socket.AF_UNIX for sock in tunnel.listeners)
+    problem = ""
+    if unix and (cfg.allow_from or cfg.deny_from) and not cfg.proxy_from_unix:
+        problem = "is a unix socket and its peers have no IP address for --allow-from/--deny-from"
+    elif unix and cfg.proxy_source_networks:
+        problem = "is a unix socket: its peers have no IP address for --accept-proxy-from CIDRs (use 'unix')"
+    elif not unix and cfg.proxy_from_unix:
+        problem = "is not a unix socket: --accept-proxy-from unix is for a unix socket"
+    if problem:
+        tunnel.stop_listening()
+        raise StartupError(f"--listen {cfg.listen} {problem}")
 
 
 def _key(cfg: TunnelConfig) -> str:
