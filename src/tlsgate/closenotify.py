@@ -27,8 +27,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+_SSL_ERROR_SSL = 1
 _SSL_ERROR_WANT_READ = 2
 _SSL_ERROR_WANT_WRITE = 3
+_SSL_ERROR_SYSCALL = 5
 
 
 class _LibSSL:
@@ -79,7 +81,8 @@ def load_openssl(bind: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | None:
     if ssl_path is None or crypto_path is None:
         return None
     try:
-        return bind(ctypes.CDLL(ssl_path), ctypes.CDLL(crypto_path))
+        # use_errno: after SSL_ERROR_SYSCALL the reason is in errno, which ctypes keeps only when asked to.
+        return bind(ctypes.CDLL(ssl_path, use_errno=True), ctypes.CDLL(crypto_path, use_errno=True))
     except (OSError, AttributeError):
         return None
 
@@ -111,8 +114,11 @@ def _ssl_pointer(sock: ssl.SSLSocket) -> int | None:
 def send_close_notify(sock: ssl.SSLSocket) -> None:
     """Send close_notify on ``sock`` and keep it readable, like ``shutdown(SHUT_WR)`` for TLS.
 
-    Raises ``ssl.SSLWantWriteError`` when the alert could not be written yet (call again when writable), and
-    ``ssl.SSLError`` when OpenSSL refuses (after a fatal error, e.g. a peer that vanished).
+    Raises ``ssl.SSLWantWriteError`` when the alert could not be written yet (call again when writable),
+    ``OSError`` with the errno when writing it failed (``SSL_ERROR_SYSCALL``: EPIPE, ECONNRESET, ...), and
+    ``ssl.SSLError`` when OpenSSL refuses (after a fatal error, e.g. a peer that vanished). Every error carries
+    what ``_ssl``'s own do (``errno``, ``strerror``; ``reason`` and ``library`` for SSLError), so code written
+    for those can read them without a second path.
     """
     pointer = _ssl_pointer(sock)
     if pointer is None:
@@ -123,16 +129,31 @@ def send_close_notify(sock: ssl.SSLSocket) -> None:
         return
     assert _LIB is not None
     _LIB.clear_errors()
+    ctypes.set_errno(0)
     result = _LIB.shutdown(pointer)
     if result >= 0:
         return  # 0: our close_notify is sent; 1: both sides have sent theirs
+    errno = ctypes.get_errno()  # before any other call into the library can change it
     code = _LIB.get_error(pointer, result)
     _LIB.clear_errors()
     if code == _SSL_ERROR_WANT_WRITE:
-        raise ssl.SSLWantWriteError(code, "close_notify not yet written")
+        raise _ssl_error(ssl.SSLWantWriteError, code, "WANT_WRITE", "close_notify not yet written")
     if code == _SSL_ERROR_WANT_READ:
         return
-    raise ssl.SSLError(code, f"SSL_shutdown failed (SSL_get_error {code})")
+    if code == _SSL_ERROR_SYSCALL and errno:
+        raise OSError(errno, os.strerror(errno))
+    if code == _SSL_ERROR_SYSCALL:
+        # No errno: OpenSSL saw the transport end (EOF) where it wanted to write.
+        raise _ssl_error(ssl.SSLEOFError, code, "UNEXPECTED_EOF", "SSL_shutdown: the connection is gone")
+    raise _ssl_error(ssl.SSLError, code, f"SSL_ERROR_{code}", f"SSL_shutdown failed (SSL_get_error {code})")
+
+
+def _ssl_error(cls: type[ssl.SSLError], code: int, reason: str, message: str) -> ssl.SSLError:
+    """An ``ssl.SSLError`` shaped like the ones ``_ssl`` raises: those always have ``reason`` and ``library``."""
+    err = cls(code, message)
+    err.reason = reason
+    err.library = "SSL"
+    return err
 
 
 def available() -> bool:

@@ -608,6 +608,8 @@ _METRICS = (
             "Connections refused for a malformed PROXY protocol header."),
     _Metric("accept_errors", "counter", "accept_errors_total", "accept.os_error",
             "accept() failures, such as running out of file descriptors."),
+    _Metric("internal_errors", "counter", "internal_errors_total", "conn.internal_error",
+            "Exceptions caught in tlsgate's own connection code (bugs); each cut one connection."),
     _Metric("bytes_in", "counter", "received_bytes_total", "conn.bytes_in", "Bytes from clients to targets."),
     _Metric("bytes_out", "counter", "sent_bytes_total", "conn.bytes_out", "Bytes from targets to clients."),
     _Metric("reloads", "counter", "reloads_total", "reload.total", "Reloads of certificates and policies."),

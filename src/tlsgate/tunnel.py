@@ -24,7 +24,7 @@ from typing import Any
 
 from tlsgate import logs
 from tlsgate.addresses import Address
-from tlsgate.config import TunnelConfig
+from tlsgate.config import Timeouts, TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.policy import Decision, PeerIdentity, verified_chain
 from tlsgate.relay import Relay
@@ -65,6 +65,8 @@ class Stats:
     accept_errors: int = 0
     reloads: int = 0
     reload_errors: int = 0
+    # Exceptions caught by the guard around the engine's event-loop callbacks: bugs, each cut one connection.
+    internal_errors: int = 0
     # Handshakes per HANDSHAKE_BUCKETS bucket (not cumulative: status adds them up for Prometheus).
     handshake_buckets: list[int] = field(default_factory=lambda: [0] * len(HANDSHAKE_BUCKETS))
 
@@ -124,8 +126,11 @@ class Tunnel:
         if self.accepting or self.draining or self.loop is None:
             return
         self.accepting = True
-        for sock in self.listeners:
-            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        try:
+            for sock in self.listeners:
+                self.loop.add_reader(sock.fileno(), self._accept, sock)
+        except Exception as err:  # also a call_later callback (after EMFILE): guarded like every other
+            self.internal_error("resume accepting", err, "")
 
     def _pause_accepting(self) -> None:
         if not self.accepting or self.loop is None:
@@ -202,7 +207,11 @@ class Tunnel:
                 self._accept_failed(err)
                 return
             self.stats.accepted += 1
-            self._on_accepted(socket.socket(family, socket.SOCK_STREAM, 0, fd), addr)
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            try:
+                self._on_accepted(sock, addr)
+            except Exception as err:
+                self._accept_crashed(err, sock, addr)
 
     def _accept_failed(self, err: OSError) -> None:
         self.stats.accept_errors += 1
@@ -230,7 +239,35 @@ class Tunnel:
             logs.event("accept resumed", tunnel=self.label)
         setup = _Setup(self, runtime, sock, addr, peer_ip, peer)
         self.setups.add(setup)
-        setup.begin()
+        setup.step(setup.begin)
+
+    def _accept_crashed(self, err: Exception, sock: socket.socket, addr: Any) -> None:
+        """The guard of ``_accept`` for one connection: cut it (and its set-up, if one began), keep accepting."""
+        self.internal_error("accept", err, _peer_of(addr)[1])
+        fd = sock.fileno()
+        for setup in [s for s in self.setups if s.client_fd == fd]:
+            setup.cut(f"internal error: {type(err).__name__}")
+        if sock.fileno() >= 0:
+            _reset(sock)
+
+    def internal_error(self, where: str, err: Exception, peer: str) -> None:
+        """Count and log an exception that one of the engine's event-loop callbacks caught: a bug, never the
+        network's fault (those are handled where they happen). The caller then cuts its connection.
+
+        Every callback the engine gives the loop (accept, each set-up step and timer, the name lookup, the
+        relay's reads and writes, the sweep) ends in here rather than letting the exception reach the loop,
+        which would only print it and leave the connection registered and stuck until a timeout. One line at
+        ERROR, whatever --quiet says; the traceback only at DEBUG, since it may show connection data.
+        """
+        try:
+            self.stats.internal_errors += 1
+            logs.event(
+                "internal error", logging.ERROR, tunnel=self.label, peer=peer, where=where,
+                error=type(err).__name__,
+            )  # fmt: skip
+            logs.LOGGER.debug("internal error in %s", where, exc_info=err)
+        except Exception:  # the guard must not raise; the logs already drop what they cannot write
+            pass
 
     def _refuse_early(self, sock: socket.socket, peer: str, decision: Decision) -> None:
         self.stats.refuse(decision.rule)
@@ -271,8 +308,12 @@ class Tunnel:
         if not self.active:
             self._idle.set()
 
-    def resolve(self, callback: Callable[[list[tuple[int, Any]] | str], None]) -> None:
-        """Target addresses for connect(); cached for a short while, looked up off the loop thread."""
+    def resolve(self, callback: Callable[[list[tuple[int, Any]] | str | Exception], None]) -> None:
+        """Target addresses for connect(); cached for a short while, looked up off the loop thread.
+
+        ``callback`` gets the addresses, a reason string when the name does not resolve, or the exception of a
+        bug; it must not raise (``_Setup`` passes a guarded step).
+        """
         target = self.cfg.target
         if self._static_target is not None:
             callback(self._static_target)
@@ -287,11 +328,17 @@ class Tunnel:
         def done(future: asyncio.Future[list[Any]]) -> None:
             try:
                 infos = future.result()
+                addrs = [(info[0], info[4]) for info in infos]
+                self._resolved = (time.monotonic() + _RESOLVE_TTL, addrs)
             except (OSError, UnicodeError) as err:
                 callback(f"cannot resolve {target.host}: {err}")
                 return
-            addrs = [(info[0], info[4]) for info in infos]
-            self._resolved = (time.monotonic() + _RESOLVE_TTL, addrs)
+            except asyncio.CancelledError:  # the loop is closing; not an Exception, so caught by name
+                callback(f"cannot resolve {target.host}: lookup cancelled")
+                return
+            except Exception as err:  # a bug, not a lookup failure: the callback's guard reports it
+                callback(err)
+                return
             callback(addrs)
 
         asyncio.ensure_future(lookup).add_done_callback(done)
@@ -313,24 +360,38 @@ class Tunnel:
         self._sweeper = self.loop.call_later(interval, self._sweep, interval)
 
     def _sweep(self, interval: float) -> None:
-        """Idle, lifetime and half-close limits (and, on uvloop, unseen resets) in one pass, not a timer each."""
-        t = self.cfg.timeouts
-        now = time.monotonic()
-        for relay in list(self.relays):
-            total = relay.outbound.nbytes + relay.inbound.nbytes
-            if total != relay.last_total:
-                relay.last_total, relay.last_change = total, now
-            elif t.idle and now - relay.last_change >= t.idle:
-                relay.abort("idle timeout")
-                continue
-            elif self._poll_drops_errors and _pending_error(relay):
-                continue
-            if t.max_conn_lifetime and now - relay.started >= t.max_conn_lifetime:
-                relay.abort("max connection lifetime")
-            elif t.close and relay.half_closed_at and now - relay.half_closed_at >= t.close:
-                relay.abort(f"close timeout ({relay.end})")
-        assert self.loop is not None
-        self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+        """Idle, lifetime and half-close limits (and, on uvloop, unseen resets) in one pass, not a timer each.
+
+        A failure with one relay cuts that relay only; the next pass is scheduled whatever happens, or every
+        timeout of the tunnel would silently stop.
+        """
+        try:
+            t = self.cfg.timeouts
+            now = time.monotonic()
+            for relay in list(self.relays):
+                try:
+                    self._sweep_one(relay, t, now)
+                except Exception as err:
+                    relay.internal_error("sweep", err)
+        except Exception as err:
+            self.internal_error("sweep", err, "")
+        finally:
+            if self.loop is not None and not self.loop.is_closed():
+                self._sweeper = self.loop.call_later(interval, self._sweep, interval)
+
+    def _sweep_one(self, relay: Relay, t: Timeouts, now: float) -> None:
+        total = relay.outbound.nbytes + relay.inbound.nbytes
+        if total != relay.last_total:
+            relay.last_total, relay.last_change = total, now
+        elif t.idle and now - relay.last_change >= t.idle:
+            relay.abort("idle timeout")
+            return
+        elif self._poll_drops_errors and _pending_error(relay):
+            return
+        if t.max_conn_lifetime and now - relay.started >= t.max_conn_lifetime:
+            relay.abort("max connection lifetime")
+        elif t.close and relay.half_closed_at and now - relay.half_closed_at >= t.close:
+            relay.abort(f"close timeout ({relay.end})")
 
 
 class _Setup:
@@ -388,9 +449,9 @@ class _Setup:
             if waiting[:2] != (fd, readable):
                 self._unwant()
         if readable:
-            self.loop.add_reader(fd, callback)
+            self.loop.add_reader(fd, self.step, callback)
         else:
-            self.loop.add_writer(fd, callback)
+            self.loop.add_writer(fd, self.step, callback)
         self._waiting = (fd, readable, callback)
 
     def _unwant(self) -> None:
@@ -405,7 +466,7 @@ class _Setup:
     def _arm(self, seconds: float, what: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_later(seconds, self.abort, what) if seconds > 0 else None
+        self.timer = self.loop.call_later(seconds, self.step, self.abort, what) if seconds > 0 else None
 
     def _end(self) -> None:
         self.done = True
@@ -414,6 +475,38 @@ class _Setup:
             self.timer.cancel()
             self.timer = None
         self.tunnel.setup_done(self)
+
+    def step(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one step of the set-up: the guard every callback of ``_Setup`` goes through (readiness, timers,
+        the name lookup, the first step from accept).
+
+        A step that raises is a bug: the connection is cut with "internal error: <type>" and the tunnel counts
+        and logs it, instead of the exception reaching the event loop and the client waiting for a timeout.
+        A wrapper frame costs nothing that matters here: a few steps per connection, beside a TLS handshake.
+        """
+        try:
+            step(*args)
+        except Exception as err:
+            self.tunnel.internal_error(step.__name__.lstrip("_"), err, self.peer)
+            self.cut(f"internal error: {type(err).__name__}")
+
+    def cut(self, reason: str) -> None:
+        """``abort`` that cannot fail: if abort itself breaks, still unregister and close what is ours."""
+        try:
+            self.abort(reason)
+        except Exception:
+            self.done = True
+            for sock in (self.client, self.target):
+                if sock is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    fd = sock.fileno()
+                    if fd >= 0:
+                        self.loop.remove_reader(fd)
+                        self.loop.remove_writer(fd)
+                    sock.close()
+            with contextlib.suppress(Exception):
+                self.tunnel.setup_done(self)
 
     def abort(self, reason: str) -> None:
         """Give up on this connection: timeout, shutdown, or a failure already logged by the caller."""
@@ -569,7 +662,7 @@ class _Setup:
 
     def _connect(self) -> None:
         self.resolving = True
-        self.tunnel.resolve(self._resolved)
+        self.tunnel.resolve(self._on_resolved)
         if self.resolving:
             # A name lookup runs off the loop; until it is back the client must not wake a finished step.
             self._unwant()
@@ -582,10 +675,15 @@ class _Setup:
             self.connect_armed = True
             self._arm(self.tunnel.cfg.timeouts.connect, "connect timeout")
 
-    def _resolved(self, result: list[tuple[int, Any]] | str) -> None:
+    def _on_resolved(self, result: list[tuple[int, Any]] | str | Exception) -> None:
+        self.step(self._resolved, result)
+
+    def _resolved(self, result: list[tuple[int, Any]] | str | Exception) -> None:
         self.resolving = False
         if self.done:
             return
+        if isinstance(result, Exception):
+            raise result  # a bug in the lookup's callback: reported and cut by step(), as the caller's own
         if isinstance(result, str):
             self._target_failed(result)
             return
@@ -690,6 +788,8 @@ class _Setup:
             tunnel._view,
             lambda r: tunnel.relay_closed(r, peer, identity, target_name),
             started=self.started,
+            peer=peer,
+            on_error=tunnel.internal_error,
         )
         tunnel.relay_started(relay)
         relay.start()
