@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -430,3 +431,145 @@ def test_close_notify_errors_look_like_the_ones_ssl_raises() -> None:
     err = closenotify._ssl_error(ssl.SSLEOFError, 5, "UNEXPECTED_EOF", "gone")
     assert (err.reason, err.library, err.errno) == ("UNEXPECTED_EOF", "SSL", 5)
     assert _describe(err) == "UNEXPECTED_EOF"
+
+
+# -- item 9: the PROXY header and the handshake deadline --------------------------------------------------------
+
+V1_HEADER = b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n"
+V2_HEADER = (
+    b"\r\n\r\n\x00\r\nQUIT\n"  # signature
+    + b"\x21\x11\x00\x0c"  # v2 PROXY, TCP over IPv4, 12 address bytes
+    + bytes([192, 0, 2, 1, 198, 51, 100, 7])
+    + (56324).to_bytes(2, "big")
+    + (443).to_bytes(2, "big")
+)
+
+
+def proxied_opts(pki_files: dict[str, Path], target: str, **extra: object) -> dict[str, object]:
+    return server_opts(pki_files, target, disable_authentication=True, accept_proxy_from=["127.0.0.0/8"], **extra)
+
+
+def time_to_abort(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float]]:
+    """(reason, seconds since accept) of every set-up that gives up, measured by the server's own clock."""
+    seen: list[tuple[str, float]] = []
+    original = _Setup.abort
+
+    def abort(self: _Setup, reason: str) -> None:
+        if not self.done:
+            seen.append((reason, time.monotonic() - self.started))
+        original(self, reason)
+
+    monkeypatch.setattr(_Setup, "abort", abort)
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_a_proxy_header_does_not_restart_the_handshake_deadline(
+    monkeypatch: pytest.MonkeyPatch, pki_files: dict[str, Path]
+) -> None:
+    """--handshake-timeout 1s, a header sent at 0.9 s, then silence: cut 1 s after accept, not 1.9 s."""
+    timeout, header_at = 1.0, 0.9
+    aborted = time_to_abort(monkeypatch)
+    async with backend() as be, tunnel(**proxied_opts(pki_files, be.address, handshake_timeout="1s")) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        cut = asyncio.ensure_future(until_cut(reader, within=30))
+        await asyncio.wait({cut}, timeout=header_at)  # the scenario: a slow header, not a readiness wait
+        writer.write(V1_HEADER)
+        await cut
+        writer.close()
+        await wait_until(lambda: tun.active == 0)
+    [(reason, elapsed)] = aborted
+    assert reason == "handshake timeout"
+    # Never before the deadline; well before accept + header_at + timeout, which a restarted clock would give.
+    assert timeout <= elapsed < timeout + header_at * 0.8, elapsed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pieces", [2, 5])
+async def test_a_partial_proxy_header_held_open_does_not_wake_the_loop(
+    pieces: int, monkeypatch: pytest.MonkeyPatch, pki_files: dict[str, Path]
+) -> None:
+    """A header sent in pieces, then held incomplete until the deadline: one read step per piece (O(1) in the
+    time held), where a 10 ms poll took about 50 of them in half a second."""
+    steps = 0
+    original = _Setup._read_proxy_header
+
+    def counted(self: _Setup) -> None:
+        nonlocal steps
+        steps += 1
+        original(self)
+
+    monkeypatch.setattr(_Setup, "_read_proxy_header", counted)
+    aborted = time_to_abort(monkeypatch)
+    partial = V1_HEADER[:-2]
+    async with backend() as be, tunnel(**proxied_opts(pki_files, be.address, handshake_timeout="500ms")) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        cut = asyncio.ensure_future(until_cut(reader, within=30))
+        size = -(-len(partial) // pieces)
+        for start in range(0, len(partial), size):
+            before = steps
+            writer.write(partial[start : start + size])
+            await wait_until(lambda before=before: steps > before or cut.done())  # type: ignore[misc]
+        await cut
+        writer.close()
+        await wait_until(lambda: tun.active == 0)
+        assert tun.stats.proxy_header_errors == 0
+    assert [reason for reason, _ in aborted] == ["handshake timeout"]
+    # The first step runs at accept (nothing there yet), then one per piece, each waking on readability.
+    assert steps <= 1 + pieces + 1, steps
+
+
+def _bio_client(ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    return ctx.wrap_bio(incoming, outgoing, server_hostname="localhost"), incoming, outgoing
+
+
+async def _bio_handshake(
+    obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:  # fmt: skip
+    while True:
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, "the server closed during the handshake"
+            incoming.write(data)
+            continue
+        writer.write(outgoing.read())
+        return
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("header", [V1_HEADER, V2_HEADER], ids=["v1", "v2"])
+@pytest.mark.parametrize("split", [1, 6, 13, 16, -1])
+async def test_a_proxy_header_in_pieces_with_the_client_hello_behind_it_is_read_exactly(
+    header: bytes, split: int, pki_files: dict[str, Path], ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header's last piece and the ClientHello arrive in one segment: tlsgate takes the header only, and
+    OpenSSL gets every byte of the hello."""
+    async with backend() as be, tunnel(**proxied_opts(pki_files, be.address, handshake_timeout=_LONG)) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        obj, incoming, outgoing = _bio_client(client_context(ca))
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.do_handshake()
+        hello = outgoing.read()
+        writer.write(header[:split])
+        await writer.drain()
+        await wait_until(lambda: bool(tun.setups) and next(iter(tun.setups)).proxy_seen == header[:split])
+        writer.write(header[split:] + hello)
+        await _bio_handshake(obj, incoming, outgoing, reader, writer)
+        obj.write(b"ping")
+        writer.write(outgoing.read())
+        reply = b""
+        while b"ping" not in reply:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data
+            incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                reply += obj.read(65536)
+        writer.close()
+        await wait_until(lambda: tun.active == 0)
+    [closed] = events(caplog, "closed")
+    assert closed["peer"].startswith("192.0.2.1:56324 via 127.0.0.1:"), closed

@@ -410,6 +410,7 @@ class _Setup:
         "peer_addr",
         "peer_ip",
         "proxy_header",
+        "proxy_seen",
         "resolving",
         "rt",
         "started",
@@ -434,6 +435,7 @@ class _Setup:
         self.identity = ""
         self.addrs: list[tuple[int, Any]] = []
         self.proxy_header: Any = None
+        self.proxy_seen = b""  # bytes of a PROXY header taken off the socket so far
         self.resolving = False
         self.connect_armed = False
         self.started = time.monotonic()
@@ -557,10 +559,19 @@ class _Setup:
         return decision.allowed
 
     def _read_proxy_header(self) -> None:
+        """Take exactly the PROXY header off the socket, however it is split, and not one byte more.
+
+        The bytes after it are the ClientHello, which OpenSSL must read from the socket itself, so we peek and
+        then consume only header bytes. A partial header is consumed too (every byte of it belongs to the
+        header: ``parse`` answers "incomplete" only then) and kept in ``proxy_seen``: peeked bytes left queued
+        would keep the socket readable, and waiting for more would spin. ``parse`` refuses as soon as the bytes
+        cannot fit the bound, so ``proxy_seen`` stays under ``MAX_HEADER``.
+        """
         from tlsgate import proxyproto
 
+        seen = self.proxy_seen
         try:
-            data = self.client.recv(proxyproto.MAX_HEADER, socket.MSG_PEEK)
+            data = self.client.recv(proxyproto.MAX_HEADER - len(seen), socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             self._want(self.client_fd, True, self._read_proxy_header)
             return
@@ -571,18 +582,25 @@ class _Setup:
             self.abort("client gone")
             return
         try:
-            header = proxyproto.parse(data)
+            header = proxyproto.parse(seen + data)
         except proxyproto.ProxyProtocolError as err:
             self.tunnel.stats.proxy_header_errors += 1
             self._refuse(Decision(False, "proxy-protocol", f"bad PROXY header: {err}"))
             return
+        wanted = len(data) if header is None else header.length - len(seen)
+        try:
+            taken = self.client.recv(wanted)
+        except OSError:
+            taken = b""
+        if len(taken) != wanted:  # the kernel just showed us these bytes; anything else is a vanished peer
+            self.abort("client gone")
+            return
         if header is None:
-            # Partial header: the bytes stay queued, so the socket stays readable; poll instead of spinning.
-            self._unwant()
-            self.loop.call_later(0.01, self._read_proxy_header)
+            self.proxy_seen = seen + taken
+            self._want(self.client_fd, True, self._read_proxy_header)  # the same registration: no system call
             return
         self._unwant()
-        self.client.recv(header.length)
+        self.proxy_seen = b""
         self.proxy_header = header
         if header.source is not None:
             self.peer_ip = header.source[0]
@@ -600,7 +618,8 @@ class _Setup:
         except OSError as err:
             self.abort(f"client gone ({err})")
             return
-        self._arm(cfg.timeouts.handshake, "handshake timeout")
+        if self.timer is None:  # a PROXY header came first: its deadline, set at accept, covers the handshake too
+            self._arm(cfg.timeouts.handshake, "handshake timeout")
         self._client_handshake()
 
     def _advance_handshake(self, tls: ssl.SSLSocket, retry: Callable[[], None], side: str) -> bool:
