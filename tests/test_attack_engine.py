@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import select
+import socket
 import ssl
+import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -574,3 +577,102 @@ async def test_a_proxy_header_in_pieces_with_the_client_hello_behind_it_is_read_
         await wait_until(lambda: tun.active == 0)
     [closed] = events(caplog, "closed")
     assert closed["peer"].startswith("192.0.2.1:56324 via 127.0.0.1:"), closed
+
+
+# -- item 10: a client's reset reaches the target at once, on uvloop too -----------------------------------------
+
+# The sweep's period when no timeout asks for a shorter one.
+SWEEP_INTERVAL = 1.0
+
+
+@contextlib.asynccontextmanager
+async def reset_watching_backend() -> AsyncIterator[tuple[Any, asyncio.Future[float]]]:
+    """A backend that reads until its connection ends; the future gets the loop time it ended at."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[float] = loop.create_future()
+
+    async def until_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            if not ended.done():
+                ended.set_result(loop.time())
+
+    async with backend(until_reset) as be:
+        yield be, ended
+
+
+async def reset_latency(tun: Tunnel, ended: asyncio.Future[float], ca: trustme.CA, before: Any = None) -> float:
+    """Seconds from a client's reset, with a TLS record queued just before it, to the target's end.
+
+    ``before`` (awaited first, if given) picks the moment of the reset."""
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", port_of(tun))) as raw:
+        raw.setblocking(False)
+        obj, incoming, outgoing = _bio_client(client_context(ca))
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await loop.sock_sendall(raw, outgoing.read())
+                incoming.write(await asyncio.wait_for(loop.sock_recv(raw, 65536), 30))
+        await loop.sock_sendall(raw, outgoing.read())
+        await wait_until(lambda: len(tun.relays) == 1)
+        if before is not None:
+            await before
+        # No await from here to the reset: tlsgate cannot read the record before the reset arrives behind it.
+        obj.write(b"last words")
+        raw.send(outgoing.read())
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_at = loop.time()
+    latency = await asyncio.wait_for(ended, 10) - reset_at
+    await wait_until(lambda: tun.active == 0)
+    return latency
+
+
+@pytest.mark.asyncio
+async def test_a_client_reset_with_data_queued_reaches_the_target_within_one_loop_turn(
+    pki_files: dict[str, Path], ca: trustme.CA
+) -> None:
+    """The client sends a record and resets at once, so tlsgate finds the bytes and the reset together. uvloop
+    runs the reader once (it reads the bytes) and stops polling the socket: the reset used to reach the target
+    only at the second sweep after it (1-2 s). Now it is one turn of the loop, well under one sweep interval."""
+    opts = server_opts(pki_files, "", disable_authentication=True)
+    async with reset_watching_backend() as (be, ended), tunnel(**{**opts, "target": be.address}) as tun:
+        latency = await reset_latency(tun, ended, ca)
+    assert latency < SWEEP_INTERVAL, latency
+
+
+@pytest.mark.asyncio
+async def test_without_the_epoll_watch_a_reset_waits_one_sweep_not_two(
+    monkeypatch: pytest.MonkeyPatch, pki_files: dict[str, Path], ca: trustme.CA
+) -> None:
+    """Where the error watch cannot be had (no epoll, out of watches), the sweep checks every relay, moving or
+    not. The reset comes right after a sweep pass: the next pass (1 s) must find it, not the one after (2 s)."""
+
+    def no_epoll() -> Any:
+        raise OSError(errno.ENOSPC, "no epoll watches left")
+
+    monkeypatch.setattr(select, "epoll", no_epoll)
+    swept = asyncio.Event()
+    original = Tunnel._sweep
+
+    def sweep(self: Tunnel, interval: float) -> None:
+        original(self, interval)
+        swept.set()
+
+    monkeypatch.setattr(Tunnel, "_sweep", sweep)
+
+    async def right_after_a_sweep() -> None:
+        swept.clear()
+        await swept.wait()
+
+    opts = server_opts(pki_files, "", disable_authentication=True)
+    async with reset_watching_backend() as (be, ended), tunnel(**{**opts, "target": be.address}) as tun:
+        latency = await reset_latency(tun, ended, ca, right_after_a_sweep())
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+            assert tun._error_watch is None and tun._error_watch_failed
+    # Under one and a half intervals: the next pass, with room for a late timer; the pass after is at two.
+    assert latency < 1.5 * SWEEP_INTERVAL, latency

@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import ssl
 import stat
@@ -89,6 +90,11 @@ class Tunnel:
         self._idle = asyncio.Event()
         self._view = memoryview(bytearray(_BUFFER_SIZE))
         self._sweeper: asyncio.TimerHandle | None = None
+        # uvloop only: an epoll set of every relayed socket, watched for errors alone (see _watch_errors).
+        self._uvloop = False
+        self._error_watch: select.epoll | None = None
+        self._error_watch_failed = False
+        self._watched: dict[int, Relay] = {}
         self._resolved: tuple[float, list[tuple[int, Any]]] | None = None
         # A unix path or an IP literal needs no lookup: work it out once, not per connection.
         self._static_target = _static_target(cfg.target)
@@ -119,6 +125,7 @@ class Tunnel:
         self.listeners = listeners if listeners is not None else bind_listeners(self.cfg.listen, self.reuse_port)
         # Logs name the tunnel by its config name, else by where it really listens (port 0 resolved).
         self.label = self.cfg.name or ",".join(self.addresses)
+        self._uvloop = self._poll_drops_errors
         self._resume_accepting()
         self._schedule_sweep()
 
@@ -174,6 +181,7 @@ class Tunnel:
         cut = self.abort_all("shutdown timeout")
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._stop_watching_errors()
         return cut
 
     def abort_all(self, reason: str) -> int:
@@ -286,9 +294,15 @@ class Tunnel:
     def relay_started(self, relay: Relay) -> None:
         self.relays.add(relay)
         self.stats.established += 1
+        if self._uvloop and not self._error_watch_failed:
+            self._watch_errors(relay)
 
     def relay_closed(self, relay: Relay, peer: str, identity: str, target: str) -> None:
         self.relays.discard(relay)
+        if self._watched:
+            # Closing the sockets took them out of the epoll set; forget them before their numbers are reused.
+            self._watched.pop(relay.outbound.src_fd, None)
+            self._watched.pop(relay.inbound.src_fd, None)
         stats = self.stats
         stats.closed += 1
         stats.bytes_in += relay.bytes_in
@@ -347,9 +361,56 @@ class Tunnel:
 
     @property
     def _poll_drops_errors(self) -> bool:
-        # uvloop (libuv) stops an add_reader() poll on POLLERR (a peer's reset) without calling the reader, so a
-        # relay that only waits to read would never learn. The sweep asks the kernel for such connections.
+        # On POLLERR (a peer's reset) libuv stops an add_reader() poll for good; uvloop then runs the reader once.
+        # A reader that finds data queued before the reset relays it and waits for more, which never comes: the
+        # error would go unseen. _watch_errors() and, failing that, the sweep ask the kernel instead.
         return type(self.loop).__module__.startswith("uvloop")
+
+    def _watch_errors(self, relay: Relay) -> None:
+        """On uvloop, learn of a reset on either socket of ``relay`` within one turn of the loop.
+
+        libuv drops a descriptor from its poll set at POLLERR and uvloop calls the reader once; if that read
+        returns bytes that arrived before the reset, the relay goes back to waiting on a descriptor nobody polls
+        any more, until the sweep asks the kernel. So relayed sockets also go into an epoll set of our own,
+        asking for no events: epoll reports EPOLLERR (and EPOLLHUP) regardless, and that set's descriptor is one
+        reader on the loop. Cost: one epoll_ctl per socket at relay start; closing a socket removes it. Where
+        that fails (not Linux, out of epoll watches), the sweep asks every relay's sockets once per interval.
+        """
+        assert self.loop is not None
+        try:
+            watch = self._error_watch
+            if watch is None:
+                watch = self._error_watch = select.epoll()
+                self.loop.add_reader(watch.fileno(), self._on_socket_errors)
+            for fd in (relay.outbound.src_fd, relay.inbound.src_fd):
+                # No events asked for: epoll reports EPOLLERR and EPOLLHUP anyway. One-shot, so a socket that
+                # hangs up cleanly (both FINs) is reported once, not at every turn of the loop.
+                watch.register(fd, select.EPOLLONESHOT)
+                self._watched[fd] = relay
+        except (OSError, AttributeError):  # no epoll, or fs.epoll.max_user_watches reached
+            self._error_watch_failed = True
+            self._stop_watching_errors()
+
+    def _stop_watching_errors(self) -> None:
+        watch, self._error_watch = self._error_watch, None
+        self._watched.clear()
+        if watch is not None:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(watch.fileno())
+            watch.close()
+
+    def _on_socket_errors(self) -> None:
+        try:
+            watch = self._error_watch
+            if watch is None:
+                return
+            for fd, _ in watch.poll(0):
+                relay = self._watched.pop(fd, None)
+                # A clean hang-up (no error) is reported once too: the relay's own reads see that end.
+                if relay is not None and not relay.closed:
+                    _pending_error(relay)
+        except Exception as err:
+            self.internal_error("socket errors", err, "")
 
     def _schedule_sweep(self) -> None:
         t = self.cfg.timeouts
@@ -386,7 +447,8 @@ class Tunnel:
         elif t.idle and now - relay.last_change >= t.idle:
             relay.abort("idle timeout")
             return
-        elif self._poll_drops_errors and _pending_error(relay):
+        # Without the epoll watch, every relay, moving or not: an unseen reset then waits one interval, not two.
+        if self._error_watch_failed and _pending_error(relay):
             return
         if t.max_conn_lifetime and now - relay.started >= t.max_conn_lifetime:
             relay.abort("max connection lifetime")
