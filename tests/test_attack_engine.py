@@ -676,3 +676,32 @@ async def test_without_the_epoll_watch_a_reset_waits_one_sweep_not_two(
             assert tun._error_watch is None and tun._error_watch_failed
     # Under one and a half intervals: the next pass, with room for a late timer; the pass after is at two.
     assert latency < 1.5 * SWEEP_INTERVAL, latency
+
+
+@pytest.mark.asyncio
+async def test_bytes_a_target_sent_before_its_reset_reach_the_client_first(
+    pki_files: dict[str, Path], ca: trustme.CA
+) -> None:
+    """The target answers and resets at once: the answer and the reset arrive together. The error watch must
+    not cut ahead of the answer (it reads what the socket holds first), and must not wait for a sweep."""
+    loop = asyncio.get_running_loop()
+
+    async def answer_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4)
+        sock = writer.get_extra_info("socket")
+        writer.write(b"bye")
+        await writer.drain()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    opts = server_opts(pki_files, "", disable_authentication=True)
+    async with backend(answer_then_reset) as be, tunnel(**{**opts, "target": be.address}) as tun:
+        reader, writer = await tls_connect(tun, client_context(ca))
+        writer.write(b"ping")
+        started = loop.time()
+        got = await until_cut(reader, within=_PROMPT)
+        latency = loop.time() - started
+        writer.close()
+        await wait_until(lambda: tun.active == 0)
+    assert got == b"bye"
+    assert latency < SWEEP_INTERVAL, latency

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -342,6 +343,34 @@ class Relay:
                         self.loop.remove_reader(fd)
                         self.loop.remove_writer(fd)
                     sock.close()
+
+    def socket_error(self, fd: int) -> None:
+        """EPOLLERR or EPOLLHUP on one of our sockets, seen by the tunnel's error watch (uvloop only: libuv stops
+        polling a descriptor at POLLERR, see ``Tunnel._watch_errors``).
+
+        Do what a level-triggered loop would have done: read what the socket still holds (bytes, then its end
+        or its error, in that order, so nothing sent before a reset or a FIN is lost or reordered), retry a
+        write waiting on it; an error still pending after that is the peer's reset, and cuts the relay.
+        """
+        try:
+            for direction in (self.outbound, self.inbound):
+                if direction.src_fd == fd and not direction.read_wants_write:
+                    # Bounded: each read drains up to _MAX_READS records; a reset or FIN socket ends in EOF or an
+                    # error, never in "would block", but a bug must not make this spin.
+                    for _ in range(64):
+                        if self.closed or direction.eof or direction.pending is not None:
+                            break
+                        if direction.read() in (_ENDED, _PAUSED):
+                            break
+                if direction.dst_fd == fd and direction.pending is not None and not self.closed:
+                    direction.flush()
+            if not self.closed:
+                sock, side = (self.client, "client") if fd == self.outbound.src_fd else (self.target, "target")
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    self.abort(f"{side} read: {os.strerror(err).lower()}")
+        except Exception as err:
+            self.internal_error("socket error", err)
 
     def on_half_close(self, direction: Direction) -> None:
         if not self.half_closed_at:

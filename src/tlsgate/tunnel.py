@@ -406,9 +406,8 @@ class Tunnel:
                 return
             for fd, _ in watch.poll(0):
                 relay = self._watched.pop(fd, None)
-                # A clean hang-up (no error) is reported once too: the relay's own reads see that end.
                 if relay is not None and not relay.closed:
-                    _pending_error(relay)
+                    relay.socket_error(fd)
         except Exception as err:
             self.internal_error("socket errors", err, "")
 
