@@ -174,6 +174,17 @@ def inject_relay_start(mp: pytest.MonkeyPatch) -> dict[str, Any]:
     return {"send": b"ping"}
 
 
+def inject_relay_started(mp: pytest.MonkeyPatch) -> dict[str, Any]:
+    # Between the end of the set-up and the relay's own first callback: the sockets must not be orphaned.
+    raise_on_call(mp, Tunnel, "relay_started")
+    return {"send": b"ping"}
+
+
+def inject_relay_constructor(mp: pytest.MonkeyPatch) -> dict[str, Any]:
+    raise_on_call(mp, Relay, "__init__")
+    return {}
+
+
 def inject_read(mp: pytest.MonkeyPatch) -> dict[str, Any]:
     raise_on_call(mp, Direction, "_send")
     return {"send": b"ping"}
@@ -238,6 +249,8 @@ INJECTIONS: dict[str, Callable[[pytest.MonkeyPatch], dict[str, Any]]] = {
     "resolved": inject_resolved,
     "resolve_done": inject_resolve_done,
     "abort": inject_handshake_timer,
+    "relay": inject_relay_constructor,
+    "relay_started": inject_relay_started,
     "start": inject_relay_start,
     "read": inject_read,
     "flush": inject_flush,
@@ -246,7 +259,7 @@ INJECTIONS: dict[str, Callable[[pytest.MonkeyPatch], dict[str, Any]]] = {
     "sweep": inject_sweep,
 }
 # Where the log line says the failure was, when that is not the injection's name.
-WHERE = {"resolve_done": "resolved"}
+WHERE = {"resolve_done": "resolved", "relay": "resolved", "relay_started": "start"}
 
 
 async def drive(tun: Tunnel, ctx: ssl.SSLContext, plan: dict[str, Any]) -> None:

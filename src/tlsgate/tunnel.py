@@ -857,9 +857,6 @@ class _Setup:
         assert self.target is not None
         if cfg.proxy_protocol and not self._send_proxy_header():
             return
-        if self._waiting is not None and self._waiting[1]:
-            self._waiting = None  # a reader the relay wants too: Relay.start() only swaps its callback
-        self._end()
         peer, identity, target_name = self.peer, self.identity, str(cfg.target)
         relay = Relay(
             self.loop,
@@ -871,8 +868,14 @@ class _Setup:
             peer=peer,
             on_error=tunnel.internal_error,
         )
-        tunnel.relay_started(relay)
-        relay.start()
+        if self._waiting is not None and self._waiting[1]:
+            self._waiting = None  # a reader the relay wants too: Relay.start() only swaps its callback
+        self._end()
+        try:
+            tunnel.relay_started(relay)
+            relay.start()
+        except Exception as err:  # the set-up has ended: the sockets are the relay's now, and so is the cut
+            relay.internal_error("start", err)
 
     def _send_proxy_header(self) -> bool:
         """Tell the target who the client is, from what the connection itself showed, never a display string.
