@@ -47,6 +47,11 @@ _common = stack_options(
     ),
     click.option("--key-pass", metavar="PASS", help="Passphrase of an encrypted --key (env:VAR, file:PATH)."),
     click.option("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)."),
+    click.option(
+        "--session-tickets",
+        type=click.Choice(["shared", "per-context", "off"]),
+        help="TLS session tickets: one key for all workers and reloads, OpenSSL's own per context, or none [shared].",
+    ),
     click.option("--unsafe-listen", is_flag=True, default=None, help="Allow listening on a non-loopback address."),
     _duration("--connect-timeout", "Timeout for connecting to the target [10s]."),
     _duration("--handshake-timeout", "Timeout for a TLS handshake; slow or silent clients are cut [10s]."),

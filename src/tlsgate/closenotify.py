@@ -11,7 +11,8 @@ So we call ``SSL_shutdown`` once ourselves, on the ``SSL*`` behind the socket, t
 pointer relies on CPython's ``PySSLSocket`` layout (``PyObject_HEAD``, a weakref, then ``SSL *ssl``), unchanged
 from 3.6 to 3.14. Every call checks the pointer twice before trusting it: OpenSSL must report our socket's
 file descriptor for it, and the app-data slot that ``_ssl`` sets to its own object must point back to that
-object. Where anything does not fit (another Python, OpenSSL linked statically, ``TLSGATE_CLOSE_NOTIFY=unwrap``)
+object. The layout and the OpenSSL are checked once at start-up by `tlsgate.internals` (path ``closenotify``).
+Where anything does not fit (another Python, OpenSSL linked statically, ``TLSGATE_INTERNALS=-closenotify``)
 we fall back to ``unwrap()``, and the relay first drains what the peer already sent, which leaves only that
 instant uncovered.
 """
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import ssl
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-_T = TypeVar("_T")
+from tlsgate import internals
+
 _SSL_ERROR_SSL = 1
 _SSL_ERROR_WANT_READ = 2
 _SSL_ERROR_WANT_WRITE = 3
@@ -52,48 +51,7 @@ class _LibSSL:
         self.clear_errors.restype = None
 
 
-def loaded_library(stem: str) -> str | None:
-    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses).
-
-    Shared with `tlsgate.tickets`, which must reach the very same OpenSSL as ``_ssl`` does.
-    """
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if os.path.basename(path).startswith(stem + ".so"):
-                    return path
-    except OSError:
-        return None
-    return None
-
-
-def load_openssl(bind: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | None:
-    """``bind(libssl, libcrypto)`` for the OpenSSL that ``_ssl`` uses, or None where our layout assumptions may
-    not hold (not CPython 3.11-3.14, a free-threaded build, OpenSSL not found as a shared library)."""
-    if platform.python_implementation() != "CPython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
-        return None
-    import sysconfig
-
-    if sysconfig.get_config_var("Py_GIL_DISABLED"):
-        return None  # free-threaded builds have a different object header
-    ssl_path, crypto_path = loaded_library("libssl"), loaded_library("libcrypto")
-    if ssl_path is None or crypto_path is None:
-        return None
-    try:
-        # use_errno: after SSL_ERROR_SYSCALL the reason is in errno, which ctypes keeps only when asked to.
-        return bind(ctypes.CDLL(ssl_path, use_errno=True), ctypes.CDLL(crypto_path, use_errno=True))
-    except (OSError, AttributeError):
-        return None
-
-
-def _load() -> _LibSSL | None:
-    if os.environ.get("TLSGATE_CLOSE_NOTIFY") == "unwrap":
-        return None
-    return load_openssl(_LibSSL)
-
-
-_LIB = _load()
+_LIB = internals.bind("closenotify", _LibSSL)
 # PyObject_HEAD (refcount, type) and the Socket weakref come before the SSL pointer.
 _SSL_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)
 

@@ -91,6 +91,8 @@ class TunnelConfig:
     target_cert: str | None = None
     target_key: str | None = None
     alpn: tuple[str, ...] = ()
+    # Server mode: "shared" (one derived key per process tree), "per-context" (OpenSSL's own), "off".
+    session_tickets: str = "shared"
     unsafe_target: bool = False
     unsafe_listen: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -370,6 +372,7 @@ def _secret(value: object, key: str) -> bytes | None:
     return resolve_secret(value, flag=flag(key))
 
 
+SESSION_TICKETS = ("shared", "per-context", "off")
 _DEFAULTS = TunnelConfig(mode="server", listen=Address(), target=Address())
 
 
@@ -389,6 +392,11 @@ def _convert(key: str, value: object) -> Any:
         return _as_int(value, key, 0, 10_000_000)
     if key == "proxy_protocol_version":
         return _as_int(value, key, 1, 2)
+    if key == "session_tickets":
+        text = _as_str(value, key)
+        if text not in SESSION_TICKETS:
+            raise ConfigError(f"{flag(key)}: expected one of {', '.join(SESSION_TICKETS)}, got {text!r}")
+        return text
     default = getattr(_DEFAULTS, key, None)
     if isinstance(default, bool):
         return _as_bool(value, key)

@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
+from tlsgate import internals
 from tlsgate.errors import CertificateError, ConfigError
 
 if TYPE_CHECKING:
@@ -855,9 +856,7 @@ def verified_chain(tls: ssl.SSLSocket, leaf_der: bytes) -> tuple[bytes, ...]:
 
 
 def _read_verified_chain(tls: ssl.SSLSocket) -> tuple[bytes, ...]:
-    getter = getattr(tls, "get_verified_chain", None) or getattr(
-        getattr(tls, "_sslobj", None), "get_verified_chain", None
-    )
+    getter = internals.verified_chain_getter(tls)
     if getter is None:
         return ()
     try:

@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from tlsgate import closenotify
+from tlsgate import closenotify, internals
 
 # TLS records carry at most 16 KiB of plaintext; a read that returns less means the socket is (probably)
 # drained, so we go back to the loop instead of paying for a read that fails with EAGAIN.
@@ -74,11 +74,10 @@ class Direction:
         self._big = _TLS_RECORD if isinstance(src, ssl.SSLSocket) else len(self.view)
         # SSLSocket.recv_into/send are two Python frames over the C methods of its _sslobj; calling those
         # directly saves ~1.3 µs per request (measured), about a tenth of what relaying one costs.
-        src_obj = getattr(src, "_sslobj", None)
-        dst_obj = getattr(dst, "_sslobj", None)
-        self._tls_read: Callable[[int, memoryview], int] | None = src_obj.read if src_obj is not None else None
+        # (the path "sslobj" of tlsgate.internals).
+        self._tls_read: Callable[[int, memoryview], int] | None = internals.tls_reader(src)
         self._recv_into: Callable[[memoryview], int] = src.recv_into
-        self._write: Callable[[memoryview], int] = dst_obj.write if dst_obj is not None else dst.send
+        self._write: Callable[[memoryview], int] = internals.tls_writer(dst)
         self.name = name
         self.nbytes = 0
         self.pending: memoryview | None = None

@@ -62,6 +62,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 require_client_cert=not cfg.disable_authentication,
                 alpn=cfg.alpn,
                 crl=cfg.crl,
+                session_tickets=cfg.session_tickets,
             )
             for material in materials
         ]

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tlsgate import __version__, logs, tlsctx
+from tlsgate import __version__, internals, logs, tlsctx
 from tlsgate import tunnel as tunnel_module
 from tlsgate.addresses import Address, parse_address
 from tlsgate.config import TunnelConfig, check_socket_path, shown
@@ -756,7 +756,8 @@ def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
             out.sample(out.family(metric_name, kind, help_text), {}, snapshot.process[key])
 
     name = out.family("build_info", "gauge", "Always 1; the labels say which tlsgate and Python are running.")
-    out.sample(name, {"version": __version__, "python": platform.python_version()}, 1)
+    labels = {"version": __version__, "python": platform.python_version(), "internals": internals.report().label()}
+    out.sample(name, labels, 1)
     return out.text()
 
 

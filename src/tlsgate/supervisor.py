@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs, platforms, systemd
+from tlsgate import internals, logs, platforms, systemd
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
@@ -404,6 +404,7 @@ def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwarg
     systemd.consume_environment()
     platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
+    internals.log_startup()  # a bad TLSGATE_INTERNALS stops here (exit 2)
     runner = choose_loop(options.loop)
 
     async def main() -> int:

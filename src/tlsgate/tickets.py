@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tlsgate.closenotify import load_openssl
+from tlsgate import internals
 
 _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
@@ -119,7 +119,7 @@ class _LibSSL:
         self.clear_errors.restype = None
 
 
-_LIB = load_openssl(_LibSSL)
+_LIB = internals.bind("tickets", _LibSSL)
 # PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer.
 _CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
 

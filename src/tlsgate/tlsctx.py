@@ -215,11 +215,17 @@ def server_context(
     require_client_cert: bool,
     alpn: Sequence[str] = (),
     crl: Sequence[str | Path] = (),
+    session_tickets: str = "shared",
 ) -> ssl.SSLContext:
     """A context for accepting TLS from clients; asks for (and verifies) a client certificate when told to.
 
     ``crl`` are the ``--crl`` files `tlsgate.policy` enforces on every connection. OpenSSL does not read them;
     they are here because the session-ticket key is derived from them (a CRL change must end resumption).
+
+    ``session_tickets`` (``--session-tickets``): ``shared`` installs the process tree's derived ticket key
+    (see `tickets`; where that cannot be done it is ``per-context``), ``per-context`` keeps OpenSSL's own
+    random key of this context (a ticket resumes only on the worker and the configuration that issued it),
+    and ``off`` issues no tickets at all, so every connection makes a full, verified handshake.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
@@ -230,6 +236,10 @@ def server_context(
     # One TLS 1.3 ticket is enough for resumption; OpenSSL's default of two costs an extra encryption and
     # an extra record on every new connection.
     ctx.num_tickets = 1
+    if session_tickets == "off":
+        # Both: OP_NO_TICKET stops TLS 1.2 tickets, num_tickets = 0 stops TLS 1.3's NewSessionTicket messages.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     _load_chain(ctx, material)
     # What decides who a full handshake admits, byte for byte; see tickets.py for why the key depends on it.
     admission: list[bytes] = []
@@ -245,7 +255,8 @@ def server_context(
         ctx.set_alpn_protocols(list(alpn))
     # Last, once client verification is final: the ticket key is derived from it (see tickets.py). Tickets then
     # resume on every worker and across reloads; where that cannot be done, OpenSSL keeps its own random key.
-    tickets.apply(ctx, admission)
+    if session_tickets == "shared":
+        tickets.apply(ctx, admission)
     return ctx
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs
+from tlsgate import internals, logs
 from tlsgate.addresses import Address
 from tlsgate.config import Timeouts, TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError
@@ -201,7 +201,7 @@ class Tunnel:
     def _accept(self, listener: socket.socket) -> None:
         limit = self.cfg.max_concurrent_conns
         # socket.accept() converts the listener's family and type to enums for every connection; do it once.
-        accept, family = listener._accept, int(listener.family)  # type: ignore[attr-defined]
+        accept, family = internals.raw_accept(listener), int(listener.family)
         for _ in range(_ACCEPT_BATCH):
             if limit and self.active >= limit:
                 # Excess clients wait in the kernel's backlog instead of being refused mid-handshake.
@@ -686,8 +686,7 @@ class _Setup:
     def _advance_handshake(self, tls: ssl.SSLSocket, retry: Callable[[], None], side: str) -> bool:
         """One step of a non-blocking handshake; True once it is complete."""
         try:
-            # SSLSocket.do_handshake() re-sets the socket's timeout afterwards: an ioctl per call for nothing.
-            tls._sslobj.do_handshake()  # type: ignore[attr-defined]
+            internals.do_handshake(tls)
         except ssl.SSLWantReadError:
             self._want(tls.fileno(), True, retry)
             return False

@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import logs, platforms, systemd, tickets
+from tlsgate import internals, logs, platforms, systemd, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
@@ -108,6 +108,7 @@ def run_workers(
     platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
     platforms.warn_about_workers(options.workers)
+    internals.log_startup()  # a bad TLSGATE_INTERNALS stops here (exit 2)
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
     return asyncio.run(_Pool(configs, options, load_configs).run())
 

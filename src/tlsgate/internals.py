@@ -1,0 +1,328 @@
+"""Every reach into private CPython or OpenSSL internals, each behind a start-up probe and a kill switch.
+
+Python's ``ssl`` module cannot express a few things a tunnel needs, and a few of its public methods cost more
+than the private ones under them. tlsgate uses these *paths*, and nothing else private:
+
+=============  ==========================================================================================
+path           what it does, and what happens when it is off
+=============  ==========================================================================================
+closenotify    ``SSL_shutdown`` through ctypes on the ``SSL*`` behind an ``SSLSocket``: a TLS half-close
+               that never reads (see `tlsgate.closenotify`). Off: ``SSLSocket.unwrap()`` after draining.
+tickets        ``SSL_CTX_ctrl`` ticket keys and ``SSL_CTX_set_session_ticket_cb`` on the ``SSL_CTX*``:
+               one ticket key per process tree, resumption chains bounded in age (see `tlsgate.tickets`).
+               Off: OpenSSL's own random key per context, as ``--session-tickets per-context``.
+sslobj         ``SSLSocket._sslobj.do_handshake/read/write``: the C methods without the two Python frames
+               around each (about 1.3 µs a request). Off: the public ``SSLSocket`` methods.
+accept         ``socket._accept()``: the raw ``(fd, address)`` without building enums per connection.
+               Off: ``socket.accept()``.
+chain          ``_sslobj.get_verified_chain()`` on Python 3.11-3.12 (3.13 has a public method, used there).
+               Off: the leaf alone, so CRL checks cannot see the issuer chain of a resumed session.
+=============  ==========================================================================================
+
+The kill switch is the environment variable ``TLSGATE_INTERNALS``: a comma-separated list of ``-path`` entries
+turns those paths off (``TLSGATE_INTERNALS=-closenotify,-tickets``), and ``off`` turns every path off, leaving
+only Python's public API. The older ``TLSGATE_CLOSE_NOTIFY=unwrap`` still works and means ``-closenotify``.
+It is read once, at start-up; an unknown name is an error (exit 2) rather than a switch silently ignored.
+
+The ctypes paths (closenotify, tickets) rest on two facts that are checked here, once, before any pointer is
+trusted: the object header is the plain one (``PyObject_HEAD`` of two pointers: not a free-threaded build, not
+a ``Py_TRACE_REFS`` debug build), so the C pointer sits where we read it; and the OpenSSL we load through
+ctypes is the very one ``_ssl`` is linked with (``OpenSSL_version_num()`` of the loaded libcrypto equals
+``ssl.OPENSSL_VERSION_NUMBER``), so the pointer means the same thing to both. Each module then checks each
+pointer again before using it (file descriptor, options, verify mode).
+
+At start-up `report` gives one `Capabilities` value: the active paths and, for each path that is off, why.
+The process logs it as one line, and the ``/metrics`` build-info metric carries it as a label.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import os
+import platform
+import socket
+import ssl
+import sys
+import sysconfig
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tlsgate.errors import ConfigError
+
+_T = TypeVar("_T")
+
+PATHS = ("closenotify", "tickets", "sslobj", "accept", "chain")
+"""Every private path tlsgate may use, in the order the log line names them."""
+ENV = "TLSGATE_INTERNALS"
+_CTYPES_PATHS = frozenset({"closenotify", "tickets"})
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the probe looks at, gathered in one place so a test can substitute any of them."""
+
+    implementation: str
+    version: tuple[int, int]
+    header_size: int  # object.__basicsize__: two pointers for the plain PyObject_HEAD
+    gil_disabled: bool
+    trace_refs: bool
+    ssl_version_number: int  # ssl.OPENSSL_VERSION_NUMBER: the OpenSSL _ssl was built against
+    libssl: str | None
+    libcrypto: str | None
+
+
+def loaded_library(stem: str) -> str | None:
+    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path).startswith(stem + ".so"):
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+def gather_facts() -> Facts:
+    """The facts of this process (``_ssl`` is imported, so its OpenSSL is mapped by now)."""
+    return Facts(
+        implementation=platform.python_implementation(),
+        version=sys.version_info[:2],
+        header_size=object.__basicsize__,
+        gil_disabled=bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
+        trace_refs=bool(sysconfig.get_config_var("Py_TRACE_REFS")) or hasattr(sys, "getobjects"),
+        ssl_version_number=ssl.OPENSSL_VERSION_NUMBER,
+        libssl=loaded_library("libssl"),
+        libcrypto=loaded_library("libcrypto"),
+    )
+
+
+def switched_off(environ: Mapping[str, str]) -> dict[str, str]:
+    """The paths the kill switch turns off, each with the setting that did; `ConfigError` for a bad value."""
+    off: dict[str, str] = {}
+    value = environ.get(ENV, "").strip()
+    if value.lower() in ("off", "none"):
+        off = dict.fromkeys(PATHS, f"{ENV}=off")
+    else:
+        for entry in filter(None, (item.strip() for item in value.split(","))):
+            name = entry.removeprefix("-")
+            if not entry.startswith("-") or name not in PATHS:
+                raise ConfigError(
+                    f"{ENV}={value}: {entry!r} is not '-PATH' with PATH one of {', '.join(PATHS)} "
+                    "(or the whole value 'off')"
+                )
+            off[name] = f"{ENV}={entry}"
+    if environ.get("TLSGATE_CLOSE_NOTIFY") == "unwrap":
+        off.setdefault("closenotify", "TLSGATE_CLOSE_NOTIFY=unwrap")
+    return off
+
+
+def _layout_problem(facts: Facts) -> str | None:
+    """Why C pointers cannot be read at CPython's usual offsets here, or None when they can."""
+    if facts.implementation != "CPython" or not (3, 11) <= facts.version <= (3, 14):
+        return f"not CPython 3.11-3.14 ({facts.implementation} {facts.version[0]}.{facts.version[1]})"
+    if facts.gil_disabled:
+        return "free-threaded build (another object header)"
+    if facts.trace_refs:
+        return "Py_TRACE_REFS build (another object header)"
+    if facts.header_size != 2 * ctypes.sizeof(ctypes.c_void_p):
+        return f"object header of {facts.header_size} bytes"
+    return None
+
+
+class OpenSSL:
+    """The two libraries ``_ssl`` uses, opened through ctypes once their version matched ``_ssl``'s."""
+
+    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
+        self.libssl = libssl
+        self.libcrypto = libcrypto
+
+
+def _open_openssl(facts: Facts) -> tuple[OpenSSL | None, str | None]:
+    if facts.libssl is None or facts.libcrypto is None:
+        return None, "OpenSSL is not a shared library here"
+    try:
+        # use_errno: after SSL_ERROR_SYSCALL the reason is in errno, which ctypes keeps only when asked to.
+        libssl = ctypes.CDLL(facts.libssl, use_errno=True)
+        libcrypto = ctypes.CDLL(facts.libcrypto, use_errno=True)
+        version_num = libcrypto.OpenSSL_version_num
+        version_num.argtypes = []
+        version_num.restype = ctypes.c_ulong
+        loaded = int(version_num())
+    except (OSError, AttributeError) as err:
+        return None, f"cannot open OpenSSL ({err})"
+    if loaded != facts.ssl_version_number:
+        return None, f"ctypes found OpenSSL {loaded:#x}, _ssl uses {facts.ssl_version_number:#x}"
+    return OpenSSL(libssl, libcrypto), None
+
+
+def _probe_sslobj() -> object:
+    """The ``_sslobj`` of a real ``SSLSocket`` (None when it has none), without any network traffic."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        left, right = socket.socketpair()  # the cheapest connected socket: _sslobj exists only once connected
+    except (OSError, AttributeError):
+        # No socket pair here (no AF_UNIX, say): an SSLObject keeps the same private attribute.
+        return getattr(ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="probe.invalid"), "_sslobj", None)
+    try:
+        with ctx.wrap_socket(left, do_handshake_on_connect=False, server_hostname="probe.invalid") as tls:
+            return getattr(tls, "_sslobj", None)
+    finally:
+        left.close()
+        right.close()
+
+
+def _python_paths_missing() -> dict[str, str]:
+    """The pure-Python private paths whose attributes are missing in this Python."""
+    missing: dict[str, str] = {}
+    c_socket: Any = getattr(_ssl, "_SSLSocket", None)
+    if not all(hasattr(c_socket, name) for name in ("do_handshake", "read", "write")):
+        missing["sslobj"] = "_ssl._SSLSocket lacks do_handshake/read/write"
+    elif not isinstance(_probe_sslobj(), c_socket):
+        missing["sslobj"] = "SSLSocket has no _sslobj"
+    if not hasattr(socket.socket, "_accept"):
+        missing["accept"] = "socket has no _accept"
+    if not hasattr(ssl.SSLSocket, "get_verified_chain") and not hasattr(c_socket, "get_verified_chain"):
+        missing["chain"] = "no get_verified_chain"
+    return missing
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The outcome of the start-up probe: which paths are in use, and why each other one is not."""
+
+    active: tuple[str, ...]
+    off: dict[str, str] = field(default_factory=dict)
+    openssl: OpenSSL | None = None
+
+    def enabled(self, path: str) -> bool:
+        return path in self.active
+
+    def label(self) -> str:
+        """The ``/metrics`` label value: the active paths, comma-separated (``none`` when every path is off)."""
+        return ",".join(self.active) or "none"
+
+    def describe(self) -> str:
+        """The start-up log line's text: ``active: a,b; off: c (why), d (why)``."""
+        text = f"active: {self.label()}"
+        if self.off:
+            text += "; off: " + ", ".join(f"{path} ({why})" for path, why in self.off.items())
+        return text
+
+
+def probe(environ: Mapping[str, str] | None = None, facts: Facts | None = None) -> Capabilities:
+    """Decide, once, which private paths this process uses.
+
+    ``environ`` and ``facts`` default to the real ones; tests pass others to see each fallback.
+    """
+    facts = gather_facts() if facts is None else facts
+    off = switched_off(os.environ if environ is None else environ)
+    openssl: OpenSSL | None = None
+    if any(path not in off for path in _CTYPES_PATHS):
+        problem = _layout_problem(facts)
+        if problem is None:
+            openssl, problem = _open_openssl(facts)
+        if problem is not None:
+            for path in _CTYPES_PATHS:
+                off.setdefault(path, problem)
+    for path, why in _python_paths_missing().items():
+        off.setdefault(path, why)
+    if "chain" not in off and hasattr(ssl.SSLSocket, "get_verified_chain"):
+        off["chain"] = "not needed: public in this Python"
+    active = tuple(path for path in PATHS if path not in off)
+    return Capabilities(active, {path: off[path] for path in PATHS if path in off}, openssl)
+
+
+_capabilities: Capabilities | None = None
+
+
+def report() -> Capabilities:
+    """This process's `Capabilities`, probed on first use (a bad ``TLSGATE_INTERNALS`` raises `ConfigError`)."""
+    global _capabilities
+    if _capabilities is None:
+        _capabilities = probe()
+    return _capabilities
+
+
+def enabled(path: str) -> bool:
+    """Whether ``path`` is in use in this process; False when the kill switch is unreadable (the safe side)."""
+    try:
+        return report().enabled(path)
+    except ConfigError:
+        return False
+
+
+def bind(path: str, binder: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | None:
+    """``binder(libssl, libcrypto)`` when the ctypes ``path`` is in use; None (the caller falls back) otherwise."""
+    try:
+        caps = report()
+    except ConfigError:
+        return None
+    if not caps.enabled(path) or caps.openssl is None:
+        return None
+    try:
+        return binder(caps.openssl.libssl, caps.openssl.libcrypto)
+    except AttributeError:  # a symbol this OpenSSL lacks
+        return None
+
+
+# --- the pure-Python private paths, each chosen once ----------------------------------------------------------
+
+
+def _direct_handshake(tls: ssl.SSLSocket) -> None:
+    # SSLSocket.do_handshake() re-sets the socket's timeout afterwards: an ioctl per call for nothing.
+    tls._sslobj.do_handshake()  # type: ignore[attr-defined]
+
+
+def _public_handshake(tls: ssl.SSLSocket) -> None:
+    tls.do_handshake()
+
+
+do_handshake: Callable[[ssl.SSLSocket], None] = _direct_handshake if enabled("sslobj") else _public_handshake
+"""One step of a non-blocking handshake on ``tls`` (raises ``SSLWantReadError`` and friends as usual)."""
+
+
+def tls_reader(sock: socket.socket) -> Callable[[int, memoryview], int] | None:
+    """The C ``read(size, buffer)`` of a TLS socket, or None (use ``recv_into``) for plain sockets or when off."""
+    sslobj: Any = getattr(sock, "_sslobj", None) if enabled("sslobj") else None
+    return sslobj.read if sslobj is not None else None
+
+
+def tls_writer(sock: socket.socket) -> Callable[[memoryview], int]:
+    """The fastest ``send``-like writer for ``sock``: the C ``write`` of a TLS socket when on, else ``send``."""
+    sslobj: Any = getattr(sock, "_sslobj", None) if enabled("sslobj") else None
+    return sslobj.write if sslobj is not None else sock.send
+
+
+def raw_accept(listener: socket.socket) -> Callable[[], tuple[int, Any]]:
+    """A function returning ``(fd, address)`` for the next connection on ``listener`` (raises like accept)."""
+    if enabled("accept"):
+        return listener._accept  # type: ignore[attr-defined,no-any-return]
+
+    def accept() -> tuple[int, Any]:
+        sock, address = listener.accept()
+        return sock.detach(), address
+
+    return accept
+
+
+def verified_chain_getter(tls: object) -> Callable[[], Any] | None:
+    """The verified chain reader of a finished handshake: public on 3.13+, the private one when on, else None."""
+    public = getattr(tls, "get_verified_chain", None)
+    if public is not None:
+        return public  # type: ignore[no-any-return]
+    if not enabled("chain"):
+        return None
+    return getattr(getattr(tls, "_sslobj", None), "get_verified_chain", None)
+
+
+def log_startup() -> None:
+    """Log the one start-up line ``internals active=... off=...``; `ConfigError` for a bad kill switch."""
+    from tlsgate import logs
+
+    caps = report()
+    off = ", ".join(f"{path} ({why})" for path, why in caps.off.items()) or "none"
+    logs.event("internals", active=caps.label(), off=off)
