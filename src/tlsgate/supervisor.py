@@ -55,6 +55,8 @@ class ProcessOptions:
 class Server:
     # Whether start() logs overdue CRLs; a --workers worker leaves that to the parent, which says it once.
     announce_overdue_crls = True
+    # The one start-up line naming the private paths in use (tlsgate.internals); a --workers parent logs it.
+    announces_internals = True
 
     def __init__(
         self,
@@ -117,6 +119,8 @@ class Server:
         if self.announce_overdue_crls:
             for cfg, crls in overdue:
                 log_overdue_crls(cfg.label, crls)
+        if self.announces_internals:
+            internals.log_startup()
         self._install_signals()
         self._schedule_timed_reload()
         self._flush_logs_periodically()
@@ -404,7 +408,7 @@ def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwarg
     systemd.consume_environment()
     platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
-    internals.log_startup()  # a bad TLSGATE_INTERNALS stops here (exit 2)
+    internals.report()  # a bad TLSGATE_INTERNALS stops here (exit 2), before anything listens
     runner = choose_loop(options.loop)
 
     async def main() -> int:

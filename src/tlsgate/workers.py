@@ -108,7 +108,7 @@ def run_workers(
     platforms.check_startup(configs, options.workers, options.status, options.syslog)
     logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
     platforms.warn_about_workers(options.workers)
-    internals.log_startup()  # a bad TLSGATE_INTERNALS stops here (exit 2)
+    internals.report()  # a bad TLSGATE_INTERNALS stops here (exit 2), before any worker starts
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
     return asyncio.run(_Pool(configs, options, load_configs).run())
 
@@ -213,6 +213,7 @@ class _Pool:
         self._install_signals()
         self._schedule_timed_reload()
         self._flush_logs_periodically()
+        internals.log_startup()
         if not tickets.available():
             logs.event(
                 "session tickets cannot be shared here; a returning client resumes only on the worker it first met",
@@ -614,6 +615,7 @@ class _WorkerServer(Server):
     """A Server that starts on the listening sockets the parent handed down (unix listeners)."""
 
     announce_overdue_crls = False  # the parent said it once at start; each worker still says it on reload
+    announces_internals = False  # the parent did
 
     def __init__(
         self,
