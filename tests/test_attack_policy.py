@@ -395,10 +395,12 @@ async def test_handshake_under_a_sound_intermediate_still_passes_the_crl(site: S
 
 def _offer(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[bool, bytes, ssl.SSLSession | None]:
     """One connection offering ``session``: resumed?, the echo of one byte (b"" when cut), the session to offer next."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
-    ):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            tls = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        except ssl.SSLError:
+            return False, b"", None  # refused inside the handshake, with an alert (a full handshake)
+    with tls:
         reused = bool(tls.session_reused)
         try:
             tls.sendall(b"x")

@@ -26,7 +26,7 @@ REAL = internals.gather_facts()
 
 def test_every_path_is_active_on_this_cpython_with_a_shared_openssl() -> None:
     caps = internals.probe({})
-    assert set(caps.active) >= {"closenotify", "tickets", "sslobj", "accept"}
+    assert set(caps.active) >= {"closenotify", "tickets", "verify", "sslobj", "accept"}
     assert caps.openssl is not None
 
 
@@ -46,14 +46,15 @@ def test_a_foreign_openssl_or_object_header_turns_the_ctypes_paths_off_with_the_
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, changed: dict[str, object], why: str
 ) -> None:
     caps = internals.probe({}, dataclasses.replace(REAL, **changed))  # type: ignore[arg-type]
-    assert "closenotify" not in caps.active and "tickets" not in caps.active
-    assert caps.off["closenotify"].startswith(why) and caps.off["tickets"].startswith(why)
+    for path in ("closenotify", "tickets", "verify"):
+        assert path not in caps.active and caps.off[path].startswith(why)
     assert caps.openssl is None
     assert "sslobj" in caps.active  # the pure-Python paths do not depend on the C layout
     # The fallback: nothing binds, so closenotify uses unwrap() and tickets keep OpenSSL's own key.
     monkeypatch.setattr(internals, "_capabilities", caps)
     assert internals.bind("closenotify", closenotify._LibSSL) is None
     assert internals.bind("tickets", tickets._LibSSL) is None
+    assert internals.bind("verify", internals._VerifyLib) is None
     internals.log_startup()
     [line] = [r for r in caplog.records if r.getMessage() == "internals"]
     assert why in line.fields["off"]  # type: ignore[attr-defined]
@@ -65,7 +66,7 @@ def test_the_kill_switch_turns_named_paths_off_and_says_so() -> None:
     assert caps.off["tickets"] == "TLSGATE_INTERNALS=-tickets"
     assert caps.off["accept"] == "TLSGATE_INTERNALS=-accept"
     assert "closenotify" in caps.active and "sslobj" in caps.active
-    assert caps.describe().startswith("active: closenotify,sslobj")
+    assert caps.describe().startswith("active: closenotify,verify,sslobj")
 
 
 def test_off_leaves_only_the_public_api_and_the_old_close_notify_switch_still_works() -> None:
@@ -96,18 +97,18 @@ def test_the_kill_switch_reaches_every_module_in_a_fresh_process() -> None:
     code = (
         "from tlsgate import closenotify, internals, tickets, relay, tunnel;"
         "print(closenotify.available(), tickets.available(), internals.do_handshake.__name__,"
-        " internals.report().label())"
+        " internals.report().label(), internals._VERIFY)"
     )
     env = {"TLSGATE_INTERNALS": "off", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["False", "False", "_public_handshake", "none"]
+    assert done.stdout.split() == ["False", "False", "_public_handshake", "none", "None"]
 
 
 def test_metrics_build_info_names_the_active_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(internals, "_capabilities", internals.probe({"TLSGATE_INTERNALS": "-tickets"}))
     text = prometheus_text(Snapshot([], "listening"), "tlsgate")
     [line] = [line for line in text.splitlines() if line.startswith("tlsgate_build_info{")]
-    assert 'internals="closenotify,sslobj,accept' in line
+    assert 'internals="closenotify,verify,sslobj,accept' in line
 
 
 @pytest.fixture
@@ -117,6 +118,7 @@ def public_api_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(internals, "do_handshake", internals._public_handshake)
     monkeypatch.setattr(closenotify, "_LIB", None)
     monkeypatch.setattr(tickets, "_LIB", None)
+    monkeypatch.setattr(internals, "_VERIFY", None)
 
 
 async def _answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -11,6 +11,9 @@ closenotify    ``SSL_shutdown`` through ctypes on the ``SSL*`` behind an ``SSLSo
 tickets        ``SSL_CTX_ctrl`` ticket keys and ``SSL_CTX_set_session_ticket_cb`` on the ``SSL_CTX*``:
                one ticket key per process tree, resumption chains bounded in age (see `tlsgate.tickets`).
                Off: OpenSSL's own random key per context, as ``--session-tickets per-context``.
+verify         ``SSL_CTX_set_verify`` with a verify callback on the ``SSL_CTX*``: the peer's certificate
+               meets tlsgate's identity and revocation rules *during* the handshake, so a refused peer gets
+               a TLS alert (`install_peer_check`). Off: the same rules after the handshake, then a reset.
 sslobj         ``SSLSocket._sslobj.do_handshake/read/write``: the C methods without the two Python frames
                around each (about 1.3 µs a request). Off: the public ``SSLSocket`` methods.
 accept         ``socket._accept()``: the raw ``(fd, address)`` without building enums per connection.
@@ -24,7 +27,7 @@ turns those paths off (``TLSGATE_INTERNALS=-closenotify,-tickets``), and ``off``
 only Python's public API. The older ``TLSGATE_CLOSE_NOTIFY=unwrap`` still works and means ``-closenotify``.
 It is read once, at start-up; an unknown name is an error (exit 2) rather than a switch silently ignored.
 
-The ctypes paths (closenotify, tickets) rest on two facts that are checked here, once, before any pointer is
+The ctypes paths (closenotify, tickets, verify) rest on two facts that are checked here, once, before any pointer is
 trusted: the object header is the plain one (``PyObject_HEAD`` of two pointers: not a free-threaded build, not
 a ``Py_TRACE_REFS`` debug build), so the C pointer sits where we read it; and the OpenSSL we load through
 ctypes is the very one ``_ssl`` is linked with (``OpenSSL_version_num()`` of the loaded libcrypto equals
@@ -39,12 +42,14 @@ from __future__ import annotations
 
 import _ssl
 import ctypes
+import logging
 import os
 import platform
 import socket
 import ssl
 import sys
 import sysconfig
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -53,10 +58,10 @@ from tlsgate.errors import ConfigError
 
 _T = TypeVar("_T")
 
-PATHS = ("closenotify", "tickets", "sslobj", "accept", "chain")
+PATHS = ("closenotify", "tickets", "verify", "sslobj", "accept", "chain")
 """Every private path tlsgate may use, in the order the log line names them."""
 ENV = "TLSGATE_INTERNALS"
-_CTYPES_PATHS = frozenset({"closenotify", "tickets"})
+_CTYPES_PATHS = frozenset({"closenotify", "tickets", "verify"})
 
 
 @dataclass(frozen=True)
@@ -326,3 +331,173 @@ def log_startup() -> None:
     caps = report()
     off = ", ".join(f"{path} ({why})" for path, why in caps.off.items()) or "none"
     logs.event("internals", active=caps.label(), off=off)
+
+
+# --- verify: tlsgate's rules inside OpenSSL's certificate verification ---------------------------------------------
+#
+# Python's ssl has no verify callback, so a peer refused by tlsgate's own rules (identity, CRL) used to complete
+# the handshake and then see a reset. With SSL_CTX_set_verify(ctx, mode, callback), OpenSSL asks us about each
+# certificate of the chain it has built and verified; at depth 0 (the leaf, asked last) we run the same policy
+# function the post-handshake check runs, and a refusal (0, with an X509 error set) makes OpenSSL fail the
+# handshake and send the peer the alert that error maps to: bad_certificate, or certificate_revoked.
+#
+# _ssl never sets a verify callback of its own (SSL_CTX_set_verify(ctx, mode, NULL) at creation), and its
+# verify_mode setter keeps whatever callback is installed (SSL_CTX_get_verify_callback, "keep current verify
+# cb" in Modules/_ssl.c, 3.8-3.14), as does the post-handshake-auth set-up of a new socket. We still install
+# last, only over an empty slot, and read the slot back.
+#
+# OpenSSL calls the callback inside SSL_do_handshake, which _ssl runs with the GIL released; a ctypes callback
+# takes the GIL itself (PyGILState_Ensure) before running Python, and gives it back on return.
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a peer check refused a certificate in the handshake: the rule and reason for the refusal log line."""
+
+    rule: str
+    reason: str
+    identity: str = ""
+
+
+PeerCheck = Callable[[bytes, tuple[bytes, ...]], Refusal | None]
+"""``check(leaf_der, chain_der)`` -> None to accept, or a `Refusal`. Must be cheap and must not block."""
+
+_X509_V_ERR_CERT_REVOKED = 23
+_X509_V_ERR_CERT_REJECTED = 28
+_X509_V_ERR_APPLICATION_VERIFICATION = 50
+# The X509 errors our callback sets: a handshake that failed with one of these was refused by a PeerCheck.
+REFUSAL_CODES = frozenset({_X509_V_ERR_CERT_REVOKED, _X509_V_ERR_CERT_REJECTED, _X509_V_ERR_APPLICATION_VERIFICATION})
+_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+# SSL_VERIFY_* bits as Python reports them through verify_mode.
+_VERIFY_MODES = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 3: ssl.CERT_REQUIRED}
+# PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer in PySSLContext (3.6-3.14).
+_CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
+
+
+def _fn(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
+    function = getattr(lib, name)
+    function.argtypes = list(argtypes)
+    function.restype = restype
+    return function
+
+
+class _VerifyLib:
+    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        self.set_verify = _fn(libssl, "SSL_CTX_set_verify", None, vp, i, _VerifyCallback)
+        self.get_verify_callback = _fn(libssl, "SSL_CTX_get_verify_callback", vp, vp)
+        self.get_verify_mode = _fn(libssl, "SSL_CTX_get_verify_mode", i, vp)
+        self.get_options = _fn(libssl, "SSL_CTX_get_options", ctypes.c_uint64, vp)
+        self.ssl_index = _fn(libssl, "SSL_get_ex_data_X509_STORE_CTX_idx", i)
+        self.get_ssl_ctx = _fn(libssl, "SSL_get_SSL_CTX", vp, vp)
+        self.get_fd = _fn(libssl, "SSL_get_fd", i, vp)
+        self.store_ex_data = _fn(libcrypto, "X509_STORE_CTX_get_ex_data", vp, vp, i)
+        self.current_cert = _fn(libcrypto, "X509_STORE_CTX_get_current_cert", vp, vp)
+        self.error_depth = _fn(libcrypto, "X509_STORE_CTX_get_error_depth", i, vp)
+        self.set_error = _fn(libcrypto, "X509_STORE_CTX_set_error", None, vp, i)
+        self.chain = _fn(libcrypto, "X509_STORE_CTX_get0_chain", vp, vp)
+        self.stack_size = _fn(libcrypto, "OPENSSL_sk_num", i, vp)
+        self.stack_item = _fn(libcrypto, "OPENSSL_sk_value", vp, vp, i)
+        self.i2d = _fn(libcrypto, "i2d_X509", i, vp, ctypes.POINTER(ctypes.c_void_p))
+
+
+_VERIFY = bind("verify", _VerifyLib)
+# SSL_CTX* -> the check of the context it belongs to; an entry leaves with its SSLContext (weakref.finalize), so
+# an address OpenSSL reuses for another context never inherits a stale check.
+_checks: dict[int, PeerCheck] = {}
+# Socket fd -> the refusal our callback just made there, taken by the engine when the handshake fails.
+_refusals: dict[int, Refusal] = {}
+_callback_failed = False
+
+
+def _der(x509: int) -> bytes:
+    assert _VERIFY is not None
+    size = _VERIFY.i2d(x509, None)
+    if size <= 0:
+        raise ValueError("i2d_X509 failed")
+    buffer = ctypes.create_string_buffer(size)
+    cursor = ctypes.c_void_p(ctypes.addressof(buffer))
+    if _VERIFY.i2d(x509, ctypes.byref(cursor)) != size:
+        raise ValueError("i2d_X509 wrote another size")
+    return buffer.raw
+
+
+def _on_verify(preverify_ok: int, store: int | None) -> int:
+    """OpenSSL's verify callback: its own verdict for every certificate, and tlsgate's rules on the leaf."""
+    global _callback_failed
+    try:
+        lib = _VERIFY
+        if not preverify_ok or lib is None or not store or lib.error_depth(store) != 0:
+            return preverify_ok  # OpenSSL's verdict stands (a failure keeps its own error and alert)
+        ssl_pointer = lib.store_ex_data(store, lib.ssl_index())
+        check = _checks.get(lib.get_ssl_ctx(ssl_pointer) or 0) if ssl_pointer else None
+        if check is None:
+            return 1  # a context without a check: the post-handshake check decides, as before
+        stack = lib.chain(store)
+        chain = tuple(_der(lib.stack_item(stack, n)) for n in range(lib.stack_size(stack))) if stack else ()
+        leaf = _der(lib.current_cert(store))
+        refusal = check(leaf, chain)
+        if refusal is None:
+            return 1
+        _refusals[lib.get_fd(ssl_pointer)] = refusal
+        lib.set_error(store, _X509_V_ERR_CERT_REVOKED if refusal.rule == "crl" else _X509_V_ERR_CERT_REJECTED)
+        return 0
+    except BaseException as err:  # nothing may escape into OpenSSL: refuse (fail closed), say so once
+        try:
+            if _VERIFY is not None and store:
+                _VERIFY.set_error(store, _X509_V_ERR_APPLICATION_VERIFICATION)
+            if not _callback_failed:
+                _callback_failed = True
+                from tlsgate import logs
+
+                logs.event("verify callback failed", logging.ERROR, error=f"{type(err).__name__}: {err}"[:200])
+        except BaseException:  # not even logging may raise into OpenSSL
+            pass
+        return 0
+
+
+# Kept for the life of the process: OpenSSL holds a raw pointer to it.
+_VERIFY_CALLBACK = _VerifyCallback(_on_verify)
+_VERIFY_CALLBACK_ADDRESS = ctypes.cast(_VERIFY_CALLBACK, ctypes.c_void_p).value
+
+
+def _context_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The ``SSL_CTX*`` behind ``ctx``, or None unless OpenSSL agrees with Python about what it holds."""
+    lib = _VERIFY
+    if lib is None or not isinstance(ctx, _ssl._SSLContext) or type(ctx).__basicsize__ <= _CTX_OFFSET:
+        return None
+    pointer = ctypes.c_void_p.from_address(id(ctx) + _CTX_OFFSET).value
+    if not pointer or lib.get_options(pointer) != int(ctx.options):
+        return None
+    if _VERIFY_MODES.get(lib.get_verify_mode(pointer) & 3) != ctx.verify_mode:
+        return None
+    return pointer
+
+
+def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck) -> bool:
+    """Run ``check`` on the peer's leaf during every full handshake of ``ctx``; False where that cannot be done.
+
+    Call it last, once the context's verification settings are final. A refused peer gets a TLS alert
+    (bad_certificate; certificate_revoked for a ``crl`` refusal) and the handshake fails with
+    ``ssl.SSLCertVerificationError`` whose ``verify_code`` is in `REFUSAL_CODES`; `take_refusal` then gives the
+    rule and reason. A resumed session is not verified again by OpenSSL: the caller's post-handshake check
+    stays the second line for it (and for every context where this returns False).
+    """
+    pointer = _context_pointer(ctx)
+    if pointer is None or _VERIFY is None:
+        return False
+    installed = _VERIFY.get_verify_callback(pointer)
+    if installed not in (None, _VERIFY_CALLBACK_ADDRESS):
+        return False  # someone else's callback: do not replace it
+    _checks[pointer] = check
+    weakref.finalize(ctx, _checks.pop, pointer, None)
+    _VERIFY.set_verify(pointer, _VERIFY.get_verify_mode(pointer), _VERIFY_CALLBACK)
+    if _VERIFY.get_verify_callback(pointer) != _VERIFY_CALLBACK_ADDRESS:
+        _checks.pop(pointer, None)
+        return False
+    return True
+
+
+def take_refusal(fd: int) -> Refusal | None:
+    """The refusal the verify callback made on socket ``fd`` during its last handshake (once), or None."""
+    return _refusals.pop(fd, None)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from tlsgate import logs, tlsctx
+from tlsgate import internals, logs, tlsctx
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import CertificateError
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
@@ -92,6 +92,9 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             allow_policy=cfg.allow_policy,
             allow_query=cfg.allow_query,
         )
+        if policy.identity is not None:
+            for ctx in contexts:
+                internals.install_peer_check(ctx, _client_check(policy))
         target_identity = None
         if cfg.target_tls:
             client_material = None
@@ -127,6 +130,8 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         )
         if not target_identity.active:
             target_identity = None
+        else:
+            internals.install_peer_check(target_ctx, _target_check(target_identity))
         server_name = cfg.override_server_name or (cfg.target.host or None)
     return Runtime(
         accept_ctx=accept_ctx,
@@ -146,6 +151,28 @@ def _rego(path: str | None, query: str | None, flag_prefix: str) -> RegoPolicy |
     from tlsgate.regopolicy import load_policy
 
     return load_policy(path, query, flag_prefix=flag_prefix)
+
+
+def _client_check(policy: Policy) -> internals.PeerCheck:
+    """Server mode: the client's certificate against the whole policy, during the handshake (see internals)."""
+
+    def check(leaf: bytes, chain: tuple[bytes, ...]) -> internals.Refusal | None:
+        decision, identity = policy.check_peer(leaf, chain=chain)
+        if decision.allowed:
+            return None
+        return internals.Refusal(decision.rule, decision.reason, identity.describe() if identity else "")
+
+    return check
+
+
+def _target_check(rules: IdentityRules) -> internals.PeerCheck:
+    """Client mode: the target's certificate against the ``--verify-*`` rules, during the handshake."""
+
+    def check(leaf: bytes, _chain: tuple[bytes, ...]) -> internals.Refusal | None:
+        decision = rules.check_certificate(leaf)
+        return None if decision.allowed else internals.Refusal(decision.rule, decision.reason)
+
+    return check
 
 
 def _dns_names(material: tlsctx.KeyMaterial) -> list[str]:

@@ -693,6 +693,19 @@ class _Setup:
         except ssl.SSLWantWriteError:
             self._want(tls.fileno(), False, retry)
             return False
+        except ssl.SSLCertVerificationError as err:
+            refusal = internals.take_refusal(tls.fileno()) if err.verify_code in internals.REFUSAL_CODES else None
+            if refusal is None:
+                self._handshake_failed(err, side)
+            elif side == "client":
+                # Refused inside the handshake (tlsgate.internals, path "verify"): a failed handshake, like the
+                # refusals OpenSSL makes itself, with the rule and reason of the post-handshake check.
+                self.tunnel.stats.handshake_errors += 1
+                self.identity = refusal.identity
+                self._refuse(Decision(False, refusal.rule, refusal.reason))
+            else:
+                self._target_refused(Decision(False, refusal.rule, refusal.reason))
+            return False
         except (ssl.SSLError, OSError) as err:
             self._handshake_failed(err, side)
             return False
@@ -840,16 +853,20 @@ class _Setup:
             return
         rules = self.rt.target_identity
         if rules is not None:
+            # The second line: the verify callback (tlsgate.internals) refused during the handshake already, when on.
             decision = rules.check_certificate(tls.getpeercert(binary_form=True))
             if not decision.allowed:
-                self.tunnel.stats.target_errors += 1
-                logs.event(
-                    "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
-                    peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
-                )  # fmt: skip
-                self.abort("target identity")
+                self._target_refused(decision)
                 return
         self._start_relay()
+
+    def _target_refused(self, decision: Decision) -> None:
+        self.tunnel.stats.target_errors += 1
+        logs.event(
+            "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
+            peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
+        )  # fmt: skip
+        self.abort("target identity")
 
     def _start_relay(self) -> None:
         tunnel, cfg = self.tunnel, self.tunnel.cfg
