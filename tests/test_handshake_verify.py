@@ -194,6 +194,27 @@ async def test_server_mode_refuses_a_client_by_allow_cn_with_a_bad_certificate_a
 
 
 @pytest.mark.asyncio
+async def test_with_the_verify_path_off_the_server_still_refuses_after_the_handshake(
+    pki_files: dict[str, Path], ca: trustme.CA, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(internals, "_VERIFY", None)  # what TLSGATE_INTERNALS=-verify leaves
+    async with backend(echo) as be, tunnel("server", **server_opts(pki_files, be.address, allow_cn=["alice"])) as tun:
+        bob = client_context(ca, ca.issue_cert("bob.test", common_name="bob"))
+        reader, writer = await tls_connect(tun, bob)  # TLS 1.3: done before the server refuses
+        writer.write(b"ping")
+        try:
+            assert await reader.read() == b""
+        except ConnectionError:
+            pass  # the reset of the post-handshake refusal
+        except ssl.SSLError as err:
+            assert "BAD_CERTIFICATE" not in str(err)  # no alert on this path
+        writer.close()
+        [line] = events(caplog, "refused")
+        assert "CN=bob" in line.fields["reason"]  # type: ignore[attr-defined]
+        assert be.connections == 0
+
+
+@pytest.mark.asyncio
 async def test_server_mode_refuses_a_revoked_client_with_a_certificate_revoked_alert(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

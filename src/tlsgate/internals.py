@@ -404,7 +404,7 @@ class _VerifyLib:
 _VERIFY = bind("verify", _VerifyLib)
 # SSL_CTX* -> the check of the context it belongs to; an entry leaves with its SSLContext (weakref.finalize), so
 # an address OpenSSL reuses for another context never inherits a stale check.
-_checks: dict[int, PeerCheck] = {}
+_checks: dict[int, tuple[PeerCheck, bool]] = {}
 # Socket fd -> the refusal our callback just made there, taken by the engine when the handshake fails.
 _refusals: dict[int, Refusal] = {}
 _callback_failed = False
@@ -430,12 +430,14 @@ def _on_verify(preverify_ok: int, store: int | None) -> int:
         if not preverify_ok or lib is None or not store or lib.error_depth(store) != 0:
             return preverify_ok  # OpenSSL's verdict stands (a failure keeps its own error and alert)
         ssl_pointer = lib.store_ex_data(store, lib.ssl_index())
-        check = _checks.get(lib.get_ssl_ctx(ssl_pointer) or 0) if ssl_pointer else None
-        if check is None:
+        entry = _checks.get(lib.get_ssl_ctx(ssl_pointer) or 0) if ssl_pointer else None
+        if entry is None:
             return 1  # a context without a check: the post-handshake check decides, as before
-        stack = lib.chain(store)
-        chain = tuple(_der(lib.stack_item(stack, n)) for n in range(lib.stack_size(stack))) if stack else ()
+        check, wants_chain = entry
         leaf = _der(lib.current_cert(store))
+        chain: tuple[bytes, ...] = ()
+        if wants_chain and (stack := lib.chain(store)):
+            chain = tuple(_der(lib.stack_item(stack, n)) for n in range(lib.stack_size(stack)))
         refusal = check(leaf, chain)
         if refusal is None:
             return 1
@@ -474,14 +476,15 @@ def _context_pointer(ctx: ssl.SSLContext) -> int | None:
     return pointer
 
 
-def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck) -> bool:
+def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bool = True) -> bool:
     """Run ``check`` on the peer's leaf during every full handshake of ``ctx``; False where that cannot be done.
 
     Call it last, once the context's verification settings are final. A refused peer gets a TLS alert
     (bad_certificate; certificate_revoked for a ``crl`` refusal) and the handshake fails with
     ``ssl.SSLCertVerificationError`` whose ``verify_code`` is in `REFUSAL_CODES`; `take_refusal` then gives the
-    rule and reason. A resumed session is not verified again by OpenSSL: the caller's post-handshake check
-    stays the second line for it (and for every context where this returns False).
+    rule and reason. ``wants_chain`` False passes ``check`` an empty chain and saves encoding it (the chain
+    only matters to revocation checks). A resumed session is not verified again by OpenSSL: the caller's
+    post-handshake check stays the second line for it (and for every context where this returns False).
     """
     pointer = _context_pointer(ctx)
     if pointer is None or _VERIFY is None:
@@ -489,7 +492,7 @@ def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck) -> bool:
     installed = _VERIFY.get_verify_callback(pointer)
     if installed not in (None, _VERIFY_CALLBACK_ADDRESS):
         return False  # someone else's callback: do not replace it
-    _checks[pointer] = check
+    _checks[pointer] = (check, wants_chain)
     weakref.finalize(ctx, _checks.pop, pointer, None)
     _VERIFY.set_verify(pointer, _VERIFY.get_verify_mode(pointer), _VERIFY_CALLBACK)
     if _VERIFY.get_verify_callback(pointer) != _VERIFY_CALLBACK_ADDRESS:

@@ -94,7 +94,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         )
         if policy.identity is not None:
             for ctx in contexts:
-                internals.install_peer_check(ctx, _client_check(policy))
+                internals.install_peer_check(ctx, _client_check(policy), wants_chain=policy.revocation.active)
         target_identity = None
         if cfg.target_tls:
             client_material = None
@@ -131,7 +131,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         if not target_identity.active:
             target_identity = None
         else:
-            internals.install_peer_check(target_ctx, _target_check(target_identity))
+            internals.install_peer_check(target_ctx, _target_check(target_identity), wants_chain=False)
         server_name = cfg.override_server_name or (cfg.target.host or None)
     return Runtime(
         accept_ctx=accept_ctx,
