@@ -42,6 +42,9 @@ _FD_EXHAUSTED_PAUSE = 0.5
 _NO_CLIENT_ADDRESS = Decision(
     False, "address", "no client IP address to check --allow-from/--deny-from against (unix peer or PROXY LOCAL)"
 )
+# tcp_info.tcpi_state of a socket the kernel has finished with (linux/tcp_states.h): after a reset, a timeout,
+# or both ends' FINs; a relay that is still open has not closed it, so its peer is gone.
+_TCP_CLOSE = 7
 # Upper bounds (seconds) of the handshake-latency histogram in /metrics: from a resumed handshake on a LAN to
 # a slow client far away. A handshake slower than the last bound counts in ``handshakes`` only (+Inf).
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -927,14 +930,26 @@ class _Setup:
 
 
 def _pending_error(relay: Relay) -> bool:
-    """Abort ``relay`` if one of its sockets holds an error (e.g. ECONNRESET) nobody was told about."""
+    """Abort ``relay`` if one of its sockets is dead (reset, timed out) without the relay having been told.
+
+    The socket's pending error (SO_ERROR) is not enough: the first system call that meets it takes it away.
+    A client that resets right after its Finished has its reset taken by OpenSSL's write of the session
+    tickets inside the handshake, which still succeeds; the relay then starts on a socket that libuv has
+    stopped polling, with no error left to find. So for TCP we ask for the state (one getsockopt as before):
+    TCP_CLOSE on a socket we have not closed means the peer is gone for good, whichever call saw why.
+    """
     for sock, side in ((relay.client, "client"), (relay.target, "target")):
         try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
+            try:
+                dead = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+            except OSError:  # not TCP (a unix socket target): its pending error is all there is to ask
+                dead = True
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if dead else 0
+        except OSError:  # closed meanwhile
             continue
-        if err:
-            relay.abort(f"{side} read: {os.strerror(err).lower()}")
+        if err or (dead and sock.family != socket.AF_UNIX):
+            reason = os.strerror(err).lower() if err else "connection reset (its error already taken)"
+            relay.abort(f"{side} read: {reason}")
             return True
     return False
 
