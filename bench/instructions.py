@@ -385,8 +385,9 @@ def write_baseline(args: argparse.Namespace) -> int:
         for ph in rs[0]:
             totals = [r[ph]["total"] for r in rs]
             lo, hi = min(totals), max(totals)
+            runs_text = ", ".join(f"{t:,}" for t in totals)
             print(
-                f"perf-guard: {loop} {ph}: median {median[loop][ph]['total']:,}; runs {', '.join(f'{t:,}' for t in totals)};"
+                f"perf-guard: {loop} {ph}: median {median[loop][ph]['total']:,}; runs {runs_text};"
                 f" spread {100 * (hi - lo) / lo:.2f}%"
             )
     return 0
@@ -433,17 +434,12 @@ def check(args: argparse.Namespace) -> int:
                 f" ratio {ratio:.3f} (limit {1 + limit:.2f}; {groups})",
                 flush=True,
             )
-    print(
-        f"perf-guard: baseline: {measured['source']}, {measured['date_utc']} UTC; this check took {time.monotonic() - t0:.0f} s"
-    )
+    took = time.monotonic() - t0
+    print(f"perf-guard: baseline: {measured['source']}, {measured['date_utc']} UTC; this check took {took:.0f} s")
     if failed:
-        print(
-            f"perf-guard: FAILED: tlsgate now executes more than {100 * limit:g}% more instructions than at the baseline."
-        )
+        print(f"perf-guard: FAILED: tlsgate executes more than {100 * limit:g}% more instructions than the baseline.")
         print("perf-guard: find the change with: .venv/bin/python bench/instructions.py --rev main --loop LOOP")
-        print(
-            f"perf-guard: if the cost is intended and said in the commit, refresh the baseline: {refresh_hint(args.check)}"
-        )
+        print(f"perf-guard: if the cost is intended (say so in the commit), refresh: {refresh_hint(args.check)}")
         return 1
     return 0
 
