@@ -62,6 +62,7 @@ PHASES = ("newconn", "request")
 UNIT = {"newconn": "connection", "request": "keep-alive request"}
 WARMUP_CONNS = 20
 WARMUP_REQUESTS = 100
+IDLE_SECONDS = 2.0
 REQUEST_CLOSE = b"GET /small.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 REQUEST = b"GET /small.txt HTTP/1.1\r\nHost: x\r\n\r\n"
 # What the python backend answers: the size of nginx's reply to the same GET, so the proxy relays the same bytes.
@@ -201,42 +202,64 @@ def measure(
         cg.control("--instr=on")
         for _ in range(WARMUP_CONNS):
             fetch(port, ctx)
-        wait_quiet(p.pid)
-        counts["newconn"] = median_chunk(cg, p.pid, n, chunks, lambda: fetch(port, ctx))
+        idle = idle_rate(cg, p.pid)
+        counts["newconn"] = median_chunk(cg, p.pid, n, chunks, lambda: fetch(port, ctx), idle)
         if requests:
             with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw) as tls:
                 for _ in range(WARMUP_REQUESTS):
                     request(tls)
-                counts["request"] = median_chunk(cg, p.pid, requests, chunks, lambda: request(tls))
+                idle = idle_rate(cg, p.pid)  # with this connection open: the sweep looks at it
+                counts["request"] = median_chunk(cg, p.pid, requests, chunks, lambda: request(tls), idle)
     finally:
         bl.stop_group(p)
         wd.started.remove(p)
     return counts
 
 
-def median_chunk(cg: Callgrind, pid: int, total: int, chunks: int, one: Callable[[], None]) -> dict[str, int]:
+def idle_rate(cg: Callgrind, pid: int) -> dict[str, float]:
+    """Instructions per second of an idle proxy, by group: its timers (the log flush five times a second, the
+    sweep once a second) wake it however fast the client goes."""
+    wait_quiet(pid)
+    cg.control("--zero")
+    t0 = time.monotonic()
+    time.sleep(IDLE_SECONDS)
+    row = cg.dump()
+    elapsed = time.monotonic() - t0
+    return {k: v / elapsed for k, v in row.items()}
+
+
+def median_chunk(
+    cg: Callgrind, pid: int, total: int, chunks: int, one: Callable[[], None], idle: dict[str, float]
+) -> dict[str, int]:
     """Counts of the median of ``chunks`` back-to-back runs of ``one``, scaled to ``total`` operations.
 
     The windows follow each other with no gap and no waiting inside: the work an operation leaves for after
     the client saw its end (the close, the log line) falls into the next window, and the last window's
-    leftover is balanced by what the first window inherits from the operation before it. Waiting for quiet
-    inside a window would instead add the idle timers' work (the log flush, the sweep) for however long the
-    wait took. Where an event lands relative to a loop iteration is luck (a full garbage collection too);
-    over windows of a few dozen connections that moves plain asyncio's count by ~1%, and the median window
-    leaves such bursts out while steady extra work shows in every window.
+    leftover is balanced by what the first window inherits from the operation before it. What the proxy's
+    timers cost while a window lasted (``idle`` per second times its wall time) is taken out: under callgrind
+    an operation takes a millisecond or more, and how long depends on what else the machine does, so the
+    timers' share would follow the machine's load (it moved the keep-alive count by 1.4% between runs).
+    Where an event lands relative to a loop iteration is luck (a full garbage collection too); over windows
+    of a few dozen connections that moves plain asyncio's count by ~1%, and the median window leaves such
+    bursts out while steady extra work shows in every window.
     """
     size = max(1, total // chunks)
     found = []
     wait_quiet(pid)
     one()
     cg.control("--zero")
+    since = time.monotonic()
     for _ in range(chunks):
         for _ in range(size):
             one()
-        found.append(cg.dump())
+        row = cg.dump()
+        now = time.monotonic()
+        found.append({k: max(0, round(v - idle.get(k, 0.0) * (now - since))) for k, v in row.items()})
+        since = now
     bl.log(
         f"  instructions per operation in {chunks} windows of {size}: "
         + ", ".join(f"{sum(r.values()) // size:,}" for r in found)
+        + f" (idle: {sum(idle.values()):,.0f} per second taken out)"
     )
     found.sort(key=lambda row: sum(row.values()))
     mid = found[len(found) // 2]
@@ -365,8 +388,10 @@ def write_baseline(args: argparse.Namespace) -> int:
             "how": (
                 f"one tlsgate process under callgrind, {2 * WARMUP_CONNS} connections then {WARMUP_REQUESTS}"
                 f" requests uncounted; {args.n} new connections one at a time (TLS 1.3 handshake, one GET, close),"
-                f" then {args.requests} GETs over one kept-alive connection; each phase in {args.chunks} chunks,"
-                " the median chunk kept; PYTHONHASHSEED=0, PYTHONMALLOC=malloc; per_unit is the median of the runs"
+                f" then {args.requests} GETs over one kept-alive connection; each phase in {args.chunks} back-to-back"
+                f" windows, the idle proxy's instructions per second (measured for {IDLE_SECONDS:g} s before each"
+                " phase) times each window's wall time taken out, the median window kept; PYTHONHASHSEED=0,"
+                " PYTHONMALLOC=malloc; per_unit is the median of the runs"
             ),
             "connections": args.n,
             "requests": args.requests,
