@@ -500,6 +500,8 @@ def main() -> int:
         while (now := time.monotonic()) < deadline:
             if now >= next_sample:
                 rows = sample(proxy.pid, probe_dir, t0)
+                for r in rows:
+                    r["client_open"] = stats.open
                 samples.extend(rows)
                 next_sample += args.interval
                 w = [r for r in rows if r["role"] == "worker"] or rows[:1]
@@ -528,7 +530,7 @@ def main() -> int:
         while stats.open and time.monotonic() < load_end + 2 * READ_TIMEOUT:
             time.sleep(0.2)
         time.sleep(args.settle)
-        samples.extend(sample(proxy.pid, probe_dir, t0))
+        samples.extend({**r, "client_open": stats.open} for r in sample(proxy.pid, probe_dir, t0))
         own_cpu = time.process_time() - own_cpu0
         proxy_cpu = bl.cpu_seconds(proxy.pid) - proxy_cpu0
         elapsed = time.monotonic() - t0
