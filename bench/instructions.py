@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -306,15 +307,18 @@ def by_object(dump: Path) -> dict[str, int]:
 
 def environment(loops: list[str]) -> dict[str, str]:
     """What the counts depend on besides tlsgate's source: a baseline from another of these means nothing."""
-    cpu = "unknown"
+    cpu, flags = "unknown", ""
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown":
                 cpu = line.partition(":")[2].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = " ".join(sorted(line.partition(":")[2].split()))
     valgrind = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     env = {
         "cpu": cpu,
+        # OpenSSL picks its code by CPU feature: a VM's model name ("AMD EPYC") does not say which it has.
+        "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "arch": platform.machine(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "openssl": ssl.OPENSSL_VERSION,
