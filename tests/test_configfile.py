@@ -186,7 +186,7 @@ BAD_FILES: dict[str, tuple[str, list[str]]] = {
             "allow-spki-sha256, allow-policy/allow-query, or disable-authentication",
             "tunnel 'a': target 10.1.2.3:80 is not on this machine and the hop is plaintext; use target-tls, "
             "or add unsafe-target if the network in between is trusted",
-            "tunnel 'c': client mode needs cert and key, or keystore, or disable-authentication = true",
+            "tunnel 'c': client mode needs a certificate: cert and key, or keystore, or disable-authentication",
         ],
     ),
     "one key spelled two ways": (

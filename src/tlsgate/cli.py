@@ -8,86 +8,20 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from tlsgate import __version__
-from tlsgate.cli_support import TlsgateGroup, UserError, access_options, stack_options
+from tlsgate.cli_support import SettingsCommand, TlsgateGroup, UserError, setting_options
 from tlsgate.config import TunnelConfig, check_metrics_prefix, tunnel_config
 from tlsgate.errors import TlsgateError
-from tlsgate.logs import QUIET_CHOICES
+from tlsgate.settings import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
+from tlsgate.settings import process_settings
 from tlsgate.status import check_status_setting
 from tlsgate.supervisor import ProcessOptions, run_server
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _duration(flag: str, help_text: str) -> Callable[[F], F]:
-    return click.option(flag, metavar="DURATION", help=help_text)
-
-
-_common = stack_options(
-    click.option(
-        "--listen", required=True, metavar="ADDR", help="Address to listen on: HOST:PORT, unix:PATH or systemd:NAME."
-    ),
-    click.option("--target", required=True, metavar="ADDR", help="Address to forward to: HOST:PORT or unix:PATH."),
-    click.option("--keystore", metavar="FILE", help="PEM bundle with cert and key, or PKCS#12 [env KEYSTORE_PATH]."),
-    click.option(
-        "--cert", multiple=True, metavar="FILE", help="Certificate chain (PEM) [env CERT_PATH]. Repeat for SNI."
-    ),
-    click.option(
-        "--key", multiple=True, metavar="FILE", help="Private key (PEM) for the --cert before it [env KEY_PATH]."
-    ),
-    click.option(
-        "--storepass",
-        metavar="PASS",
-        help="Keystore password; env:VAR or file:PATH keep it out of ps [env KEYSTORE_PASS].",
-    ),
-    click.option("--key-pass", metavar="PASS", help="Passphrase of an encrypted --key (env:VAR, file:PATH)."),
-    click.option("--alpn", metavar="LIST", help="ALPN protocols to offer, comma-separated (e.g. h2,http/1.1)."),
-    click.option(
-        "--session-tickets",
-        type=click.Choice(["shared", "per-context", "off"]),
-        help="TLS session tickets: one key for all workers and reloads, OpenSSL's own per context, or none [shared].",
-    ),
-    click.option("--unsafe-listen", is_flag=True, default=None, help="Allow listening on a non-loopback address."),
-    _duration("--connect-timeout", "Timeout for connecting to the target [10s]."),
-    _duration("--handshake-timeout", "Timeout for a TLS handshake; slow or silent clients are cut [10s]."),
-    _duration("--close-timeout", "How long a half-closed connection may linger before it is cut [60s]."),
-    _duration("--idle-timeout", "Cut connections with no bytes either way for this long [0: never]."),
-    _duration("--max-conn-lifetime", "Cut connections older than this [0: never]."),
-    _duration("--shutdown-timeout", "On SIGTERM, how long open connections may finish [5m]."),
-    _duration("--timed-reload", "Reload certificates and policies this often, 1s or more [0: only on signals]."),
-    click.option("--max-concurrent-conns", type=int, help="Open connections at most; more wait in the backlog."),
-    click.option("--status", metavar="ADDR", help="Serve /_status, /_metrics and /metrics on this address."),
-    click.option("--metrics-prefix", default="tlsgate", show_default=True, help="Prefix of metric names."),
-    click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Processes."),
-    click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True),
-    click.option("--quiet", multiple=True, type=click.Choice(QUIET_CHOICES), help="Silence a class of log lines."),
-    click.option("--syslog", is_flag=True, default=False, help="Log to the local syslog (/dev/log) instead of stderr."),
-    click.option(
-        "--loop",
-        type=click.Choice(["auto", "uvloop", "asyncio"]),
-        default="auto",
-        show_default=True,
-        help="Event loop; auto uses uvloop when installed (env TLSGATE_LOOP overrides auto).",
-    ),
-)
-
-_PROCESS_FLAGS = ("status", "metrics_prefix", "workers", "log_format", "quiet", "loop", "syslog")
-
-# ghostunnel's environment variables (kingpin's Envar), by the flag each one stands in for. As there, a flag on the
-# command line wins, and an empty variable counts as unset. They serve images that mount credentials at a path
-# given in the environment; `tlsgate run` files do not read them (a file names its paths itself).
-ENV_FLAGS = {
-    "keystore": "KEYSTORE_PATH",
-    "cert": "CERT_PATH",
-    "key": "KEY_PATH",
-    "storepass": "KEYSTORE_PASS",
-    "cacert": "CACERT_PATH",
-}
+_PROCESS_FLAGS = tuple(s.name for s in process_settings())
 
 
 def _from_environment(kwargs: dict[str, Any]) -> dict[str, str]:
@@ -125,7 +59,7 @@ def _run(mode: str, kwargs: dict[str, Any], used: dict[str, str]) -> None:
     if kwargs.get("alpn"):
         kwargs["alpn"] = tuple(p.strip() for p in kwargs["alpn"].split(",") if p.strip())
     try:
-        cfg = tunnel_config(mode, _given(kwargs))
+        cfg = tunnel_config(mode, _given(kwargs), require_client_identity=True)
         # The process flags are judged with the tunnel's, before anything starts (the file path does the same).
         check_metrics_prefix(process.metrics_prefix)
         if process.status:
@@ -157,63 +91,49 @@ def cli() -> None:
     """tlsgate: a TLS tunnel with access policies (ghostunnel-compatible flags)."""
 
 
-@cli.command()
-@_common
-@click.option("--cacert", metavar="FILE", help="CA bundle that client certificates must chain to [env CACERT_PATH].")
-@click.option("--disable-authentication", is_flag=True, default=None, help="Do not ask clients for a certificate.")
-@access_options
-@click.option("--target-tls", is_flag=True, default=None, help="Re-encrypt: speak TLS to the target, verified.")
-@click.option("--target-cacert", metavar="FILE", help="CA bundle for the target's certificate [system store].")
-@click.option("--target-server-name", metavar="NAME", help="Name the target's certificate must have (and SNI).")
-@click.option("--target-cert", metavar="FILE", help="Client certificate to present to a TLS target.")
-@click.option("--target-key", metavar="FILE", help="Key for --target-cert.")
-@click.option("--unsafe-target", is_flag=True, default=None, help="Allow a plaintext target on another machine.")
-@click.option("--proxy-protocol", is_flag=True, default=None, help="Send a PROXY header to the target.")
-@click.option("--proxy-protocol-version", type=click.Choice(["1", "2"]), help="PROXY header version [2].")
-@click.option(
-    "--accept-proxy-from",
-    multiple=True,
-    metavar="CIDR",
-    help="Trust PROXY headers from this network ('unix': from every peer of a unix: --listen).",
-)
-@_duration("--crl-max-age", "Refuse to start or reload with a --crl issued longer ago than this [0: no limit].")
+_SERVER_EXAMPLES = """
+Examples:
+
+\b
+  # Mutual TLS in front of a local Redis; only certificates with OU=eng get in:
+  tlsgate server --listen 0.0.0.0:6380 --target localhost:6379 \\
+      --cert server.pem --key server.key --cacert ca.pem --allow-ou eng
+
+\b
+  # Re-encrypt to a TLS upstream, accepting two named services, with a status port:
+  tlsgate server --listen :8443 --target db.internal:5432 --target-tls \\
+      --keystore server.p12 --storepass env:STOREPASS --cacert ca.pem \\
+      --allow-cn billing --allow-cn reports --status 127.0.0.1:9000
+"""
+
+_CLIENT_EXAMPLES = """
+Examples:
+
+\b
+  # A local plaintext port for an app, forwarded over mutual TLS to a remote server:
+  tlsgate client --listen 127.0.0.1:6379 --target redis.example.com:6380 \\
+      --cert client.pem --key client.key --cacert ca.pem --verify-dns redis.example.com
+
+\b
+  # Plain TLS (no client certificate) to a server reached by IP, checked by name and pinned key:
+  tlsgate client --listen unix:/run/app/db.sock --target 10.0.0.5:5432 --disable-authentication \\
+      --override-server-name db.example.com --verify-spki-sha256 \\
+      9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+"""
+
+
+@cli.command(cls=SettingsCommand, epilog=_SERVER_EXAMPLES)
+@setting_options("server")
 def server(**kwargs: Any) -> None:
     """Accept TLS (mutual TLS by default) and forward plaintext to --target."""
     _run("server", kwargs, _from_environment(kwargs))
 
 
-@cli.command()
-@_common
-@click.option(
-    "--cacert", metavar="FILE", help="CA bundle the server's certificate must chain to [system store; env CACERT_PATH]."
-)
-@click.option(
-    "--disable-authentication", is_flag=True, default=None, help="Present no client certificate to the server."
-)
-@click.option("--override-server-name", metavar="NAME", help="Verify the server as NAME (and send it as SNI).")
-@click.option("--verify-cn", multiple=True, metavar="CN", help="Server certificate must have this CN.")
-@click.option("--verify-ou", multiple=True, metavar="OU", help="Server certificate must have this OU.")
-@click.option("--verify-dns", multiple=True, metavar="NAME", help="Server certificate must have this DNS SAN.")
-@click.option("--verify-uri", multiple=True, metavar="URI", help="Server certificate must have this URI SAN.")
-@click.option("--verify-spki-sha256", multiple=True, metavar="HASH", help="Pin the server's key (SPKI SHA-256).")
-@click.option("--verify-policy", metavar="BUNDLE", help="Rego policy the server's certificate must pass (opa).")
-@click.option("--verify-query", metavar="QUERY", help="Rego query that must be true, e.g. data.tlsgate.allow.")
-@click.option("--allow-from", multiple=True, metavar="CIDR", help="Accept local clients only from this network.")
-@click.option("--deny-from", multiple=True, metavar="CIDR", help="Refuse local clients from this network.")
+@cli.command(cls=SettingsCommand, epilog=_CLIENT_EXAMPLES)
+@setting_options("client")
 def client(**kwargs: Any) -> None:
     """Accept plaintext and forward it over TLS (mutual TLS when a certificate is given) to --target."""
-    used = _from_environment(kwargs)
-    has_certificate = kwargs.get("keystore") or kwargs.get("cert") or kwargs.get("key")
-    # ghostunnel's client mode needs a certificate unless told not to present one, and refuses both at once: a
-    # certificate silently presented after --disable-authentication would be a surprise. We follow it.
-    if kwargs.pop("disable_authentication", None):
-        if has_certificate:
-            raise click.UsageError(
-                _name_variables("--disable-authentication presents no certificate: drop --keystore/--cert/--key", used)
-            )
-    elif not has_certificate:
-        raise click.UsageError("client mode needs --keystore or --cert/--key, or --disable-authentication")
-    _run("client", kwargs, used)
+    _run("client", kwargs, _from_environment(kwargs))
 
 
 @cli.command()

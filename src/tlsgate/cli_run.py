@@ -41,7 +41,17 @@ def summary(configs: list[TunnelConfig]) -> str:
 @click.command("check-config")
 @click.argument("file", metavar="FILE")
 def check_config(file: str) -> None:
-    """Check a config file without starting anything: syntax, keys, values, certificates, keys and CRLs."""
+    """Check a config file without starting anything: syntax, keys, values, certificates, keys and CRLs.
+
+    Every problem is reported at once, one `tlsgate: error:` line each, naming the tunnel and the key, with
+    exit code 2; a CRL past its next update is a warning. A good file prints one summary line per tunnel and
+    exits 0, so `tlsgate check-config FILE && systemctl reload tlsgate` never applies a broken file.
+    The keys are the flags of `tlsgate server`/`client` without the dashes (see docs/configuration.md).
+
+    \b
+    Example:
+      tlsgate check-config /etc/tlsgate/tlsgate.toml
+    """
     warnings: list[str] = []
     with _user_errors():
         configs, _ = check_config_file(file, warnings)
@@ -53,7 +63,17 @@ def check_config(file: str) -> None:
 @click.command("run")
 @click.argument("file", metavar="FILE")
 def run(file: str) -> None:
-    """Run every tunnel of a TOML config file in one process; SIGHUP re-reads the file."""
+    """Run every tunnel of a TOML config file in one process; SIGHUP re-reads the file.
+
+    The file has an optional [process] table (status, workers, log-format, quiet, ...), an optional [defaults]
+    table every tunnel starts from, and one [[tunnel]] table per tunnel with a name, a mode ("server" or
+    "client") and the flags of that command as keys. The whole file is checked first, as check-config does;
+    a reload that fails keeps the tunnels running as they were. See docs/configuration.md.
+
+    \b
+    Example:
+      tlsgate run /etc/tlsgate/tlsgate.toml
+    """
     with _user_errors():
         configs, process = check_config_file(file)
         # A partial of a module-level function, not a lambda: --workers pickles it for each worker process.

@@ -14,13 +14,14 @@ import os
 import re
 import reprlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 from tlsgate.addresses import Address, parse_address, valid_host
 from tlsgate.durations import parse_duration
 from tlsgate.errors import ConfigError
+from tlsgate.settings import SETTINGS, Setting, process_settings, setting
 
 Mode = Literal["server", "client"]
 
@@ -129,6 +130,7 @@ def is_unix_source(value: str) -> bool:
     return value.strip().lower() == "unix"
 
 
+# The Timeouts field each timeout setting fills.
 _TIMEOUT_KEYS = {
     "connect_timeout": "connect",
     "handshake_timeout": "handshake",
@@ -137,14 +139,12 @@ _TIMEOUT_KEYS = {
     "max_conn_lifetime": "max_conn_lifetime",
     "shutdown_timeout": "shutdown",
 }
-_FIELD_NAMES = {f.name for f in fields(TunnelConfig)} - {"timeouts"}
 # Keys that only the process as a whole uses (status port, workers, logging); a tunnel ignores them.
-PROCESS_KEYS = frozenset({"status", "metrics_prefix", "workers", "log_format", "quiet", "loop", "syslog"})
-KNOWN_KEYS = frozenset(_FIELD_NAMES | set(_TIMEOUT_KEYS) | PROCESS_KEYS)
-
-
+PROCESS_KEYS = frozenset(s.name for s in process_settings())
+KNOWN_KEYS = frozenset(s.name for s in SETTINGS)
 # Keys whose value is a password or names where one comes from: an error never shows what was given.
-SECRET_KEYS = frozenset({"storepass", "key_pass"})
+SECRET_KEYS = frozenset(s.name for s in SETTINGS if s.secret)
+SESSION_TICKETS = setting("session_tickets").choices
 # Shortest --timed-reload: each reload re-reads every file and rebuilds every context, so "1ns" would spin.
 MIN_TIMED_RELOAD = 1.0
 # A string longer than this is a mistake (PATH_MAX is 4096; names and rules are far shorter), and quoting it
@@ -372,41 +372,69 @@ def _secret(value: object, key: str) -> bytes | None:
     return resolve_secret(value, flag=flag(key))
 
 
-SESSION_TICKETS = ("shared", "per-context", "off")
-_DEFAULTS = TunnelConfig(mode="server", listen=Address(), target=Address())
+def _as_choice(value: object, key: str) -> str | None:
+    """One of the setting's choices (``--session-tickets shared``); click checks the flag, this the file key."""
+    choices = setting(key).choices
+    text = _as_str(value, key)
+    if text not in choices:
+        raise ConfigError(f"{flag(key)}: expected one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _as_count(value: object, key: str) -> int:
+    entry = setting(key)
+    return _as_int(value, key, entry.low, entry.high)
+
+
+# The converter of each kind of tunnel setting (see tlsgate.settings.Kind); process settings have theirs in
+# tlsgate.configfile, and click converts them on the command line.
+_CONVERTERS: dict[str, Callable[[object, str], Any]] = {
+    "address": _as_address,
+    "file": _as_str,
+    "files": _as_tuple,
+    "bundle": _as_str,
+    "secret": _secret,
+    "text": _as_str,
+    "texts": _as_tuple,
+    "networks": _as_tuple,
+    "flag": _as_bool,
+    "duration": _as_duration,
+    "count": _as_count,
+    "alpn": _as_alpn,
+    "server_name": _as_server_name,
+    "choice": _as_choice,
+}
 
 
 def _convert(key: str, value: object) -> Any:
-    """One flag's value in its typed form; ConfigError names the flag and the expected form."""
-    if key in _TIMEOUT_KEYS or key in ("timed_reload", "crl_max_age"):
-        return _as_duration(value, key)
-    if key in ("listen", "target"):
-        return _as_address(value, key)
-    if key in SECRET_KEYS:
-        return _secret(value, key)
-    if key == "alpn":
-        return _as_alpn(value, key)
-    if key in ("target_server_name", "override_server_name"):
-        return _as_server_name(value, key)
-    if key == "max_concurrent_conns":
-        return _as_int(value, key, 0, 10_000_000)
-    if key == "proxy_protocol_version":
-        return _as_int(value, key, 1, 2)
-    if key == "session_tickets":
-        text = _as_str(value, key)
-        if text not in SESSION_TICKETS:
-            raise ConfigError(f"{flag(key)}: expected one of {', '.join(SESSION_TICKETS)}, got {text!r}")
-        return text
-    default = getattr(_DEFAULTS, key, None)
-    if isinstance(default, bool):
-        return _as_bool(value, key)
-    if isinstance(default, tuple):
-        return _as_tuple(value, key)
-    return _as_str(value, key)
+    """One setting's value in its typed form; ConfigError names the flag and the expected form."""
+    return _CONVERTERS[setting(key).kind](value, key)
 
 
-def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> TunnelConfig:
-    """Validate ``options`` (flag-named keys) into a TunnelConfig, or raise ConfigErrors with every problem."""
+def _check_paths(entry: Setting, value: Any) -> None:
+    """The files a setting names exist and are readable; networks parse (the table's kind says which)."""
+    if entry.kind == "file":
+        _check_file(value, entry.name)
+    elif entry.kind == "files":
+        for path in value:
+            _check_file(path, entry.name)
+    elif entry.kind == "bundle" and value is not None and not os.path.exists(value):
+        # A bundle may be a directory; its contents are read (and compiled) by runtime.build_runtime.
+        raise ConfigError(f"{flag(entry.name)}: {value}: no such file or directory")
+    elif entry.kind == "networks":
+        # --accept-proxy-from also takes the word "unix" (a unix listener's peers); the rest are networks.
+        unix_word = entry.name == "accept_proxy_from"
+        _check_cidrs([v for v in value if not (unix_word and is_unix_source(v))], entry.name)
+
+
+def tunnel_config(
+    mode: str, options: Mapping[str, Any], *, name: str = "", require_client_identity: bool = False
+) -> TunnelConfig:
+    """Validate ``options`` (flag-named keys) into a TunnelConfig, or raise ConfigErrors with every problem.
+
+    ``require_client_identity``: the command line and files pass True to apply ghostunnel's rule that a client
+    names its certificate or says --disable-authentication; the library API lets a bare client (plain TLS) be.
+    """
     where = _Collector(f"tunnel {name!r}: " if name else "")
     opts = {normalise_key(k): v for k, v in options.items()}
     for key in sorted(set(opts) - KNOWN_KEYS - {"name", "mode"}):
@@ -433,32 +461,29 @@ def tunnel_config(mode: str, options: Mapping[str, Any], *, name: str = "") -> T
     for key in ("listen", "target"):
         if key not in values and key not in opts:
             where.add(f"{flag(key)} is required")
-    for key in ("keystore", "cacert", "target_cacert", "target_cert", "target_key"):
-        where.run(partial(_check_file, values.get(key), key))
-    for key in ("cert", "key", "crl"):
-        for path in values.get(key, ()):
-            where.run(partial(_check_file, path, key))
-    for key in ("allow_policy", "verify_policy"):
-        # A bundle may be a directory; its contents are read (and compiled) by runtime.build_runtime.
-        if values.get(key) is not None and not os.path.exists(values[key]):
-            where.add(f"{flag(key)}: {values[key]}: no such file or directory")
-    for key in ("allow_from", "deny_from"):
-        where.run(partial(_check_cidrs, values.get(key, ()), key))
-    proxy_sources = [value for value in values.get("accept_proxy_from", ()) if not is_unix_source(value)]
-    where.run(partial(_check_cidrs, proxy_sources, "accept_proxy_from"))
+    # Files first, then bundles and networks, each in the table's order: the order of the messages is stable.
+    for kind in ("file", "files", "bundle", "networks"):
+        for entry in SETTINGS:
+            if entry.kind == kind and entry.name in values:
+                where.run(partial(_check_paths, entry, values[entry.name]))
     if where.problems:
         raise ConfigErrors(where.problems)
 
     cfg = TunnelConfig(mode=mode, name=name, timeouts=Timeouts(**timeouts), **values)  # type: ignore[arg-type]
-    for problem in _cross_checks(cfg):
+    for problem in cross_checks(cfg, require_client_identity=require_client_identity):
         where.add(problem)
     if where.problems:
         raise ConfigErrors(where.problems)
     return cfg
 
 
-def _cross_checks(cfg: TunnelConfig) -> list[str]:
-    """Rules that involve several flags, with ghostunnel's safety checks for unsafe listen/target."""
+def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) -> list[str]:
+    """Every rule that involves several settings, for flags and files alike, worded with the flags' names.
+
+    ghostunnel's safety checks for unsafe listen/target are here, and its refusals of contradicting flags;
+    ``configfile.key_names`` rewords the messages for a file. One message per broken rule, so the user sees
+    what to change. (``policy.build_policy`` keeps its own guard for callers of the library API.)
+    """
     problems: list[str] = []
     values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_uri, cfg.allow_spki_sha256))
     rego = cfg.allow_policy is not None or cfg.allow_query is not None
@@ -471,9 +496,23 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
     if cfg.mode == "server":
         if not cfg.keystore and not has_pem:
             problems.append("server mode needs a certificate: --cert and --key, or --keystore")
-        if cfg.disable_authentication and (identity or cfg.crl):
-            problems.append("--disable-authentication contradicts --allow-*/--crl flags (no client cert is asked)")
-        if not cfg.disable_authentication and not identity:
+        # The same rules, in the same words, as policy.build_policy (which guards the library API).
+        given = [
+            flag(key)
+            for key in ("allow_cn", "allow_ou", "allow_dns", "allow_uri", "allow_spki_sha256")
+            if getattr(cfg, key)
+        ]
+        if cfg.disable_authentication:
+            if cfg.allow_all or given:
+                problems.append(
+                    f"--disable-authentication contradicts {'--allow-all' if cfg.allow_all else given[0]}: "
+                    "without client certificates it cannot match"
+                )
+            if cfg.allow_policy is not None:
+                problems.append("--disable-authentication contradicts --allow-policy: no client certificate to check")
+            if cfg.crl:
+                problems.append("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
+        elif not identity:
             problems.append(
                 "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, "
                 "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication"
@@ -482,8 +521,12 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
             problems.append("--allow-policy and --allow-query go together: give both, or neither")
         if rego and (cfg.allow_all or values):
             problems.append(
-                "--allow-policy/--allow-query are mutually exclusive with the other --allow-* identity flags "
-                "(as in ghostunnel: put every rule in the policy)"
+                f"--allow-policy/--allow-query and {'--allow-all' if cfg.allow_all else given[0]} are mutually "
+                "exclusive (as in ghostunnel: put every rule in the policy)"
+            )
+        if cfg.allow_all and given:
+            problems.append(
+                f"--allow-all and {given[0]} are mutually exclusive (--allow-all already allows every client)"
             )
         if not cfg.disable_authentication and not cfg.cacert:
             problems.append("client certificates are verified against --cacert; give it (or --disable-authentication)")
@@ -503,6 +546,15 @@ def _cross_checks(cfg: TunnelConfig) -> list[str]:
     else:
         if identity or cfg.crl or cfg.crl_max_age:
             problems.append("--allow-*/--crl flags are for server mode; client mode uses --verify-*")
+        has_certificate = bool(cfg.keystore or cfg.cert or cfg.key)
+        # ghostunnel's client mode needs a certificate unless told not to present one, and refuses both at once: a
+        # certificate silently presented after --disable-authentication would be a surprise. We follow it.
+        if cfg.disable_authentication and has_certificate:
+            problems.append("--disable-authentication presents no certificate: drop --keystore/--cert/--key")
+        if require_client_identity and not cfg.disable_authentication and not has_certificate:
+            problems.append(
+                "client mode needs a certificate: --cert and --key, or --keystore, or --disable-authentication"
+            )
         if (cfg.verify_policy is None) != (cfg.verify_query is None):
             # ghostunnel silently ignores one without the other, which would leave the server unchecked.
             problems.append("--verify-policy and --verify-query go together: give both, or neither")

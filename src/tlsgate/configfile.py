@@ -46,6 +46,7 @@ from tlsgate.crlcheck import check_runtime_crls, crl_warning
 from tlsgate.errors import ConfigError, TlsgateError
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.runtime import build_runtime
+from tlsgate.settings import SETTINGS, setting
 from tlsgate.status import check_status_setting, parse_status_address
 from tlsgate.supervisor import ProcessOptions
 
@@ -61,10 +62,10 @@ __all__ = [
 
 _SECTIONS = ("process", "defaults", "tunnel")
 _TUNNEL_KEYS = frozenset(KNOWN_KEYS - PROCESS_KEYS) | {"mode"}
-_PATH_KEYS = frozenset({"cert", "key", "keystore", "cacert", "crl", "target_cacert", "target_cert", "target_key"})
-_LOG_FORMATS = ("text", "json")
-_LOOPS = ("auto", "uvloop", "asyncio")
-_MAX_WORKERS = 256  # the same bound as --workers
+_PATH_KEYS = frozenset(s.name for s in SETTINGS if s.kind in ("file", "files"))
+_LOG_FORMATS = setting("log_format").choices
+_LOOPS = setting("loop").choices
+_MAX_WORKERS = setting("workers").high
 # Tunnel names appear in every log line and metric label of the tunnel.
 _MAX_NAME = 200
 _TOML_WHERE = re.compile(r"(?P<what>.*) \((?:at line (?P<line>\d+), column (?P<column>\d+)|at end of document)\)")
@@ -466,10 +467,8 @@ def _tunnel(
     if isinstance(options.get("alpn"), str):
         # The flag takes a comma-separated list; the key takes that too, or a TOML list.
         options["alpn"] = [p.strip() for p in options["alpn"].split(",") if p.strip()]
-    if mode == "client":
-        problems.extend(f"{label}: {p}" for p in _client_identity(options))
     try:
-        cfg = tunnel_config(mode, options)
+        cfg = tunnel_config(mode, options, require_client_identity=True)
     except ConfigErrors as err:
         problems.extend(f"{label}: {key_names(p)}" for p in err.problems)
         return None
@@ -497,18 +496,6 @@ def _name(index: int, table: Mapping[str, Any], problems: list[str], seen: _Seen
         return None, label
     seen.names[value] = index
     return value, f"tunnel {value!r}"
-
-
-def _client_identity(options: Mapping[str, Any]) -> list[str]:
-    """The client command's rule about its own certificate, for client tunnels in a file."""
-    has_identity = bool(options.get("cert") or options.get("keystore"))
-    if options.get("disable_authentication") is True:
-        if has_identity:
-            return ["disable-authentication (present no certificate) contradicts cert/keystore"]
-        return []
-    if not has_identity:
-        return ["client mode needs cert and key, or keystore, or disable-authentication = true"]
-    return []
 
 
 def _resolve_paths(options: Mapping[str, Any], base: str) -> dict[str, Any]:
