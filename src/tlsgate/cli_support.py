@@ -133,6 +133,7 @@ access_options = setting_options(
         "allow_cn",
         "allow_ou",
         "allow_dns",
+        "allow_ip",
         "allow_uri",
         "allow_spki_sha256",
         "allow_policy",

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from tlsgate.addresses import Address, parse_address, valid_host
 from tlsgate.durations import parse_duration
 from tlsgate.errors import ConfigError
-from tlsgate.settings import SETTINGS, Setting, process_settings, setting
+from tlsgate.settings import SETTINGS, TLS_VERSIONS, Setting, process_settings, setting
 
 Mode = Literal["server", "client"]
 
@@ -69,6 +69,7 @@ class TunnelConfig:
     allow_cn: tuple[str, ...] = ()
     allow_ou: tuple[str, ...] = ()
     allow_dns: tuple[str, ...] = ()
+    allow_ip: tuple[str, ...] = ()
     allow_uri: tuple[str, ...] = ()
     allow_spki_sha256: tuple[str, ...] = ()
     allow_from: tuple[str, ...] = ()
@@ -80,6 +81,7 @@ class TunnelConfig:
     verify_cn: tuple[str, ...] = ()
     verify_ou: tuple[str, ...] = ()
     verify_dns: tuple[str, ...] = ()
+    verify_ip: tuple[str, ...] = ()
     verify_uri: tuple[str, ...] = ()
     verify_spki_sha256: tuple[str, ...] = ()
     verify_policy: str | None = None
@@ -104,6 +106,8 @@ class TunnelConfig:
     timed_reload: float = 0.0
     # Refuse to start (or to apply a reload) with a CRL whose lastUpdate is older than this; 0 means no limit.
     crl_max_age: float = 0.0
+    # ghostunnel's --max-tls-version: "TLS1.2" caps every TLS context of the tunnel; None leaves OpenSSL's (1.3).
+    max_tls_version: str | None = None
 
     @property
     def label(self) -> str:
@@ -381,6 +385,24 @@ def _as_choice(value: object, key: str) -> str | None:
     return text
 
 
+def _as_ips(value: object, key: str) -> tuple[str, ...]:
+    """IP SANs to match: each one address, in canonical form (``::1``), so a rule compares like the SAN does."""
+    out = []
+    for text in _as_tuple(value, key):
+        try:
+            out.append(str(ipaddress.ip_address(text.strip())))
+        except ValueError:
+            raise ConfigError(f"{flag(key)}: {shown(text)} is not an IP address (an IP SAN is one address)") from None
+    return tuple(out)
+
+
+def _as_tls_version(value: object, key: str) -> str | None:
+    text = _as_str(value, key)
+    if text is not None and text not in TLS_VERSIONS:
+        raise ConfigError(f"{flag(key)}: {shown(text)} is not a TLS version we speak (TLS1.2 or TLS1.3)")
+    return text
+
+
 def _as_count(value: object, key: str) -> int:
     entry = setting(key)
     return _as_int(value, key, entry.low, entry.high)
@@ -397,12 +419,14 @@ _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "text": _as_str,
     "texts": _as_tuple,
     "networks": _as_tuple,
+    "ips": _as_ips,
     "flag": _as_bool,
     "duration": _as_duration,
     "count": _as_count,
     "alpn": _as_alpn,
     "server_name": _as_server_name,
     "choice": _as_choice,
+    "tls_version": _as_tls_version,
 }
 
 
@@ -485,7 +509,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
     what to change. (``policy.build_policy`` keeps its own guard for callers of the library API.)
     """
     problems: list[str] = []
-    values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_uri, cfg.allow_spki_sha256))
+    values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_ip, cfg.allow_uri, cfg.allow_spki_sha256))
     rego = cfg.allow_policy is not None or cfg.allow_query is not None
     identity = cfg.allow_all or values or rego
     has_pem = bool(cfg.cert or cfg.key)
@@ -499,7 +523,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
         # The same rules, in the same words, as policy.build_policy (which guards the library API).
         given = [
             flag(key)
-            for key in ("allow_cn", "allow_ou", "allow_dns", "allow_uri", "allow_spki_sha256")
+            for key in ("allow_cn", "allow_ou", "allow_dns", "allow_ip", "allow_uri", "allow_spki_sha256")
             if getattr(cfg, key)
         ]
         if cfg.disable_authentication:
@@ -514,7 +538,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
                 problems.append("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
         elif not identity:
             problems.append(
-                "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, "
+                "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-ip, --allow-uri, "
                 "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication"
             )
         if rego and (cfg.allow_policy is None or cfg.allow_query is None):
@@ -540,7 +564,9 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
                 f"--target {cfg.target} is not on this machine and the hop is plaintext; use --target-tls, "
                 "or add --unsafe-target if the network in between is trusted"
             )
-        verify = any((cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_uri, cfg.verify_spki_sha256))
+        verify = any(
+            (cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_ip, cfg.verify_uri, cfg.verify_spki_sha256)
+        )
         if verify or cfg.verify_policy or cfg.verify_query:
             problems.append("--verify-* flags are for client mode; server mode uses --allow-*")
     else:

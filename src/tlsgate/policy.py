@@ -470,6 +470,14 @@ def _parse_spki_hash(flag: str, text: str) -> str:
     )
 
 
+def _parse_ip(flag: str, text: str) -> str:
+    """An ``--allow-ip``/``--verify-ip`` value: one IPv4 or IPv6 address (an IP SAN holds one, never a network)."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{flag}: {text[:60]!r} is not an IP address") from None
+
+
 def _nonempty(flag: str, values: Iterable[str]) -> tuple[str, ...]:
     result = tuple(values)
     for value in result:
@@ -494,6 +502,7 @@ class IdentityRules:
     __slots__ = (
         "_cn",
         "_dns",
+        "_ip",
         "_ou",
         "_spki",
         "_uri_exact",
@@ -503,6 +512,7 @@ class IdentityRules:
         "cn",
         "dns",
         "flag_prefix",
+        "ip",
         "ou",
         "rego",
         "spki_sha256",
@@ -520,6 +530,7 @@ class IdentityRules:
         spki_sha256: Sequence[str] = (),
         flag_prefix: str = "allow",
         rego: RegoPolicy | None = None,
+        ip: Sequence[str] = (),
     ) -> None:
         """Use `parse`; this takes values already checked (URI patterns valid, hashes as lowercase hex)."""
         self.flag_prefix = flag_prefix
@@ -527,9 +538,12 @@ class IdentityRules:
         self.cn, self.ou, self.dns, self.uri = tuple(cn), tuple(ou), tuple(dns), tuple(uri)
         self.spki_sha256 = tuple(spki_sha256)
         self.rego = rego
-        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego)
+        self.ip = tuple(ip)
+        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego or ip)
         self._cn, self._ou = frozenset(cn), frozenset(ou)
         self._dns = frozenset(name.lower().rstrip(".") for name in dns)
+        # Compared as addresses, so ::1 and 0:0:0:0:0:0:0:1 (or an IPv4 SAN in either spelling) are one value.
+        self._ip = frozenset(ipaddress.ip_address(text) for text in ip)
         self._spki = frozenset(spki_sha256)
         patterns = [_UriPattern.parse(f"--{flag_prefix}-uri", text) for text in uri]
         self._uri_patterns = tuple(p for p in patterns if "*" in p.text)
@@ -549,6 +563,7 @@ class IdentityRules:
         spki_sha256: Iterable[str] = (),
         flag_prefix: str = "allow",
         rego: RegoPolicy | None = None,
+        ip: Iterable[str] = (),
     ) -> IdentityRules:
         """Validate flag values; ConfigError names the flag (``--allow-uri``/``--verify-uri``) and the value."""
         uris = _nonempty(f"--{flag_prefix}-uri", uri)
@@ -563,6 +578,7 @@ class IdentityRules:
             spki_sha256=[_parse_spki_hash(f"--{flag_prefix}-spki-sha256", text) for text in spki_sha256],
             flag_prefix=flag_prefix,
             rego=rego,
+            ip=[_parse_ip(f"--{flag_prefix}-ip", text) for text in ip],
         )
 
     def check(self, peer: PeerIdentity, der: bytes | None = None) -> Decision:
@@ -583,6 +599,10 @@ class IdentityRules:
             for dns_name in peer.dns_names:
                 if dns_name.lower().rstrip(".") in self._dns:
                     return Decision(True, f"{prefix}-dns", f"DNS SAN {dns_name} matched {prefix}-dns")
+        if self._ip:
+            for address in peer.ip_addresses:
+                if ipaddress.ip_address(address) in self._ip:
+                    return Decision(True, f"{prefix}-ip", f"IP SAN {address} matched {prefix}-ip")
         for uri in peer.uris:
             if uri in self._uri_exact:
                 return Decision(True, f"{prefix}-uri", f"URI SAN {uri} matched {prefix}-uri")
@@ -603,7 +623,7 @@ class IdentityRules:
         return Decision(False, "identity", self._refusal(peer))
 
     def _has_value_rules(self) -> bool:
-        return bool(self.cn or self.ou or self.dns or self.uri or self.spki_sha256)
+        return bool(self.cn or self.ou or self.dns or self.uri or self.spki_sha256 or self.ip)
 
     def check_certificate(self, der: bytes | None) -> Decision:
         """Client mode, after the handshake with the target: its DER certificate against the ``--verify-*`` rules.
@@ -626,6 +646,7 @@ class IdentityRules:
             (self.cn, "CN=", () if peer.common_name is None else (peer.common_name,)),
             (self.ou, "OU=", peer.organizational_units),
             (self.dns, "DNS SAN ", peer.dns_names),
+            (self.ip, "IP SAN ", peer.ip_addresses),
             (self.uri, "URI SAN ", peer.uris),
         ):
             if rules:
@@ -647,7 +668,7 @@ class IdentityRules:
         if self.allow_all:
             return f"{self.flag_prefix}-all"
         parts = []
-        for label, values in (("CN", self.cn), ("OU", self.ou), ("DNS", self.dns), ("URI", self.uri)):
+        for label, values in (("CN", self.cn), ("OU", self.ou), ("DNS", self.dns), ("IP", self.ip), ("URI", self.uri)):
             if values:
                 parts.append(f"{label} {_listing(values)}")
         if self.spki_sha256:
@@ -1136,6 +1157,7 @@ def build_policy(
     allow_dns: Iterable[str] = (),
     allow_uri: Iterable[str] = (),
     allow_spki_sha256: Iterable[str] = (),
+    allow_ip: Iterable[str] = (),
     allow_from: Iterable[str] = (),
     deny_from: Iterable[str] = (),
     crl: Iterable[str | Path] = (),
@@ -1155,6 +1177,7 @@ def build_policy(
         "--allow-dns": tuple(allow_dns),
         "--allow-uri": tuple(allow_uri),
         "--allow-spki-sha256": tuple(allow_spki_sha256),
+        "--allow-ip": tuple(allow_ip),
     }
     given = [flag for flag, values in identity_flags.items() if values]
     crl_paths = tuple(crl)
@@ -1202,6 +1225,7 @@ def build_policy(
             dns=identity_flags["--allow-dns"],
             uri=identity_flags["--allow-uri"],
             spki_sha256=identity_flags["--allow-spki-sha256"],
+            ip=identity_flags["--allow-ip"],
             rego=rego,
         )
     )

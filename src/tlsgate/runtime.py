@@ -66,6 +66,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             )
             for material in materials
         ]
+        _cap_tls_version(cfg, contexts)
         accept_ctx = contexts[0]
         if len(contexts) > 1:
             by_name: dict[str, ssl.SSLContext] = {}
@@ -82,6 +83,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             allow_cn=cfg.allow_cn,
             allow_ou=cfg.allow_ou,
             allow_dns=cfg.allow_dns,
+            allow_ip=cfg.allow_ip,
             allow_uri=cfg.allow_uri,
             allow_spki_sha256=cfg.allow_spki_sha256,
             allow_from=cfg.allow_from,
@@ -123,6 +125,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             cn=cfg.verify_cn,
             ou=cfg.verify_ou,
             dns=cfg.verify_dns,
+            ip=cfg.verify_ip,
             uri=cfg.verify_uri,
             spki_sha256=cfg.verify_spki_sha256,
             flag_prefix="verify",
@@ -133,6 +136,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         else:
             internals.install_peer_check(target_ctx, _target_check(target_identity), wants_chain=False)
         server_name = cfg.override_server_name or (cfg.target.host or None)
+    _cap_tls_version(cfg, [target_ctx] if target_ctx is not None else [])
     return Runtime(
         accept_ctx=accept_ctx,
         target_ctx=target_ctx,
@@ -142,6 +146,13 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         proxy_sources=AddressRules.parse(allow_from=cfg.proxy_source_networks),
         cert_not_after=not_after,
     )
+
+
+def _cap_tls_version(cfg: TunnelConfig, contexts: list[ssl.SSLContext]) -> None:
+    """``--max-tls-version TLS1.2``: every TLS context of the tunnel (accepting, SNI, and towards the target)."""
+    if cfg.max_tls_version == "TLS1.2":
+        for ctx in contexts:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 
 
 def _rego(path: str | None, query: str | None, flag_prefix: str) -> RegoPolicy | None:

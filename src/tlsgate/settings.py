@@ -44,6 +44,7 @@ Kind = Literal[
     "text",  # one string
     "texts",  # repeatable strings
     "networks",  # repeatable CIDRs
+    "ips",  # repeatable IP addresses (IP SANs), kept in canonical form
     "flag",  # true/false
     "duration",  # 10s, 5m, 0 -> seconds
     "count",  # a whole number within [low, high]
@@ -51,6 +52,7 @@ Kind = Literal[
     "server_name",  # a host name or IP checked by a TLS hop
     "choice",  # one of choices
     "choices",  # repeatable, each one of choices
+    "tls_version",  # ghostunnel's TLS1.2 / TLS1.3
 ]
 Scope = Literal["process", "server", "client", "both"]
 
@@ -88,7 +90,7 @@ class Setting:
 
     @property
     def repeatable(self) -> bool:
-        return self.kind in ("files", "texts", "networks", "choices")
+        return self.kind in ("files", "texts", "networks", "ips", "choices")
 
     def takes(self, mode: str) -> bool:
         """Whether the ``mode`` command has this flag (process settings: every command)."""
@@ -261,6 +263,16 @@ _ACCESS = (
         "Allow clients whose certificate has this DNS SAN (repeatable)",
         scope="server",
         metavar="NAME",
+        aliases=("--allow-dns-san",),
+    ),
+    Setting(
+        "allow_ip",
+        "ips",
+        "access rules",
+        "Allow clients whose certificate has this IP SAN (repeatable)",
+        scope="server",
+        metavar="IP",
+        aliases=("--allow-ip-san",),
     ),
     Setting(
         "allow_uri",
@@ -269,6 +281,7 @@ _ACCESS = (
         "Allow clients with this URI SAN; '*' matches one path segment (repeatable)",
         scope="server",
         metavar="URI",
+        aliases=("--allow-uri-san",),
     ),
     Setting(
         "allow_spki_sha256",
@@ -329,6 +342,16 @@ _ACCESS = (
         "Server certificate must have this DNS SAN.",
         scope="client",
         metavar="NAME",
+        aliases=("--verify-dns-san",),
+    ),
+    Setting(
+        "verify_ip",
+        "ips",
+        "access rules",
+        "Server certificate must have this IP SAN.",
+        scope="client",
+        metavar="IP",
+        aliases=("--verify-ip-san",),
     ),
     Setting(
         "verify_uri",
@@ -337,6 +360,7 @@ _ACCESS = (
         "Server certificate must have this URI SAN.",
         scope="client",
         metavar="URI",
+        aliases=("--verify-uri-san",),
     ),
     Setting(
         "verify_spki_sha256",
@@ -361,6 +385,20 @@ _ACCESS = (
         "Rego query that must be true, e.g. data.tlsgate.allow.",
         scope="client",
         metavar="QUERY",
+    ),
+)
+
+# ghostunnel's names for --max-tls-version (Go's crypto/tls has no older version worth capping at).
+TLS_VERSIONS = ("TLS1.2", "TLS1.3")
+
+_TLS = (
+    Setting(
+        "max_tls_version",
+        "tls_version",
+        "certificates",
+        "Highest TLS version to speak: TLS1.2 or TLS1.3 [TLS1.3]. For a peer or middlebox that breaks on 1.3.",
+        metavar="VERSION",
+        choices=TLS_VERSIONS,
     ),
 )
 
@@ -466,7 +504,7 @@ _OPERATIONS = (
     ),
 )
 
-SETTINGS: tuple[Setting, ...] = (*_LISTENING, *_CERTIFICATES, *_ACCESS, *_TIMEOUTS, *_UPSTREAM, *_OPERATIONS)
+SETTINGS: tuple[Setting, ...] = (*_LISTENING, *_CERTIFICATES, *_TLS, *_ACCESS, *_TIMEOUTS, *_UPSTREAM, *_OPERATIONS)
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 # ghostunnel's environment variables (kingpin's Envar), by the setting each one stands in for. As there, a flag on

@@ -1,0 +1,186 @@
+"""ghostunnel flags of issue #15, each one entry of the settings table plus the place where it takes effect.
+
+Names, values and refusals follow ghostunnel's main.go: hidden aliases for the renamed SAN flags,
+``--max-tls-version TLS1.2|TLS1.3``, and ``--allow-ip``/``--verify-ip`` (IP SANs, aliases ``--*-ip-san``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from pathlib import Path
+
+import click
+import pytest
+import trustme
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tlsgate.cli import cli
+from tlsgate.config import ConfigErrors, tunnel_config
+from tlsgate.configfile import read_config_file
+from tlsgate.runtime import build_runtime
+
+from conftest import client_context
+from helpers import assert_cut, backend, server_opts, tls_connect, tunnel
+
+ALIASES = [
+    ("server", "--allow-dns-san", "allow_dns"),
+    ("server", "--allow-ip-san", "allow_ip"),
+    ("client", "--verify-ip-san", "verify_ip"),
+    ("server", "--allow-uri-san", "allow_uri"),
+    ("client", "--verify-dns-san", "verify_dns"),
+    ("client", "--verify-uri-san", "verify_uri"),
+]
+
+
+def command(name: str) -> click.Command:
+    found = cli.commands[name]
+    assert isinstance(found, click.Command)
+    return found
+
+
+# -- hidden aliases ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "alias", "name"), ALIASES)
+def test_ghostunnels_old_san_flag_names_set_the_same_setting(mode: str, alias: str, name: str) -> None:
+    ctx = command(mode).make_context(mode, ["--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", alias, "a"])
+    assert ctx.params[name] == ("a",)
+    # Both spellings add to one list, as kingpin's StringsVar on one variable does.
+    main = "--" + name.replace("_", "-")
+    ctx = command(mode).make_context(mode, ["--listen", ":0", "--target", ":1", alias, "a", main, "b"])
+    assert ctx.params[name] == ("a", "b")
+
+
+@pytest.mark.parametrize(("mode", "alias", "name"), ALIASES)
+def test_hidden_aliases_stay_out_of_the_help(mode: str, alias: str, name: str) -> None:
+    output = CliRunner().invoke(cli, [mode, "--help"]).output
+    assert "--" + name.replace("_", "-") in output
+    assert alias not in output
+
+
+# -- --max-tls-version ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("cap", "negotiated"), [(None, "TLSv1.3"), ("TLS1.3", "TLSv1.3"), ("TLS1.2", "TLSv1.2")])
+async def test_max_tls_version_caps_what_the_server_accepts(
+    pki_files: dict[str, Path], ca: trustme.CA, cap: str | None, negotiated: str
+) -> None:
+    client_cert = ca.issue_cert("alice@example.test", common_name="alice")
+    extra = {"max_tls_version": cap} if cap else {}
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_cn=["alice"], **extra)) as tun:
+        reader, writer = await tls_connect(tun, client_context(ca, client_cert))
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        assert writer.get_extra_info("ssl_object").version() == negotiated
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_max_tls_version_caps_the_client_modes_hop_too(pki_files: dict[str, Path]) -> None:
+    cfg = tunnel_config(
+        "client",
+        {"listen": "127.0.0.1:0", "target": "localhost:1", "cacert": str(pki_files["ca"]), "max_tls_version": "TLS1.2"},
+    )
+    target_ctx = build_runtime(cfg).target_ctx
+    assert target_ctx is not None and target_ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("value", ["TLS1.1", "1.2", "tls1.2", "SSLv3", ""])
+def test_max_tls_version_takes_ghostunnels_two_names_only(value: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["server", "--listen", ":0", "--target", ":1", "--max-tls-version", value])
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlsgate: error: ") and "--max-tls-version" in lines[0]
+    if value:
+        with pytest.raises(ConfigErrors, match=r"--max-tls-version: .* \(TLS1\.2 or TLS1\.3\)"):
+            tunnel_config("client", {"listen": ":0", "target": "localhost:1", "max_tls_version": value})
+        path = tmp_path / "t.toml"
+        path.write_text(f'[[tunnel]]\nname = "t"\nmode = "client"\nmax-tls-version = "{value}"\n')
+        assert any("max-tls-version: " in p for p in read_config_file(str(path)).problems)
+
+
+# -- --allow-ip / --verify-ip (IP SANs) -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("rule", "san", "allowed"),
+    [
+        ("10.1.2.3", "10.1.2.3", True),
+        ("10.1.2.3", "10.1.2.4", False),
+        ("0:0:0:0:0:0:0:1", "::1", True),  # the same address spelled long: compared as addresses
+        ("2001:db8::1", "2001:db8::2", False),
+    ],
+)
+async def test_allow_ip_admits_exactly_the_clients_with_that_ip_san(
+    pki_files: dict[str, Path], ca: trustme.CA, rule: str, san: str, allowed: bool
+) -> None:
+    client_cert = ca.issue_cert(san, common_name="robot")
+    async with backend() as be, tunnel(**server_opts(pki_files, be.address, allow_ip=[rule])) as tun:
+        reader, writer = await tls_connect(tun, client_context(ca, client_cert))
+        writer.write(b"ping")
+        if allowed:
+            assert await reader.readexactly(4) == b"ping"
+        else:
+            await assert_cut(reader)
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    assert be.connections == (1 if allowed else 0)
+
+
+@pytest.mark.parametrize("alias", ["--allow-ip", "--allow-ip-san"])
+def test_allow_ip_and_its_alias_are_one_server_flag(alias: str) -> None:
+    ctx = command("server").make_context("server", ["--listen", ":0", "--target", ":1", alias, "10.0.0.1"])
+    assert ctx.params["allow_ip"] == ("10.0.0.1",)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/8", "host.example", "", "1.2.3.4.5"])
+def test_allow_ip_refuses_what_is_not_one_address(value: str) -> None:
+    with pytest.raises(ConfigErrors, match=r"--allow-ip: .* is not an IP address"):
+        tunnel_config("server", {"listen": ":0", "target": "127.0.0.1:1", "allow_ip": [value]})
+
+
+def test_allow_ip_alone_is_an_access_rule(pki_files: dict[str, Path]) -> None:
+    cfg = tunnel_config(
+        "server", {"listen": "127.0.0.1:0", **server_opts(pki_files, "127.0.0.1:1"), "allow_ip": ["::1"]}
+    )
+    assert cfg.allow_ip == ("::1",)
+    with pytest.raises(ConfigErrors, match="--disable-authentication contradicts --allow-ip"):
+        tunnel_config(
+            "server",
+            {
+                "listen": "127.0.0.1:0",
+                "target": "127.0.0.1:1",
+                "cert": [str(pki_files["cert"])],
+                "key": [str(pki_files["key"])],
+                "allow_ip": ["::1"],
+                "disable_authentication": True,
+            },
+        )
+
+
+@pytest.mark.parametrize(("rule", "allowed"), [("127.0.0.1", True), ("127.0.0.2", False)])
+def test_verify_ip_checks_the_servers_ip_san(
+    pki_files: dict[str, Path], server_cert: trustme.LeafCert, rule: str, allowed: bool
+) -> None:
+    cfg = tunnel_config(
+        "client",
+        {"listen": "127.0.0.1:0", "target": "127.0.0.1:1", "cacert": str(pki_files["ca"]), "verify_ip": [rule]},
+    )
+    identity = build_runtime(cfg).target_identity
+    assert identity is not None
+    der = x509.load_pem_x509_certificate(server_cert.cert_chain_pems[0].bytes()).public_bytes(Encoding.DER)
+    decision = identity.check_certificate(der)
+    assert decision.allowed is allowed
+    assert ("verify-ip" in decision.rule) if allowed else ("IP SAN 127.0.0.1" in decision.reason)
+
+
+def test_verify_ip_san_is_the_hidden_alias_of_verify_ip() -> None:
+    ctx = command("client").make_context("client", ["--listen", ":0", "--target", ":1", "--verify-ip-san", "::1"])
+    assert ctx.params["verify_ip"] == ("::1",)
+    assert "--verify-ip-san" not in CliRunner().invoke(cli, ["client", "--help"]).output
