@@ -1,7 +1,8 @@
 """ghostunnel flags of issue #15, each one entry of the settings table plus the place where it takes effect.
 
 Names, values and refusals follow ghostunnel's main.go: hidden aliases for the renamed SAN flags,
-``--max-tls-version TLS1.2|TLS1.3``, and ``--allow-ip``/``--verify-ip`` (IP SANs, aliases ``--*-ip-san``).
+``--max-tls-version TLS1.2|TLS1.3``, ``--allow-ip``/``--verify-ip`` (IP SANs, aliases ``--*-ip-san``), and
+``--cipher-suites AES,CHACHA`` with ``--allow-unsafe-cipher-suites`` for ghostunnel's UNSAFE-AZURE.
 """
 
 from __future__ import annotations
@@ -184,3 +185,62 @@ def test_verify_ip_san_is_the_hidden_alias_of_verify_ip() -> None:
     ctx = command("client").make_context("client", ["--listen", ":0", "--target", ":1", "--verify-ip-san", "::1"])
     assert ctx.params["verify_ip"] == ("::1",)
     assert "--verify-ip-san" not in CliRunner().invoke(cli, ["client", "--help"]).output
+
+
+# -- --cipher-suites / --allow-unsafe-cipher-suites -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("suites", "family"), [("CHACHA", "CHACHA20"), ("AES", "AES"), ("chacha, aes", "CHACHA20")])
+async def test_cipher_suites_choose_what_a_tls12_handshake_uses(
+    pki_files: dict[str, Path], ca: trustme.CA, suites: str, family: str
+) -> None:
+    client_cert = ca.issue_cert("alice@example.test", common_name="alice")
+    ctx = client_context(ca, client_cert)
+    # A client that prefers the other family: the server's order (our --cipher-suites) decides.
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20" if family == "CHACHA20" else "ECDHE+CHACHA20:ECDHE+AESGCM")
+    opts = server_opts(pki_files, "127.0.0.1:1", allow_cn=["alice"], max_tls_version="TLS1.2", cipher_suites=suites)
+    async with backend() as be, tunnel(**{**opts, "target": be.address}) as tun:
+        reader, writer = await tls_connect(tun, ctx)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        name = writer.get_extra_info("ssl_object").cipher()[0]
+        assert family in name and name.startswith("ECDHE"), name
+        writer.close()
+        await writer.wait_closed()
+
+
+def test_cipher_suites_set_every_context_of_a_client_tunnel(pki_files: dict[str, Path]) -> None:
+    options = {"listen": "127.0.0.1:0", "target": "localhost:1", "cacert": str(pki_files["ca"])}
+    ctx = build_runtime(tunnel_config("client", {**options, "cipher_suites": ["CHACHA"]})).target_ctx
+    assert ctx is not None
+    tls12 = [c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert tls12 and all("CHACHA20" in name for name in tls12)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("RC4", "'RC4' is not a cipher suite option (AES, CHACHA)"),
+        ("AES,,", "'' is not a cipher suite option"),
+        ("AES,AES", "names a suite twice"),
+        ("UNSAFE-AZURE", "add --allow-unsafe-cipher-suites"),
+    ],
+)
+def test_cipher_suites_refuse_what_ghostunnel_refuses(value: str, needle: str) -> None:
+    result = CliRunner().invoke(
+        cli, ["client", "--listen", "127.0.0.1:0", "--target", "localhost:1", "--disable-authentication",
+              "--cipher-suites", value],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlsgate: error: --cipher-suites") and needle in lines[0], lines
+
+
+def test_unsafe_cipher_suite_with_its_flag_is_accepted(pki_files: dict[str, Path]) -> None:
+    options = {"listen": "127.0.0.1:0", "target": "localhost:1", "cacert": str(pki_files["ca"])}
+    cfg = tunnel_config("client", {**options, "cipher_suites": "AES,UNSAFE-AZURE", "allow_unsafe_cipher_suites": True})
+    assert cfg.cipher_suites == ("AES", "UNSAFE-AZURE")
+    ctx = build_runtime(cfg).target_ctx
+    assert ctx is not None
+    assert "ECDHE-RSA-AES128-SHA256" in [c["name"] for c in ctx.get_ciphers()]

@@ -21,7 +21,15 @@ from typing import Any, Literal
 from tlsgate.addresses import Address, parse_address, valid_host
 from tlsgate.durations import parse_duration
 from tlsgate.errors import ConfigError
-from tlsgate.settings import SETTINGS, TLS_VERSIONS, Setting, process_settings, setting
+from tlsgate.settings import (
+    CIPHER_SUITES,
+    SETTINGS,
+    TLS_VERSIONS,
+    UNSAFE_CIPHER_SUITES,
+    Setting,
+    process_settings,
+    setting,
+)
 
 Mode = Literal["server", "client"]
 
@@ -108,6 +116,9 @@ class TunnelConfig:
     crl_max_age: float = 0.0
     # ghostunnel's --max-tls-version: "TLS1.2" caps every TLS context of the tunnel; None leaves OpenSSL's (1.3).
     max_tls_version: str | None = None
+    # ghostunnel's --cipher-suites names in order of preference; () keeps tlsctx's default (AES and CHACHA).
+    cipher_suites: tuple[str, ...] = ()
+    allow_unsafe_cipher_suites: bool = False
 
     @property
     def label(self) -> str:
@@ -403,6 +414,21 @@ def _as_tls_version(value: object, key: str) -> str | None:
     return text
 
 
+def _as_cipher_suites(value: object, key: str) -> tuple[str, ...]:
+    """``AES,CHACHA`` (or a TOML list): ghostunnel's names, each once; whether UNSAFE-* is allowed is a cross-check."""
+    items = value.split(",") if isinstance(value, str) else value
+    names = tuple(name.strip().upper() for name in _as_tuple(items, key))
+    known = (*CIPHER_SUITES, *UNSAFE_CIPHER_SUITES)
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{flag(key)}: {shown(name)} is not a cipher suite option (AES, CHACHA)")
+    if not names:
+        raise ConfigError(f"{flag(key)}: an empty list (give AES, CHACHA or both)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag(key)}: {', '.join(names)} names a suite twice")
+    return names
+
+
 def _as_count(value: object, key: str) -> int:
     entry = setting(key)
     return _as_int(value, key, entry.low, entry.high)
@@ -427,6 +453,7 @@ _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "server_name": _as_server_name,
     "choice": _as_choice,
     "tls_version": _as_tls_version,
+    "cipher_suites": _as_cipher_suites,
 }
 
 
@@ -590,6 +617,10 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
             )
         if cfg.target.is_unix and not cfg.override_server_name:
             problems.append("a unix: target in client mode needs --override-server-name to verify the server")
+    unsafe = [name for name in cfg.cipher_suites if name in UNSAFE_CIPHER_SUITES]
+    if unsafe and not cfg.allow_unsafe_cipher_suites:
+        # ghostunnel says "invalid cipher suite option" without the flag; we say which flag unlocks it.
+        problems.append(f"--cipher-suites {unsafe[0]} is unsafe (CBC): add --allow-unsafe-cipher-suites to use it")
     if cfg.target_tls and cfg.mode == "client":
         problems.append("--target-tls is for server mode; client mode always speaks TLS to the target")
     if (cfg.target_cert is None) != (cfg.target_key is None):

@@ -20,6 +20,7 @@ from tlsgate import internals, logs, tlsctx
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import CertificateError
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
+from tlsgate.settings import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
 
 if TYPE_CHECKING:
     from tlsgate.regopolicy import RegoPolicy
@@ -149,10 +150,15 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
 
 
 def _cap_tls_version(cfg: TunnelConfig, contexts: list[ssl.SSLContext]) -> None:
-    """``--max-tls-version TLS1.2``: every TLS context of the tunnel (accepting, SNI, and towards the target)."""
-    if cfg.max_tls_version == "TLS1.2":
-        for ctx in contexts:
+    """``--max-tls-version TLS1.2`` and ``--cipher-suites``: every TLS context of the tunnel (accepting, SNI,
+    and towards the target). Python's ssl sets TLS 1.2 suites only; TLS 1.3 keeps OpenSSL's three AEADs, as Go
+    (and so ghostunnel) keeps its own: both are AEAD with forward secrecy."""
+    ciphers = ":".join({**CIPHER_SUITES, **UNSAFE_CIPHER_SUITES}[name] for name in cfg.cipher_suites)
+    for ctx in contexts:
+        if cfg.max_tls_version == "TLS1.2":
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        if ciphers:
+            ctx.set_ciphers(ciphers)
 
 
 def _rego(path: str | None, query: str | None, flag_prefix: str) -> RegoPolicy | None:

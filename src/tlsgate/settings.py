@@ -53,6 +53,7 @@ Kind = Literal[
     "choice",  # one of choices
     "choices",  # repeatable, each one of choices
     "tls_version",  # ghostunnel's TLS1.2 / TLS1.3
+    "cipher_suites",  # ghostunnel's AES,CHACHA: comma-separated on the command line, a list in a file
 ]
 Scope = Literal["process", "server", "client", "both"]
 
@@ -390,6 +391,15 @@ _ACCESS = (
 
 # ghostunnel's names for --max-tls-version (Go's crypto/tls has no older version worth capping at).
 TLS_VERSIONS = ("TLS1.2", "TLS1.3")
+# ghostunnel's --cipher-suites names, as OpenSSL TLS 1.2 cipher lists in ghostunnel's order (ECDSA before RSA,
+# 128-bit before 256-bit). The UNSAFE-* ones need --allow-unsafe-cipher-suites; ghostunnel adds one only when a
+# large provider needs it (UNSAFE-AZURE: Azure Cache for Redis).
+CIPHER_SUITES = {
+    "AES": "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384",
+    "CHACHA": "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305",
+}
+UNSAFE_CIPHER_SUITES = {"UNSAFE-AZURE": "ECDHE-RSA-AES128-SHA256"}
 
 _TLS = (
     Setting(
@@ -399,6 +409,20 @@ _TLS = (
         "Highest TLS version to speak: TLS1.2 or TLS1.3 [TLS1.3]. For a peer or middlebox that breaks on 1.3.",
         metavar="VERSION",
         choices=TLS_VERSIONS,
+    ),
+    Setting(
+        "cipher_suites",
+        "cipher_suites",
+        "certificates",
+        "TLS 1.2 cipher suites, comma-separated, in order of preference: AES, CHACHA [AES,CHACHA]. "
+        "TLS 1.3 keeps OpenSSL's suites (see docs/usage.md).",
+        metavar="LIST",
+    ),
+    Setting(
+        "allow_unsafe_cipher_suites",
+        "flag",
+        "certificates",
+        "Also accept UNSAFE-AZURE (ECDHE-RSA-AES128-SHA256, CBC) in --cipher-suites, for Azure Cache for Redis.",
     ),
 )
 
