@@ -7,6 +7,7 @@ Names, values and refusals follow ghostunnel's main.go: hidden aliases for the r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from pathlib import Path
@@ -24,7 +25,7 @@ from tlsgate.configfile import read_config_file
 from tlsgate.runtime import build_runtime
 
 from conftest import client_context
-from helpers import assert_cut, backend, server_opts, tls_connect, tunnel
+from helpers import assert_cut, backend, port_of, server_opts, tls_connect, tunnel, wait_until
 
 ALIASES = [
     ("server", "--allow-dns-san", "allow_dns"),
@@ -244,3 +245,53 @@ def test_unsafe_cipher_suite_with_its_flag_is_accepted(pki_files: dict[str, Path
     ctx = build_runtime(cfg).target_ctx
     assert ctx is not None
     assert "ECDHE-RSA-AES128-SHA256" in [c["name"] for c in ctx.get_ciphers()]
+
+
+# -- --connect-timeout covers the target's TLS handshake --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_connect_timeout_cuts_a_target_that_accepts_but_never_answers_tls(
+    pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """ghostunnel's dial includes the handshake, under --connect-timeout. Before, the target's handshake had the
+    (client-side) --handshake-timeout; with that at 0 a silent target held the connection forever."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+        await reader.read()
+
+    async with (
+        backend(accept_and_say_nothing) as be,
+        tunnel(
+            "client",
+            target=be.address,
+            cacert=str(pki_files["ca"]),
+            disable_authentication=True,
+            override_server_name="localhost",
+            connect_timeout="300ms",
+            handshake_timeout="0",
+            shutdown_timeout="1s",  # so that a regression fails at the guard below instead of draining for 5m
+        ) as tun,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(b"hello")
+        # The guard only keeps a regression from hanging the suite; the cut comes after ~300 ms.
+        await assert_cut(reader, timeout=20)
+        writer.close()
+        await wait_until(lambda: tun.active == 0)
+    assert be.connections == 1
+    failed = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "setup failed"]
+    assert [fields.get("reason") for fields in failed] == ["target handshake timeout"], failed
+
+
+def test_connect_timeout_zero_is_refused_as_ghostunnel_does() -> None:
+    result = CliRunner().invoke(
+        cli, ["client", "--listen", "127.0.0.1:0", "--target", "localhost:1", "--disable-authentication",
+              "--connect-timeout", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "tlsgate: error: --connect-timeout must not be 0 (a target that never answers would be waited for forever)"
+    ]

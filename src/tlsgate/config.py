@@ -621,6 +621,9 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
     if unsafe and not cfg.allow_unsafe_cipher_suites:
         # ghostunnel says "invalid cipher suite option" without the flag; we say which flag unlocks it.
         problems.append(f"--cipher-suites {unsafe[0]} is unsafe (CBC): add --allow-unsafe-cipher-suites to use it")
+    if cfg.timeouts.connect == 0:
+        # ghostunnel refuses it too: a target that never answers would hold the connection, and its slot, forever.
+        problems.append("--connect-timeout must not be 0 (a target that never answers would be waited for forever)")
     if cfg.target_tls and cfg.mode == "client":
         problems.append("--target-tls is for server mode; client mode always speaks TLS to the target")
     if (cfg.target_cert is None) != (cfg.target_key is None):

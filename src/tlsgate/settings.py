@@ -427,7 +427,7 @@ _TLS = (
 )
 
 _TIMEOUTS = (
-    _duration("connect_timeout", "Timeout for connecting to the target [10s]."),
+    _duration("connect_timeout", "Timeout for connecting to the target and its TLS handshake, if any [10s]."),
     _duration("handshake_timeout", "Timeout for a TLS handshake; slow or silent clients are cut [10s]."),
     _duration("close_timeout", "How long a half-closed connection may linger before it is cut [60s]."),
     _duration("idle_timeout", "Cut connections with no bytes either way for this long [0: never]."),
