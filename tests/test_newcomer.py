@@ -7,10 +7,12 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 
+from tlsgate.cli import cli
 from tlsgate.cli_certs import certs
 from tlsgate.demo import serve_demo_backend
 from tlsgate.pki import load_certificates
@@ -111,3 +113,25 @@ async def test_demo_page_escapes_the_request_line() -> None:
         await server.wait_closed()
     assert b"<script>" not in page
     assert b"&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def _leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, command in sorted(group.commands.items()):
+        if command.hidden:
+            continue
+        if isinstance(command, click.Group):
+            found += _leaf_commands(command, (*prefix, name))
+        else:
+            found.append((*prefix, name))
+    return found
+
+
+@pytest.mark.parametrize("words", _leaf_commands(cli), ids=" ".join)
+def test_every_command_help_shows_a_worked_example(words: tuple[str, ...]) -> None:
+    """Help that teaches: each command's --help shows at least one command line a newcomer can copy."""
+    result = CliRunner().invoke(cli, [*words, "--help"])
+    assert result.exit_code == 0, result.output
+    command_line = "tlsgate " + " ".join(words)
+    examples = [line for line in result.output.splitlines() if command_line in line and "Usage:" not in line]
+    assert examples, f"`tlsgate {' '.join(words)} --help` shows no example:\n{result.output}"

@@ -141,7 +141,13 @@ def client(**kwargs: Any) -> None:
 @click.option("--backend-port", type=int, default=0, help="Port of the demo HTTP backend [any free port].")
 @click.option("--certs-dir", default="certs/demo", show_default=True, help="Where the demo CA and cert are kept.")
 def demo(listen: str, backend_port: int, certs_dir: str) -> None:
-    """Start a demo HTTP backend behind a TLS front and print how to reach it (what `make run` does)."""
+    """Start a demo HTTP backend behind a TLS front and print how to reach it (what `make run` does).
+
+    \b
+    Examples:
+      tlsgate demo                           # https://localhost:8443/; prints the curl line to try it
+      tlsgate demo --listen 127.0.0.1:9443   # 8443 taken (with make: make run LISTEN=127.0.0.1:9443)
+    """
     from tlsgate.demo import run_demo
 
     raise SystemExit(run_demo(listen=listen, backend_port=backend_port, certs_dir=certs_dir))

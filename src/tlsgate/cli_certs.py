@@ -99,7 +99,13 @@ def certs() -> None:
 @click.option("--key-pass", metavar="SECRET", help=f"Encrypt ca.key with this password ({_PASSWORD_FORMS}).")
 @_force_option
 def ca_command(out_dir: Path, name: str, rsa_bits: str | None, days: int, key_pass: str | None, force: bool) -> None:
-    """Create a CA: ca.pem (share it: peers trust it via --cacert), ca.key (secret, 0600) and ca.json (records)."""
+    """Create a CA: ca.pem (share it: peers trust it via --cacert), ca.key (secret, 0600) and ca.json (records).
+
+    \b
+    Examples:
+      tlsgate certs ca                                     # certs/ca/, ECDSA P-256, 10 years
+      tlsgate certs ca --name "Acme internal CA" --key-pass env:CA_PASS
+    """
     replaced = _replaced_ca(out_dir) if force else None
     ca = CertificateAuthority.create(
         out_dir,
@@ -186,7 +192,13 @@ def issue_command(
     ca_pass: str | None,
     force: bool,
 ) -> None:
-    """Issue a certificate: NAME.pem, NAME.key (0600), NAME-chain.pem (for --cert) and, with --p12, NAME.p12."""
+    """Issue a certificate: NAME.pem, NAME.key (0600), NAME-chain.pem (for --cert) and, with --p12, NAME.p12.
+
+    \b
+    Examples:
+      tlsgate certs issue --name localhost                 # DNS:localhost, IP:127.0.0.1, IP:::1
+      tlsgate certs issue --name alice --client --ou eng   # a client certificate for --allow-ou eng
+    """
     # Resolve every secret before the CA records a serial, so a typo in a flag leaves no trace behind.
     key_password = _secret(key_pass, "--key-pass")
     p12_password = _secret(storepass, "--storepass")
@@ -231,6 +243,10 @@ def revoke_command(ca_dir: Path, target: str, reason: str | None, ca_pass: str |
     """Revoke a certificate, given as its file or its hex serial (as `certs show` prints it).
 
     The revocation is recorded in the CA directory; run `tlsgate certs crl` to publish it.
+
+    \b
+    Examples:
+      tlsgate certs revoke certs/alice.pem --reason keyCompromise && tlsgate certs crl
     """
     ca = CertificateAuthority.load(ca_dir, key_password=_secret(ca_pass, "--ca-pass"))
     target_path = Path(target)
@@ -270,7 +286,13 @@ def revoke_command(ca_dir: Path, target: str, reason: str | None, ca_pass: str |
 @_ca_pass_option
 @_force_option
 def crl_command(ca_dir: Path, out_file: Path | None, days: int, der: bool, ca_pass: str | None, force: bool) -> None:
-    """Sign a CRL listing every revoked certificate; servers read it with --crl FILE."""
+    """Sign a CRL listing every revoked certificate; servers read it with --crl FILE.
+
+    \b
+    Examples:
+      tlsgate certs crl                                    # certs/crl.pem, replaced on every run
+      tlsgate certs crl --out /etc/tlsgate/crl.pem --days 7
+    """
     out = out_file or DEFAULT_OUT_DIR / ("crl.der" if der else "crl.pem")
     ca = CertificateAuthority.load(ca_dir, key_password=_secret(ca_pass, "--ca-pass"))
     # A CRL is derived output: publishing again after a revocation must just work, so an earlier CRL of this CA
@@ -308,6 +330,11 @@ def _is_crl_of(path: Path, ca: CertificateAuthority) -> bool:
     help=f"Password of a PKCS#12 file or an encrypted key ({_PASSWORD_FORMS}).",
 )
 def show_command(files: tuple[Path, ...], password: str | None) -> None:
-    """Describe certificates (PEM, DER, chains), PKCS#12 keystores, private keys and CRLs."""
+    """Describe certificates (PEM, DER, chains), PKCS#12 keystores, private keys and CRLs.
+
+    \b
+    Examples:
+      tlsgate certs show certs/localhost-chain.pem certs/crl.pem
+    """
     secret = _secret(password, "--storepass")
     click.echo("\n\n".join(describe_file(path, password=secret) for path in files))

@@ -104,6 +104,10 @@ def trust() -> None:
 
     Each store says installed, already present, skipped (why) or failed (why); what needs root or another
     OS's tool is printed as the command to run. Exit status 0 when at least one store has the CA.
+
+    \b
+    Examples:
+      tlsgate dev trust && tlsgate dev --to 3000
     """
     ca, created = ensure_dev_ca(ca_root())
     if created:
@@ -117,7 +121,12 @@ def trust() -> None:
 
 @dev.command()
 def untrust() -> None:
-    """Remove the local CA from the stores `tlsgate dev trust` installs it in (the CA files stay)."""
+    """Remove the local CA from the stores `tlsgate dev trust` installs it in (the CA files stay).
+
+    \b
+    Examples:
+      tlsgate dev untrust
+    """
     ca = _existing_ca()
     results = remove_ca(ca.cert_path, TrustStores.discover())
     _report(results)
