@@ -11,7 +11,7 @@ import ipaddress
 import sys
 from dataclasses import dataclass
 
-from tlsgate.errors import ConfigError
+from tlsgate.errors import ConfigError, shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,30 +73,30 @@ def parse_address(text: str, *, name: str = "address", default_host: str = "", a
     if value.startswith("unix:"):
         path = value[len("unix:") :]
         if not path:
-            raise ConfigError(f"{name}: {text!r} has an empty unix socket path (use unix:/path/to/socket)")
+            raise ConfigError(f"{name}: {shown(text)} has an empty unix socket path (use unix:/path/to/socket)")
         return Address(path=path)
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:
-            raise ConfigError(f"{name}: {text!r} is not an address (use [IPv6]:PORT)")
+            raise ConfigError(f"{name}: {shown(text)} is not an address (use [IPv6]:PORT)")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigError(f"{name}: {host!r} in {text!r} is not an IPv6 address") from None
+            raise ConfigError(f"{name}: {shown(host)} in {shown(text)} is not an IPv6 address") from None
     else:
         host, sep, port_text = value.rpartition(":")
         if not sep:
-            raise ConfigError(f"{name}: {text!r} is not an address (use HOST:PORT or unix:PATH)")
+            raise ConfigError(f"{name}: {shown(text)} is not an address (use HOST:PORT or unix:PATH)")
         if ":" in host:
-            raise ConfigError(f"{name}: {text!r} looks like IPv6; write it in brackets: [{host}]:{port_text}")
+            raise ConfigError(f"{name}: {shown(text)} looks like IPv6; write it in brackets: [{host}]:{port_text}")
         host = host or default_host
     if not (port_text.isascii() and port_text.isdigit()):
-        raise ConfigError(f"{name}: port {port_text!r} in {text!r} is not a number")
+        raise ConfigError(f"{name}: port {shown(port_text)} in {shown(text)} is not a number")
     port = int(port_text)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name}: port {port} out of range (0-65535)")
     if host and not valid_host(host):
-        raise ConfigError(f"{name}: {host!r} in {text!r} is not a valid host name or IP address")
+        raise ConfigError(f"{name}: {shown(host)} in {shown(text)} is not a valid host name or IP address")
     return Address(host=host, port=port)
 
 
@@ -113,7 +113,7 @@ def _parse_activated(text: str, value: str, name: str, activated: bool) -> Addre
             "use HOST:PORT, unix:PATH or, under systemd, systemd:NAME"
         )
     if not activated:
-        raise ConfigError(f"{name}: {text!r}: systemd:NAME is a socket to listen on; it cannot be a target")
+        raise ConfigError(f"{name}: {shown(text)}: systemd:NAME is a socket to listen on; it cannot be a target")
     if not socket_name:
         raise ConfigError(
             f"{name}: {text!r} has an empty socket name (use systemd:NAME, NAME as in FileDescriptorName=)"

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.cli_support import TlsgateGroup
-from tlsgate.errors import ConfigError
+from tlsgate.errors import ConfigError, shown
 from tlsgate.pki import (
     CA_CERT_FILE,
     CA_STATE_FILE,
@@ -256,7 +256,7 @@ def revoke_command(ca_dir: Path, target: str, reason: str | None, ca_pass: str |
         try:
             serial = parse_serial(target)
         except ConfigError:
-            raise ConfigError(f"{target!r}: neither a certificate file nor a hex serial number") from None
+            raise ConfigError(f"{shown(target)}: neither a certificate file nor a hex serial number") from None
         revocation, new = ca.revoke(serial, reason=reason)
     when = revocation.revoked_at.strftime("%Y-%m-%d %H:%M:%S UTC")
     why = f" ({revocation.reason.value})" if revocation.reason else ""

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from tlsgate.cli_support import TlsgateGroup, access_options
 from tlsgate.crlcheck import crl_warning, overdue_crls
-from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.errors import CertificateError, ConfigError, shown
 from tlsgate.policy import (
     Decision,
     PeerIdentity,
@@ -310,7 +310,7 @@ def _check_ip(source: str) -> None:
     try:
         ipaddress.ip_address(source.partition("%")[0])
     except ValueError:
-        raise ConfigError(f"--from: {source!r} is not an IP address (like 10.1.2.3 or 2001:db8::7)") from None
+        raise ConfigError(f"--from: {shown(source)} is not an IP address (like 10.1.2.3 or 2001:db8::7)") from None
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -319,7 +319,9 @@ def _parse_time(text: str | None) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ConfigError(f"--at: {text!r} is not a time (use ISO 8601 like 2026-07-01 or 2026-07-01T12:00Z)") from None
+        raise ConfigError(
+            f"--at: {shown(text)} is not a time (use ISO 8601 like 2026-07-01 or 2026-07-01T12:00Z)"
+        ) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 

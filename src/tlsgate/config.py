@@ -12,7 +12,6 @@ import ipaddress
 import math
 import os
 import re
-import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 from tlsgate.addresses import Address, parse_address, valid_host
 from tlsgate.durations import parse_duration
-from tlsgate.errors import ConfigError
+from tlsgate.errors import ConfigError, shown
 from tlsgate.settings import (
     CIPHER_SUITES,
     SETTINGS,
@@ -172,22 +171,6 @@ _MAX_UNIX_PATH = 107
 
 # Prometheus metric names: anything else in the prefix would make /metrics unparseable for the scraper.
 _METRIC_PREFIX = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
-
-_SHOWN = reprlib.Repr()
-_SHOWN.maxstring = _SHOWN.maxother = 60
-_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
-
-
-def shown(value: object) -> str:
-    """``value`` as an error message may quote it: one line, about 60 characters at most, never raising.
-
-    repr escapes newlines, control and bidi characters; reprlib cuts long strings and deep or long lists in the
-    middle, so a 1 MB string or an array nested 2,000 deep quoted back stays a short line.
-    """
-    try:
-        return _SHOWN.repr(value)
-    except Exception:  # a recursion or an odd __repr__: naming the type is still useful
-        return f"a {type(value).__name__}"
 
 
 def shown_path(path: str) -> str:
@@ -392,7 +375,7 @@ def _as_choice(value: object, key: str) -> str | None:
     choices = setting(key).choices
     text = _as_str(value, key)
     if text not in choices:
-        raise ConfigError(f"{flag(key)}: expected one of {', '.join(choices)}, got {text!r}")
+        raise ConfigError(f"{flag(key)}: expected one of {', '.join(choices)}, got {shown(text)}")
     return text
 
 

@@ -38,12 +38,11 @@ from tlsgate.config import (
     TunnelConfig,
     check_metrics_prefix,
     normalise_key,
-    shown,
     shown_path,
     tunnel_config,
 )
 from tlsgate.crlcheck import check_runtime_crls, crl_warning
-from tlsgate.errors import ConfigError, TlsgateError
+from tlsgate.errors import ConfigError, TlsgateError, shown
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.runtime import build_runtime
 from tlsgate.settings import SETTINGS, setting
@@ -385,7 +384,7 @@ _PROCESS_VALUES: dict[str, Callable[[object, str], Any]] = {
 
 def _syslog(value: object) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"syslog: expected true or false, got {value!r}")
+        raise ConfigError(f"syslog: expected true or false, got {shown(value)}")
     return value
 
 

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tlsgate.addresses import Address, parse_address
 from tlsgate.config import tunnel_config
-from tlsgate.errors import CertificateError, ConfigError, StartupError
+from tlsgate.errors import CertificateError, ConfigError, StartupError, shown
 from tlsgate.pki import CertificateAuthority, load_certificates, load_private_key
 from tlsgate.supervisor import ProcessOptions, Server
 
@@ -247,7 +247,7 @@ def normalise_name(value: str) -> str:
             "like myapp.localhost; '*.' allowed in front)"
         )
     if labels[-1].isdigit():
-        raise ConfigError(f"--name {value!r}: not a DNS name, and not an IP address either")
+        raise ConfigError(f"--name {shown(value)}: not a DNS name, and not an IP address either")
     if wildcard and len(labels) < 2:
         raise ConfigError(
             f"--name {value!r}: browsers refuse a wildcard right under a top-level name; "
@@ -384,20 +384,22 @@ def parse_target(text: str) -> Address:
     if value.isascii() and value.isdigit():
         port = int(value)
         if not 1 <= port <= 65535:
-            raise ConfigError(f"--to {text!r}: port out of range (1-65535)")
+            raise ConfigError(f"--to {shown(text)}: port out of range (1-65535)")
         return Address(host="localhost", port=port)
     if not value.startswith("unix:") and ":" not in value:
-        raise ConfigError(f"--to {text!r}: expected a port (3000), HOST:PORT (127.0.0.1:3000) or unix:PATH")
+        raise ConfigError(f"--to {shown(text)}: expected a port (3000), HOST:PORT (127.0.0.1:3000) or unix:PATH")
     target = parse_address(value, name=f"--to {text!r}")
     if not target.is_unix and (not target.host or target.port == 0):
-        raise ConfigError(f"--to {text!r}: give a host and a port other than 0, like 127.0.0.1:3000")
+        raise ConfigError(f"--to {shown(text)}: give a host and a port other than 0, like 127.0.0.1:3000")
     return target
 
 
 def _parse_listen(text: str) -> Address:
     listen = parse_address(text, name="--listen")
     if listen.is_unix:
-        raise ConfigError(f"--listen {text!r}: browsers cannot open unix sockets; give HOST:PORT like localhost:8443")
+        raise ConfigError(
+            f"--listen {shown(text)}: browsers cannot open unix sockets; give HOST:PORT like localhost:8443"
+        )
     if not listen.host or not listen.is_loopback:
         raise ConfigError(
             f"--listen {text!r}: tlsgate dev serves this machine only (localhost, 127.0.0.1 or [::1]); "

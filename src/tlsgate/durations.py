@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tlsgate.errors import ConfigError
+from tlsgate.errors import ConfigError, shown
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -22,7 +22,7 @@ def parse_duration(text: str, *, name: str = "duration") -> float:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if pos == 0 or pos != len(value):
-        raise ConfigError(f"{name}: {text!r} is not a duration (use forms like 500ms, 10s, 5m, 1h30m)")
+        raise ConfigError(f"{name}: {shown(text)} is not a duration (use forms like 500ms, 10s, 5m, 1h30m)")
     return total
 
 

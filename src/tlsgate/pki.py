@@ -76,7 +76,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.errors import CertificateError, ConfigError, shown
 
 __all__ = [
     "CA_CERT_FILE",
@@ -384,9 +384,11 @@ def parse_serial(text: str) -> int:
     try:
         serial = int(cleaned, 16)
     except ValueError:
-        raise ConfigError(f"serial {text!r}: not a hex serial number (as `tlsgate certs show` prints it)") from None
+        raise ConfigError(
+            f"serial {shown(text)}: not a hex serial number (as `tlsgate certs show` prints it)"
+        ) from None
     if serial <= 0:
-        raise ConfigError(f"serial {text!r}: serial numbers are positive")
+        raise ConfigError(f"serial {shown(text)}: serial numbers are positive")
     return serial
 
 
@@ -454,7 +456,7 @@ def _subject_alt_names(
     for value in ips:
         address = _ip_address(value)
         if address is None:
-            raise ConfigError(f"--ip {value!r}: not an IP address (expected e.g. 127.0.0.1 or ::1)")
+            raise ConfigError(f"--ip {shown(value)}: not an IP address (expected e.g. 127.0.0.1 or ::1)")
         sans.append(x509.IPAddress(address))
     if not dns and not ips:
         # The name people type is usually the host name; make it a SAN so the certificate just works.
@@ -466,14 +468,14 @@ def _subject_alt_names(
             sans.append(x509.DNSName(dns_name))
     for value in uris:
         if not _URI.fullmatch(value):
-            raise ConfigError(f"--uri {value!r}: not an absolute URI (expected e.g. spiffe://example.org/service)")
+            raise ConfigError(f"--uri {shown(value)}: not an absolute URI (expected e.g. spiffe://example.org/service)")
         sans.append(x509.UniformResourceIdentifier(value))
     return sans
 
 
 def _name_attribute(oid: x509.ObjectIdentifier, value: str, flag: str) -> x509.NameAttribute[str]:
     if not value or len(value) > _MAX_NAME_ATTRIBUTE:
-        raise ConfigError(f"{flag} {value!r}: must be 1 to {_MAX_NAME_ATTRIBUTE} characters (an X.509 limit)")
+        raise ConfigError(f"{flag} {shown(value)}: must be 1 to {_MAX_NAME_ATTRIBUTE} characters (an X.509 limit)")
     return x509.NameAttribute(oid, value)
 
 
@@ -565,7 +567,7 @@ def _read_state(path: Path) -> _State:
         or not isinstance(state.get("issued"), dict)
         or not isinstance(state.get("revoked"), dict)
     ):
-        raise CertificateError(f"{path}: not a tlsgate CA record (expected format {_STATE_FORMAT!r})")
+        raise CertificateError(f"{path}: not a tlsgate CA record (expected format {shown(_STATE_FORMAT)})")
     return cast(_State, state)
 
 
@@ -1013,7 +1015,7 @@ def _reason(reason: x509.ReasonFlags | str | None) -> x509.ReasonFlags | None:
     if reason is None or isinstance(reason, x509.ReasonFlags):
         return reason
     if reason not in REVOCATION_REASONS:
-        raise ConfigError(f"--reason {reason!r}: expected one of {', '.join(REVOCATION_REASONS)}")
+        raise ConfigError(f"--reason {shown(reason)}: expected one of {', '.join(REVOCATION_REASONS)}")
     return x509.ReasonFlags(reason)
 
 

@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from tlsgate import internals
-from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.errors import CertificateError, ConfigError, shown
 
 if TYPE_CHECKING:
     from tlsgate.regopolicy import RegoPolicy
@@ -277,10 +277,10 @@ def _parse_network(flag: str, text: str) -> ipaddress.IPv4Network | ipaddress.IP
         try:
             loose = ipaddress.ip_network(value, strict=False)
         except ValueError:
-            raise ConfigError(f"{flag}: {text!r} is not a network (use CIDR like 10.0.0.0/8)") from None
+            raise ConfigError(f"{flag}: {shown(text)} is not a network (use CIDR like 10.0.0.0/8)") from None
         if "host bits" in str(err):
-            raise ConfigError(f"{flag}: {text!r} has host bits set (did you mean {loose}?)") from None
-        raise ConfigError(f"{flag}: {text!r} is not a network (use CIDR like 10.0.0.0/8)") from None
+            raise ConfigError(f"{flag}: {shown(text)} has host bits set (did you mean {loose}?)") from None
+        raise ConfigError(f"{flag}: {shown(text)} is not a network (use CIDR like 10.0.0.0/8)") from None
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED_NET):
         # Sources arrive folded to IPv4 (see _parse_source), so a rule written in mapped form must fold too.
         mapped = net.network_address.ipv4_mapped
@@ -381,18 +381,20 @@ class _UriPattern:
     @classmethod
     def parse(cls, flag: str, text: str) -> _UriPattern:
         if not _URI_SCHEME.match(text):
-            raise ConfigError(f"{flag}: {text!r} is not a URI (use a full URI such as spiffe://example.org/service)")
+            raise ConfigError(
+                f"{flag}: {shown(text)} is not a URI (use a full URI such as spiffe://example.org/service)"
+            )
         spiffe = text.lower().startswith(_SPIFFE)
         if spiffe:
             problem = spiffe_id_problem(text, pattern=True)
             if problem is not None:
-                raise ConfigError(f"{flag}: {text!r} is not a SPIFFE ID pattern: {problem}")
+                raise ConfigError(f"{flag}: {shown(text)} is not a SPIFFE ID pattern: {problem}")
         segments = text.split("/")
         parts: list[str] = []
         for index, segment in enumerate(segments):
             if segment == "**":
                 if index != len(segments) - 1:
-                    raise ConfigError(f"{flag}: {text!r}: '**' may only be the last segment")
+                    raise ConfigError(f"{flag}: {shown(text)}: '**' may only be the last segment")
                 return cls(text, re.compile("/".join(parts) + "(?:/.*)?", re.DOTALL), spiffe)
             if segment == "*":
                 parts.append("[^/]+")
@@ -475,7 +477,7 @@ def _parse_ip(flag: str, text: str) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
-        raise ConfigError(f"{flag}: {text[:60]!r} is not an IP address") from None
+        raise ConfigError(f"{flag}: {shown(text[:60])} is not an IP address") from None
 
 
 def _nonempty(flag: str, values: Iterable[str]) -> tuple[str, ...]:

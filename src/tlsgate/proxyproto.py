@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 from typing import Final
 
-from tlsgate.errors import TlsgateError
+from tlsgate.errors import TlsgateError, shown
 
 __all__ = [
     "DEFAULT_MAX_TLV_BYTES",
@@ -443,7 +443,7 @@ def _v1_address(field: bytes, version: int, role: str) -> str:
             return str(ipaddress.IPv4Address(text))
         return _format_ipv6(ipaddress.IPv6Address(text).packed)
     except ValueError:
-        raise ProxyProtocolError(f"v1 {role} address {text!r} is not a valid IPv{version} address") from None
+        raise ProxyProtocolError(f"v1 {role} address {shown(text)} is not a valid IPv{version} address") from None
 
 
 def _v1_port(field: bytes, role: str) -> int:

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.errors import CertificateError, ConfigError, shown
 
 __all__ = ["EVALUATION_BUDGET", "Evaluation", "RegoPolicy", "certificate_input", "load_policy"]
 
@@ -109,9 +109,9 @@ class RegoPolicy:
                 interpreter.add_data_json(json.dumps(data))
             bundle = interpreter.build(query)
         except regopy.RegoError as err:
-            raise ConfigError(f"{query_flag} {query!r}: {_rego_problem(err, dict(modules))}") from None
+            raise ConfigError(f"{query_flag} {shown(query)}: {_rego_problem(err, dict(modules))}") from None
         if not bundle.ok():
-            raise ConfigError(f"{query_flag} {query!r}: does not compile against {path}")
+            raise ConfigError(f"{query_flag} {shown(query)}: does not compile against {path}")
         return cls(path, query, interpreter, bundle, flag_prefix=flag_prefix)
 
     # -- evaluation -------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from tlsgate import __version__, internals, logs, tlsctx
 from tlsgate import tunnel as tunnel_module
 from tlsgate.addresses import Address, parse_address
-from tlsgate.config import TunnelConfig, check_socket_path, shown
-from tlsgate.errors import ConfigError, StartupError, TlsgateError
+from tlsgate.config import TunnelConfig, check_socket_path
+from tlsgate.errors import ConfigError, StartupError, TlsgateError, shown
 from tlsgate.tunnel import Stats, Tunnel
 
 if TYPE_CHECKING:

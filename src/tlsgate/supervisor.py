@@ -27,7 +27,7 @@ from tlsgate import internals, logs, platforms, systemd
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
-from tlsgate.errors import StartupError, TlsgateError
+from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.runtime import build_runtime
 from tlsgate.tunnel import Tunnel
 
@@ -104,7 +104,7 @@ class Server:
                     # With many tunnels from one file, "--listen :8443: address in use" must say whose it is.
                     if not cfg.name:
                         raise
-                    raise StartupError(f"tunnel {cfg.name!r}: {err}") from None
+                    raise StartupError(f"tunnel {shown(cfg.name)}: {err}") from None
                 started.append(tunnel)
                 self.tunnels[_key(cfg)] = tunnel
         except BaseException:

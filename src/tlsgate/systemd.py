@@ -40,7 +40,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from tlsgate import logs
-from tlsgate.errors import StartupError
+from tlsgate.errors import StartupError, shown
 
 # The first descriptor systemd passes (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3
@@ -146,7 +146,7 @@ def activated_listener(name: str, flag: str = "--listen") -> socket.socket:
         )
     if len(fds) != 1:
         # As ghostunnel: one name, one socket; several ListenStream= need a FileDescriptorName= (and a tunnel) each.
-        raise StartupError(f"{where}: systemd passed {len(fds)} sockets named {name!r}; expected exactly one")
+        raise StartupError(f"{where}: systemd passed {len(fds)} sockets named {shown(name)}; expected exactly one")
     held = _REGISTRY.taken.get(name)
     if held is not None:
         if held.fileno() >= 0:

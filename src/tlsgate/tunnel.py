@@ -26,7 +26,7 @@ from typing import Any
 from tlsgate import internals, logs
 from tlsgate.addresses import Address
 from tlsgate.config import Timeouts, TunnelConfig
-from tlsgate.errors import StartupError, TlsgateError
+from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.policy import Decision, PeerIdentity, verified_chain
 from tlsgate.relay import Relay
 from tlsgate.runtime import Runtime, captured_sni
@@ -1062,7 +1062,7 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
     try:
         infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise StartupError(f"--listen {address}: cannot resolve {address.host!r}: {err.strerror}") from None
+        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
     seen: set[Any] = set()
     sockets: list[socket.socket] = []
     errors: list[str] = []

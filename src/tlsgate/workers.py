@@ -55,7 +55,7 @@ from tlsgate import internals, logs, platforms, systemd, tickets
 from tlsgate.addresses import Address
 from tlsgate.config import TunnelConfig
 from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
-from tlsgate.errors import StartupError, TlsgateError
+from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.runtime import build_runtime
 from tlsgate.status import (
     Snapshot,
@@ -549,7 +549,7 @@ def _reserve(address: Address) -> tuple[list[socket.socket], Address]:
     try:
         infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise StartupError(f"--listen {address}: cannot resolve {address.host!r}: {err.strerror}") from None
+        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
     reserved: list[socket.socket] = []
     errors: list[str] = []
     seen: set[tuple[int, object]] = set()
