@@ -133,7 +133,7 @@ REVOCATION_REASONS: tuple[str, ...] = tuple(
 
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
-_EKU_NAMES = {
+EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
     ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
     ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
@@ -1148,7 +1148,7 @@ def _describe_certificate(cert: x509.Certificate, heading: str, now: datetime) -
         lines.append(_field("key", "of a kind this system cannot read"))
     lines.append(_field("cert sha256", cert.fingerprint(hashes.SHA256()).hex()))
     eku = _extension(extensions, x509.ExtendedKeyUsage)
-    lines.append(_field("EKU", ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku) if eku else "none"))
+    lines.append(_field("EKU", ", ".join(EKU_NAMES.get(oid, oid.dotted_string) for oid in eku) if eku else "none"))
     usage = _extension(extensions, x509.KeyUsage)
     if usage is not None:
         lines.append(_field("key usage", _format_key_usage(usage)))

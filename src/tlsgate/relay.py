@@ -19,7 +19,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tlsgate import closenotify, internals
 
@@ -335,13 +335,7 @@ class Relay:
             self.abort(reason)
         except Exception:
             # abort() itself failed half-way: make sure at least no callback of ours stays registered.
-            for sock in (self.client, self.target):
-                with contextlib.suppress(Exception):
-                    fd = sock.fileno()
-                    if fd >= 0:
-                        self.loop.remove_reader(fd)
-                        self.loop.remove_writer(fd)
-                    sock.close()
+            release_sockets(self.loop, (self.client, self.target))
 
     def socket_error(self, fd: int) -> None:
         """EPOLLERR or EPOLLHUP on one of our sockets, seen by the tunnel's error watch (uvloop only: libuv stops
@@ -420,3 +414,16 @@ def _describe(err: BaseException) -> str:
         return str(err) or type(err).__name__
     except Exception:  # a broken __str__: the type still says what happened
         return type(err).__name__
+
+
+def release_sockets(loop: asyncio.AbstractEventLoop, socks: Iterable[socket.socket | None]) -> None:
+    """Unregister and close ``socks`` whatever state they are in: the last resort when an abort itself failed."""
+    for sock in socks:
+        if sock is None:
+            continue
+        with contextlib.suppress(Exception):
+            fd = sock.fileno()
+            if fd >= 0:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+            sock.close()

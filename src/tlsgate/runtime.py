@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from tlsgate import internals, logs, tlsctx
 from tlsgate.config import TunnelConfig
 from tlsgate.errors import CertificateError
+from tlsgate.pki import EKU_NAMES
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
 from tlsgate.settings import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
 
@@ -205,15 +206,6 @@ def _dns_names(material: tlsctx.KeyMaterial) -> list[str]:
 # -- does our own certificate fit the role we present it in? -------------------------------------------------------
 
 _PURPOSE = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
-_EKU_NAMES = {
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
-    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
-}
 
 
 def _flag_label(cert: str | None, keystore: str | None) -> str:
@@ -261,7 +253,7 @@ def check_own_usage(material: tlsctx.KeyMaterial, role: str, label: str) -> None
 
 
 def _name(oid: ObjectIdentifier) -> str:
-    return _EKU_NAMES.get(oid, oid.dotted_string)
+    return EKU_NAMES.get(oid, oid.dotted_string)
 
 
 _SNI_ATTRIBUTE = "tlsgate_sni"

@@ -28,7 +28,7 @@ from tlsgate.addresses import Address
 from tlsgate.config import Timeouts, TunnelConfig
 from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.policy import Decision, PeerIdentity, verified_chain
-from tlsgate.relay import Relay
+from tlsgate.relay import Relay, release_sockets
 from tlsgate.runtime import Runtime, captured_sni
 from tlsgate.tlsctx import describe_handshake_error
 
@@ -562,15 +562,7 @@ class _Setup:
             self.abort(reason)
         except Exception:
             self.done = True
-            for sock in (self.client, self.target):
-                if sock is None:
-                    continue
-                with contextlib.suppress(Exception):
-                    fd = sock.fileno()
-                    if fd >= 0:
-                        self.loop.remove_reader(fd)
-                        self.loop.remove_writer(fd)
-                    sock.close()
+            release_sockets(self.loop, (self.client, self.target))
             with contextlib.suppress(Exception):
                 self.tunnel.setup_done(self)
 
