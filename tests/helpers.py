@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import re
 import resource
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,3 +213,110 @@ def revocable_client(tmp_path: Path) -> RevocableClient:
         "crl": [str(crl)],
     }
     return RevocableClient(ca, alice.serial, crl, ctx, options)
+
+
+# -- the real command in a subprocess --------------------------------------------------------------------------
+
+# Runs the CLI as `tlsgate` (its name in usage and error lines) without needing the console script on PATH.
+TLSGATE_CLI = "import sys; sys.argv[0] = 'tlsgate'; from tlsgate.cli import main; main()"
+# The "listening" event's listen field, as text (listen=127.0.0.1:PORT) or JSON ("listen": "127.0.0.1:PORT").
+LISTENING = re.compile(r'\blisten"?[=:] ?"?127\.0\.0\.1:(\d+)')
+
+
+@dataclass
+class TlsgateProcess:
+    """A running `tlsgate ...`: its process and (when its stderr is read) every log line so far.
+
+    Every wait is for an event: a new line on stderr wakes the waiters, the end of stderr fails them with the log
+    so far, so a test never sleeps for a fixed time nor hangs on a process that already died."""
+
+    proc: asyncio.subprocess.Process
+    port: int = 0  # from the first "listening" line, when run_tlsgate(..., listening=True)
+    lines: list[str] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _ended: bool = False
+    _reader: asyncio.Future[None] | None = None
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def count(self, needle: str) -> int:
+        return sum(needle in line for line in self.lines)
+
+    async def wait_for(self, condition: Callable[[], bool], what: str, within: float | None = 30) -> None:
+        """Wait until ``condition()`` holds, checked after each new log line."""
+        async with asyncio.timeout(within):
+            while not condition():
+                if self._ended:
+                    raise AssertionError(f"tlsgate's stderr ended before {what}:\n{self.log}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for_line(self, needle: str, count: int = 1, within: float | None = 30) -> str:
+        """Wait for the ``count``-th line that contains ``needle``, and return it."""
+        await self.wait_for(lambda: self.count(needle) >= count, repr(needle), within)
+        return [line for line in self.lines if needle in line][count - 1]
+
+    async def port_from(self, pattern: re.Pattern[str] = LISTENING, within: float | None = 30) -> int:
+        """Wait for a line that ``pattern`` matches and return its first group as a port."""
+        await self.wait_for(lambda: pattern.search(self.log) is not None, repr(pattern.pattern), within)
+        match = pattern.search(self.log)
+        assert match is not None
+        return int(match.group(1))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    async def exit_code(self, within: float | None = 30) -> int:
+        """Wait for the process to exit; by then every line it logged has been read."""
+        async with asyncio.timeout(within):
+            code = await self.proc.wait()
+            if self._reader is not None:
+                await self._reader
+        return code
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._changed.set()
+        self._ended = True
+        self._changed.set()
+
+
+@contextlib.asynccontextmanager
+async def run_tlsgate(
+    args: Sequence[str],
+    *,
+    command: Sequence[str] = (sys.executable, "-c", TLSGATE_CLI),
+    env: dict[str, str] | None = None,
+    inherit_env: bool = True,
+    pass_fds: Sequence[int] = (),
+    stderr: Any = None,
+    listening: bool = False,
+) -> AsyncIterator[TlsgateProcess]:
+    """Start ``command ARGS`` (by default the tlsgate CLI) and kill it on the way out if it still runs.
+
+    By default its stderr is read line by line; with ``stderr`` given (a file or descriptor) nothing is read.
+    With ``listening``, this waits for the "listening" line and sets ``.port`` from it: pass
+    ``--listen 127.0.0.1:0`` and the port is the one the kernel chose, with no window for another to take it.
+    ``env`` is added to this process's environment (or is the whole environment when ``inherit_env`` is false)."""
+    environment = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        *command, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE if stderr is None else stderr, env=environment, pass_fds=tuple(pass_fds),
+    )  # fmt: skip
+    running = TlsgateProcess(proc)
+    try:
+        if stderr is None:
+            assert proc.stderr is not None
+            running._reader = asyncio.ensure_future(running._read(proc.stderr))
+            if listening:
+                running.port = await running.port_from(LISTENING)
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if running._reader is not None:
+            await running._reader

@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import ssl
-import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from tlsgate.config import Timeouts, TunnelConfig, tunnel_config
 from tlsgate.supervisor import ProcessOptions, Server
 
 from conftest import client_context
-from helpers import Handler, backend, port_of, server_opts, tunnel, wait_until
+from helpers import LISTENING, Handler, backend, port_of, run_tlsgate, server_opts, tunnel, wait_until
 
 MiB = 1 << 20
 
@@ -358,57 +357,7 @@ async def test_client_mode_status_http_scheme_stays_plain_http(client_identity: 
 
 # -- the real command in a subprocess: status with --workers, exit codes at shutdown ------------------------------
 
-# The "listening" event's listen field, text or JSON.
-_LISTENING = re.compile(r'\blisten"?[=:] ?"?127\.0\.0\.1:(\d+)')
 _STATUS = re.compile(r'\bstatus\b.*\blisten"?[=:] ?"?https?://127\.0\.0\.1:(\d+)')
-
-
-@dataclass
-class Process:
-    """A running `tlsgate ...` with its stderr read line by line."""
-
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: bool = False
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    async def read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self.changed.set()
-        self.ended = True
-        self.changed.set()
-
-    async def port_from(self, pattern: re.Pattern[str]) -> int:
-        while not (match := pattern.search(self.log)):
-            if self.ended:
-                raise AssertionError(f"tlsgate's stderr ended before {pattern.pattern!r}:\n{self.log}")
-            self.changed.clear()
-            await self.changed.wait()
-        return int(match.group(1))
-
-
-@contextlib.asynccontextmanager
-async def run_tlsgate(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tlsgate", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    running = Process(proc)
-    assert proc.stderr is not None
-    reading = asyncio.ensure_future(running.read(proc.stderr))
-    try:
-        yield running
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await reading
 
 
 @pytest.mark.asyncio
@@ -416,7 +365,7 @@ async def test_client_mode_status_is_https_with_workers(ca: trustme.CA, client_i
     async with backend() as be:
         args = ["client", "--listen", "127.0.0.1:0", "--target", be.address, "--workers", "2"]
         args += ["--cert", str(client_identity.cert), "--key", str(client_identity.key), "--status", "127.0.0.1:0"]
-        async with run_tlsgate(*args) as proc:
+        async with run_tlsgate(args) as proc:
             port = await proc.port_from(_STATUS)
             presented, response = await https_get(port, "/_status", client_context(ca))
             proc.proc.send_signal(signal.SIGTERM)
@@ -444,12 +393,13 @@ async def test_shutdown_timeout_with_connections_open_exits_1(
         args = ["server", "--listen", "127.0.0.1:0", "--target", be.address, "--workers", workers]
         args += ["--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--disable-authentication"]
         args += ["--shutdown-timeout", "100ms"]
-        async with run_tlsgate(*args) as proc:
-            port = await proc.port_from(_LISTENING)
+        async with run_tlsgate(args) as proc:
+            port = await proc.port_from(LISTENING)
             if workers != "1":
-                while "all workers ready" not in proc.log and proc.log.count("worker ready") < int(workers):
-                    proc.changed.clear()
-                    await proc.changed.wait()
+                await proc.wait_for(
+                    lambda: "all workers ready" in proc.log or proc.log.count("worker ready") >= int(workers),
+                    "every worker ready",
+                )
             _, writer = await open_tls_connection(port, ca)
             proc.proc.send_signal(signal.SIGTERM)
             code = await proc.proc.wait()
@@ -471,16 +421,14 @@ async def test_shutdown_with_every_connection_finished_exits_0(
         args = ["server", "--listen", "127.0.0.1:0", "--target", be.address, "--workers", workers]
         args += ["--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--disable-authentication"]
         args += ["--shutdown-timeout", "100ms"]
-        async with run_tlsgate(*args) as proc:
-            port = await proc.port_from(_LISTENING)
+        async with run_tlsgate(args) as proc:
+            port = await proc.port_from(LISTENING)
             _, writer = await open_tls_connection(port, ca)
             writer.close()
             with contextlib.suppress(OSError, ssl.SSLError):
                 await writer.wait_closed()
             await be.done.wait()  # the tunnel saw the close too: nothing is open any more
-            while " closed tunnel=" not in proc.log:
-                proc.changed.clear()
-                await proc.changed.wait()
+            await proc.wait_for_line(" closed tunnel=")
             proc.proc.send_signal(signal.SIGTERM)
             code = await proc.proc.wait()
         log = proc.log

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import random
-import re
 import signal
 import socket
 import ssl
@@ -22,7 +21,6 @@ import struct
 import sys
 import termios
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ import pytest
 import trustme
 
 from conftest import client_context, free_port
-from helpers import backend, wait_until
+from helpers import TlsgateProcess, backend, run_tlsgate, wait_until
 
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
 
@@ -44,82 +42,18 @@ from tlsgate.cli import main
 sys.argv[0] = "tlsgate"
 main()
 """
-# The "listening" event's listen field, as text (listen=127.0.0.1:PORT) or JSON ("listen": "127.0.0.1:PORT").
-_LISTENING = re.compile(r'\blisten"?[=:] ?"?127\.0\.0\.1:(\d+)')
-
-
-@dataclass
-class ServerProcess:
-    """A running `tlsgate server`: its process, its port and (when stderr is read) every log line so far."""
-
-    proc: asyncio.subprocess.Process
-    port: int = 0
-    lines: list[str] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _ended: bool = False
-    _reader: asyncio.Future[None] | None = None
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def count(self, needle: str) -> int:
-        return sum(needle in line for line in self.lines)
-
-    async def wait_for_line(self, needle: str, count: int = 1, within: float = 30) -> None:
-        async with asyncio.timeout(within):
-            while self.count(needle) < count:
-                if self._ended:
-                    raise AssertionError(f"tlsgate's stderr ended before {needle!r}:\n{self.log}")
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self._changed.set()
-        self._ended = True
-        self._changed.set()
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    async def exit_code(self, within: float = 30) -> int:
-        """Wait for the process to exit; by then every line it logged has been read."""
-        code = await asyncio.wait_for(self.proc.wait(), within)
-        if self._reader is not None:
-            await asyncio.wait_for(self._reader, within)
-        return code
 
 
 @contextlib.asynccontextmanager
 async def tlsgate_server(
     args: Sequence[str], *, nofile: int = 0, stderr: Any = None, env: dict[str, str] | None = None
-) -> AsyncIterator[ServerProcess]:
-    """Start `tlsgate server ARGS`. By default its stderr is read line by line and the port comes from the
-    "listening" line (use ``--listen 127.0.0.1:0``); with ``stderr`` given (a file or descriptor) nothing is read:
-    pass a fixed --listen and wait for the port with wait_for_listener()."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _LAUNCH, str(nofile), "server", *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE if stderr is None else stderr, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-    server = ServerProcess(proc)
-    try:
-        if stderr is None:
-            assert proc.stderr is not None
-            server._reader = asyncio.ensure_future(server._read(proc.stderr))
-            await server.wait_for_line("listening")
-            match = _LISTENING.search(server.log)
-            if match:
-                server.port = int(match.group(1))
+) -> AsyncIterator[TlsgateProcess]:
+    """Start `tlsgate server ARGS` under RLIMIT_NOFILE ``nofile``. By default its stderr is read line by line and
+    the port comes from the "listening" line (use ``--listen 127.0.0.1:0``); with ``stderr`` given (a file or
+    descriptor) nothing is read: pass a fixed --listen and wait for the port with wait_for_listener()."""
+    launch = (sys.executable, "-c", _LAUNCH, str(nofile), "server")
+    async with run_tlsgate(args, command=launch, env=env, stderr=stderr, listening=stderr is None) as server:
         yield server
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        if server._reader is not None:
-            await server._reader
 
 
 def listen_args(pki_files: dict[str, Path], target: str, *extra: str, port: int = 0) -> list[str]:

@@ -35,7 +35,7 @@ from tlsgate.errors import ConfigError
 from tlsgate.systemd import Activation, notify_address, one_line, watchdog_interval
 
 from conftest import client_context
-from helpers import backend
+from helpers import TLSGATE_CLI, TlsgateProcess, backend, run_tlsgate
 
 subprocess_test = pytest.mark.asyncio(loop_factories=["asyncio"])
 
@@ -51,7 +51,6 @@ for index, fd in enumerate(high):
 os.environ.setdefault("LISTEN_PID", str(os.getpid()))
 os.execv(sys.executable, [sys.executable, "-c", "from tlsgate.cli import main; main()", *sys.argv[2:]])
 """
-_CLI = "import sys; sys.argv[0] = 'tlsgate'; from tlsgate.cli import main; main()"
 _LISTENING = re.compile(r"\blisten=(?:\"?)([^ \"]+)")
 
 
@@ -139,69 +138,22 @@ async def notify_socket(where: Path | None) -> AsyncIterator[NotifySocket]:
         sock.close()
 
 
-@dataclass
-class Tlsgate:
-    proc: asyncio.subprocess.Process
-    lines: list[str] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    ended: bool = False
-    reader: asyncio.Future[None] | None = None
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    async def read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode(errors="replace").rstrip("\n"))
-            self.changed.set()
-        self.ended = True
-        self.changed.set()
-
-    async def wait_for_line(self, needle: str) -> str:
-        while True:
-            for line in self.lines:
-                if needle in line:
-                    return line
-            if self.ended:
-                raise AssertionError(f"tlsgate's stderr ended before {needle!r}:\n{self.log}")
-            self.changed.clear()
-            await self.changed.wait()
-
-    async def exit_code(self) -> int:
-        code = await self.proc.wait()
-        if self.reader is not None:
-            await self.reader
-        return code
-
-
 @contextlib.asynccontextmanager
 async def tlsgate(
     args: Sequence[str], *, env: dict[str, str] | None = None, activate: Sequence[socket.socket | int] | None = None
-) -> AsyncIterator[Tlsgate]:
+) -> AsyncIterator[TlsgateProcess]:
     """Run `tlsgate ARGS`, reading its stderr; with ``activate``, those sockets are passed as systemd would."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
     environment.update(env or {})
     if activate is None:
-        command = [sys.executable, "-c", _CLI, *args]
+        command = [sys.executable, "-c", TLSGATE_CLI]
         pass_fds: tuple[int, ...] = ()
     else:
         pass_fds = tuple(s if isinstance(s, int) else s.fileno() for s in activate)
-        command = [sys.executable, "-c", _ACTIVATE, ",".join(map(str, pass_fds)), *args]
+        command = [sys.executable, "-c", _ACTIVATE, ",".join(map(str, pass_fds))]
         environment.setdefault("LISTEN_FDS", str(len(pass_fds)))
-    proc = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env=environment, pass_fds=pass_fds,
-    )  # fmt: skip
-    running = Tlsgate(proc)
-    assert proc.stderr is not None
-    running.reader = asyncio.ensure_future(running.read(proc.stderr))
-    try:
+    async with run_tlsgate(args, command=command, env=environment, inherit_env=False, pass_fds=pass_fds) as running:
         yield running
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await running.exit_code()
 
 
 def server_args(pki_files: dict[str, Path], listen: str, target: str, *extra: str) -> list[str]:
@@ -573,7 +525,7 @@ def test_syslog_without_a_socket_is_a_one_line_error(tmp_path: Path, pki_files: 
 
     env = {**os.environ, "TLSGATE_SYSLOG_SOCKET": str(tmp_path / "no-such-socket")}
     result = subprocess.run(
-        [sys.executable, "-c", _CLI, *server_args(pki_files, "127.0.0.1:0", "127.0.0.1:9"), "--syslog"],
+        [sys.executable, "-c", TLSGATE_CLI, *server_args(pki_files, "127.0.0.1:0", "127.0.0.1:9"), "--syslog"],
         env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
     assert result.returncode == 2
