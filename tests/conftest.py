@@ -1,11 +1,12 @@
-"""Shared fixtures: a trustme PKI, loopback helpers. No fixed sleeps: readiness is polled or awaited."""
+"""Shared fixtures (a trustme PKI, a second loopback address, log capture, the event loops): fixtures only.
+
+Plain functions that tests share live in helpers.py, which test modules import; nothing imports this module."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,34 +47,6 @@ def pki_files(tmp_path: Path, ca: trustme.CA, server_cert: trustme.LeafCert) -> 
     client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
     client.private_key_pem.write_to_path(str(files["client_key"]))
     return files
-
-
-def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    if cert is not None:
-        cert.configure_cert(ctx)
-    return ctx
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for_port(host: str, port: int, attempts: int = 500) -> None:
-    """Poll until something accepts on host:port (each try yields to the loop; no fixed sleeps)."""
-    for _ in range(attempts):
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            await asyncio.sleep(0.01)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError(f"nothing listens on {host}:{port}")
 
 
 @pytest.fixture

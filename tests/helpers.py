@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
+import json
 import os
 import re
 import resource
+import signal
+import socket
+import socketserver
 import ssl
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tlsgate.config import tunnel_config
 from tlsgate.pki import CertificateAuthority
@@ -320,3 +328,244 @@ async def run_tlsgate(
         await proc.wait()
         if running._reader is not None:
             await running._reader
+
+
+# -- shared by several modules: a test module imports only from here, never from another test module -----------
+
+
+def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    if cert is not None:
+        cert.configure_cert(ctx)
+    return ctx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# Runs the CLI after lowering RLIMIT_NOFILE (argv[1], 0 = leave it), so the limit is in place before anything opens.
+TLSGATE_WITH_NOFILE = """
+import resource, sys
+limit = int(sys.argv.pop(1))
+if limit:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from tlsgate.cli import main
+sys.argv[0] = "tlsgate"
+main()
+"""
+
+
+@contextlib.asynccontextmanager
+async def tlsgate_server(
+    args: Sequence[str], *, nofile: int = 0, stderr: Any = None, env: dict[str, str] | None = None
+) -> AsyncIterator[TlsgateProcess]:
+    """Start `tlsgate server ARGS` under RLIMIT_NOFILE ``nofile``. By default its stderr is read line by line and
+    the port comes from the "listening" line (use ``--listen 127.0.0.1:0``); with ``stderr`` given (a file or
+    descriptor) nothing is read: pass a fixed --listen and wait for the port with wait_for_listener()."""
+    launch = (sys.executable, "-c", TLSGATE_WITH_NOFILE, str(nofile), "server")
+    async with run_tlsgate(args, command=launch, env=env, stderr=stderr, listening=stderr is None) as server:
+        yield server
+
+
+def listen_args(pki_files: dict[str, Path], target: str, *extra: str, port: int = 0) -> list[str]:
+    return [
+        "--listen", f"127.0.0.1:{port}", "--target", target,
+        "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--disable-authentication",
+        *extra,
+    ]  # fmt: skip
+
+
+async def wait_for_listener(port: int, within: float = 30) -> None:
+    """Poll until the server accepts TCP connections (a bare connect, closed at once)."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            return
+
+
+async def round_trip(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", within: float = 20) -> None:
+    async with asyncio.timeout(within):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        writer.write(payload)
+        assert await reader.readexactly(len(payload)) == payload
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+def garbage(port: int, count: int) -> None:
+    """``count`` connections that send HTTP instead of a ClientHello and go: each makes the server log a line.
+    Nothing waits for the server's answer, so this finishes even when the server is stuck."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+DEADLINE = 30.0
+
+
+def eventually(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    """Poll ``check`` until it returns something truthy; bounded, with a short pause between tries."""
+    end = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class WorkersProcess:
+    """``python -m tlsgate server --workers N ...`` with its log in a file and its status port on loopback."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.status_port = free_port()
+        self.log_path = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tlsgate", *args, "--status", f"http://127.0.0.1:{self.status_port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, Any] | None:
+        """One status request; None while the port is not up (or no longer up)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        except (ConnectionError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        answer = self.get("/_status")
+        assert answer is not None, self.log()
+        return dict(answer[1])
+
+    def metric(self, name: str) -> float:
+        answer = self.get("/_metrics")
+        assert answer is not None, self.log()
+        return float(sum(e["value"] for e in answer[1] if e["metric"] == name))
+
+    def wait_ready(self, workers: int) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            assert self.proc.poll() is None, f"tlsgate exited with {self.proc.returncode}:\n{self.log()}"
+            answer = self.get("/_status")
+            if answer is None:
+                return None
+            doc = answer[1]
+            up = [w for w in doc.get("workers", []) if w["ready"]]
+            return dict(doc) if len(up) == workers else None
+
+        return dict(eventually("all workers ready", ready))
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL worker ``index`` and wait until the parent has a new one ready in its place."""
+        victim = self.status()["workers"][index]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        def replaced() -> bool:
+            worker = self.status()["workers"][index]
+            return bool(worker["ready"] and worker["pid"] not in (None, victim))
+
+        eventually(f"worker {index} to come back", replaced)
+
+    @property
+    def port(self) -> int:
+        return int(self.status()["listen_address"].rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+def workers_server_args(pki_files: dict[str, Path], target: str, *extra: str, workers: int = 2) -> list[str]:
+    return [
+        "server",
+        "--listen", "127.0.0.1:0",
+        "--target", target,
+        "--cert", str(pki_files["cert"]),
+        "--key", str(pki_files["key"]),
+        "--cacert", str(pki_files["ca"]),
+        "--allow-cn", "alice",
+        "--workers", str(workers),
+        *extra,
+    ]  # fmt: skip
+
+
+def pki_client_context(pki_files: dict[str, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
+    ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
+    return ctx
+
+
+def memory_handshake(
+    client: ssl.SSLContext, server: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession, bool]:
+    """A full TLS exchange over memory BIOs; the client reads application data, which brings it the ticket."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    while not all(done.values()):
+        moved = False
+        for name, side in (("client", c), ("server", s)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        for src, dst in ((c_out, s_in), (s_out, c_in)):
+            if src.pending:
+                dst.write(src.read())
+                moved = True
+        assert moved or all(done.values()), "memory_handshake stalled"
+    s.write(b"hello")
+    c_in.write(s_out.read())
+    assert c.read(5) == b"hello"
+    session = c.session
+    assert session is not None and session.has_ticket
+    return session, c.session_reused
+
+
+def resume_chain(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession]:
+    """One echo connection offering ``session``; whether it was resumed, and the session to offer next."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(b"x")
+        assert tls.recv(1) == b"x"  # the ticket arrives after the memory_handshake; reading collects it
+        assert tls.session is not None
+        return bool(tls.session_reused), tls.session

@@ -643,8 +643,7 @@ async def test_a_refused_client_with_a_bidi_cn_is_logged_escaped(ca: trustme.CA,
     import io
     import ssl
 
-    from conftest import client_context
-    from helpers import assert_cut, tls_connect, tunnel
+    from helpers import assert_cut, client_context, tls_connect, tunnel
 
     stream = io.StringIO()
     logs.setup_logging("text", stream=stream)

@@ -33,8 +33,7 @@ from tlsgate.relay import Direction, Relay, _describe
 from tlsgate.status import view_of
 from tlsgate.tunnel import Tunnel, _Setup
 
-from conftest import client_context
-from helpers import backend, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
 
 # Every timeout of the tunnels here is far longer than the bound a test waits for a cut: a connection that
 # ends within the bound ended because of the guard, not because a timer gave up on it.

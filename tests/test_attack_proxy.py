@@ -54,8 +54,7 @@ from tlsgate.proxyproto import (
 )
 from tlsgate.supervisor import ProcessOptions, Server
 
-from conftest import client_context
-from helpers import backend, echo, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, echo, port_of, server_opts, tls_connect, tunnel, wait_until
 
 bounded = settings(max_examples=200, deadline=None)
 # proxy-protocol.txt 2.2: each AF_UNIX address is 108 bytes (sun_path), NUL-padded.

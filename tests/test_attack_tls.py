@@ -25,15 +25,23 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_tickets import handshake, resume_chain
 from tlsgate import dev, tickets, tlsctx
 from tlsgate.cli_dev import dev as dev_command
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
 from tlsgate.runtime import build_runtime
 
-from conftest import client_context
-from helpers import backend, port_of, revocable_client, server_opts, tunnel, wait_until
+from helpers import (
+    backend,
+    client_context,
+    memory_handshake,
+    port_of,
+    resume_chain,
+    revocable_client,
+    server_opts,
+    tunnel,
+    wait_until,
+)
 
 TLS_VERSIONS = [
     pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
@@ -453,17 +461,17 @@ def test_a_chain_of_resumptions_ends_a_fixed_time_after_the_full_handshake(
     client.maximum_version = version
     limit = tickets.MAX_AUTHENTICATION_AGE
 
-    session, reused = handshake(client, server)
+    session, reused = memory_handshake(client, server)
     assert not reused
     for elapsed in (limit / 2, limit - 60):  # each resumption gets a new ticket (TLS 1.3) or keeps the old one
         clock[0] = 1_900_000_000.0 + elapsed
-        session, reused = handshake(client, server, session)
+        session, reused = memory_handshake(client, server, session)
         assert reused, elapsed
     clock[0] = 1_900_000_000.0 + limit + 1
-    session, reused = handshake(client, server, session)
+    session, reused = memory_handshake(client, server, session)
     assert not reused  # a full handshake: the client certificate was verified again
     clock[0] += limit - 60
-    assert handshake(client, server, session)[1]  # and the clock starts over from that handshake
+    assert memory_handshake(client, server, session)[1]  # and the clock starts over from that handshake
 
 
 def test_a_failing_clock_costs_resumption_not_the_handshake(
@@ -474,16 +482,16 @@ def test_a_failing_clock_costs_resumption_not_the_handshake(
     material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
     server = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
     client = client_context(ca)
-    session, _ = handshake(client, server)
+    session, _ = memory_handshake(client, server)
 
     def broken() -> float:
         raise OSError("no clock")
 
     with monkeypatch.context() as patch:
         patch.setattr(tickets, "_now", broken)
-        session, reused = handshake(client, server, session)
+        session, reused = memory_handshake(client, server, session)
         assert not reused
-    assert not handshake(client, server, session)[1]  # that ticket was issued without a stamp
+    assert not memory_handshake(client, server, session)[1]  # that ticket was issued without a stamp
 
 
 def test_no_shared_key_without_the_age_bound(
@@ -494,7 +502,7 @@ def test_no_shared_key_without_the_age_bound(
     material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
     shared = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
     client = client_context(ca)
-    session, _ = handshake(client, shared)
+    session, _ = memory_handshake(client, shared)
     real = tickets._LIB
 
     class RefusesCallbacks:
@@ -508,5 +516,5 @@ def test_no_shared_key_without_the_age_bound(
     alone = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
     monkeypatch.setattr(tickets, "_LIB", real)
     assert _ticket_key(alone) != _ticket_key(shared)
-    assert not handshake(client, alone, session)[1]
-    assert handshake(client, shared, session)[1]
+    assert not memory_handshake(client, alone, session)[1]
+    assert memory_handshake(client, shared, session)[1]

@@ -23,8 +23,7 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import client_context
-from helpers import backend, port_of, server_opts, tunnel, wait_until
+from helpers import backend, client_context, port_of, server_opts, tunnel, wait_until
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 

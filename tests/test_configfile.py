@@ -35,8 +35,7 @@ from tlsgate.configfile import load_config_file, load_tunnels, read_config_file
 from tlsgate.pki import CertificateAuthority
 from tlsgate.supervisor import ProcessOptions, Server
 
-from conftest import client_context, free_port
-from helpers import backend
+from helpers import backend, client_context, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DEADLINE = 30.0

@@ -59,7 +59,7 @@ from tlsgate.dev import (
 from tlsgate.errors import ConfigError, StartupError
 from tlsgate.pki import CertificateAuthority, load_certificates
 
-from conftest import free_port
+from helpers import free_port
 
 CERTUTIL = shutil.which("certutil")
 needs_certutil = pytest.mark.skipif(

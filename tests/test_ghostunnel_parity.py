@@ -38,8 +38,7 @@ from tlsgate.cli import cli
 from tlsgate.config import Timeouts, TunnelConfig, tunnel_config
 from tlsgate.supervisor import ProcessOptions, Server
 
-from conftest import client_context
-from helpers import LISTENING, Handler, backend, port_of, run_tlsgate, server_opts, tunnel, wait_until
+from helpers import LISTENING, Handler, backend, client_context, port_of, run_tlsgate, server_opts, tunnel, wait_until
 
 MiB = 1 << 20
 

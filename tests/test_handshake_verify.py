@@ -25,8 +25,7 @@ import trustme
 
 from tlsgate import internals, runtime, tlsctx
 
-from conftest import client_context
-from helpers import backend, echo, port_of, revocable_client, server_opts, tls_connect, tunnel
+from helpers import backend, client_context, echo, port_of, revocable_client, server_opts, tls_connect, tunnel
 
 pytestmark = pytest.mark.skipif(not internals.enabled("verify"), reason="the verify path is off here")
 

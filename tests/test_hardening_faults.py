@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import client_context
-from helpers import backend, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 

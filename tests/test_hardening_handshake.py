@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import client_context
-from helpers import backend, fd_limit_at_least, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, fd_limit_at_least, port_of, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 

@@ -26,8 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tlsgate.pki import CertificateAuthority
 from tlsgate.relay import Relay
 
-from conftest import client_context
-from helpers import Handler, backend, fd_limit_at_least, port_of, server_opts, tunnel, wait_until
+from helpers import Handler, backend, client_context, fd_limit_at_least, port_of, server_opts, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 

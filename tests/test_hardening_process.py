@@ -15,86 +15,30 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import ssl
 import struct
 import sys
 import termios
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 
-from conftest import client_context, free_port
-from helpers import TlsgateProcess, backend, run_tlsgate, wait_until
+from helpers import (
+    TLSGATE_WITH_NOFILE,
+    backend,
+    client_context,
+    free_port,
+    garbage,
+    listen_args,
+    round_trip,
+    tlsgate_server,
+    wait_for_listener,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio(loop_factories=["asyncio"])
-
-# Runs the CLI after lowering RLIMIT_NOFILE (argv[1], 0 = leave it), so the limit is in place before anything opens.
-_LAUNCH = """
-import resource, sys
-limit = int(sys.argv.pop(1))
-if limit:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-from tlsgate.cli import main
-sys.argv[0] = "tlsgate"
-main()
-"""
-
-
-@contextlib.asynccontextmanager
-async def tlsgate_server(
-    args: Sequence[str], *, nofile: int = 0, stderr: Any = None, env: dict[str, str] | None = None
-) -> AsyncIterator[TlsgateProcess]:
-    """Start `tlsgate server ARGS` under RLIMIT_NOFILE ``nofile``. By default its stderr is read line by line and
-    the port comes from the "listening" line (use ``--listen 127.0.0.1:0``); with ``stderr`` given (a file or
-    descriptor) nothing is read: pass a fixed --listen and wait for the port with wait_for_listener()."""
-    launch = (sys.executable, "-c", _LAUNCH, str(nofile), "server")
-    async with run_tlsgate(args, command=launch, env=env, stderr=stderr, listening=stderr is None) as server:
-        yield server
-
-
-def listen_args(pki_files: dict[str, Path], target: str, *extra: str, port: int = 0) -> list[str]:
-    return [
-        "--listen", f"127.0.0.1:{port}", "--target", target,
-        "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--disable-authentication",
-        *extra,
-    ]  # fmt: skip
-
-
-async def wait_for_listener(port: int, within: float = 30) -> None:
-    """Poll until the server accepts TCP connections (a bare connect, closed at once)."""
-    async with asyncio.timeout(within):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-            return
-
-
-async def round_trip(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", within: float = 20) -> None:
-    async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-        writer.write(payload)
-        assert await reader.readexactly(len(payload)) == payload
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
-
-
-def garbage(port: int, count: int) -> None:
-    """``count`` connections that send HTTP instead of a ClientHello and go: each makes the server log a line.
-    Nothing waits for the server's answer, so this finishes even when the server is stuck."""
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 # --- no file descriptors left --------------------------------------------------------------------------------
@@ -229,7 +173,7 @@ async def test_a_closed_stderr_does_not_stop_relaying_nor_leak_into_streams(
     async with backend(echo_and_keep) as be:
         args[args.index("--target") + 1] = be.address
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-c", _LAUNCH, "0", "server", *args,
+            "/bin/sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-c", TLSGATE_WITH_NOFILE, "0", "server", *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         payloads = [random.Random(i).randbytes(1000) for i in range(20)]

@@ -23,9 +23,7 @@ from typing import Any
 import pytest
 import trustme
 
-from test_hardening_process import tlsgate_server
-
-from helpers import backend
+from helpers import backend, tlsgate_server
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN_VENV = REPO / ".venv-scan"

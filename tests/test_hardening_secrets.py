@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from test_hardening_process import garbage, round_trip, tlsgate_server
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.pki import CertificateAuthority
 
-from helpers import backend
+from helpers import backend, garbage, round_trip, tlsgate_server
 
 STOREPASS = "correct-horse-battery-staple-4711"
 KEYPASS = "tr0ub4dor-and-3"

@@ -18,8 +18,7 @@ from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
 from tlsgate.status import Snapshot, prometheus_text
 
-from conftest import client_context
-from helpers import backend, server_opts, tls_connect, tunnel
+from helpers import backend, client_context, server_opts, tls_connect, tunnel
 
 REAL = internals.gather_facts()
 

@@ -13,8 +13,7 @@ import trustme
 
 from tlsgate import logs
 
-from conftest import client_context
-from helpers import backend, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, server_opts, tls_connect, tunnel, wait_until
 
 
 @pytest.fixture

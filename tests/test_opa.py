@@ -27,8 +27,7 @@ from tlsgate.pki import CertificateAuthority
 from tlsgate.policy import Decision, IdentityRules, build_policy
 from tlsgate.regopolicy import Evaluation, certificate_input, load_policy
 
-from conftest import client_context
-from helpers import assert_cut, backend, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import assert_cut, backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
 
 pytest.importorskip("regopy")
 

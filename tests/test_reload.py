@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from conftest import client_context
-from helpers import assert_cut, backend, revocable_client, server_opts, tls_connect, tunnel, wait_until
+from helpers import assert_cut, backend, client_context, revocable_client, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 

@@ -33,8 +33,7 @@ from tlsgate.status import (
 )
 from tlsgate.supervisor import ProcessOptions, Server
 
-from conftest import client_context, free_port
-from helpers import assert_cut, backend, server_opts, wait_until
+from helpers import assert_cut, backend, client_context, free_port, server_opts, wait_until
 
 GHOSTUNNEL_FIELDS = {
     "ok",

@@ -34,8 +34,7 @@ from tlsgate.addresses import Address, parse_address
 from tlsgate.errors import ConfigError
 from tlsgate.systemd import Activation, notify_address, one_line, watchdog_interval
 
-from conftest import client_context
-from helpers import TLSGATE_CLI, TlsgateProcess, backend, run_tlsgate
+from helpers import TLSGATE_CLI, TlsgateProcess, backend, client_context, run_tlsgate
 
 subprocess_test = pytest.mark.asyncio(loop_factories=["asyncio"])
 

@@ -17,11 +17,23 @@ from typing import Any
 import pytest
 import trustme
 
-from test_workers import Echo, Tlsgate, client_ctx, eventually, server_args
 from tlsgate import tickets, tlsctx
 
-from conftest import client_context
-from helpers import backend, port_of, revocable_client, server_opts, tunnel
+from helpers import (
+    Echo,
+    WorkersProcess,
+    backend,
+    client_context,
+    eventually,
+    memory_handshake,
+    pki_client_context,
+    port_of,
+    resume_chain,
+    revocable_client,
+    server_opts,
+    tunnel,
+    workers_server_args,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,36 +43,6 @@ def _fresh_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- in memory: one client, two server contexts ----------------------------------------------------------------
-
-
-def handshake(
-    client: ssl.SSLContext, server: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> tuple[ssl.SSLSession, bool]:
-    """A full TLS exchange over memory BIOs; the client reads application data, which brings it the ticket."""
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
-    s = server.wrap_bio(s_in, s_out, server_side=True)
-    done = {"client": False, "server": False}
-    while not all(done.values()):
-        moved = False
-        for name, side in (("client", c), ("server", s)):
-            if not done[name]:
-                try:
-                    side.do_handshake()
-                    done[name] = True
-                except ssl.SSLWantReadError:
-                    pass
-        for src, dst in ((c_out, s_in), (s_out, c_in)):
-            if src.pending:
-                dst.write(src.read())
-                moved = True
-        assert moved or all(done.values()), "handshake stalled"
-    s.write(b"hello")
-    c_in.write(s_out.read())
-    assert c.read(5) == b"hello"
-    session = c.session
-    assert session is not None and session.has_ticket
-    return session, c.session_reused
 
 
 def material(pki_files: dict[str, Path]) -> tlsctx.KeyMaterial:
@@ -76,14 +58,14 @@ def test_two_contexts_with_the_same_secret_resume_each_others_tickets(pki_files:
     client = ssl.create_default_context(cafile=str(pki_files["ca"]))
     a = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
     b = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
-    session, reused = handshake(client, a)
+    session, reused = memory_handshake(client, a)
     assert not reused
-    assert handshake(client, b, session)[1]
+    assert memory_handshake(client, b, session)[1]
 
     # Another process tree (another secret) cannot read them: the client falls back to a full handshake.
     tickets.set_process_key(os.urandom(tickets.SECRET_LENGTH))
     c = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
-    assert not handshake(client, c, session)[1]
+    assert not memory_handshake(client, c, session)[1]
 
 
 def test_plain_contexts_share_tickets_only_after_apply(server_cert: trustme.LeafCert, ca: trustme.CA) -> None:
@@ -95,9 +77,9 @@ def test_plain_contexts_share_tickets_only_after_apply(server_cert: trustme.Leaf
     client = client_context(ca)
     a, b, untouched = server(), server(), server()
     assert tickets.apply(a) and tickets.apply(b)
-    session, _ = handshake(client, a)
-    assert handshake(client, b, session)[1]
-    assert not handshake(client, untouched, session)[1]  # OpenSSL's own random key
+    session, _ = memory_handshake(client, a)
+    assert memory_handshake(client, b, session)[1]
+    assert not memory_handshake(client, untouched, session)[1]  # OpenSSL's own random key
 
 
 def test_a_ticket_does_not_carry_trust_to_a_context_that_verifies_clients_differently(
@@ -113,14 +95,14 @@ def test_a_ticket_does_not_carry_trust_to_a_context_that_verifies_clients_differ
     def server(cafile: Path, require: bool = True) -> ssl.SSLContext:
         return tlsctx.server_context(material(pki_files), client_ca=str(cafile), require_client_cert=require)
 
-    session, _ = handshake(outsider, server(both))
+    session, _ = memory_handshake(outsider, server(both))
     with pytest.raises(ssl.SSLError):
-        handshake(outsider, server(pki_files["ca"]), session)  # not resumed: a full handshake, which fails
+        memory_handshake(outsider, server(pki_files["ca"]), session)  # not resumed: a full handshake, which fails
 
     alice = alice_context(ca)
-    session, _ = handshake(alice, server(pki_files["ca"]))
-    assert handshake(alice, server(copy), session)[1]  # the same CAs from another file: same key
-    assert not handshake(alice, server(pki_files["ca"], require=False), session)[1]
+    session, _ = memory_handshake(alice, server(pki_files["ca"]))
+    assert memory_handshake(alice, server(copy), session)[1]  # the same CAs from another file: same key
+    assert not memory_handshake(alice, server(pki_files["ca"], require=False), session)[1]
 
 
 def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
@@ -134,7 +116,7 @@ def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
     client = client_context(ca)
     reference = server()
     assert tickets.apply(reference)
-    session, _ = handshake(client, reference)
+    session, _ = memory_handshake(client, reference)
 
     class WrongOptions:
         """The real library, except that OpenSSL seems to hold other options than Python reports."""
@@ -163,8 +145,8 @@ def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
         assert tickets.apply(unavailable) is False
         assert not tickets.available()
     for ctx in (mismatched, shifted, unavailable):
-        assert not handshake(client, ctx, session)[1]  # still OpenSSL's own random key
-        assert handshake(client, ctx)[0] is not None  # and a working context
+        assert not memory_handshake(client, ctx, session)[1]  # still OpenSSL's own random key
+        assert memory_handshake(client, ctx)[0] is not None  # and a working context
 
 
 def test_set_process_key_takes_only_a_whole_secret() -> None:
@@ -176,18 +158,6 @@ def test_set_process_key_takes_only_a_whole_secret() -> None:
 
 
 # -- one process: reload ----------------------------------------------------------------------------------------
-
-
-def resume_chain(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession]:
-    """One echo connection offering ``session``; whether it was resumed, and the session to offer next."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
-    ):
-        tls.sendall(b"x")
-        assert tls.recv(1) == b"x"  # the ticket arrives after the handshake; reading collects it
-        assert tls.session is not None
-        return bool(tls.session_reused), tls.session
 
 
 @pytest.mark.asyncio
@@ -254,13 +224,15 @@ async def test_a_resumed_session_is_still_checked_against_a_new_crl(tmp_path: Pa
 
 
 @pytest.fixture
-def workers_gate(pki_files: dict[str, Path], tmp_path: Path) -> Iterator[Tlsgate]:
+def workers_gate(pki_files: dict[str, Path], tmp_path: Path) -> Iterator[WorkersProcess]:
     """``tlsgate server --workers 2`` with client certificates required, in front of a threaded echo server."""
     echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
     echo.daemon_threads = True
     thread = threading.Thread(target=echo.serve_forever, daemon=True)
     thread.start()
-    gate = Tlsgate(server_args(pki_files, f"127.0.0.1:{echo.server_address[1]}"), tmp_path / "tlsgate.log")
+    gate = WorkersProcess(
+        workers_server_args(pki_files, f"127.0.0.1:{echo.server_address[1]}"), tmp_path / "tlsgate.log"
+    )
     try:
         yield gate
     finally:
@@ -276,7 +248,9 @@ def closed_by(log: str) -> Callable[[int], bool]:
     return lambda index: any(f"worker={index}" in line for line in lines)
 
 
-def chain_of_resumptions(gate: Tlsgate, ctx: ssl.SSLContext, count: int, session: ssl.SSLSession) -> ssl.SSLSession:
+def chain_of_resumptions(
+    gate: WorkersProcess, ctx: ssl.SSLContext, count: int, session: ssl.SSLSession
+) -> ssl.SSLSession:
     """``count`` connections, each offering the previous one's session; every one must resume."""
     for i in range(count):
         reused, session = resume_chain(gate.port, ctx, session)
@@ -284,10 +258,10 @@ def chain_of_resumptions(gate: Tlsgate, ctx: ssl.SSLContext, count: int, session
     return session
 
 
-def test_every_worker_resumes_every_workers_tickets(workers_gate: Tlsgate, pki_files: dict[str, Path]) -> None:
+def test_every_worker_resumes_every_workers_tickets(workers_gate: WorkersProcess, pki_files: dict[str, Path]) -> None:
     gate = workers_gate
     gate.wait_ready(2)
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     reused, session = resume_chain(gate.port, ctx)
     assert not reused
     chain_of_resumptions(gate, ctx, 24, session)
@@ -296,10 +270,12 @@ def test_every_worker_resumes_every_workers_tickets(workers_gate: Tlsgate, pki_f
     eventually("both workers' connection lines", lambda: all(map(closed_by(gate.log()), (0, 1))))
 
 
-def test_tickets_survive_sighup_and_a_restarted_worker(workers_gate: Tlsgate, pki_files: dict[str, Path]) -> None:
+def test_tickets_survive_sighup_and_a_restarted_worker(
+    workers_gate: WorkersProcess, pki_files: dict[str, Path]
+) -> None:
     gate = workers_gate
     gate.wait_ready(2)
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     _, session = resume_chain(gate.port, ctx)
     session = chain_of_resumptions(gate, ctx, 4, session)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from conftest import client_context
 from helpers import (
     Backend,
     Handler,
     assert_cut,
     backend,
+    client_context,
     port_of,
     recording,
     reply_after_eof,

@@ -17,8 +17,18 @@ import trustme
 
 from tlsgate.closenotify import send_close_notify
 
-from conftest import client_context
-from helpers import backend, echo, port_of, recording, reply_after_eof, server_opts, tls_connect, tunnel, wait_until
+from helpers import (
+    backend,
+    client_context,
+    echo,
+    port_of,
+    recording,
+    reply_after_eof,
+    server_opts,
+    tls_connect,
+    tunnel,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from conftest import client_context
-from helpers import echo, port_of, tls_connect, tunnel, wait_until
+from helpers import client_context, echo, port_of, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import signal
 import socket
 import socketserver
 import ssl
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
@@ -25,27 +18,7 @@ import tlsgate.workers
 from tlsgate.cli import cli
 from tlsgate.workers import restart_delay
 
-from conftest import free_port
-
-DEADLINE = 30.0
-
-
-def eventually(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    """Poll ``check`` until it returns something truthy; bounded, with a short pause between tries."""
-    end = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        while data := self.request.recv(65536):
-            self.request.sendall(data)
+from helpers import DEADLINE, Echo, WorkersProcess, eventually, free_port, pki_client_context, workers_server_args
 
 
 @pytest.fixture
@@ -62,88 +35,12 @@ def echo_backend() -> Iterator[str]:
         thread.join(10)
 
 
-class Tlsgate:
-    """``python -m tlsgate server --workers N ...`` with its log in a file and its status port on loopback."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.status_port = free_port()
-        self.log_path = log
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tlsgate", *args, "--status", f"http://127.0.0.1:{self.status_port}"],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str) -> tuple[int, Any] | None:
-        """One status request; None while the port is not up (or no longer up)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, json.loads(response.read())
-        except (ConnectionError, http.client.HTTPException):
-            return None
-        finally:
-            conn.close()
-
-    def status(self) -> dict[str, Any]:
-        answer = self.get("/_status")
-        assert answer is not None, self.log()
-        return dict(answer[1])
-
-    def metric(self, name: str) -> float:
-        answer = self.get("/_metrics")
-        assert answer is not None, self.log()
-        return float(sum(e["value"] for e in answer[1] if e["metric"] == name))
-
-    def wait_ready(self, workers: int) -> dict[str, Any]:
-        def ready() -> dict[str, Any] | None:
-            assert self.proc.poll() is None, f"tlsgate exited with {self.proc.returncode}:\n{self.log()}"
-            answer = self.get("/_status")
-            if answer is None:
-                return None
-            doc = answer[1]
-            up = [w for w in doc.get("workers", []) if w["ready"]]
-            return dict(doc) if len(up) == workers else None
-
-        return dict(eventually("all workers ready", ready))
-
-    def kill_worker(self, index: int) -> None:
-        """SIGKILL worker ``index`` and wait until the parent has a new one ready in its place."""
-        victim = self.status()["workers"][index]["pid"]
-        os.kill(victim, signal.SIGKILL)
-
-        def replaced() -> bool:
-            worker = self.status()["workers"][index]
-            return bool(worker["ready"] and worker["pid"] not in (None, victim))
-
-        eventually(f"worker {index} to come back", replaced)
-
-    @property
-    def port(self) -> int:
-        return int(self.status()["listen_address"].rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Tlsgate]]:
-    running: list[Tlsgate] = []
+def start(tmp_path: Path) -> Iterator[Callable[..., WorkersProcess]]:
+    running: list[WorkersProcess] = []
 
-    def launch(*args: str) -> Tlsgate:
-        gate = Tlsgate(list(args), tmp_path / f"tlsgate-{len(running)}.log")
+    def launch(*args: str) -> WorkersProcess:
+        gate = WorkersProcess(list(args), tmp_path / f"tlsgate-{len(running)}.log")
         running.append(gate)
         return gate
 
@@ -152,26 +49,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Tlsgate]]:
     finally:
         for gate in running:
             gate.stop()
-
-
-def server_args(pki_files: dict[str, Path], target: str, *extra: str, workers: int = 2) -> list[str]:
-    return [
-        "server",
-        "--listen", "127.0.0.1:0",
-        "--target", target,
-        "--cert", str(pki_files["cert"]),
-        "--key", str(pki_files["key"]),
-        "--cacert", str(pki_files["ca"]),
-        "--allow-cn", "alice",
-        "--workers", str(workers),
-        *extra,
-    ]  # fmt: skip
-
-
-def client_ctx(pki_files: dict[str, Path]) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
-    ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
-    return ctx
 
 
 def echo_through(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bytes:
@@ -193,13 +70,13 @@ def echo_through(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> by
 
 
 def test_workers_share_the_port_and_status_adds_their_counters_up(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str
 ) -> None:
-    gate = start(*server_args(pki_files, echo_backend))
+    gate = start(*workers_server_args(pki_files, echo_backend))
     doc = gate.wait_ready(2)
     assert doc["ok"] is True and doc["message"] == "listening"
     assert len({w["pid"] for w in doc["workers"]}) == 2
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     for _ in range(30):
         echo_through(gate.port, ctx)
     eventually("30 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 30)
@@ -216,11 +93,11 @@ def test_workers_share_the_port_and_status_adds_their_counters_up(
 
 
 def test_sighup_reloads_every_worker(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str, ca: trustme.CA
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str, ca: trustme.CA
 ) -> None:
-    gate = start(*server_args(pki_files, echo_backend))
+    gate = start(*workers_server_args(pki_files, echo_backend))
     gate.wait_ready(2)
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     old = echo_through(gate.port, ctx)
     renewed = ca.issue_cert("localhost", "127.0.0.1")
     renewed.cert_chain_pems[0].write_to_path(str(pki_files["cert"]))
@@ -235,14 +112,14 @@ def test_sighup_reloads_every_worker(
 
 
 def test_sigterm_drains_open_connections_then_exits_0(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str
 ) -> None:
-    gate = start(*server_args(pki_files, echo_backend))
+    gate = start(*workers_server_args(pki_files, echo_backend))
     gate.wait_ready(2)
     port = gate.port
     with (
         socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        client_ctx(pki_files).wrap_socket(raw, server_hostname="localhost") as tls,
+        pki_client_context(pki_files).wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         tls.sendall(b"before")
         assert tls.recv(100) == b"before"
@@ -264,11 +141,11 @@ def test_sigterm_drains_open_connections_then_exits_0(
 
 
 def test_a_killed_worker_is_restarted_and_counters_do_not_go_back(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str
 ) -> None:
-    gate = start(*server_args(pki_files, echo_backend))
+    gate = start(*workers_server_args(pki_files, echo_backend))
     gate.wait_ready(2)
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     for _ in range(10):
         echo_through(gate.port, ctx)
     eventually("10 closed connections", lambda: gate.metric("tlsgate.conn.closed") == 10)
@@ -282,14 +159,14 @@ def test_a_killed_worker_is_restarted_and_counters_do_not_go_back(
 
 
 def test_workers_share_a_unix_listener(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str, tmp_path: Path
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "tlsgate.sock"
-    args = server_args(pki_files, echo_backend)
+    args = workers_server_args(pki_files, echo_backend)
     args[args.index("127.0.0.1:0")] = f"unix:{path}"
     gate = start(*args)
     gate.wait_ready(2)
-    ctx = client_ctx(pki_files)
+    ctx = pki_client_context(pki_files)
     for _ in range(4):
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(10)
@@ -303,9 +180,9 @@ def test_workers_share_a_unix_listener(
 
 
 def test_workers_stop_when_the_parent_is_killed(
-    start: Callable[..., Tlsgate], pki_files: dict[str, Path], echo_backend: str
+    start: Callable[..., WorkersProcess], pki_files: dict[str, Path], echo_backend: str
 ) -> None:
-    gate = start(*server_args(pki_files, echo_backend))
+    gate = start(*workers_server_args(pki_files, echo_backend))
     pids = [w["pid"] for w in gate.wait_ready(2)["workers"]]
     gate.proc.kill()
     gate.proc.wait()
@@ -325,7 +202,7 @@ def test_listen_port_in_use_with_workers_exits_2_before_any_worker_starts(pki_fi
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        args = server_args(pki_files, "127.0.0.1:1")
+        args = workers_server_args(pki_files, "127.0.0.1:1")
         args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
         result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output
@@ -341,7 +218,7 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(
     # Every attempt would fail alike (say, a file only the workers cannot read): restarting would just spin.
     monkeypatch.setattr(tlsgate.workers, "_WORKER_CODE", "raise SystemExit(3)")
     port = free_port()
-    args = server_args(pki_files, "127.0.0.1:1")
+    args = workers_server_args(pki_files, "127.0.0.1:1")
     args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 3, result.output
