@@ -19,11 +19,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import trustme
+from click.testing import CliRunner, Result
 
 from tlsgate.config import tunnel_config
 from tlsgate.pki import CertificateAuthority
@@ -394,14 +397,28 @@ async def wait_for_listener(port: int, within: float = 30) -> None:
             return
 
 
-async def round_trip(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", within: float = 20) -> None:
+async def round_trip(
+    to: int | str | Tunnel, ctx: ssl.SSLContext, payload: bytes = b"ping", *, within: float = 30
+) -> None:
+    """One TLS connection that echoes ``payload`` back, then closes: a port on 127.0.0.1, a unix socket path, or an
+    in-process tunnel."""
     async with asyncio.timeout(within):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-        writer.write(payload)
-        assert await reader.readexactly(len(payload)) == payload
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
+        if isinstance(to, str):
+            reader, writer = await asyncio.open_unix_connection(to, ssl=ctx, server_hostname="localhost")
+        else:
+            port = to if isinstance(to, int) else port_of(to)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        await echoed(reader, writer, payload)
+
+
+async def echoed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes = b"ping") -> None:
+    """On an open connection to an echo backend: ``payload`` comes back whole; then the connection is closed
+    (an unclean close is the server's business, not what this checks)."""
+    writer.write(payload)
+    assert await reader.readexactly(len(payload)) == payload
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
 
 
 def garbage(port: int, count: int) -> None:
@@ -569,3 +586,63 @@ def resume_chain(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None 
         assert tls.recv(1) == b"x"  # the ticket arrives after the memory_handshake; reading collects it
         assert tls.session is not None
         return bool(tls.session_reused), tls.session
+
+
+async def exchange(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping", within: float = 30) -> bytes:
+    """Send ``payload`` over one TLS connection to 127.0.0.1:``port`` and return as many bytes as came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+    try:
+        writer.write(payload)
+        return await asyncio.wait_for(reader.readexactly(len(payload)), within)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+def write_crl(
+    path: Path,
+    ca: trustme.CA,
+    serials: Sequence[int] = (),
+    *,
+    issued: datetime | None = None,
+    next_update: datetime | None = None,
+) -> Path:
+    """Write a PEM CRL signed by ``ca`` that revokes ``serials`` (trustme has no CRLs; the CA's key signs one with
+    cryptography). ``issued`` and ``next_update`` default to an hour ago and a week ahead: a CRL in force."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject)
+        .last_update(now - timedelta(hours=1) if issued is None else issued)
+        .next_update(now + timedelta(days=7) if next_update is None else next_update)
+    )
+    for serial in serials:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - timedelta(minutes=5))
+        entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    crl = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]  # trustme's CA key is one that can sign
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def invoke(command: click.Command, *args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """Run a click command in process, as its tests do: ``run = functools.partial(invoke, certs)``."""
+    return CliRunner().invoke(command, [str(arg) for arg in args], env=env)
+
+
+def refused(result: Result, message: str) -> str:
+    """The command failed the way tlsgate promises: exit 2, one `tlsgate: error:` line that says what is wrong
+    (``message`` is part of it), no traceback. Returns that line."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tlsgate: error: ")
+    assert message in lines[0], lines[0]
+    return lines[0]

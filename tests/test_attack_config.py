@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 import trustme
 from click.testing import CliRunner, Result
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +27,7 @@ from tlsgate.errors import ConfigError
 from tlsgate.policy import CrlSource
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, server_opts
+from helpers import backend, server_opts, write_crl
 
 bounded = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -459,30 +457,16 @@ async def test_an_exposed_status_port_is_one_warning_at_start(
 # -- 13a: CRLs past their next update, and --crl-max-age -------------------------------------------------------
 
 
-def write_crl(ca: trustme.CA, path: Path, *, issued: datetime, next_update: datetime) -> Path:
-    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
-    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer)
-        .last_update(issued)
-        .next_update(next_update)
-        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 @pytest.fixture
 def overdue_crl(ca: trustme.CA, tmp_path: Path) -> Path:
     now = datetime.now(UTC)
-    return write_crl(ca, tmp_path / "old.pem", issued=now - timedelta(days=40), next_update=now - timedelta(days=10))
+    return write_crl(tmp_path / "old.pem", ca, issued=now - timedelta(days=40), next_update=now - timedelta(days=10))
 
 
 @pytest.fixture
 def fresh_crl(ca: trustme.CA, tmp_path: Path) -> Path:
     now = datetime.now(UTC)
-    return write_crl(ca, tmp_path / "new.pem", issued=now - timedelta(hours=1), next_update=now + timedelta(days=7))
+    return write_crl(tmp_path / "new.pem", ca, issued=now - timedelta(hours=1), next_update=now + timedelta(days=7))
 
 
 def crl_warnings(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
@@ -558,7 +542,7 @@ async def test_crl_max_age_keeps_the_running_policy_when_a_reload_brings_an_old_
     (tun,) = server.tunnels.values()
     running = tun.runtime
     now = datetime.now(UTC)
-    write_crl(ca, fresh_crl, issued=now - timedelta(days=2), next_update=now + timedelta(days=5))
+    write_crl(fresh_crl, ca, issued=now - timedelta(days=2), next_update=now + timedelta(days=5))
     with caplog.at_level(logging.INFO, logger="tlsgate"):
         assert not server.reload()
     assert tun.runtime is running

@@ -33,7 +33,7 @@ from tlsgate.relay import Direction, Relay, _describe
 from tlsgate.status import view_of
 from tlsgate.tunnel import Tunnel, _Setup
 
-from helpers import backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, port_of, round_trip, server_opts, tls_connect, tunnel, wait_until
 
 # Every timeout of the tunnels here is far longer than the bound a test waits for a cut: a connection that
 # ends within the bound ended because of the guard, not because a timer gave up on it.
@@ -288,15 +288,6 @@ async def drive(tun: Tunnel, ctx: ssl.SSLContext, plan: dict[str, Any]) -> None:
             await until_cut(reader)
     finally:
         writer.close()
-
-
-async def round_trip(tun: Tunnel, ctx: ssl.SSLContext, payload: bytes = b"still serving") -> None:
-    reader, writer = await asyncio.wait_for(tls_connect(tun, ctx), 30)
-    writer.write(payload)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
-    writer.close()
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        await writer.wait_closed()
 
 
 @pytest.mark.asyncio

@@ -54,7 +54,7 @@ from tlsgate.proxyproto import (
 )
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, client_context, echo, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, echo, echoed, port_of, server_opts, tls_connect, tunnel, wait_until
 
 bounded = settings(max_examples=200, deadline=None)
 # proxy-protocol.txt 2.2: each AF_UNIX address is 108 bytes (sun_path), NUL-padded.
@@ -95,14 +95,6 @@ def reading_headers(received: Received) -> Any:
         await echo(reader, writer)
 
     return handle
-
-
-async def round_trip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes = b"ping") -> None:
-    writer.write(payload)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
-    writer.close()
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        await writer.wait_closed()
 
 
 def unix_addresses(raw: bytes) -> tuple[bytes, bytes]:
@@ -196,7 +188,7 @@ async def test_the_target_receives_the_certificates_cn_whole_or_none(
 ) -> None:
     ctx = client_with_subject(ca, tmp_path, common_names, uris)
     async with proxied(pki_files) as (tun, received):
-        await round_trip(*await tls_connect(tun, ctx))
+        await echoed(*await tls_connect(tun, ctx))
     info = received.ssl
     assert info.cn == expected_cn
     # Presented and verified, whatever the subject looks like.
@@ -215,7 +207,7 @@ async def test_the_sni_reaches_the_target_as_authority_only_when_the_client_sent
 ) -> None:
     async with proxied(pki_files) as (tun, received):
         alice = ca.issue_cert("alice.test", common_name="alice")
-        await round_trip(*await tls_connect(tun, client_context(ca, alice), server_hostname=server_hostname))
+        await echoed(*await tls_connect(tun, client_context(ca, alice), server_hostname=server_hostname))
     assert received.headers[-1].tlv(PP2_TYPE_AUTHORITY) == authority
     assert received.ssl.cn == "alice"
 
@@ -233,7 +225,7 @@ async def test_sni_is_sent_and_still_picks_the_certificate_when_several_are_conf
         alice = ca.issue_cert("alice.test", common_name="alice")
         reader, writer = await tls_connect(tun, client_context(ca, alice), server_hostname="other.test")
         presented = x509.load_der_x509_certificate(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
-        await round_trip(reader, writer)
+        await echoed(reader, writer)
     san = presented.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["other.test"]
     assert received.headers[-1].tlv(PP2_TYPE_AUTHORITY) == b"other.test"
@@ -290,7 +282,7 @@ async def test_a_unix_listener_sends_proxy_over_af_unix_with_both_paths(
         reader, writer = await asyncio.open_connection(
             sock=sock, ssl=client_context(ca, alice), server_hostname="localhost"
         )
-        await round_trip(reader, writer)
+        await echoed(reader, writer)
     raw = received.raw[0]
     assert raw[12:14] == b"\x21\x31"  # version 2 PROXY; AF_UNIX, STREAM
     assert unix_addresses(raw) == (str(client_path).encode(), str(listen).encode())
@@ -307,7 +299,7 @@ async def test_a_unix_listener_with_proxy_v1_sends_unknown(
         reader, writer = await asyncio.open_unix_connection(
             str(listen), ssl=client_context(ca, alice), server_hostname="localhost"
         )
-        await round_trip(reader, writer)
+        await echoed(reader, writer)
     assert received.raw == [b"PROXY UNKNOWN\r\n"]
 
 
@@ -753,7 +745,7 @@ async def test_connections_of_a_tunnel_removed_or_replaced_by_reload_are_counted
 
             # They still relay, and once they end the retired tunnels leave the numbers.
             for reader, writer in connections:
-                await round_trip(reader, writer, b"still relaying")
+                await echoed(reader, writer, b"still relaying")
             await wait_until(lambda: not server.retired)
             seen = await observe(server)
             assert seen.open_in_status("gone", "retiring") is None

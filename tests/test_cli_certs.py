@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -17,6 +18,10 @@ from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority, load_certificates, load_private_key
 from tlsgate.secrets import resolve_secret
 
+from helpers import invoke, refused
+
+run = functools.partial(invoke, certs)
+
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -25,26 +30,10 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def run(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(certs, list(args), env=env)
-
-
 def ok(result: Result) -> str:
     assert result.exit_code == 0, result.output
     assert result.exception is None
     return result.stdout
-
-
-def refused(result: Result, message: str) -> str:
-    """The command failed the way tlsgate promises: exit 2, one `tlsgate: error:` line that says what is wrong."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tlsgate: error: ")
-    assert message in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

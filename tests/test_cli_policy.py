@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+import functools
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import trustme
-from click.testing import CliRunner, Result
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsgate.cli_policy import policy
 
+from helpers import invoke, write_crl
 
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(policy, ["check", *map(str, args)])
-
-
-def write_crl(path: Path, ca: trustme.CA, serials: Sequence[int] = ()) -> Path:
-    """A CRL signed by ca revoking serials (trustme has no CRLs; the CA's key signs one with cryptography)."""
-    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject)
-        .last_update(now - timedelta(hours=1))
-        .next_update(now + timedelta(days=7))
-    )
-    for serial in serials:
-        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - timedelta(minutes=5))
-        entry = entry.add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
-        builder = builder.add_revoked_certificate(entry.build())
-    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-    return path
+run = functools.partial(invoke, policy, "check")
 
 
 def write_leaf(path: Path, leaf: trustme.LeafCert) -> Path:

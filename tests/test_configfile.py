@@ -15,11 +15,9 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 import pytest
@@ -35,7 +33,7 @@ from tlsgate.configfile import load_config_file, load_tunnels, read_config_file
 from tlsgate.pki import CertificateAuthority
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, client_context, free_port
+from helpers import backend, client_context, eventually, exchange, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DEADLINE = 30.0
@@ -427,17 +425,6 @@ def port_of(server: Server, name: str) -> int:
     return int(server.tunnels[name].addresses[0].rsplit(":", 1)[1])
 
 
-async def exchange(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-    try:
-        writer.write(payload)
-        return await asyncio.wait_for(reader.readexactly(len(payload)), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
-
-
 async def refuses(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -645,15 +632,6 @@ def echo_servers() -> Iterator[Callable[[], socketserver.ThreadingTCPServer]]:
 
 def address_of(server: socketserver.ThreadingTCPServer) -> str:
     return f"127.0.0.1:{server.server_address[1]}"
-
-
-def eventually(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    end = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return result
 
 
 def echo_through(port: int, ctx: ssl.SSLContext) -> None:

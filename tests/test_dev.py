@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -22,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -59,7 +59,9 @@ from tlsgate.dev import (
 from tlsgate.errors import ConfigError, StartupError
 from tlsgate.pki import CertificateAuthority, load_certificates
 
-from helpers import free_port
+from helpers import free_port, invoke, refused
+
+run = functools.partial(invoke, dev)
 
 CERTUTIL = shutil.which("certutil")
 needs_certutil = pytest.mark.skipif(
@@ -113,21 +115,6 @@ def fake_update_command(tmp_path: Path, *, fail: bool = False) -> Path:
 def update_calls(tmp_path: Path) -> int:
     log = tmp_path / "calls.log"
     return len(log.read_text().splitlines()) if log.exists() else 0
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(dev, list(args))
-
-
-def refused(result: Result, message: str) -> str:
-    """Failed the way tlsgate promises: exit 2 and one `tlsgate: error:` line saying what is wrong."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tlsgate: error: ")
-    assert message in lines[0], lines[0]
-    return lines[0]
 
 
 def sans(cert: x509.Certificate) -> set[str]:

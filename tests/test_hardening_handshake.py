@@ -22,7 +22,17 @@ from typing import Any
 import pytest
 import trustme
 
-from helpers import backend, client_context, fd_limit_at_least, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import (
+    backend,
+    client_context,
+    fd_limit_at_least,
+    port_of,
+    round_trip,
+    server_opts,
+    tls_connect,
+    tunnel,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,14 +51,6 @@ def client_hello(ctx: ssl.SSLContext) -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
-
-
-async def round_trip(tun: Any, ctx: ssl.SSLContext, payload: bytes = b"still serving") -> None:
-    reader, writer = await asyncio.wait_for(tls_connect(tun, ctx), 30)
-    writer.write(payload)
-    assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
-    writer.close()
-    await writer.wait_closed()
 
 
 async def ends(reader: asyncio.StreamReader, within: float = 20) -> None:
@@ -241,7 +243,7 @@ def legacy_client(ca: trustme.CA, version: ssl.TLSVersion, ciphers: str) -> ssl.
     return ctx
 
 
-async def refused(tun: Any, ctx: ssl.SSLContext) -> None:
+async def handshake_refused(tun: Any, ctx: ssl.SSLContext) -> None:
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await round_trip(tun, ctx)
     await wait_until(lambda: tun.stats.handshake_errors == 1)
@@ -259,7 +261,7 @@ async def test_tls_1_0_and_1_1_are_refused(
 ) -> None:
     issuer, files = (ca, pki_files) if key_type == "ecdsa" else rsa_pki
     async with backend() as be, tunnel(**server_opts(files, be.address, disable_authentication=True)) as tun:
-        await refused(tun, legacy_client(issuer, getattr(ssl.TLSVersion, version), "ALL:@SECLEVEL=0"))
+        await handshake_refused(tun, legacy_client(issuer, getattr(ssl.TLSVersion, version), "ALL:@SECLEVEL=0"))
         assert be.connections == 0
     assert [e["reason"] for e in events(caplog, "handshake failed")] == [
         "client offered only TLS versions older than 1.2"
@@ -298,7 +300,7 @@ async def test_tls_1_2_without_ecdhe_and_aead_is_refused(
             ctx = legacy_client(issuer, ssl.TLSVersion.TLSv1_2, ciphers)
         except ssl.SSLError:
             pytest.skip(f"this OpenSSL cannot even offer {suites} suites")
-        await refused(tun, ctx)
+        await handshake_refused(tun, ctx)
         assert be.connections == 0
     assert [e["reason"] for e in events(caplog, "handshake failed")] == [
         "no cipher suite in common with the client (AEAD with ECDHE required)"

@@ -45,7 +45,7 @@ def echo_and_hash(digests: list[str]) -> Handler:
     return handle
 
 
-async def exchange(
+async def exchange_in_chunks(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes, chunk: int = 16384
 ) -> bytes:
     """Send ``payload`` in chunks while reading the echo; returns what came back."""
@@ -92,12 +92,12 @@ async def test_500_concurrent_connections_each_move_checksummed_data(
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
         try:
             # A first exchange proves the relay is up; then everybody waits so all 500 are open at once.
-            echoed = await exchange(reader, writer, payload[:1024])
+            echoed = await exchange_in_chunks(reader, writer, payload[:1024])
             opened += 1
             if opened == count:
                 all_open.set()
             await all_open.wait()
-            echoed += await exchange(reader, writer, payload[1024:])
+            echoed += await exchange_in_chunks(reader, writer, payload[1024:])
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError):
@@ -210,7 +210,7 @@ async def test_reloads_under_load_lose_nothing_and_apply_to_new_connections(tmp_
             while not stop.is_set() or rounds < 3:
                 chunk = rng.randbytes(rng.randint(1, 32 * 1024))
                 sent.update(chunk)
-                echoed.update(await exchange(reader, writer, chunk))
+                echoed.update(await exchange_in_chunks(reader, writer, chunk))
                 rounds += 1
                 rounds_done += 1
             # Same certificate to the end: a reload never touches an established connection.

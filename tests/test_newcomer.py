@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import subprocess
 from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from cryptography import x509
 
 from tlsgate.cli import cli
 from tlsgate.cli_certs import certs
 from tlsgate.demo import serve_demo_backend
 from tlsgate.pki import load_certificates
+
+from helpers import invoke
+
+run = functools.partial(invoke, certs)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,10 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def run(*args: str) -> Result:
-    return CliRunner().invoke(certs, list(args))
 
 
 def ok(result: Result) -> str:

@@ -154,7 +154,7 @@ def spki_sha256(cert: x509.Certificate) -> bytes:
     return hashlib.sha256(spki).digest()
 
 
-def write_crl(path: Path, crl: x509.CertificateRevocationList, encoding: str = "pem") -> Path:
+def save_crl(path: Path, crl: x509.CertificateRevocationList, encoding: str = "pem") -> Path:
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM if encoding == "pem" else serialization.Encoding.DER))
     return path
 
@@ -439,14 +439,14 @@ def test_garbage_der_is_a_certificate_error() -> None:
 def test_revoked_leaf_is_refused_with_serial_date_and_reason(tmp_path: Path, issuer: Issuer) -> None:
     cert = issuer.issue(serial=0x1F)
     crl = issuer.crl([(0x1F, datetime(2026, 5, 1, tzinfo=UTC), x509.ReasonFlags.key_compromise)])
-    revocation = RevocationList.load([write_crl(tmp_path / "crl.pem", crl)], [issuer.cert])
+    revocation = RevocationList.load([save_crl(tmp_path / "crl.pem", crl)], [issuer.cert])
     assert revocation.check(peer(cert)) == Decision(False, "crl", "revoked (serial 0x1f, 2026-05-01, keyCompromise)")
     assert revocation.revoked_by(peer(cert)) == str(tmp_path / "crl.pem")
 
 
 def test_revocation_without_reason_code(tmp_path: Path, issuer: Issuer) -> None:
     crl = issuer.crl([(0x1F, datetime(2026, 5, 1, tzinfo=UTC), None)])
-    revocation = RevocationList.load([write_crl(tmp_path / "crl.der", crl, "der")], [issuer.cert])
+    revocation = RevocationList.load([save_crl(tmp_path / "crl.der", crl, "der")], [issuer.cert])
     decision = revocation.check(peer(issuer.issue(serial=0x1F)))
     assert decision is not None
     assert decision.reason == "revoked (serial 0x1f, 2026-05-01)"
@@ -454,13 +454,13 @@ def test_revocation_without_reason_code(tmp_path: Path, issuer: Issuer) -> None:
 
 def test_unrevoked_leaf_passes(tmp_path: Path, issuer: Issuer) -> None:
     crl = issuer.crl([(0x1F, NOW, None)])
-    revocation = RevocationList.load([write_crl(tmp_path / "crl.pem", crl)], [issuer.cert])
+    revocation = RevocationList.load([save_crl(tmp_path / "crl.pem", crl)], [issuer.cert])
     assert revocation.check(peer(issuer.issue(serial=0x20))) is None
 
 
 def test_same_serial_from_another_issuer_is_not_revoked(tmp_path: Path, issuer: Issuer, other_issuer: Issuer) -> None:
     crl = issuer.crl([(0x1F, NOW, None)])
-    revocation = RevocationList.load([write_crl(tmp_path / "crl.pem", crl)], [issuer.cert, other_issuer.cert])
+    revocation = RevocationList.load([save_crl(tmp_path / "crl.pem", crl)], [issuer.cert, other_issuer.cert])
     assert revocation.check(peer(other_issuer.issue(serial=0x1F))) is None
 
 
@@ -470,7 +470,7 @@ def test_several_crl_files_and_several_crls_in_one_pem(tmp_path: Path, issuer: I
         issuer.crl([(1, NOW, None)]).public_bytes(serialization.Encoding.PEM)
         + other_issuer.crl([(2, NOW, None)]).public_bytes(serialization.Encoding.PEM)
     )
-    third = write_crl(tmp_path / "third.der", issuer.crl([(3, NOW, None)]), "der")
+    third = save_crl(tmp_path / "third.der", issuer.crl([(3, NOW, None)]), "der")
     revocation = RevocationList.load([both, str(third)], [issuer.cert, other_issuer.cert])
     assert len(revocation.sources) == 3
     assert revocation.check(peer(issuer.issue(serial=1))) is not None
@@ -480,7 +480,7 @@ def test_several_crl_files_and_several_crls_in_one_pem(tmp_path: Path, issuer: I
 
 
 def test_crl_from_another_ca_is_refused_at_load(tmp_path: Path, issuer: Issuer, other_issuer: Issuer) -> None:
-    path = write_crl(tmp_path / "crl.pem", other_issuer.crl())
+    path = save_crl(tmp_path / "crl.pem", other_issuer.crl())
     with pytest.raises(CertificateError) as err:
         RevocationList.load([path], [issuer.cert])
     assert str(err.value).startswith(f"{path}: not signed by any CA in --cacert")
@@ -488,7 +488,7 @@ def test_crl_from_another_ca_is_refused_at_load(tmp_path: Path, issuer: Issuer, 
 
 def test_crl_with_the_right_name_but_a_forged_signature_is_refused(tmp_path: Path, issuer: Issuer) -> None:
     forger = Issuer(issuer.cert, ec.generate_private_key(ec.SECP256R1()))
-    path = write_crl(tmp_path / "crl.pem", forger.crl([(5, NOW, None)]))
+    path = save_crl(tmp_path / "crl.pem", forger.crl([(5, NOW, None)]))
     with pytest.raises(CertificateError, match="not signed by any CA in --cacert"):
         RevocationList.load([path], [issuer.cert])
 
@@ -533,7 +533,7 @@ def test_validity_names_the_date(issuer: Issuer) -> None:
 
 
 def _policy(issuer: Issuer, tmp_path: Path, revoked: Sequence[int] = (), **flags: Any) -> Policy:
-    crl = write_crl(tmp_path / "crl.pem", issuer.crl([(s, NOW - timedelta(hours=1), None) for s in revoked]))
+    crl = save_crl(tmp_path / "crl.pem", issuer.crl([(s, NOW - timedelta(hours=1), None) for s in revoked]))
     flags.setdefault("allow_cn", ["alice"])
     return build_policy(crl=[str(crl)], ca_certs=[issuer.cert], **flags)
 
@@ -723,7 +723,7 @@ def test_an_intermediate_must_be_a_ca(issuer: Issuer) -> None:
 def test_signatures_of_every_key_type_are_checked(tmp_path: Path, key: Any) -> None:
     root = Issuer.root("typed CA", key())
     assert verify_chain(root.issue(), [], [root.cert], now=NOW).allowed
-    crl = write_crl(tmp_path / "crl.pem", root.crl([(7, NOW, None)]))
+    crl = save_crl(tmp_path / "crl.pem", root.crl([(7, NOW, None)]))
     assert RevocationList.load([crl], [root.cert]).check(peer(root.issue(serial=7))) is not None
 
 

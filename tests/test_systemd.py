@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import ssl
 import struct
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from tlsgate.addresses import Address, parse_address
 from tlsgate.errors import ConfigError
 from tlsgate.systemd import Activation, notify_address, one_line, watchdog_interval
 
-from helpers import TLSGATE_CLI, TlsgateProcess, backend, client_context, run_tlsgate
+from helpers import TLSGATE_CLI, TlsgateProcess, backend, client_context, round_trip, run_tlsgate
 
 subprocess_test = pytest.mark.asyncio(loop_factories=["asyncio"])
 
@@ -169,18 +168,6 @@ def listening_tcp() -> socket.socket:
     return sock
 
 
-async def round_trip(ctx: ssl.SSLContext, *, port: int = 0, path: str = "", payload: bytes = b"ping") -> None:
-    if path:
-        reader, writer = await asyncio.open_unix_connection(path, ssl=ctx, server_hostname="localhost")
-    else:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
-    writer.write(payload)
-    assert await reader.readexactly(len(payload)) == payload
-    writer.close()
-    with contextlib.suppress(ConnectionError, ssl.SSLError):
-        await writer.wait_closed()
-
-
 def port_from(line: str) -> int:
     match = _LISTENING.search(line)
     assert match, line
@@ -201,7 +188,7 @@ async def test_ready_reloading_ready_stopping_in_order_through_start_sighup_sigt
             # READY=1 means it: by now the tunnel accepts and relays, and the status port is up.
             port = port_from(await gate.wait_for_line("listening"))
             await gate.wait_for_line("status listen=")
-            await round_trip(client_context(ca), port=port)
+            await round_trip(port, client_context(ca))
             assert ready.pid == gate.proc.pid
             assert ready.fields["STATUS"] == f"listening | server proxying 127.0.0.1:{port} => {be.address}"
 
@@ -234,7 +221,7 @@ async def test_workers_parent_alone_notifies_on_an_abstract_socket_ready_once_al
             # The parent says READY=1 where it logs "workers ready" (both workers reported), and only there.
             port = port_from(await gate.wait_for_line("workers ready"))
             assert gate.log.count("worker ready") == 2 and notify.count("READY") == 1, gate.log
-            await round_trip(client_context(ca), port=port)
+            await round_trip(port, client_context(ca))
 
             gate.proc.send_signal(signal.SIGHUP)
             await notify.wait_for("READY", 2)
@@ -294,7 +281,7 @@ def test_a_status_line_is_always_one_line(text: str) -> None:
 @subprocess_test
 async def test_nothing_is_sent_and_all_works_without_notify_socket(pki_files: dict[str, Path], ca: trustme.CA) -> None:
     async with backend() as be, tlsgate(server_args(pki_files, "127.0.0.1:0", be.address)) as gate:
-        await round_trip(client_context(ca), port=port_from(await gate.wait_for_line("listening")))
+        await round_trip(port_from(await gate.wait_for_line("listening")), client_context(ca))
         gate.proc.send_signal(signal.SIGTERM)
         assert await gate.exit_code() == 0
     assert "systemd" not in gate.log
@@ -315,7 +302,7 @@ async def test_activated_tcp_listener_and_status_socket_serve_a_tls_round_trip(
             async with tlsgate(args, env=env, activate=[tunnel_sock, status_sock]) as gate:
                 line = await gate.wait_for_line("listening")
                 assert f"listen=127.0.0.1:{port}" in line
-                await round_trip(client_context(ca), port=port)
+                await round_trip(port, client_context(ca))
                 reader, writer = await asyncio.open_connection("127.0.0.1", status_port)
                 writer.write(b"GET /_status HTTP/1.0\r\n\r\n")
                 assert (await reader.readline()).startswith(b"HTTP/1.1 200")
@@ -335,7 +322,7 @@ async def test_activated_socket_is_shared_by_workers_which_see_no_listen_variabl
             async with tlsgate(args, env={"LISTEN_FDNAMES": "web"}, activate=[tunnel_sock]) as gate:
                 await gate.wait_for_line("workers ready")
                 for _ in range(4):
-                    await round_trip(client_context(ca), port=port)
+                    await round_trip(port, client_context(ca))
                 gate.proc.send_signal(signal.SIGTERM)
                 assert await gate.exit_code() == 0, gate.log
     # A worker that had read LISTEN_PID/LISTEN_FDS would have refused the parent's pid or taken fd 3 itself.
@@ -354,7 +341,7 @@ async def test_activated_unix_socket_is_used_and_its_path_survives_the_stop(
             args = server_args(pki_files, "systemd:tunnel", be.address)
             async with tlsgate(args, env={"LISTEN_FDNAMES": "tunnel"}, activate=[unix_sock]) as gate:
                 assert f"listen=unix:{path}" in await gate.wait_for_line("listening")
-                await round_trip(client_context(ca), path=path)
+                await round_trip(path, client_context(ca))
                 gate.proc.send_signal(signal.SIGTERM)
                 assert await gate.exit_code() == 0, gate.log
         # The path, its owner and mode belong to the .socket unit (ghostunnel's regression test of the same name).
@@ -502,7 +489,7 @@ async def test_syslog_gets_one_message_per_event_and_stderr_none(
                 while not any(" listening " in m for m in messages):
                     messages.append(await receive(sock))
                 listening = next(m for m in messages if " listening " in m)
-                await round_trip(client_context(ca), port=port_from(listening))
+                await round_trip(port_from(listening), client_context(ca))
                 gate.proc.send_signal(signal.SIGTERM)
                 while not any(" stopped " in m or m.endswith(" stopped") for m in messages):
                     messages.append(await receive(sock))
