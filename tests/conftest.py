@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import trustme
 
+from helpers import closed_port
+
 
 @pytest.fixture
 def ca() -> trustme.CA:
@@ -58,6 +60,13 @@ def loopback2() -> Iterator[str]:
         except OSError:
             pytest.skip("127.0.0.2 is not usable on this machine")
     yield "127.0.0.2"
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where nothing listens, held for the whole test (see helpers.closed_port)."""
+    with closed_port() as port:
+        yield port
 
 
 @pytest.fixture(autouse=True)

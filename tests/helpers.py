@@ -232,6 +232,8 @@ def revocable_client(tmp_path: Path) -> RevocableClient:
 TLSGATE_CLI = "import sys; sys.argv[0] = 'tlsgate'; from tlsgate.cli import main; main()"
 # The "listening" event's listen field, as text (listen=127.0.0.1:PORT) or JSON ("listen": "127.0.0.1:PORT").
 LISTENING = re.compile(r'\blisten"?[=:] ?"?127\.0\.0\.1:(\d+)')
+# The status server's start-up line: its listen field is a URL (listen=http://127.0.0.1:PORT).
+STATUS_LISTENING = re.compile(r'\bstatus\b.*\blisten"?[=:] ?"?https?://127\.0\.0\.1:(\d+)')
 
 
 @dataclass
@@ -454,11 +456,11 @@ class WorkersProcess:
     """``python -m tlsgate server --workers N ...`` with its log in a file and its status port on loopback."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.status_port = free_port()
+        self._status_port = 0
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tlsgate", *args, "--status", f"http://127.0.0.1:{self.status_port}"],
+                [sys.executable, "-m", "tlsgate", *args, "--status", "http://127.0.0.1:0"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -467,8 +469,17 @@ class WorkersProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def status_port(self) -> int:
+        """The port the kernel chose for --status (port 0), from its log line; 0 until that line is written."""
+        if not self._status_port and (match := STATUS_LISTENING.search(self.log())):
+            self._status_port = int(match.group(1))
+        return self._status_port
+
     def get(self, path: str) -> tuple[int, Any] | None:
         """One status request; None while the port is not up (or no longer up)."""
+        if not self.status_port:
+            return None
         conn = http.client.HTTPConnection("127.0.0.1", self.status_port, timeout=10)
         try:
             conn.request("GET", path)
@@ -646,3 +657,15 @@ def refused(result: Result, message: str) -> str:
     assert lines[0].startswith("tlsgate: error: ")
     assert message in lines[0], lines[0]
     return lines[0]
+
+
+@contextlib.contextmanager
+def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port on ``host`` where nothing listens, for as long as the block runs.
+
+    The socket stays bound but never listens, so a connection to the port is refused and no other process can
+    take it meanwhile; binding and releasing a port (the old ``free_port()``) left a window in which another test
+    or program could start listening there."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])

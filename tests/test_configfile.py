@@ -33,7 +33,7 @@ from tlsgate.configfile import load_config_file, load_tunnels, read_config_file
 from tlsgate.pki import CertificateAuthority
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, client_context, eventually, exchange, free_port
+from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DEADLINE = 30.0
@@ -684,8 +684,8 @@ def test_tlsgate_run_serves_the_file_and_sighup_rereads_it(
     echo_servers: Callable[[], socketserver.ThreadingTCPServer],
 ) -> None:
     first, second = echo_servers(), echo_servers()
-    port, status = free_port(), free_port()
-    process = f'[process]\nstatus = "http://127.0.0.1:{status}"\nworkers = {workers}\n'
+    port = free_port()  # a number, not 0: the file is rewritten with this same address and served after the reload
+    process = f'[process]\nstatus = "http://127.0.0.1:0"\nworkers = {workers}\n'
     path = tmp_path / "tlsgate.toml"
     path.write_text(process + block("a", listen=f"127.0.0.1:{port}", target=address_of(first)))
     ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
@@ -695,7 +695,8 @@ def test_tlsgate_run_serves_the_file_and_sighup_rereads_it(
 
         def up() -> bool:
             assert proc.poll() is None, log.read_text()
-            return status_up(status, workers)
+            status = STATUS_LISTENING.search(log.read_text())
+            return status is not None and status_up(int(status.group(1)), workers)
 
         eventually("tlsgate listening", up)
         echo_through(port, ctx)

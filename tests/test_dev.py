@@ -59,7 +59,7 @@ from tlsgate.dev import (
 from tlsgate.errors import ConfigError, StartupError
 from tlsgate.pki import CertificateAuthority, load_certificates
 
-from helpers import free_port, invoke, refused
+from helpers import closed_port, free_port, invoke, refused
 
 run = functools.partial(invoke, dev)
 
@@ -411,7 +411,8 @@ async def test_probe_tells_a_listening_target_from_a_missing_one(tmp_path: Path)
     finally:
         backend.close()
         await backend.wait_closed()
-    assert not await probe_target(Address(host="127.0.0.1", port=free_port()))
+    with closed_port() as dead:
+        assert not await probe_target(Address(host="127.0.0.1", port=dead))
     assert not await probe_target(Address(path=str(tmp_path / "nothing.sock")))
 
 

@@ -38,7 +38,18 @@ from tlsgate.cli import cli
 from tlsgate.config import Timeouts, TunnelConfig, tunnel_config
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import LISTENING, Handler, backend, client_context, port_of, run_tlsgate, server_opts, tunnel, wait_until
+from helpers import (
+    LISTENING,
+    STATUS_LISTENING,
+    Handler,
+    backend,
+    client_context,
+    port_of,
+    run_tlsgate,
+    server_opts,
+    tunnel,
+    wait_until,
+)
 
 MiB = 1 << 20
 
@@ -356,8 +367,6 @@ async def test_client_mode_status_http_scheme_stays_plain_http(client_identity: 
 
 # -- the real command in a subprocess: status with --workers, exit codes at shutdown ------------------------------
 
-_STATUS = re.compile(r'\bstatus\b.*\blisten"?[=:] ?"?https?://127\.0\.0\.1:(\d+)')
-
 
 @pytest.mark.asyncio
 async def test_client_mode_status_is_https_with_workers(ca: trustme.CA, client_identity: ClientIdentity) -> None:
@@ -365,7 +374,7 @@ async def test_client_mode_status_is_https_with_workers(ca: trustme.CA, client_i
         args = ["client", "--listen", "127.0.0.1:0", "--target", be.address, "--workers", "2"]
         args += ["--cert", str(client_identity.cert), "--key", str(client_identity.key), "--status", "127.0.0.1:0"]
         async with run_tlsgate(args) as proc:
-            port = await proc.port_from(_STATUS)
+            port = await proc.port_from(STATUS_LISTENING)
             presented, response = await https_get(port, "/_status", client_context(ca))
             proc.proc.send_signal(signal.SIGTERM)
             assert await proc.proc.wait() == 0, proc.log

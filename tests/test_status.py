@@ -169,8 +169,8 @@ async def test_status_is_ok_with_ghostunnel_fields_when_the_backend_answers(pki_
 
 
 @pytest.mark.asyncio
-async def test_status_is_503_when_the_backend_is_down(pki_files: dict[str, Path]) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+async def test_status_is_503_when_the_backend_is_down(pki_files: dict[str, Path], dead_port: int) -> None:
+    dead = f"127.0.0.1:{dead_port}"
     async with running(server_opts(pki_files, dead, allow_all=True)) as server:
         code, doc = await get_json(status_address(server), "/_status")
     assert code == 503
@@ -200,9 +200,9 @@ async def test_status_checks_a_unix_socket_target(pki_files: dict[str, Path], tm
 
 @pytest.mark.asyncio
 async def test_several_tunnels_are_listed_and_one_dead_backend_makes_status_critical(
-    pki_files: dict[str, Path],
+    pki_files: dict[str, Path], dead_port: int
 ) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+    dead = f"127.0.0.1:{dead_port}"
     async with (
         backend() as be,
         running(
