@@ -366,19 +366,35 @@ main()
 
 @contextlib.asynccontextmanager
 async def tlsgate_server(
-    args: Sequence[str], *, nofile: int = 0, stderr: Any = None, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    nofile: int = 0,
+    stderr: Any = None,
+    env: dict[str, str] | None = None,
+    listener: socket.socket | None = None,
 ) -> AsyncIterator[TlsgateProcess]:
     """Start `tlsgate server ARGS` under RLIMIT_NOFILE ``nofile``. By default its stderr is read line by line and
-    the port comes from the "listening" line (use ``--listen 127.0.0.1:0``); with ``stderr`` given (a file or
-    descriptor) nothing is read: pass a fixed --listen and wait for the port with wait_for_listener()."""
-    launch = (sys.executable, "-c", TLSGATE_WITH_NOFILE, str(nofile), "server")
-    async with run_tlsgate(args, command=launch, env=env, stderr=stderr, listening=stderr is None) as server:
+    the port comes from the "listening" line (use ``--listen 127.0.0.1:0``). With ``stderr`` given (a file or
+    descriptor) nothing is read, so no line tells the port: hand over a ``listener`` bound to port 0 (see
+    listening_tcp()), passed as systemd would (use ``--listen systemd:tunnel``), and wait for it to serve with
+    wait_for_listener()."""
+    if listener is None:
+        launch: Sequence[str] = (sys.executable, "-c", TLSGATE_WITH_NOFILE, str(nofile), "server")
+        pass_fds: tuple[int, ...] = ()
+    else:
+        assert not nofile, "the activation wrapper does not lower RLIMIT_NOFILE"
+        prefix, pass_fds = activated_command([listener])
+        launch = (*prefix, "server")
+        env = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "tunnel", **(env or {})}
+    async with run_tlsgate(
+        args, command=launch, env=env, pass_fds=pass_fds, stderr=stderr, listening=stderr is None
+    ) as server:
         yield server
 
 
-def listen_args(pki_files: dict[str, Path], target: str, *extra: str, port: int = 0) -> list[str]:
+def listen_args(pki_files: dict[str, Path], target: str, *extra: str, listen: str = "127.0.0.1:0") -> list[str]:
     return [
-        "--listen", f"127.0.0.1:{port}", "--target", target,
+        "--listen", listen, "--target", target,
         "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--disable-authentication",
         *extra,
     ]  # fmt: skip
@@ -669,3 +685,32 @@ def closed_port(host: str = "127.0.0.1") -> Iterator[int]:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         yield int(sock.getsockname()[1])
+
+
+# Moves the descriptors named in argv[1] (comma-separated) to 3, 4, ..., sets LISTEN_PID to this very process
+# (exec keeps the pid) unless LISTEN_PID is already given, then execs the tlsgate CLI with the rest of argv.
+ACTIVATE = """
+import fcntl, os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index)
+    os.close(fd)
+os.environ.setdefault("LISTEN_PID", str(os.getpid()))
+os.execv(sys.executable, [sys.executable, "-c", "from tlsgate.cli import main; main()", *sys.argv[2:]])
+"""
+
+
+def listening_tcp() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def activated_command(sockets: Sequence[socket.socket | int]) -> tuple[list[str], tuple[int, ...]]:
+    """The command prefix (run ``tlsgate`` after it) and the ``pass_fds`` that hand ``sockets`` to tlsgate as
+    systemd does: moved to descriptors 3, 4, ... with LISTEN_PID set to tlsgate's pid. The caller sets
+    LISTEN_FDS (and LISTEN_FDNAMES) in the environment."""
+    fds = tuple(s if isinstance(s, int) else s.fileno() for s in sockets)
+    return [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds))], fds

@@ -17,7 +17,6 @@ import random
 import signal
 import ssl
 import struct
-import sys
 import termios
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,12 @@ import pytest
 import trustme
 
 from helpers import (
-    TLSGATE_WITH_NOFILE,
+    activated_command,
     backend,
     client_context,
-    free_port,
     garbage,
     listen_args,
+    listening_tcp,
     round_trip,
     tlsgate_server,
     wait_for_listener,
@@ -93,14 +92,18 @@ async def test_fd_exhaustion_pauses_accepting_logs_once_and_recovers(
 async def test_a_full_stderr_pipe_does_not_stop_relaying(pki_files: dict[str, Path], ca: trustme.CA) -> None:
     """stderr goes to a pipe nobody reads. Refused connections log until the pipe is full (about 64 KiB); after
     that a real client must still be served, and SIGTERM must still end the process."""
-    port = free_port()
+    listener = listening_tcp()  # handed over: the log that would name a port-0 listener cannot be read
+    port = listener.getsockname()[1]
     unread, stderr = os.pipe()
     capacity = fcntl.fcntl(stderr, F_GETPIPE_SZ)
     try:
         async with (
             backend() as be,
-            tlsgate_server(listen_args(pki_files, be.address, port=port), stderr=stderr) as server,
+            tlsgate_server(
+                listen_args(pki_files, be.address, listen="systemd:tunnel"), stderr=stderr, listener=listener
+            ) as server,
         ):
+            listener.close()
             os.close(stderr)
             stderr = -1
             await wait_for_listener(port)
@@ -131,12 +134,16 @@ async def test_stderr_on_a_full_disk_does_not_stop_relaying(
     pki_files: dict[str, Path], ca: trustme.CA, tmp_path: Path
 ) -> None:
     """stderr is /dev/full: every write fails with ENOSPC. The lines are dropped, the relaying goes on."""
-    port = free_port()
+    listener = listening_tcp()  # handed over: the log that would name a port-0 listener is lost
+    port = listener.getsockname()[1]
     with open("/dev/full", "wb") as full:
         async with (
             backend() as be,
-            tlsgate_server(listen_args(pki_files, be.address, port=port), stderr=full) as server,
+            tlsgate_server(
+                listen_args(pki_files, be.address, listen="systemd:tunnel"), stderr=full, listener=listener
+            ) as server,
         ):
+            listener.close()
             await wait_for_listener(port)
             await asyncio.to_thread(garbage, port, 200)
             for i in range(20):
@@ -159,8 +166,10 @@ async def test_a_closed_stderr_does_not_stop_relaying_nor_leak_into_streams(
     exactly its own bytes, and SIGTERM still ends the process cleanly."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    port = free_port()
-    args = listen_args(pki_files, "", "--loop", loop, port=port)
+    listener = listening_tcp()  # handed over: there is no log to name a port-0 listener
+    port = listener.getsockname()[1]
+    args = listen_args(pki_files, "", "--loop", loop, listen="systemd:tunnel")
+    activate, pass_fds = activated_command([listener])
     received: list[bytes] = []
 
     async def echo_and_keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -173,9 +182,11 @@ async def test_a_closed_stderr_does_not_stop_relaying_nor_leak_into_streams(
     async with backend(echo_and_keep) as be:
         args[args.index("--target") + 1] = be.address
         proc = await asyncio.create_subprocess_exec(
-            "/bin/sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-c", TLSGATE_WITH_NOFILE, "0", "server", *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            "/bin/sh", "-c", 'exec "$@" 2>&-', "sh", *activate, "server", *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
+            env={**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "tunnel"},
         )  # fmt: skip
+        listener.close()
         payloads = [random.Random(i).randbytes(1000) for i in range(20)]
         try:
             await wait_for_listener(port)

@@ -33,22 +33,19 @@ from tlsgate.addresses import Address, parse_address
 from tlsgate.errors import ConfigError
 from tlsgate.systemd import Activation, notify_address, one_line, watchdog_interval
 
-from helpers import TLSGATE_CLI, TlsgateProcess, backend, client_context, round_trip, run_tlsgate
+from helpers import (
+    TLSGATE_CLI,
+    TlsgateProcess,
+    activated_command,
+    backend,
+    client_context,
+    listening_tcp,
+    round_trip,
+    run_tlsgate,
+)
 
 subprocess_test = pytest.mark.asyncio(loop_factories=["asyncio"])
 
-# Moves the descriptors named in argv[1] (comma-separated) to 3, 4, ..., sets LISTEN_PID to this very process
-# (exec keeps the pid) unless LISTEN_PID is already given, then execs the tlsgate CLI with the rest of argv.
-_ACTIVATE = """
-import fcntl, os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",") if fd]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
-for index, fd in enumerate(high):
-    os.dup2(fd, 3 + index)
-    os.close(fd)
-os.environ.setdefault("LISTEN_PID", str(os.getpid()))
-os.execv(sys.executable, [sys.executable, "-c", "from tlsgate.cli import main; main()", *sys.argv[2:]])
-"""
 _LISTENING = re.compile(r"\blisten=(?:\"?)([^ \"]+)")
 
 
@@ -147,8 +144,7 @@ async def tlsgate(
         command = [sys.executable, "-c", TLSGATE_CLI]
         pass_fds: tuple[int, ...] = ()
     else:
-        pass_fds = tuple(s if isinstance(s, int) else s.fileno() for s in activate)
-        command = [sys.executable, "-c", _ACTIVATE, ",".join(map(str, pass_fds))]
+        command, pass_fds = activated_command(activate)
         environment.setdefault("LISTEN_FDS", str(len(pass_fds)))
     async with run_tlsgate(args, command=command, env=environment, inherit_env=False, pass_fds=pass_fds) as running:
         yield running
@@ -159,13 +155,6 @@ def server_args(pki_files: dict[str, Path], listen: str, target: str, *extra: st
         "server", "--listen", listen, "--target", target, "--cert", str(pki_files["cert"]),
         "--key", str(pki_files["key"]), "--disable-authentication", "--shutdown-timeout", "5s", *extra,
     ]  # fmt: skip
-
-
-def listening_tcp() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    return sock
 
 
 def port_from(line: str) -> int:
