@@ -1,6 +1,6 @@
 """Shared fixtures (a trustme PKI, a second loopback address, log capture, the event loops): fixtures only.
 
-Plain functions that tests share live in helpers.py, which test modules import; nothing imports this module."""
+Plain functions that tests share live in helpers.py: a test module imports those from there, not from here."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import trustme
 
-from helpers import closed_port
+# client_context and free_port are re-exported only for test modules written in parallel against the old conftest
+# (tests/test_ghostunnel_flags.py imports client_context from here); drop them once those import from helpers.
+from helpers import client_context, closed_port, free_port  # noqa: F401
 
 
 @pytest.fixture
