@@ -108,25 +108,32 @@ async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 @contextlib.asynccontextmanager
-async def tunnel(mode: str = "server", **options: Any) -> AsyncIterator[Tunnel]:
-    """Run one tlsgate tunnel in this event loop; yields it once it listens (port from tunnel.addresses)."""
-    options.setdefault("listen", "127.0.0.1:0")
-    cfg = tunnel_config(mode, options)
-    server = Server([cfg], ProcessOptions())
-    task = asyncio.create_task(server.serve())
-    started = asyncio.create_task(server.started.wait())
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+async def running_server(server: Server) -> AsyncIterator[Server]:
+    """Run ``server`` in this event loop: yields once it is ready (its tunnels listen, its status port is up), raises
+    its start-up error if it has one, and on the way out stops it and waits until it has drained."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(server.serve(ready=lambda _: ready.set()))
+    waiting = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
-        started.cancel()
+        waiting.cancel()
         task.result()  # raises the start-up error
-    tun = next(iter(server.tunnels.values()))
-    tun.server = server  # type: ignore[attr-defined]
     try:
-        yield tun
+        yield server
     finally:
         if not server.stopping:
             server.stop()
         await task
+
+
+@contextlib.asynccontextmanager
+async def tunnel(mode: str = "server", **options: Any) -> AsyncIterator[Tunnel]:
+    """Run one tlsgate tunnel in this event loop; yields it once it listens (port from tunnel.addresses)."""
+    options.setdefault("listen", "127.0.0.1:0")
+    async with running_server(Server([tunnel_config(mode, options)], ProcessOptions())) as server:
+        tun = next(iter(server.tunnels.values()))
+        tun.server = server  # type: ignore[attr-defined]
+        yield tun
 
 
 def server_opts(pki_files: dict[str, Path], target: str, **extra: object) -> dict[str, object]:

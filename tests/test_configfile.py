@@ -33,7 +33,7 @@ from tlsgate.configfile import load_config_file, load_tunnels, read_config_file
 from tlsgate.pki import CertificateAuthority
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port
+from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port, running_server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DEADLINE = 30.0
@@ -406,19 +406,9 @@ def test_each_example_passes_check_config(example: Path, tmp_path: Path) -> None
 async def serving(path: Path) -> AsyncIterator[Server]:
     """The tunnels of ``path`` in this event loop, as `tlsgate run` starts them (reload re-reads the file)."""
     configs, process = load_config_file(str(path))
-    server = Server(configs, process, load_configs=functools.partial(load_tunnels, str(path), process))
-    task = asyncio.create_task(server.serve())
-    started = asyncio.create_task(server.started.wait())
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()
-    try:
+    reload = functools.partial(load_tunnels, str(path), process)
+    async with running_server(Server(configs, process, load_configs=reload)) as server:
         yield server
-    finally:
-        if not server.stopping:
-            server.stop()
-        await task
 
 
 def port_of(server: Server, name: str) -> int:

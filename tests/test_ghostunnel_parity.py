@@ -46,6 +46,7 @@ from helpers import (
     client_context,
     port_of,
     run_tlsgate,
+    running_server,
     server_opts,
     tunnel,
     wait_until,
@@ -268,22 +269,8 @@ async def test_a_target_fin_during_the_handshake_is_named_as_such(
 
 @contextlib.asynccontextmanager
 async def serving(cfg: TunnelConfig, status: str) -> AsyncIterator[Server]:
-    server = Server([cfg], ProcessOptions(status=status))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready=lambda _: ready.set()))
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        waiting.cancel()
-        for tun in server.tunnels.values():
-            tun.stop_listening()
-        task.result()
-    try:
+    async with running_server(Server([cfg], ProcessOptions(status=status))) as server:
         yield server
-    finally:
-        if not server.stopping:
-            server.stop()
-        await task
 
 
 async def https_get(port: int, path: str, ctx: ssl.SSLContext) -> tuple[bytes, bytes]:

@@ -33,7 +33,7 @@ from tlsgate.status import (
 )
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import assert_cut, backend, client_context, free_port, server_opts, wait_until
+from helpers import assert_cut, backend, client_context, free_port, running_server, server_opts, wait_until
 
 GHOSTUNNEL_FIELDS = {
     "ok",
@@ -61,23 +61,8 @@ async def running(
         opts = {"listen": "127.0.0.1:0", **options}
         name = str(opts.pop("name", ""))
         configs.append(tunnel_config(mode, opts, name=name))
-    server = Server(configs, ProcessOptions(status=status, metrics_prefix=prefix))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready=lambda _: ready.set()))
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        waiting.cancel()
-        # serve() leaves the tunnels listening when the status port fails after them (see the lead's patch).
-        for tun in server.tunnels.values():
-            tun.stop_listening()
-        task.result()
-    try:
+    async with running_server(Server(configs, ProcessOptions(status=status, metrics_prefix=prefix))) as server:
         yield server
-    finally:
-        if not server.stopping:
-            server.stop()
-        await task
 
 
 def status_address(server: Server) -> str:
