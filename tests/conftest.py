@@ -14,9 +14,7 @@ from typing import Any
 import pytest
 import trustme
 
-# client_context and free_port are re-exported only for test modules written in parallel against the old conftest
-# (tests/test_ghostunnel_flags.py imports client_context from here); drop them once those import from helpers.
-from helpers import client_context, closed_port, free_port  # noqa: F401
+from helpers import closed_port
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from tlsgate.config import ConfigErrors, tunnel_config
 from tlsgate.configfile import read_config_file
 from tlsgate.runtime import build_runtime
 
-from conftest import client_context
-from helpers import assert_cut, backend, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import assert_cut, backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
 
 ALIASES = [
     ("server", "--allow-dns-san", "allow_dns"),
