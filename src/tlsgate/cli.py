@@ -15,10 +15,10 @@ import click
 from tlsgate import __version__
 from tlsgate.cli_support import SettingsCommand, TlsgateGroup, UserError, setting_options
 from tlsgate.config import TunnelConfig, check_metrics_prefix, tunnel_config
-from tlsgate.errors import TlsgateError
+from tlsgate.errors import ConfigError, TlsgateError
 from tlsgate.settings import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
 from tlsgate.settings import process_settings
-from tlsgate.status import check_status_setting
+from tlsgate.status import check_status_setting, status_option_problems
 from tlsgate.supervisor import ProcessOptions, run_server
 
 _PROCESS_FLAGS = tuple(s.name for s in process_settings())
@@ -64,6 +64,8 @@ def _run(mode: str, kwargs: dict[str, Any], used: dict[str, str]) -> None:
         check_metrics_prefix(process.metrics_prefix)
         if process.status:
             check_status_setting(process.status, [cfg])
+        for problem in status_option_problems(process):
+            raise ConfigError(problem)
         code = _start(cfg, process)
     except TlsgateError as err:
         if not used:

@@ -46,7 +46,7 @@ from tlsgate.errors import ConfigError, TlsgateError, shown
 from tlsgate.logs import QUIET_CHOICES
 from tlsgate.runtime import build_runtime
 from tlsgate.settings import SETTINGS, setting
-from tlsgate.status import check_status_setting, parse_status_address
+from tlsgate.status import check_status_setting, parse_status_address, status_option_problems
 from tlsgate.supervisor import ProcessOptions
 
 __all__ = [
@@ -151,6 +151,7 @@ def read_config_file(path: str) -> ConfigFile:
             check_status_setting(result.process.status, result.tunnels)
         except ConfigError as err:
             problems.append(f"process: {key_names(str(err))}")
+    problems += [f"process: {key_names(problem)}" for problem in status_option_problems(result.process)]
     return result
 
 
@@ -379,12 +380,17 @@ _PROCESS_VALUES: dict[str, Callable[[object, str], Any]] = {
     "quiet": _quiet,
     "loop": _choice("loop", _LOOPS),
     "syslog": lambda value, base: _syslog(value),
+    "enable_shutdown": lambda value, base: _flag(value, "enable-shutdown"),
 }
 
 
 def _syslog(value: object) -> bool:
+    return _flag(value, "syslog")
+
+
+def _flag(value: object, key: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"syslog: expected true or false, got {shown(value)}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     return value
 
 

@@ -491,6 +491,15 @@ _OPERATIONS = (
         metavar="ADDR",
     ),
     Setting("metrics_prefix", "text", "operations", "Prefix of metric names.", scope="process", default="tlsgate"),
+    # The status port's optional endpoints (ghostunnel's flags; tlsgate.status), each needing --status.
+    Setting(
+        "enable_shutdown",
+        "flag",
+        "operations",
+        "Serve POST /_shutdown on the --status port: a graceful stop, as SIGTERM.",
+        scope="process",
+        default=False,
+    ),
     Setting("workers", "count", "operations", "Processes.", scope="process", default=1, low=1, high=256),
     Setting(
         "log_format",

@@ -28,7 +28,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,7 +41,7 @@ from tlsgate.errors import ConfigError, StartupError, TlsgateError, shown
 from tlsgate.tunnel import Stats, Tunnel
 
 if TYPE_CHECKING:
-    from tlsgate.supervisor import Server
+    from tlsgate.supervisor import ProcessOptions, Server
 
 # A request line and headers larger than this are refused: a probe sends a few hundred bytes.
 _MAX_REQUEST = 8192
@@ -248,6 +248,13 @@ def check_status_setting(text: str, configs: Sequence[TunnelConfig]) -> StatusAd
     return where
 
 
+def status_option_problems(options: ProcessOptions) -> list[str]:
+    """The status port's optional endpoints without a status port, one message each (ghostunnel refuses them
+    the same way), so a flag that would silently do nothing is a start-up error instead."""
+    wanted = [name for name, on in (("--enable-shutdown", options.enable_shutdown),) if on]
+    return [] if options.status else [f"{name} requires --status" for name in wanted]
+
+
 def exposed_status_warning(where: StatusAddress, text: str) -> None:
     """One start-up line when the status port answers other machines: its pages name every tunnel, target and
     counter, to anyone who asks (no client certificate is ever asked for)."""
@@ -314,9 +321,11 @@ def _status_context(cfg: TunnelConfig) -> ssl.SSLContext:
 class StatusServer:
     """The listening status port. ``close()`` stops it at once, open requests included."""
 
-    def __init__(self, source: StatusSource, prefix: str) -> None:
+    def __init__(self, source: StatusSource, prefix: str, *, shutdown: Callable[[], None] | None = None) -> None:
         self.source = source
         self.prefix = prefix
+        # --enable-shutdown: what POST /_shutdown calls (the same graceful stop as SIGTERM); None: no such path.
+        self.shutdown = shutdown
         self.addresses: list[str] = []
         self.https = False
         self._servers: list[asyncio.Server] = []
@@ -366,20 +375,35 @@ class StatusServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        stop = False
         try:
             response = await self._respond(reader)
+            if isinstance(response, _Shutdown):
+                stop = True
+                response = _response(200, "text/plain", b"shutting down\n")
             if response is not None:
                 writer.write(response)
                 await asyncio.wait_for(writer.drain(), _REQUEST_TIMEOUT)
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client left or stalled; nothing to tell it
         finally:
+            if stop:
+                # After the answer is on its way: stopping closes this server and aborts its open connections.
+                self._stop_process()
             self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), _REQUEST_TIMEOUT)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> bytes | None:
+    def _stop_process(self) -> None:
+        logs.event("shutdown was requested via the status port", logging.WARNING)
+        assert self.shutdown is not None
+        try:
+            self.shutdown()
+        except Exception as err:  # a failing stop must not kill the status port's callback
+            logs.event("shutdown request failed", logging.ERROR, error=repr(err))
+
+    async def _respond(self, reader: asyncio.StreamReader) -> bytes | _Shutdown | None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
         except (asyncio.LimitOverrunError, ValueError):
@@ -391,6 +415,11 @@ class StatusServer:
             return _response(400, "text/plain", b"bad request\n")
         method, target = parts[0], parts[1]
         path = target.split("?", 1)[0]
+        if path == "/_shutdown" and self.shutdown is not None:
+            # ghostunnel answers anything but POST with a bare 405: a GET (a crawler, a prefetch) never stops us.
+            if method != "POST":
+                return _response(405, "text/plain", b"method not allowed; use POST\n", allow="POST")
+            return _SHUTDOWN
         route = _ROUTES.get(path)
         if route is None:
             return _response(404, "text/plain", b"not found; try /_status, /_metrics or /metrics\n")
@@ -413,6 +442,12 @@ class StatusServer:
         text = prometheus_text(await self.source.snapshot(), self.prefix)
         return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
 
+
+class _Shutdown:
+    """What _respond returns for an accepted POST /_shutdown: _handle answers 200, then stops the process."""
+
+
+_SHUTDOWN = _Shutdown()
 
 _ROUTES = {
     "/_status": StatusServer._status,
@@ -464,11 +499,14 @@ def _remove_stale_socket(path: str, flag: str) -> None:
     raise StartupError(f"{flag}: unix:{path}: another process is listening there")
 
 
-async def serve_status(address: str, source: StatusSource, *, prefix: str = "tlsgate") -> StatusServer:
-    """Listen on ``address`` (see the module docstring) and answer from ``source``."""
+async def serve_status(
+    address: str, source: StatusSource, *, prefix: str = "tlsgate", shutdown: Callable[[], None] | None = None
+) -> StatusServer:
+    """Listen on ``address`` (see the module docstring) and answer from ``source``; with ``shutdown``, a
+    ``POST /_shutdown`` calls it (``--enable-shutdown``)."""
     flag = f"--status {address}"
     where = parse_status_address(address)
-    status = StatusServer(source, prefix)
+    status = StatusServer(source, prefix, shutdown=shutdown)
     ssl_ctx = None
     if where.https or where.https_if_possible:
         certificate = _Certificate(source)
@@ -485,13 +523,16 @@ async def serve_status(address: str, source: StatusSource, *, prefix: str = "tls
     status.https = ssl_ctx is not None
     scheme = "https" if status.https else "http"
     shown = [a if a.startswith("unix:") else f"{scheme}://{a}" for a in status.addresses]
-    logs.event("status", listen=",".join(shown), paths="/_status,/_metrics,/metrics")
+    paths = "/_status,/_metrics,/metrics" + (",/_shutdown" if shutdown is not None else "")
+    logs.event("status", listen=",".join(shown), paths=paths)
     return status
 
 
 async def start_status_server(server: Server, address: str) -> StatusServer:
     """The status port of one process (``--status``); ``close()`` it on shutdown."""
-    return await serve_status(address, ServerSource(server), prefix=server.options.metrics_prefix)
+    options = server.options
+    shutdown = server.stop if options.enable_shutdown else None
+    return await serve_status(address, ServerSource(server), prefix=options.metrics_prefix, shutdown=shutdown)
 
 
 # -- /_status ------------------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class ProcessOptions:
 
     status: str | None = None
     metrics_prefix: str = "tlsgate"
+    # POST /_shutdown on the status port stops the process gracefully (ghostunnel's --enable-shutdown).
+    enable_shutdown: bool = False
     workers: int = 1
     log_format: str = "text"
     quiet: tuple[str, ...] = ()

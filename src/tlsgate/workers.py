@@ -206,7 +206,10 @@ class _Pool:
             self._bind()
             if self.options.status and self._status_address is not None:
                 exposed_status_warning(self._status_address, self.options.status)
-                self.status = await serve_status(self.options.status, self, prefix=self.options.metrics_prefix)
+                shutdown = self.stop if self.options.enable_shutdown else None
+                self.status = await serve_status(
+                    self.options.status, self, prefix=self.options.metrics_prefix, shutdown=shutdown
+                )
         except BaseException:
             self._release()
             raise
