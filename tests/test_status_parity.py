@@ -1,20 +1,26 @@
-"""ghostunnel's optional status-port endpoints (issue #15): --enable-shutdown's POST /_shutdown."""
+"""ghostunnel's status-port parity (issue #15): --enable-shutdown's POST /_shutdown, --target-status URL."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from test_status import request, status_address
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.configfile import read_config_file
+from tlsgate.status import TunnelView, _check_backend
 from tlsgate.supervisor import ProcessOptions, Server
 
 from helpers import backend, server_opts
@@ -40,8 +46,8 @@ async def serving(tunnel: dict[str, Any], **process: Any) -> AsyncIterator[tuple
         await task
 
 
-def opts(pki_files: dict[str, Path], target: str) -> dict[str, Any]:
-    return server_opts(pki_files, target, allow_all=True)
+def opts(pki_files: dict[str, Path], target: str, **extra: object) -> dict[str, Any]:
+    return server_opts(pki_files, target, allow_all=True, **extra)
 
 
 # -- --enable-shutdown ---------------------------------------------------------------------------------------------
@@ -109,3 +115,142 @@ def test_enable_shutdown_in_a_file_without_status_is_a_problem(tmp_path: Path, p
     assert any("enable-shutdown requires" in p for p in result.problems), result.problems
     path.write_text(path.read_text().replace("enable-shutdown = true", 'enable-shutdown = "yes"'))
     assert any("enable-shutdown: expected true or false" in p for p in read_config_file(str(path)).problems)
+
+
+# -- --target-status -----------------------------------------------------------------------------------------------
+
+
+def http_answer(code: int, seen: list[bytes], *, reason: str = "Whatever") -> Any:
+    """A backend handler: records the request head, answers ``code`` and closes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+
+    return handle
+
+
+async def status_of(server: Server) -> tuple[int, dict[str, Any]]:
+    code, _, body = await request(status_address(server), "/_status")
+    return code, json.loads(body)
+
+
+@pytest.mark.asyncio
+async def test_target_status_200_is_up_and_the_get_goes_to_the_target(pki_files: dict[str, Path]) -> None:
+    seen: list[bytes] = []
+    url = "http://app.internal:9999/health?deep=1"
+    async with (
+        backend(http_answer(200, seen)) as be,
+        serving(opts(pki_files, be.address, target_status=url)) as (
+            server,
+            _,
+        ),
+    ):
+        code, doc = await status_of(server)
+    assert code == 200 and doc["backend_ok"] is True, doc
+    # Sent over the connection to --target; the URL only names the path and the Host header (ghostunnel's way).
+    head = seen[0].decode()
+    assert head.startswith("GET /health?deep=1 HTTP/1.1\r\n")
+    assert "\r\nHost: app.internal:9999\r\n" in head
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("code", [204, 301, 404, 500, 503])
+async def test_target_status_other_than_200_is_down(pki_files: dict[str, Path], code: int) -> None:
+    url = "http://localhost/health"
+    async with (
+        backend(http_answer(code, [])) as be,
+        serving(opts(pki_files, be.address, target_status=url)) as (
+            server,
+            _,
+        ),
+    ):
+        status, doc = await status_of(server)
+    assert status == 503 and doc["backend_ok"] is False
+    assert doc["backend_error"] == f"target returned status: {code}"
+
+
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+    await writer.drain()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("handler", [close_at_once, garbage])
+async def test_target_status_without_an_http_answer_is_down(pki_files: dict[str, Path], handler: Any) -> None:
+    # A plain TCP connect succeeds here: the old check would have said "up".
+    url = "http://localhost/health"
+    async with backend(handler) as be, serving(opts(pki_files, be.address, target_status=url)) as (server, _):
+        status, doc = await status_of(server)
+    assert status == 503 and "--target-status: no HTTP answer" in doc["backend_error"]
+
+
+@pytest.mark.asyncio
+async def test_target_status_https_is_verified_with_the_url_host(
+    pki_files: dict[str, Path], ca: trustme.CA, tmp_path: Path
+) -> None:
+    leaf = ca.issue_cert("app.internal")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(ctx)
+    seen: list[bytes] = []
+    tls = {"target_tls": True, "target_cacert": str(pki_files["ca"]), "target_server_name": "app.internal"}
+    async with backend(http_answer(200, seen), ssl_ctx=ctx) as be:
+        good = opts(pki_files, be.address, target_status="https://app.internal/health", **tls)
+        async with serving(good) as (server, _):
+            code, doc = await status_of(server)
+        assert code == 200 and doc["backend_ok"] is True, doc
+        assert seen and seen[0].startswith(b"GET /health HTTP/1.1\r\n")
+        # The same certificate does not name this host: refused, as Go's client refuses it for ghostunnel.
+        wrong = opts(pki_files, be.address, target_status="https://other.internal/health", **tls)
+        async with serving(wrong) as (server, _):
+            code, doc = await status_of(server)
+        assert code == 503 and "TLS handshake for --target-status failed" in doc["backend_error"], doc
+        assert len(seen) == 1
+
+
+@pytest.mark.asyncio
+async def test_target_status_still_needs_the_target_to_accept(pki_files: dict[str, Path]) -> None:
+    async with backend() as be:
+        address = be.address
+    async with serving(opts(pki_files, address, target_status="http://localhost/")) as (server, _):
+        code, doc = await status_of(server)
+    assert code == 503 and doc["backend_error"].startswith(address)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(code=st.integers(100, 599), reason=st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20))
+def test_target_status_only_200_means_up(code: int, reason: str) -> None:
+    async def check() -> str | None:
+        async with backend(http_answer(code, [], reason=reason)) as be:
+            view = TunnelView("k", "t", "server", [], be.address, target_status="http://localhost/")
+            return await _check_backend(view)
+
+    error = asyncio.run(check())
+    assert error == (None if code == 200 else f"target returned status: {code}")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://localhost/", "should start with http:// or https://"),
+        ("localhost:8080/health", "should start with http:// or https://"),
+        ("http:///health", "give a URL with a host"),
+    ],
+)
+def test_target_status_must_be_an_http_url(pki_files: dict[str, Path], url: str, message: str) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1",
+            "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--cacert", str(pki_files["ca"]),
+            "--allow-all", "--target-status", url,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

@@ -118,6 +118,8 @@ class TunnelConfig:
     # ghostunnel's --cipher-suites names in order of preference; () keeps tlsctx's default (AES and CHACHA).
     cipher_suites: tuple[str, ...] = ()
     allow_unsafe_cipher_suites: bool = False
+    # ghostunnel's --target-status: /_status GETs this http(s):// URL over a connection to the target.
+    target_status: str | None = None
 
     @property
     def label(self) -> str:
@@ -193,6 +195,18 @@ def check_metrics_prefix(text: str) -> str:
 
 def normalise_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
+
+
+def target_status_problems(url: str) -> list[str]:
+    """``--target-status``: an ``http://`` or ``https://`` URL with a host (ghostunnel's rule, plus the host,
+    which is the Host header and, for https, the name the target's certificate must have)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return [f"--target-status {shown(url)}: should start with http:// or https://"]
+    host = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2]
+    if not host or any(c in url for c in "\r\n\t "):
+        return [f"--target-status {shown(url)}: give a URL with a host, such as http://localhost:8080/health"]
+    return []
 
 
 def flag(key: str) -> str:
@@ -574,6 +588,8 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
                 f"--target {cfg.target} is not on this machine and the hop is plaintext; use --target-tls, "
                 "or add --unsafe-target if the network in between is trusted"
             )
+        if cfg.target_status is not None:
+            problems += target_status_problems(cfg.target_status)
         verify = any(
             (cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_ip, cfg.verify_uri, cfg.verify_spki_sha256)
         )

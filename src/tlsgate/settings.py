@@ -500,6 +500,14 @@ _OPERATIONS = (
         scope="process",
         default=False,
     ),
+    Setting(
+        "target_status",
+        "text",
+        "operations",
+        "/_status checks the target with an HTTP(S) GET of this URL (200 = up) [a TCP connect].",
+        scope="server",
+        metavar="URL",
+    ),
     Setting("workers", "count", "operations", "Processes.", scope="process", default=1, low=1, high=256),
     Setting(
         "log_format",

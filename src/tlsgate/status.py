@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from tlsgate import __version__, internals, logs, tlsctx
 from tlsgate import tunnel as tunnel_module
@@ -75,6 +76,10 @@ class TunnelView:
     # A tunnel a reload removed or replaced, still relaying the connections it had: reported apart from its
     # successor (same key) until the last of them ends, so no open connection drops out of the numbers.
     retiring: bool = False
+    # --target-status: the URL /_status GETs over a connection to the target ("" = a TCP connect is enough),
+    # and the CA bundle an https:// one is verified with ("" = the system store).
+    target_status: str = ""
+    target_status_cafile: str = ""
 
     @property
     def state(self) -> str:
@@ -124,6 +129,8 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         last_reload=tunnel.last_reload,
         cert_not_after=tunnel.runtime.cert_not_after,
         retiring=retiring,
+        target_status=tunnel.cfg.target_status or "",
+        target_status_cafile=tunnel.cfg.target_cacert or "",
     )
 
 
@@ -430,7 +437,7 @@ class StatusServer:
 
     async def _status(self) -> tuple[int, str, bytes]:
         snapshot = await self.source.snapshot()
-        errors = await asyncio.gather(*(_check_backend(view.target) for view in snapshot.tunnels))
+        errors = await asyncio.gather(*(_check_backend(view) for view in snapshot.tunnels))
         code, doc = status_document(snapshot, list(errors))
         return code, "application/json", json.dumps(doc, indent=2).encode() + b"\n"
 
@@ -538,28 +545,74 @@ async def start_status_server(server: Server, address: str) -> StatusServer:
 # -- /_status ------------------------------------------------------------------------------------------------------
 
 
-async def _check_backend(target: str) -> str | None:
-    """None if the target accepts a TCP (or unix socket) connection within _BACKEND_TIMEOUT, else why not."""
+async def _check_backend(view: TunnelView) -> str | None:
+    """None if the target is up, else why not; the whole check takes at most _BACKEND_TIMEOUT.
+
+    Up means: it accepts a TCP (or unix socket) connection, and with ``--target-status URL`` it also answers a
+    GET of that URL, sent over that same connection, with 200 (ghostunnel's check: the URL names what to ask
+    for and the Host header, the target where to ask).
+    """
+    target = view.target
     try:
-        address = parse_address(target, name="target")
-        if address.is_unix:
-            connecting = asyncio.open_unix_connection(address.path)
-        else:
-            connecting = asyncio.open_connection(address.host, address.port)
-        _, writer = await asyncio.wait_for(connecting, _BACKEND_TIMEOUT)
+        async with asyncio.timeout(_BACKEND_TIMEOUT):
+            address = parse_address(target, name="target")
+            if address.is_unix:
+                reader, writer = await asyncio.open_unix_connection(address.path, limit=_MAX_REQUEST)
+            else:
+                reader, writer = await asyncio.open_connection(address.host, address.port, limit=_MAX_REQUEST)
+            try:
+                if view.target_status:
+                    return await _get_target_status(view, reader, writer)
+                return None
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
     except TimeoutError:
         return f"{target}: no answer within {_BACKEND_TIMEOUT}s"
     except ConfigError as err:
         return str(err)
+    except ssl.SSLError as err:
+        why = getattr(err, "verify_message", None) or err.reason or str(err)
+        return f"{target}: TLS handshake for --target-status failed: {why}"
     except OSError as err:
         # asyncio and uvloop word a refused connect differently; the errno says the same thing on both.
         if isinstance(err, socket.gaierror) or not err.errno:
             return f"{target}: {err.strerror or err}"
         return f"{target}: {os.strerror(err.errno)}"
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return None
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        return f"{target}: --target-status: no HTTP answer"
+
+
+async def _get_target_status(
+    view: TunnelView, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> str | None:
+    """GET ``view.target_status`` over the open connection to the target; None on 200, else why not.
+
+    An ``https://`` URL is TLS on that connection, verified as Go's default client does for ghostunnel: the
+    certificate must chain to the system store (or to ``--target-cacert`` when the tunnel has one) and name the
+    URL's host. Redirects are not followed: only 200 means up, as in ghostunnel.
+    """
+    parts = urlsplit(view.target_status)
+    host = parts.hostname or ""
+    if parts.scheme.lower() == "https":
+        ctx = ssl.create_default_context(cafile=view.target_status_cafile or None)
+        await writer.start_tls(ctx, server_hostname=host)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
+        f"User-Agent: tlsgate/{__version__}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(request.encode("ascii", "replace"))
+    await writer.drain()
+    line = await reader.readuntil(b"\n")
+    match = re.fullmatch(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?\r?\n", line)
+    if match is None:
+        return f"{view.target}: --target-status: no HTTP answer"
+    code = int(match.group(1))
+    return None if code == 200 else f"target returned status: {code}"
 
 
 def _iso(timestamp: float) -> str:
