@@ -1,9 +1,10 @@
-"""ghostunnel's status-port parity (issue #15): --enable-shutdown's POST /_shutdown, --target-status URL."""
+"""ghostunnel's status-port parity (issue #15): POST /_shutdown, --target-status URL, ghostunnel's timer metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -20,10 +21,11 @@ from test_status import request, status_address
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.configfile import read_config_file
-from tlsgate.status import TunnelView, _check_backend
+from tlsgate.status import TunnelView, _check_backend, merge_views, timer_entries
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, server_opts
+from conftest import client_context
+from helpers import backend, server_opts, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -254,3 +256,106 @@ def test_target_status_must_be_an_http_url(pki_files: dict[str, Path], url: str,
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+# -- ghostunnel's metric names in /_metrics --------------------------------------------------------------------
+
+TIMER_SUFFIXES = ("count", "min", "max", "mean", "50-percentile", "75-percentile", "95-percentile", "99-percentile")
+
+
+async def metrics_of(server: Server) -> dict[str, float]:
+    code, _, body = await request(status_address(server), "/_metrics")
+    assert code == 200
+    return {entry["metric"]: entry["value"] for entry in json.loads(body)}
+
+
+@pytest.mark.asyncio
+async def test_json_metrics_have_ghostunnels_timers_in_nanoseconds(pki_files: dict[str, Path], ca: trustme.CA) -> None:
+    ctx = client_context(ca, ca.issue_cert("alice@example.test", common_name="alice"))
+    async with backend() as be, serving(opts(pki_files, be.address), metrics_prefix="ghostunnel") as (server, _):
+        tun = next(iter(server.tunnels.values()))
+        port = int(tun.addresses[0].rsplit(":", 1)[1])
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        await wait_until(lambda: tun.stats.closed == 3)
+        metrics = await metrics_of(server)
+    for timer in ("conn.handshake", "conn.lifetime"):
+        values = [metrics[f"ghostunnel.{timer}.{suffix}"] for suffix in TIMER_SUFFIXES]
+        count, low, high, mean, *percentiles = values
+        assert count == 3
+        # Nanoseconds: a loopback handshake takes well over a microsecond and well under a minute.
+        assert 1_000 < low <= mean <= high < 60e9
+        assert low <= percentiles[0] <= percentiles[1] <= percentiles[2] <= percentiles[3] <= high
+    for name in ("conn.open", "conn.timeout", "accept.total", "accept.success", "accept.error", "accept.timeout"):
+        assert f"ghostunnel.{name}" in metrics
+    assert metrics["ghostunnel.accept.total"] == 3 and metrics["ghostunnel.accept.success"] == 3
+    assert metrics["ghostunnel.conn.timeout"] == 0 and metrics["ghostunnel.accept.timeout"] == 0
+
+
+@pytest.mark.asyncio
+async def test_accept_timeout_counts_handshakes_cut_by_the_handshake_timeout(pki_files: dict[str, Path]) -> None:
+    async with backend() as be, serving(opts(pki_files, be.address, handshake_timeout="100ms")) as (server, _):
+        tun = next(iter(server.tunnels.values()))
+        port = int(tun.addresses[0].rsplit(":", 1)[1])
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)  # and never say hello
+        await wait_until(lambda: tun.stats.handshake_timeouts == 1)
+        metrics = await metrics_of(server)
+        writer.close()
+    assert metrics["tlsgate.accept.timeout"] == 1 and metrics["tlsgate.accept.error"] == 1
+    assert metrics["tlsgate.conn.timeout"] == 0
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read()  # accepts, never answers the TLS hello
+
+
+@pytest.mark.asyncio
+async def test_conn_timeout_counts_targets_slower_than_the_connect_timeout(
+    pki_files: dict[str, Path], ca: trustme.CA
+) -> None:
+    ctx = client_context(ca, ca.issue_cert("alice@example.test", common_name="alice"))
+    async with backend(silent) as be:
+        tls = {"target_tls": True, "target_cacert": str(pki_files["ca"]), "connect_timeout": "100ms"}
+        async with serving(opts(pki_files, be.address, **tls)) as (server, _):
+            tun = next(iter(server.tunnels.values()))
+            port = int(tun.addresses[0].rsplit(":", 1)[1])
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+            await wait_until(lambda: tun.stats.connect_timeouts == 1)
+            metrics = await metrics_of(server)
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    assert metrics["tlsgate.conn.timeout"] == 1 and metrics["tlsgate.accept.timeout"] == 0
+
+
+def test_timer_entries_match_go_metrics_percentiles() -> None:
+    # go-metrics: position p*(n+1) in the sorted sample, interpolated; clamped to the ends.
+    got = dict(timer_entries([float(s) for s in range(10, 0, -1)]))
+    assert got == {
+        "min": 1_000_000_000, "max": 10_000_000_000, "mean": 5.5e9,
+        "50-percentile": 5.5e9, "75-percentile": 8.25e9, "95-percentile": 10e9, "99-percentile": 10e9,
+    }  # fmt: skip
+    assert all(value == 0 for value in dict(timer_entries([])).values())
+
+
+@given(st.lists(st.floats(0, 1e4, allow_nan=False), min_size=1, max_size=300))
+def test_timer_entries_are_ordered_and_within_the_sample(samples: list[float]) -> None:
+    got = dict(timer_entries(samples))
+    ordered = [got["min"], got["50-percentile"], got["75-percentile"], got["95-percentile"], got["99-percentile"]]
+    tolerance = 1e-3  # float interpolation in nanoseconds
+    assert all(a <= b + tolerance for a, b in itertools.pairwise(ordered))
+    assert got["99-percentile"] <= got["max"] + tolerance
+    assert got["min"] - tolerance <= got["mean"] <= got["max"] + tolerance
+
+
+def test_worker_samples_are_joined_not_summed() -> None:
+    one = TunnelView("k", "t", "server", [], "x", samples={"handshake": [1.0, 2.0]})
+    two = TunnelView("k", "t", "server", [], "x", samples={"handshake": [3.0], "lifetime": [4.0]})
+    (merged,) = merge_views([[one], [two]])
+    assert merged.samples == {"handshake": [1.0, 2.0, 3.0], "lifetime": [4.0]}
+    assert one.samples == {"handshake": [1.0, 2.0]}  # the inputs are left alone

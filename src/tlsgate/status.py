@@ -71,6 +71,8 @@ class TunnelView:
     refused: dict[str, int] = field(default_factory=dict)
     # Handshakes per latency bucket (not cumulative); empty unless tunnel.Stats keeps them.
     handshake_buckets: list[int] = field(default_factory=list)
+    # Recent durations in seconds ("handshake", "lifetime"), for ghostunnel's timers; every worker's, joined.
+    samples: dict[str, list[float]] = field(default_factory=dict)
     last_reload: float = 0.0
     cert_not_after: float = 0.0
     # A tunnel a reload removed or replaced, still relaying the connections it had: reported apart from its
@@ -103,6 +105,8 @@ class TunnelView:
             self.handshake_buckets += [0] * (len(other.handshake_buckets) - len(self.handshake_buckets))
         for i, count in enumerate(other.handshake_buckets):
             self.handshake_buckets[i] += count
+        for name, values in other.samples.items():
+            self.samples[name] = self.samples.get(name, []) + values
         self.last_reload = max(self.last_reload, other.last_reload)
         expiries = [t for t in (self.cert_not_after, other.cert_not_after) if t > 0]
         self.cert_not_after = min(expiries, default=0.0)
@@ -126,6 +130,7 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         counters=counters,
         refused=dict(stats.refused),
         handshake_buckets=list(stats.handshake_buckets),
+        samples={"handshake": list(stats.handshake_samples), "lifetime": list(stats.lifetime_samples)},
         last_reload=tunnel.last_reload,
         cert_not_after=tunnel.runtime.cert_not_after,
         retiring=retiring,
@@ -696,6 +701,10 @@ _METRICS = (
     _Metric("closed", "counter", "connections_closed_total", "conn.closed", "Relayed connections that ended."),
     _Metric("handshake_errors", "counter", "handshake_errors_total", "accept.error",
             "Client TLS handshakes that failed or timed out, untrusted and expired certificates included."),
+    _Metric("handshake_timeouts", "counter", "handshake_timeouts_total", "accept.timeout",
+            "Client TLS handshakes cut by --handshake-timeout (counted in handshake_errors_total too)."),
+    _Metric("connect_timeouts", "counter", "connect_timeouts_total", "conn.timeout",
+            "Targets that did not connect, or finish their TLS handshake, within --connect-timeout."),
     _Metric("target_errors", "counter", "target_errors_total", "conn.target_error",
             "Connections whose target could not be reached, or failed its TLS handshake or identity check."),
     _Metric("proxy_header_errors", "counter", "proxy_header_errors_total", "accept.proxy_header_error",
@@ -741,13 +750,49 @@ def json_metrics(snapshot: Snapshot, prefix: str) -> list[dict[str, Any]]:
             add(f"accept.refused.{rule}", count, view)
         add("conn.handshake.count", _value(view, "handshakes"), view)
         add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view)
+        for suffix, value in timer_entries(view.samples.get("handshake", [])):
+            add(f"conn.handshake.{suffix}", value, view)
         add("conn.lifetime.count", _value(view, "closed"), view)
         add("conn.lifetime.seconds", _value(view, "lifetime_seconds_total"), view)
+        for suffix, value in timer_entries(view.samples.get("lifetime", [])):
+            add(f"conn.lifetime.{suffix}", value, view)
         if view.cert_not_after:
             add("cert.not_after", int(view.cert_not_after), view)
     for name, value in sorted(snapshot.process.items()):
         add(f"process.{name}", value, None)
     return entries
+
+
+TIMER_PERCENTILES = (0.5, 0.75, 0.95, 0.99)
+
+
+def timer_entries(samples: Sequence[float]) -> list[tuple[str, float]]:
+    """ghostunnel's timer entries after ``.count``: min, max, mean and the 50/75/95/99th percentiles of the
+    recent samples, in **nanoseconds** as Go's timers report them (0 with no sample, as there).
+
+    Percentiles interpolate as go-metrics' ``SamplePercentiles`` does: position p*(n+1) in the sorted sample.
+    """
+    # Whole nanoseconds first, as Go's timers hold them, so min/max and the percentiles agree exactly.
+    ordered = sorted(round(value * 1e9) for value in samples)
+    n = len(ordered)
+    if not n:
+        return [(name, 0) for name in ("min", "max", "mean", *(_percentile_name(p) for p in TIMER_PERCENTILES))]
+    entries: list[tuple[str, float]] = [("min", ordered[0]), ("max", ordered[-1]), ("mean", sum(ordered) / n)]
+    for p in TIMER_PERCENTILES:
+        pos = p * (n + 1)
+        if pos < 1:
+            value: float = ordered[0]
+        elif pos >= n:
+            value = ordered[-1]
+        else:
+            lower, upper = ordered[int(pos) - 1], ordered[int(pos)]
+            value = lower + (pos - math.floor(pos)) * (upper - lower)
+        entries.append((_percentile_name(p), value))
+    return entries
+
+
+def _percentile_name(p: float) -> str:
+    return f"{round(p * 100)}-percentile"
 
 
 def prometheus_name(prefix: str) -> str:

@@ -19,6 +19,7 @@ import socket
 import ssl
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,9 @@ _TCP_CLOSE = 7
 # Upper bounds (seconds) of the handshake-latency histogram in /metrics: from a resumed handshake on a LAN to
 # a slow client far away. A handshake slower than the last bound counts in ``handshakes`` only (+Inf).
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# How many recent handshake and connection durations ghostunnel-style timers keep for their min/max/mean and
+# percentiles (/_metrics): the reservoir size ghostunnel's go-metrics timers use.
+TIMER_SAMPLES = 1028
 
 
 @dataclass
@@ -73,6 +77,13 @@ class Stats:
     internal_errors: int = 0
     # Handshakes per HANDSHAKE_BUCKETS bucket (not cumulative: status adds them up for Prometheus).
     handshake_buckets: list[int] = field(default_factory=lambda: [0] * len(HANDSHAKE_BUCKETS))
+    # Client handshakes cut by --handshake-timeout (also in handshake_errors): ghostunnel's accept.timeout.
+    handshake_timeouts: int = 0
+    # Targets that did not connect (or finish their TLS handshake) within --connect-timeout: conn.timeout.
+    connect_timeouts: int = 0
+    # The last TIMER_SAMPLES durations, in seconds, of client handshakes and of relayed connections.
+    handshake_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
+    lifetime_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
 
     def refuse(self, rule: str) -> None:
         self.refused[rule] = self.refused.get(rule, 0) + 1
@@ -312,6 +323,7 @@ class Tunnel:
         stats.bytes_out += relay.bytes_out
         duration = time.monotonic() - relay.started
         stats.lifetime_seconds_total += duration
+        stats.lifetime_samples.append(duration)
         logs.event(
             "closed", category="conns", tunnel=self.label, peer=peer, identity=identity, target=target,
             bytes_in=relay.bytes_in, bytes_out=relay.bytes_out, duration=f"{duration:.3f}s", end=relay.end,
@@ -571,7 +583,10 @@ class _Setup:
         if self.done:
             return
         if reason.endswith("timeout"):
-            self.tunnel.stats.handshake_errors += reason.startswith("handshake")
+            stats = self.tunnel.stats
+            stats.handshake_errors += reason.startswith("handshake")
+            stats.handshake_timeouts += reason == "handshake timeout"
+            stats.connect_timeouts += reason in ("connect timeout", "target handshake timeout")
             logs.event(
                 "setup failed", category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer,
                 reason=reason,
@@ -717,6 +732,7 @@ class _Setup:
         stats.handshakes += 1
         elapsed = time.monotonic() - self.started
         stats.handshake_seconds_total += elapsed
+        stats.handshake_samples.append(elapsed)
         bucket = bisect.bisect_left(HANDSHAKE_BUCKETS, elapsed)
         if bucket < len(HANDSHAKE_BUCKETS):
             stats.handshake_buckets[bucket] += 1
