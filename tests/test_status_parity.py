@@ -1,4 +1,4 @@
-"""ghostunnel's status-port parity (issue #15): POST /_shutdown, --target-status URL, ghostunnel's timer metrics."""
+"""ghostunnel's status-port parity (issue #15): /_shutdown, --target-status, timer metrics, /debug/pprof/."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import secrets
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tlsgate.status
 from test_status import request, status_address
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
@@ -359,3 +361,81 @@ def test_worker_samples_are_joined_not_summed() -> None:
     (merged,) = merge_views([[one], [two]])
     assert merged.samples == {"handshake": [1.0, 2.0, 3.0], "lifetime": [4.0]}
     assert one.samples == {"handshake": [1.0, 2.0]}  # the inputs are left alone
+
+
+# -- --enable-pprof ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_pprof_index_and_stacks_of_threads_and_tasks(pki_files: dict[str, Path]) -> None:
+    secret = secrets.token_hex(16)
+
+    async def holding(value: str, started: asyncio.Event) -> None:
+        started.set()
+        await asyncio.Event().wait()  # suspended here, with value in a local
+
+    started = asyncio.Event()
+    task = asyncio.create_task(holding(secret, started), name="pprof-probe")
+    await started.wait()
+    try:
+        async with backend() as be, serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
+            code, _, index = await request(status_address(server), "/debug/pprof/")
+            assert code == 200 and b"/debug/pprof/goroutine" in index and b"/debug/pprof/profile" in index
+            code, headers, dump = await request(status_address(server), "/debug/pprof/goroutine")
+    finally:
+        task.cancel()
+    text = dump.decode()
+    assert code == 200 and headers["content-type"].startswith("text/plain")
+    assert "thread MainThread" in text and "asyncio tasks:" in text
+    assert "task pprof-probe" in text and "in holding" in text
+    # Code locations only: a local variable's value never shows.
+    assert secret not in text
+
+
+@pytest.mark.asyncio
+async def test_pprof_profile_window(pki_files: dict[str, Path]) -> None:
+    async with backend() as be, serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
+        profiling = asyncio.create_task(request(status_address(server), "/debug/pprof/profile?seconds=1"))
+        await wait_until(lambda: tlsgate.status._profiling, attempts=2000)
+        # One window at a time; /_status keeps answering meanwhile.
+        code, _, body = await request(status_address(server), "/debug/pprof/profile?seconds=1")
+        assert code == 409 and b"another profile is running" in body
+        code, _, _ = await request(status_address(server), "/_status")
+        assert code == 200
+        code, _, report = await profiling
+    assert code == 200 and b"cProfile of the event loop thread for 1s" in report
+    assert b"function calls" in report
+    assert not tlsgate.status._profiling
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("query", ["seconds=0", "seconds=61", "seconds=abc", "seconds=-1", "seconds=1.5", "seconds="])
+async def test_pprof_profile_refuses_a_bad_window(pki_files: dict[str, Path], query: str) -> None:
+    async with backend() as be, serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
+        code, _, body = await request(status_address(server), f"/debug/pprof/profile?{query}")
+    assert code == 400 and body == b"seconds: give a whole number from 1 to 60\n"
+    assert not tlsgate.status._profiling
+
+
+@pytest.mark.asyncio
+async def test_pprof_refusals(pki_files: dict[str, Path]) -> None:
+    async with backend() as be:
+        async with serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
+            assert (await request(status_address(server), "/debug/pprof/heap"))[0] == 404
+            assert (await request(status_address(server), "/debug/pprof/", method="POST"))[0] == 405
+        async with serving(opts(pki_files, be.address)) as (server, _):
+            assert (await request(status_address(server), "/debug/pprof/"))[0] == 404
+            assert (await request(status_address(server), "/debug/pprof/goroutine"))[0] == 404
+
+
+def test_enable_pprof_without_status_is_a_one_line_exit_2(pki_files: dict[str, Path]) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1",
+            "--cert", str(pki_files["cert"]), "--key", str(pki_files["key"]), "--cacert", str(pki_files["ca"]),
+            "--allow-all", "--enable-pprof",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--enable-pprof requires --status" in result.output and "Traceback" not in result.output

@@ -381,6 +381,7 @@ _PROCESS_VALUES: dict[str, Callable[[object, str], Any]] = {
     "loop": _choice("loop", _LOOPS),
     "syslog": lambda value, base: _syslog(value),
     "enable_shutdown": lambda value, base: _flag(value, "enable-shutdown"),
+    "enable_pprof": lambda value, base: _flag(value, "enable-pprof"),
 }
 
 

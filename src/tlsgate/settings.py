@@ -501,6 +501,14 @@ _OPERATIONS = (
         default=False,
     ),
     Setting(
+        "enable_pprof",
+        "flag",
+        "operations",
+        "Serve /debug/pprof/ on the --status port: thread and task stacks, a cProfile window.",
+        scope="process",
+        default=False,
+    ),
+    Setting(
         "target_status",
         "text",
         "operations",

@@ -18,16 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import cProfile
+import io
 import json
 import logging
 import math
 import os
 import platform
+import pstats
 import re
 import socket
 import ssl
 import stat
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -263,7 +269,8 @@ def check_status_setting(text: str, configs: Sequence[TunnelConfig]) -> StatusAd
 def status_option_problems(options: ProcessOptions) -> list[str]:
     """The status port's optional endpoints without a status port, one message each (ghostunnel refuses them
     the same way), so a flag that would silently do nothing is a start-up error instead."""
-    wanted = [name for name, on in (("--enable-shutdown", options.enable_shutdown),) if on]
+    flags = (("--enable-pprof", options.enable_pprof), ("--enable-shutdown", options.enable_shutdown))
+    wanted = [name for name, on in flags if on]
     return [] if options.status else [f"{name} requires --status" for name in wanted]
 
 
@@ -333,9 +340,18 @@ def _status_context(cfg: TunnelConfig) -> ssl.SSLContext:
 class StatusServer:
     """The listening status port. ``close()`` stops it at once, open requests included."""
 
-    def __init__(self, source: StatusSource, prefix: str, *, shutdown: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        source: StatusSource,
+        prefix: str,
+        *,
+        shutdown: Callable[[], None] | None = None,
+        pprof: bool = False,
+    ) -> None:
         self.source = source
         self.prefix = prefix
+        # --enable-pprof: serve /debug/pprof/ (tlsgate.status's _pprof).
+        self.pprof = pprof
         # --enable-shutdown: what POST /_shutdown calls (the same graceful stop as SIGTERM); None: no such path.
         self.shutdown = shutdown
         self.addresses: list[str] = []
@@ -432,6 +448,11 @@ class StatusServer:
             if method != "POST":
                 return _response(405, "text/plain", b"method not allowed; use POST\n", allow="POST")
             return _SHUTDOWN
+        if self.pprof and (path == "/debug/pprof" or path.startswith("/debug/pprof/")):
+            if method not in ("GET", "HEAD"):
+                return _response(405, "text/plain", b"method not allowed\n", allow="GET, HEAD")
+            code, content_type, body = await _pprof(path, target.partition("?")[2])
+            return _response(code, content_type, body, head_only=method == "HEAD")
         route = _ROUTES.get(path)
         if route is None:
             return _response(404, "text/plain", b"not found; try /_status, /_metrics or /metrics\n")
@@ -475,6 +496,7 @@ _REASONS = {
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
+    409: "Conflict",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
 }
@@ -512,13 +534,18 @@ def _remove_stale_socket(path: str, flag: str) -> None:
 
 
 async def serve_status(
-    address: str, source: StatusSource, *, prefix: str = "tlsgate", shutdown: Callable[[], None] | None = None
+    address: str,
+    source: StatusSource,
+    *,
+    prefix: str = "tlsgate",
+    shutdown: Callable[[], None] | None = None,
+    pprof: bool = False,
 ) -> StatusServer:
     """Listen on ``address`` (see the module docstring) and answer from ``source``; with ``shutdown``, a
-    ``POST /_shutdown`` calls it (``--enable-shutdown``)."""
+    ``POST /_shutdown`` calls it (``--enable-shutdown``); with ``pprof``, /debug/pprof/ is served."""
     flag = f"--status {address}"
     where = parse_status_address(address)
-    status = StatusServer(source, prefix, shutdown=shutdown)
+    status = StatusServer(source, prefix, shutdown=shutdown, pprof=pprof)
     ssl_ctx = None
     if where.https or where.https_if_possible:
         certificate = _Certificate(source)
@@ -536,6 +563,7 @@ async def serve_status(
     scheme = "https" if status.https else "http"
     shown = [a if a.startswith("unix:") else f"{scheme}://{a}" for a in status.addresses]
     paths = "/_status,/_metrics,/metrics" + (",/_shutdown" if shutdown is not None else "")
+    paths += ",/debug/pprof/" if pprof else ""
     logs.event("status", listen=",".join(shown), paths=paths)
     return status
 
@@ -544,7 +572,9 @@ async def start_status_server(server: Server, address: str) -> StatusServer:
     """The status port of one process (``--status``); ``close()`` it on shutdown."""
     options = server.options
     shutdown = server.stop if options.enable_shutdown else None
-    return await serve_status(address, ServerSource(server), prefix=options.metrics_prefix, shutdown=shutdown)
+    return await serve_status(
+        address, ServerSource(server), prefix=options.metrics_prefix, shutdown=shutdown, pprof=options.enable_pprof
+    )
 
 
 # -- /_status ------------------------------------------------------------------------------------------------------
@@ -916,3 +946,99 @@ def _handshake_family(out: _Exposition, tunnels: list[TunnelView]) -> None:
             out.sample(f"{name}_bucket", {**labels, "le": "+Inf"}, count)
         out.sample(f"{name}_sum", labels, _value(view, "handshake_seconds_total"))
         out.sample(f"{name}_count", labels, count)
+
+
+# -- /debug/pprof/ (--enable-pprof) --------------------------------------------------------------------------------
+
+# profile?seconds=N: Go's default window, and a ceiling so one request cannot hold the profiler for long.
+_PROFILE_DEFAULT = 30
+_PROFILE_MAX = 60
+# Lines of the profile report: the functions with the most cumulative time.
+_PROFILE_LINES = 60
+# A window is running: Python has one profiling hook per thread, and two windows would clobber each other.
+_profiling = False
+
+_PPROF_INDEX = b"""tlsgate /debug/pprof/ (--enable-pprof): Python's counterparts of Go's pprof pages, as plain text.
+
+/debug/pprof/goroutine          the stack of every thread of this process, then of every asyncio task
+/debug/pprof/profile?seconds=N  cProfile of the event loop's thread for N seconds (default 30, 1 to 60),
+                                the functions sorted by cumulative time
+"""
+
+
+async def _pprof(path: str, query: str) -> tuple[int, str, bytes]:
+    """``/debug/pprof/``: the index, ``goroutine`` (stacks) or ``profile`` (a cProfile window)."""
+    name = path.removeprefix("/debug/pprof").strip("/")
+    if name == "":
+        return 200, "text/plain; charset=utf-8", _PPROF_INDEX
+    if name == "goroutine":
+        return 200, "text/plain; charset=utf-8", stack_dump().encode("utf-8", "replace")
+    if name == "profile":
+        seconds = _profile_seconds(query)
+        if seconds is None:
+            return 400, "text/plain", f"seconds: give a whole number from 1 to {_PROFILE_MAX}\n".encode()
+        report = await profile_window(seconds)
+        if report is None:
+            return 409, "text/plain", b"another profile is running; try again when it ends\n"
+        return 200, "text/plain; charset=utf-8", report.encode("utf-8", "replace")
+    return 404, "text/plain", b"not found; try /debug/pprof/\n"
+
+
+def _profile_seconds(query: str) -> int | None:
+    values = [v for k, _, v in (part.partition("=") for part in query.split("&")) if k == "seconds"]
+    if not values:
+        return _PROFILE_DEFAULT
+    text = values[-1]
+    if not text.isascii() or not text.isdigit() or len(text) > 3:
+        return None
+    seconds = int(text)
+    return seconds if 1 <= seconds <= _PROFILE_MAX else None
+
+
+def stack_dump() -> str:
+    """Every thread's stack (innermost call last), then every asyncio task of the running loop with the
+    coroutine frames it is suspended in: what Go's ``goroutine?debug=2`` shows, in Python's terms.
+
+    Only code locations: file, line, function and source line; never a local variable, so nothing a
+    connection carries (keys, passwords, payload) can appear.
+    """
+    out = io.StringIO()
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    frames = sys._current_frames()
+    out.write(f"threads: {len(frames)}\n\n")
+    for ident, frame in frames.items():
+        out.write(f"thread {names.get(ident, '?')} ({ident}):\n")
+        out.write("".join(traceback.format_stack(frame)))
+        out.write("\n")
+    tasks = sorted(asyncio.all_tasks(), key=lambda task: task.get_name())
+    out.write(f"asyncio tasks: {len(tasks)}\n\n")
+    for task in tasks:
+        out.write(f"task {task.get_name()} {task.get_coro()!r}:\n")
+        for frame in task.get_stack():
+            out.write("".join(traceback.format_stack(frame, limit=1)))
+        out.write("\n")
+    return out.getvalue()
+
+
+async def profile_window(seconds: float) -> str | None:
+    """cProfile the event loop's thread, where every connection is served, for ``seconds``; the report, or
+    None when a profiler is already running (one at a time: Python allows one per thread)."""
+    global _profiling
+    if _profiling:
+        return None
+    profiler = cProfile.Profile()
+    try:
+        profiler.enable()
+    except ValueError:  # another tool (a debugger, coverage) holds the profiling hook
+        return None
+    _profiling = True
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        # Also when the status port closes mid-window: the profiler must not outlive the request.
+        profiler.disable()
+        _profiling = False
+    out = io.StringIO()
+    out.write(f"cProfile of the event loop thread for {seconds:g}s, by cumulative time\n")
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(_PROFILE_LINES)
+    return out.getvalue()

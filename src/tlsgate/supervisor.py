@@ -44,6 +44,8 @@ class ProcessOptions:
     metrics_prefix: str = "tlsgate"
     # POST /_shutdown on the status port stops the process gracefully (ghostunnel's --enable-shutdown).
     enable_shutdown: bool = False
+    # /debug/pprof/ on the status port: stacks and a cProfile window (ghostunnel's --enable-pprof).
+    enable_pprof: bool = False
     workers: int = 1
     log_format: str = "text"
     quiet: tuple[str, ...] = ()

@@ -208,7 +208,11 @@ class _Pool:
                 exposed_status_warning(self._status_address, self.options.status)
                 shutdown = self.stop if self.options.enable_shutdown else None
                 self.status = await serve_status(
-                    self.options.status, self, prefix=self.options.metrics_prefix, shutdown=shutdown
+                    self.options.status,
+                    self,
+                    prefix=self.options.metrics_prefix,
+                    shutdown=shutdown,
+                    pprof=self.options.enable_pprof,
                 )
         except BaseException:
             self._release()
