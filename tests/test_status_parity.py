@@ -245,6 +245,9 @@ def test_target_status_only_200_means_up(code: int, reason: str) -> None:
         ("ftp://localhost/", "should start with http:// or https://"),
         ("localhost:8080/health", "should start with http:// or https://"),
         ("http:///health", "give a URL with a host"),
+        ("http://localhost/a b", "must be percent-encoded"),
+        ("http://localhost/\r\nX-Injected: 1", "must be percent-encoded"),
+        ("http://localhost/caf\u00e9", "must be percent-encoded"),
     ],
 )
 def test_target_status_must_be_an_http_url(pki_files: dict[str, Path], url: str, message: str) -> None:

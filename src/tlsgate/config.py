@@ -203,8 +203,11 @@ def target_status_problems(url: str) -> list[str]:
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
         return [f"--target-status {shown(url)}: should start with http:// or https://"]
+    if not url.isascii() or any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        # The URL becomes a request line and a Host header: a space or line break would forge another one.
+        return [f"--target-status {shown(url)}: spaces, control and non-ASCII characters must be percent-encoded"]
     host = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[2]
-    if not host or any(c in url for c in "\r\n\t "):
+    if not host:
         return [f"--target-status {shown(url)}: give a URL with a host, such as http://localhost:8080/health"]
     return []
 
