@@ -32,7 +32,10 @@ from helpers import backend, server_opts, wait_until
 
 @contextlib.asynccontextmanager
 async def serving(tunnel: dict[str, Any], **process: Any) -> AsyncIterator[tuple[Server, asyncio.Task[int]]]:
-    """A Server with one tunnel and an HTTP status port on loopback; yields it and its serve() task."""
+    """A Server with one tunnel and an HTTP status port on loopback; yields it and its serve() task.
+
+    helpers.running_server without the task hidden: POST /_shutdown tests read serve()'s exit code from it.
+    """
     cfg = tunnel_config("server", {"listen": "127.0.0.1:0", **tunnel})
     server = Server([cfg], ProcessOptions(status="http://127.0.0.1:0", **process))
     ready = asyncio.Event()
