@@ -26,8 +26,7 @@ from tlsgate.configfile import read_config_file
 from tlsgate.status import TunnelView, _check_backend, merge_views, timer_entries
 from tlsgate.supervisor import ProcessOptions, Server
 
-from conftest import client_context
-from helpers import backend, server_opts, wait_until
+from helpers import backend, client_context, server_opts, wait_until
 
 
 @contextlib.asynccontextmanager
