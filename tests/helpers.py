@@ -721,3 +721,38 @@ def activated_command(sockets: Sequence[socket.socket | int]) -> tuple[list[str]
     LISTEN_FDS (and LISTEN_FDNAMES) in the environment."""
     fds = tuple(s if isinstance(s, int) else s.fileno() for s in sockets)
     return [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds))], fds
+
+
+# --- the status port ---------------------------------------------------------------------------------------------
+
+
+def status_address(server: Server) -> str:
+    return str(server.status_server.addresses[0])
+
+
+async def request(
+    address: str,
+    path: str,
+    *,
+    method: str = "GET",
+    ssl_ctx: ssl.SSLContext | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request; the server closes the connection after its answer, so read to EOF."""
+    if address.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(address[5:])
+    else:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None
+        )
+    writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: status\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    code = int(lines[0].split(" ")[1])
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    return code, headers, body

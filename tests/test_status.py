@@ -33,7 +33,17 @@ from tlsgate.status import (
 )
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import assert_cut, backend, client_context, free_port, running_server, server_opts, wait_until
+from helpers import (
+    assert_cut,
+    backend,
+    client_context,
+    free_port,
+    request,
+    running_server,
+    server_opts,
+    status_address,
+    wait_until,
+)
 
 GHOSTUNNEL_FIELDS = {
     "ok",
@@ -65,41 +75,9 @@ async def running(
         yield server
 
 
-def status_address(server: Server) -> str:
-    return str(server.status_server.addresses[0])
-
-
 def tunnel_port(server: Server, index: int = 0) -> int:
     tun = list(server.tunnels.values())[index]
     return int(tun.addresses[0].rsplit(":", 1)[1])
-
-
-async def request(
-    address: str,
-    path: str,
-    *,
-    method: str = "GET",
-    ssl_ctx: ssl.SSLContext | None = None,
-    raw: bytes | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request; the server closes the connection after its answer, so read to EOF."""
-    if address.startswith("unix:"):
-        reader, writer = await asyncio.open_unix_connection(address[5:])
-    else:
-        host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(
-            host, int(port), ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None
-        )
-    writer.write(raw if raw is not None else f"{method} {path} HTTP/1.1\r\nHost: status\r\n\r\n".encode())
-    data = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    with contextlib.suppress(OSError, ssl.SSLError):
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    code = int(lines[0].split(" ")[1])
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    return code, headers, body
 
 
 async def get_json(address: str, path: str, **kwargs: Any) -> tuple[int, Any]:

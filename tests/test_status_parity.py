@@ -19,14 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tlsgate.status
-from test_status import request, status_address
 from tlsgate.cli import cli
 from tlsgate.config import tunnel_config
 from tlsgate.configfile import read_config_file
 from tlsgate.status import TunnelView, _check_backend, merge_views, timer_entries
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import backend, client_context, server_opts, wait_until
+from helpers import backend, client_context, request, server_opts, status_address, wait_until
 
 
 @contextlib.asynccontextmanager
