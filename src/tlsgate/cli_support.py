@@ -91,7 +91,11 @@ def _option(entry: Setting, mode: str) -> Callable[[F], F]:
     }
     if entry.metavar:
         kwargs["metavar"] = entry.metavar
-    if entry.kind == "flag":
+    if entry.kind == "flag" and entry.default is True:
+        # On unless said otherwise: --NAME=false turns it off. Absent stays None, so the default of
+        # config.TunnelConfig (or a file's key) decides, as for every other tunnel setting.
+        kwargs.update(is_flag=False, flag_value=True, type=click.BOOL, default=None)
+    elif entry.kind == "flag":
         kwargs.update(is_flag=True, default=entry.default)
     elif entry.repeatable:
         kwargs["multiple"] = True

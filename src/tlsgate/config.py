@@ -111,6 +111,8 @@ class TunnelConfig:
     proxy_protocol_version: int = 2
     accept_proxy_from: tuple[str, ...] = ()
     timed_reload: float = 0.0
+    # On every successful reload, check open connections again against the new rules and CRLs (Tunnel.recheck).
+    recheck_on_reload: bool = True
     # Refuse to start (or to apply a reload) with a CRL whose lastUpdate is older than this; 0 means no limit.
     crl_max_age: float = 0.0
     # ghostunnel's --max-tls-version: "TLS1.2" caps every TLS context of the tunnel; None leaves OpenSSL's (1.3).

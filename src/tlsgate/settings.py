@@ -483,6 +483,14 @@ _OPERATIONS = (
         section="operations",
     ),
     Setting(
+        "recheck_on_reload",
+        "flag",
+        "operations",
+        "On reload, close open connections the new rules or CRLs refuse; =false leaves them open [true].",
+        metavar="[BOOL]",
+        default=True,
+    ),
+    Setting(
         "status",
         "text",
         "operations",

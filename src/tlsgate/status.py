@@ -75,6 +75,8 @@ class TunnelView:
     open: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
+    # Open connections a reload's re-check closed, by rule (tunnel.Stats.rechecked_closed).
+    rechecked_closed: dict[str, int] = field(default_factory=dict)
     # Handshakes per latency bucket (not cumulative); empty unless tunnel.Stats keeps them.
     handshake_buckets: list[int] = field(default_factory=list)
     # Recent durations in seconds ("handshake", "lifetime"), for ghostunnel's timers; every worker's, joined.
@@ -107,6 +109,8 @@ class TunnelView:
             self.counters[name] = self.counters.get(name, 0) + value
         for rule, count in other.refused.items():
             self.refused[rule] = self.refused.get(rule, 0) + count
+        for rule, count in other.rechecked_closed.items():
+            self.rechecked_closed[rule] = self.rechecked_closed.get(rule, 0) + count
         if len(other.handshake_buckets) > len(self.handshake_buckets):
             self.handshake_buckets += [0] * (len(other.handshake_buckets) - len(self.handshake_buckets))
         for i, count in enumerate(other.handshake_buckets):
@@ -135,6 +139,7 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         open=tunnel.active,
         counters=counters,
         refused=dict(stats.refused),
+        rechecked_closed=dict(stats.rechecked_closed),
         handshake_buckets=list(stats.handshake_buckets),
         samples={"handshake": list(stats.handshake_samples), "lifetime": list(stats.lifetime_samples)},
         last_reload=tunnel.last_reload,
@@ -778,6 +783,8 @@ def json_metrics(snapshot: Snapshot, prefix: str) -> list[dict[str, Any]]:
             add(metric.dotted, _value(view, metric.field), view)
         for rule, count in sorted(view.refused.items()):
             add(f"accept.refused.{rule}", count, view)
+        for rule, count in sorted(view.rechecked_closed.items()):
+            add(f"conn.rechecked_closed.{rule}", count, view)
         add("conn.handshake.count", _value(view, "handshakes"), view)
         add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view)
         for suffix, value in timer_entries(view.samples.get("handshake", [])):
@@ -893,6 +900,13 @@ def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
     name = out.family("connections_refused_total", "counter", "Connections refused, by the rule that refused them.")
     for view, labels in per_tunnel():
         for rule, count in sorted(view.refused.items()):
+            out.sample(name, {**labels, "rule": rule}, count)
+
+    name = out.family(
+        "rechecked_closed_total", "counter", "Open connections a reload closed: the new rules or CRLs refuse them."
+    )
+    for view, labels in per_tunnel():
+        for rule, count in sorted(view.rechecked_closed.items()):
             out.sample(name, {**labels, "rule": rule}, count)
 
     _handshake_family(out, tunnels)

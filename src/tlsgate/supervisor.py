@@ -280,6 +280,8 @@ class Server:
                 )  # fmt: skip
                 continue
             tunnel.reload(runtime)
+            if tunnel.cfg.recheck_on_reload:
+                tunnel.recheck(runtime)
             log_overdue_crls(tunnel.label, overdue)
             logs.event("reloaded", tunnel=tunnel.label)
         return ok
@@ -308,6 +310,8 @@ class Server:
             current = self.tunnels.get(key)
             if current is not None and key not in leaving:
                 current.reload(runtimes[key])
+                if cfg.recheck_on_reload:
+                    current.recheck(runtimes[key])
                 continue
             listeners = spare.pop(_socket_key(key, cfg.listen), None)
             try:
@@ -332,6 +336,11 @@ class Server:
             old.listeners = own or []
             old.stop_listening()
             self._retire(key, old, "changed" if key in wanted else "removed")
+        for old, key in list(self.retired.items()):
+            if key in wanted and wanted[key].recheck_on_reload:
+                # A replaced tunnel's connections drain under its old config, but not past the new rules (this
+                # reload's or a later one's): a changed allow list closes what it no longer allows.
+                old.recheck(runtimes[key])
         self.configs = configs
         for key, crls in overdue.items():
             log_overdue_crls(wanted[key].label, crls)

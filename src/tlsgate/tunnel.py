@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tlsgate import internals, logs
 from tlsgate.addresses import Address
@@ -84,9 +84,29 @@ class Stats:
     # The last TIMER_SAMPLES durations, in seconds, of client handshakes and of relayed connections.
     handshake_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
     lifetime_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
+    # Open connections a reload's re-check closed, by the rule that no longer lets them through.
+    rechecked_closed: dict[str, int] = field(default_factory=dict)
 
     def refuse(self, rule: str) -> None:
         self.refused[rule] = self.refused.get(rule, 0) + 1
+
+
+class Origin(NamedTuple):
+    """What a relay's set-up learnt about its peers, kept for ``Tunnel.recheck``: references to values the
+    handshake already built (the leaf's DER, the verified chain), never copies, and nothing the relay reads.
+    A tuple: one is built per connection, and a tuple is the cheapest thing to build.
+
+    ``peer_ip`` is the address the rules matched (a trusted PROXY header's source, else accept()'s); ``leaf`` and
+    ``chain`` are the client's certificate and verified chain in server mode, ``target_leaf`` the target's
+    certificate on a TLS hop. None where the handshake did not look (no rule asked): the re-check then asks the
+    socket.
+    """
+
+    peer_ip: str
+    identity: str
+    leaf: bytes | None
+    chain: tuple[bytes, ...] | None
+    target_leaf: bytes | None
 
 
 class Tunnel:
@@ -96,6 +116,8 @@ class Tunnel:
         self.reuse_port = reuse_port
         self.stats = Stats()
         self.relays: set[Relay] = set()
+        # Each open relay's peers, for re-checking them on reload (see recheck).
+        self.origins: dict[Relay, Origin] = {}
         self.setups: set[_Setup] = set()
         self.listeners: list[socket.socket] = []
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -205,10 +227,48 @@ class Tunnel:
         return len(doomed)
 
     def reload(self, runtime: Runtime) -> None:
-        """New connections use ``runtime``; established ones keep what they started with."""
+        """New connections use ``runtime``; established ones keep what they started with (see ``recheck``)."""
         self.runtime = runtime
         self.last_reload = time.time()
         self.stats.reloads += 1
+
+    def recheck(self, runtime: Runtime) -> int:
+        """Check every open connection's peer again against ``runtime``'s rules; close those no longer allowed.
+
+        A reload that revokes a certificate or removes a rule would otherwise leave every connection made under
+        the old rules running for as long as it lasts (ghostunnel#380). The checks are the handshake's own: the
+        address rules on the address they matched, ``Policy.check_peer`` on the remembered leaf and verified
+        chain (so a CRL that now lists an intermediate counts too), and in client mode the ``--verify-*`` rules
+        on the target's certificate. The CA bundle is not re-applied: OpenSSL verified the chain against the
+        bundle of its day, and only a new handshake can verify it again.
+
+        Each closed connection gets one WARNING line naming the rule and reason, and counts in
+        ``stats.rechecked_closed`` by rule. Returns how many were closed. Never raises: the supervisor calls it
+        from a signal handler or a timer.
+        """
+        closed = 0
+        for relay in list(self.relays):
+            if relay.closed:
+                continue
+            origin = self.origins.get(relay)
+            try:
+                decision = _recheck(relay, origin, runtime)
+            except Exception as err:  # a bug: fail closed for this connection, as the handshake would
+                relay.internal_error("recheck", err)
+                continue
+            if decision is None:
+                continue
+            closed += 1
+            try:
+                self.stats.rechecked_closed[decision.rule] = self.stats.rechecked_closed.get(decision.rule, 0) + 1
+                logs.event(
+                    "closed on recheck", logging.WARNING, tunnel=self.label, peer=relay.peer,
+                    identity=origin.identity if origin else "", rule=decision.rule, reason=decision.reason,
+                )  # fmt: skip
+                relay.abort(f"recheck: {decision.rule}")
+            except Exception as err:
+                relay.internal_error("recheck", err)
+        return closed
 
     # -- accept ----------------------------------------------------------------------------------------------
 
@@ -305,14 +365,17 @@ class Tunnel:
         self.setups.discard(setup)
         self._maybe_idle()
 
-    def relay_started(self, relay: Relay) -> None:
+    def relay_started(self, relay: Relay, origin: Origin | None = None) -> None:
         self.relays.add(relay)
+        if origin is not None:
+            self.origins[relay] = origin
         self.stats.established += 1
         if self._uvloop and not self._error_watch_failed:
             self._watch_errors(relay)
 
     def relay_closed(self, relay: Relay, peer: str, identity: str, target: str) -> None:
         self.relays.discard(relay)
+        self.origins.pop(relay, None)
         if self._watched:
             # Closing the sockets took them out of the epoll set; forget them before their numbers are reused.
             self._watched.pop(relay.outbound.src_fd, None)
@@ -476,11 +539,13 @@ class _Setup:
     __slots__ = (
         "_waiting",
         "addrs",
+        "chain",
         "client",
         "client_fd",
         "connect_armed",
         "done",
         "identity",
+        "leaf",
         "loop",
         "peer",
         "peer_addr",
@@ -491,6 +556,7 @@ class _Setup:
         "rt",
         "started",
         "target",
+        "target_leaf",
         "timer",
         "tunnel",
     )
@@ -509,6 +575,10 @@ class _Setup:
         self.timer: asyncio.TimerHandle | None = None
         self._waiting: tuple[int, bool, Callable[[], None]] | None = None
         self.identity = ""
+        # The peers' certificates as the handshakes' checks read them, kept for Tunnel.recheck.
+        self.leaf: bytes | None = None
+        self.chain: tuple[bytes, ...] | None = None
+        self.target_leaf: bytes | None = None
         self.addrs: list[tuple[int, Any]] = []
         self.proxy_header: Any = None
         self.proxy_seen = b""  # bytes of a PROXY header taken off the socket so far
@@ -740,6 +810,7 @@ class _Setup:
         if policy.identity is not None:
             leaf = tls.getpeercert(binary_form=True)
             chain = verified_chain(tls, leaf) if leaf and policy.revocation.active else ()
+            self.leaf, self.chain = leaf, chain or None
             decision, identity = policy.check_peer(leaf, chain=chain)
             if identity is not None:
                 self.identity = identity.describe()
@@ -877,7 +948,8 @@ class _Setup:
         rules = self.rt.target_identity
         if rules is not None:
             # The second line: the verify callback (tlsgate.internals) refused during the handshake already, when on.
-            decision = rules.check_certificate(tls.getpeercert(binary_form=True))
+            self.target_leaf = tls.getpeercert(binary_form=True)
+            decision = rules.check_certificate(self.target_leaf)
             if not decision.allowed:
                 self._target_refused(decision)
                 return
@@ -911,7 +983,7 @@ class _Setup:
             self._waiting = None  # a reader the relay wants too: Relay.start() only swaps its callback
         self._end()
         try:
-            tunnel.relay_started(relay)
+            tunnel.relay_started(relay, Origin(self.peer_ip, identity, self.leaf, self.chain, self.target_leaf))
             relay.start()
         except Exception as err:  # the set-up has ended: the sockets are the relay's now, and so is the cut
             relay.internal_error("start", err)
@@ -947,6 +1019,50 @@ class _Setup:
             self._target_failed("target did not take the PROXY header at once")
             return False
         return True
+
+
+def _recheck(relay: Relay, origin: Origin | None, runtime: Runtime) -> Decision | None:
+    """The refusal ``runtime``'s rules give the open ``relay`` now, or None when it may carry on."""
+    policy = runtime.policy
+    peer_ip = origin.peer_ip if origin is not None else ""
+    if policy.addresses.active:
+        # No address (unix peer, PROXY LOCAL) fails closed, as it does at accept.
+        decision = policy.check_address(peer_ip) if peer_ip else _NO_CLIENT_ADDRESS
+        if not decision.allowed:
+            return decision
+    client = relay.client
+    if policy.identity is not None and isinstance(client, ssl.SSLSocket):
+        leaf = origin.leaf if origin is not None else None
+        leaf = leaf or _peer_certificate(client)
+        chain = origin.chain if origin is not None else None
+        if leaf and policy.revocation.active and chain is None:
+            chain = _chain_of(client, leaf)
+        decision, _ = policy.check_peer(leaf, chain=chain or ())
+        if not decision.allowed:
+            return decision
+    rules, target = runtime.target_identity, relay.target
+    if rules is not None and isinstance(target, ssl.SSLSocket):
+        target_leaf = origin.target_leaf if origin is not None else None
+        decision = rules.check_certificate(target_leaf or _peer_certificate(target))
+        if not decision.allowed:
+            return decision
+    return None
+
+
+def _peer_certificate(tls: ssl.SSLSocket) -> bytes | None:
+    """The peer's leaf, asked of the socket when the handshake had no rule that read it."""
+    try:
+        return tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # a socket whose peer has gone: getpeercert asks getpeername first
+        sslobj = getattr(tls, "_sslobj", None)
+        return sslobj.getpeercert(True) if sslobj is not None else None
+
+
+def _chain_of(tls: ssl.SSLSocket, leaf: bytes) -> tuple[bytes, ...]:
+    try:
+        return verified_chain(tls, leaf)
+    except (OSError, ValueError):
+        return (leaf,)
 
 
 def _pending_error(relay: Relay) -> bool:
