@@ -25,7 +25,6 @@ import trustme
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from test_workers import DEADLINE, Echo, Tlsgate, eventually
 from tlsgate.cli import cli
 from tlsgate.config import TunnelConfig, tunnel_config
 from tlsgate.configfile import read_config_file
@@ -33,7 +32,19 @@ from tlsgate.pki import CertificateAuthority
 from tlsgate.status import ServerSource, prometheus_text
 from tlsgate.supervisor import ProcessOptions, Server
 
-from helpers import Backend, assert_cut, backend, port_of, tls_connect, tunnel, wait_until
+from helpers import (
+    DEADLINE,
+    Backend,
+    Echo,
+    WorkersProcess,
+    assert_cut,
+    backend,
+    eventually,
+    port_of,
+    tls_connect,
+    tunnel,
+    wait_until,
+)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -456,8 +467,8 @@ def _echo_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _tlsgate(*args: str, log: Path) -> Iterator[Tlsgate]:
-    gate = Tlsgate(list(args), log)
+def _tlsgate(*args: str, log: Path) -> Iterator[WorkersProcess]:
+    gate = WorkersProcess(list(args), log)
     try:
         yield gate
     finally:
