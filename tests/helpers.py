@@ -16,6 +16,7 @@ import socketserver
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -756,3 +757,49 @@ async def request(
     code = int(lines[0].split(" ")[1])
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     return code, headers, body
+
+
+# --- small shared clients and backends ----------------------------------------------------------------------------
+
+
+async def try_client(tun: object, ctx: ssl.SSLContext) -> bool:
+    """Whether a TLS client with ``ctx`` gets through ``tun`` to an echo backend (one byte there and back)."""
+    try:
+        reader, writer = await tls_connect(tun, ctx)  # type: ignore[arg-type]
+        writer.write(b"?")
+        ok = await asyncio.wait_for(reader.read(1), 10) == b"?"
+    except (ssl.SSLError, ConnectionError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ssl.SSLError, ConnectionError):
+        pass
+    return ok
+
+
+async def read_until_end(reader: asyncio.StreamReader, within: float = 20) -> bytes:
+    """Read until the connection ends (EOF or an error) within ``within`` seconds; returns what came."""
+    chunks = []
+    try:
+        async with asyncio.timeout(within):
+            while data := await reader.read(65536):
+                chunks.append(data)
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def threaded_echo_server() -> Iterator[str]:
+    """An echo server on its own threads (for tests whose tlsgate runs in a subprocess); yields HOST:PORT."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(DEADLINE)

@@ -33,7 +33,17 @@ from tlsgate.relay import Direction, Relay, _describe
 from tlsgate.status import view_of
 from tlsgate.tunnel import Tunnel, _Setup
 
-from helpers import backend, client_context, port_of, round_trip, server_opts, tls_connect, tunnel, wait_until
+from helpers import (
+    backend,
+    client_context,
+    port_of,
+    read_until_end,
+    round_trip,
+    server_opts,
+    tls_connect,
+    tunnel,
+    wait_until,
+)
 
 # Every timeout of the tunnels here is far longer than the bound a test waits for a cut: a connection that
 # ends within the bound ended because of the guard, not because a timer gave up on it.
@@ -44,18 +54,6 @@ _PROMPT = 10.0
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
     """The fields of every tlsgate log event called ``name``."""
     return [dict(getattr(r, "fields", {})) for r in caplog.records if r.name == "tlsgate" and r.getMessage() == name]
-
-
-async def until_cut(reader: asyncio.StreamReader, within: float = _PROMPT) -> bytes:
-    """Read until the connection ends (EOF or an error) within ``within`` seconds; returns what came."""
-    chunks = []
-    try:
-        async with asyncio.timeout(within):
-            while data := await reader.read(65536):
-                chunks.append(data)
-    except (ConnectionError, ssl.SSLError):
-        pass
-    return b"".join(chunks)
 
 
 async def echo_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -266,7 +264,7 @@ async def drive(tun: Tunnel, ctx: ssl.SSLContext, plan: dict[str, Any]) -> None:
     if plan.get("silent_client"):
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
         try:
-            await until_cut(reader)
+            await read_until_end(reader, _PROMPT)
         finally:
             writer.close()
         return
@@ -279,13 +277,13 @@ async def drive(tun: Tunnel, ctx: ssl.SSLContext, plan: dict[str, Any]) -> None:
         writer.write(send)
         if plan.get("keep_sending"):
             # Traffic keeps the idle timeout from ending the connection: only the guard may.
-            cut = asyncio.ensure_future(until_cut(reader))
+            cut = asyncio.ensure_future(read_until_end(reader, _PROMPT))
             while not cut.done():
                 writer.write(b"x")
                 await asyncio.wait({cut}, timeout=0.05)
             await cut
         else:
-            await until_cut(reader)
+            await read_until_end(reader, _PROMPT)
     finally:
         writer.close()
 
@@ -335,10 +333,10 @@ async def test_the_sweep_goes_on_after_a_failure(
         tunnel(**server_opts(pki_files, be.address, disable_authentication=True, idle_timeout="200ms")) as tun,
     ):
         first = await tls_connect(tun, client_context(ca))
-        await until_cut(first[0])
+        await read_until_end(first[0], _PROMPT)
         first[1].close()
         reader, writer = await tls_connect(tun, client_context(ca))
-        await until_cut(reader)  # ended by the idle timeout, which needs later sweeps
+        await read_until_end(reader, _PROMPT)  # ended by the idle timeout, which needs later sweeps
         writer.close()
         await wait_until(lambda: tun.active == 0)
         assert tun.stats.internal_errors == 1
@@ -392,7 +390,7 @@ async def test_ssl_shutdown_syscall_error_on_a_unix_listener_ends_the_relay_at_o
                     str(path), ssl=client_context(ca), server_hostname="localhost"
                 )
                 writer.write(b"close")  # the backend echoes and closes: close_notify must go to the client
-                assert (await until_cut(reader)).startswith(b"close")
+                assert (await read_until_end(reader, _PROMPT)).startswith(b"close")
                 writer.close()
                 await wait_until(lambda: tun.active == 0)
             assert escaped == []
@@ -478,7 +476,7 @@ async def test_a_proxy_header_does_not_restart_the_handshake_deadline(
     aborted = time_to_abort(monkeypatch)
     async with backend() as be, tunnel(**proxied_opts(pki_files, be.address, handshake_timeout="1s")) as tun:
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
-        cut = asyncio.ensure_future(until_cut(reader, within=30))
+        cut = asyncio.ensure_future(read_until_end(reader, within=30))
         await asyncio.wait({cut}, timeout=header_at)  # the scenario: a slow header, not a readiness wait
         writer.write(V1_HEADER)
         await cut
@@ -511,7 +509,7 @@ async def test_a_partial_proxy_header_held_open_does_not_wake_the_loop(
     partial = V1_HEADER[:-2]
     async with backend() as be, tunnel(**proxied_opts(pki_files, be.address, handshake_timeout="500ms")) as tun:
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
-        cut = asyncio.ensure_future(until_cut(reader, within=30))
+        cut = asyncio.ensure_future(read_until_end(reader, within=30))
         size = -(-len(partial) // pieces)
         for start in range(0, len(partial), size):
             before = steps
@@ -702,7 +700,7 @@ async def test_bytes_a_target_sent_before_its_reset_reach_the_client_first(
         reader, writer = await tls_connect(tun, client_context(ca))
         writer.write(b"ping")
         started = loop.time()
-        got = await until_cut(reader, within=_PROMPT)
+        got = await read_until_end(reader, within=_PROMPT)
         latency = loop.time() - started
         writer.close()
         await wait_until(lambda: tun.active == 0)

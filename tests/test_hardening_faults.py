@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trustme
 
-from helpers import backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import backend, client_context, port_of, read_until_end, server_opts, tls_connect, tunnel, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,21 +35,6 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
     return [dict(getattr(r, "fields", {})) for r in caplog.records if r.name == "tlsgate" and r.getMessage() == name]
 
 
-async def ends(reader: asyncio.StreamReader, within: float = 20) -> bytes:
-    """Read until the connection ends (EOF or an error) within ``within`` seconds; returns what came."""
-    chunks = []
-    try:
-        async with asyncio.timeout(within):
-            while data := await reader.read(65536):
-                chunks.append(data)
-    except (ConnectionError, ssl.SSLError):
-        pass
-    return b"".join(chunks)
-
-
-# --- the backend ---------------------------------------------------------------------------------------------
-
-
 async def test_a_refusing_backend_closes_the_client_and_is_logged_once(
     pki_files: dict[str, Path], ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -59,7 +44,7 @@ async def test_a_refusing_backend_closes_the_client_and_is_logged_once(
         async with tunnel(**server_opts(pki_files, dead, disable_authentication=True, connect_timeout="60s")) as tun:
             reader, writer = await tls_connect(tun, client_context(ca))
             writer.write(b"anyone there?")
-            assert await ends(reader) == b""
+            assert await read_until_end(reader) == b""
             writer.close()
             await wait_until(lambda: tun.active == 0)
             assert tun.stats.target_errors == 1 and tun.stats.established == 0
@@ -102,7 +87,7 @@ async def test_a_hanging_backend_is_cut_by_idle_timeout_not_connect_timeout(
         writer.write(b"hello?")
         await wait_until(lambda: len(tun.relays) == 1)
         started = loop.time()
-        assert await ends(reader) == b""
+        assert await read_until_end(reader) == b""
         assert loop.time() - started >= 0.5  # well past the connect timeout: it did not apply
         writer.close()
         await wait_until(lambda: tun.active == 0)
@@ -155,7 +140,7 @@ async def kill_backend_mid_stream(
                 await reader.readexactly(1 << 20)
             proc.kill()
             await proc.wait()
-            await asyncio.gather(*(ends(reader, within=10) for reader, _ in clients))
+            await asyncio.gather(*(read_until_end(reader, within=10) for reader, _ in clients))
             for _, writer in clients:
                 writer.close()
             await wait_until(lambda: tun.active == 0)

@@ -27,7 +27,16 @@ from tlsgate.pki import CertificateAuthority
 from tlsgate.policy import Decision, IdentityRules, build_policy
 from tlsgate.regopolicy import Evaluation, certificate_input, load_policy
 
-from helpers import assert_cut, backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
+from helpers import (
+    assert_cut,
+    backend,
+    client_context,
+    port_of,
+    server_opts,
+    try_client,
+    tunnel,
+    wait_until,
+)
 
 pytest.importorskip("regopy")
 
@@ -56,24 +65,6 @@ def write(path: Path, text: str) -> str:
 
 def der(leaf: trustme.LeafCert) -> bytes:
     return x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).public_bytes(Encoding.DER)
-
-
-async def try_client(tun: object, ctx: ssl.SSLContext) -> bool:
-    try:
-        reader, writer = await tls_connect(tun, ctx)  # type: ignore[arg-type]
-        writer.write(b"?")
-        ok = await asyncio.wait_for(reader.read(1), 10) == b"?"
-    except (ssl.SSLError, ConnectionError):
-        return False
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except (ssl.SSLError, ConnectionError):
-        pass
-    return ok
-
-
-# --- the input: ghostunnel's shape ------------------------------------------------------------------------
 
 
 def test_input_has_go_x509_field_names_and_exact_big_numbers(tmp_path: Path) -> None:

@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-import socketserver
 import ssl
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +33,12 @@ from tlsgate.supervisor import ProcessOptions, Server
 from helpers import (
     DEADLINE,
     Backend,
-    Echo,
     WorkersProcess,
     assert_cut,
     backend,
     eventually,
     port_of,
+    threaded_echo_server,
     tls_connect,
     tunnel,
     wait_until,
@@ -432,7 +430,7 @@ def test_with_two_workers_each_worker_rechecks_its_own_connections(tmp_path: Pat
         "server", "--listen", "127.0.0.1:0", "--target", "", "--cert", o["cert"][0], "--key", o["key"][0],
         "--cacert", o["cacert"], "--allow-cn", "alice", "--allow-cn", "bob", "--crl", o["crl"][0], "--workers", "2",
     ]  # fmt: skip
-    with _echo_server() as target:
+    with threaded_echo_server() as target:
         args[args.index("--target") + 1] = target
         with _tlsgate(*args, log=tmp_path / "tlsgate.log") as gate:
             gate.wait_ready(2)
@@ -450,20 +448,6 @@ def test_with_two_workers_each_worker_rechecks_its_own_connections(tmp_path: Pat
                 assert all(_cut(s) for s in alices)
                 assert all(_echoes(s) for s in bobs)
                 assert gate.log().count("closed on recheck") == 8, gate.log()
-
-
-@contextlib.contextmanager
-def _echo_server() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(DEADLINE)
 
 
 @contextlib.contextmanager

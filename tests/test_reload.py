@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 from pathlib import Path
 
 import pytest
 import trustme
 
-from helpers import assert_cut, backend, client_context, revocable_client, server_opts, tls_connect, tunnel, wait_until
+from helpers import (
+    assert_cut,
+    backend,
+    client_context,
+    revocable_client,
+    server_opts,
+    tls_connect,
+    try_client,
+    tunnel,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
-
-
-async def try_client(tun: object, ctx: ssl.SSLContext) -> bool:
-    try:
-        reader, writer = await tls_connect(tun, ctx)  # type: ignore[arg-type]
-        writer.write(b"?")
-        ok = await asyncio.wait_for(reader.read(1), 10) == b"?"
-    except (ssl.SSLError, ConnectionError):
-        return False
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except (ssl.SSLError, ConnectionError):
-        pass
-    return ok
 
 
 async def test_ca_bundle_reload_turns_a_refused_client_into_an_allowed_one_and_back(

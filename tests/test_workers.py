@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import socketserver
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,21 +16,21 @@ import tlsgate.workers
 from tlsgate.cli import cli
 from tlsgate.workers import restart_delay
 
-from helpers import DEADLINE, Echo, WorkersProcess, eventually, free_port, pki_client_context, workers_server_args
+from helpers import (
+    DEADLINE,
+    WorkersProcess,
+    eventually,
+    free_port,
+    pki_client_context,
+    threaded_echo_server,
+    workers_server_args,
+)
 
 
 @pytest.fixture
 def echo_backend() -> Iterator[str]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    with threaded_echo_server() as address:
+        yield address
 
 
 @pytest.fixture
