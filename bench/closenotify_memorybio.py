@@ -29,7 +29,7 @@ from pathlib import Path
 import trustme
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from tlsgate import closenotify
+from tlsgate.tls import closenotify
 
 RECORD = 16384
 

@@ -56,7 +56,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl
 
-from tlsgate import closenotify
+from tlsgate.tls import closenotify
 
 KINDS = (
     ("short", 74),
@@ -156,7 +156,7 @@ def recv_to_end(tls: ssl.SSLSocket) -> bytes:
 
 def send_close_notify(tls: ssl.SSLSocket) -> None:
     """Our close_notify, leaving the read side open: tlsgate's own single SSL_shutdown call, because
-    ``unwrap()`` reads too and fails when the echo is already arriving (see tlsgate.closenotify)."""
+    ``unwrap()`` reads too and fails when the echo is already arriving (see tlsgate.tls.closenotify)."""
     if closenotify.available():
         closenotify.send_close_notify(tls)
         return

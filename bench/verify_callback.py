@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""What the in-handshake verify callback (tlsgate.internals, path ``verify``) adds to a full mTLS handshake.
+"""What the in-handshake verify callback (tlsgate.tls.internals, path ``verify``) adds to a full mTLS handshake.
 
 Full TLS 1.3 handshakes with a client certificate over memory BIOs (no sockets, no event loop: only the TLS and
-policy work), against two server contexts from `tlsctx.server_context` that differ only in the callback; the
+policy work), against two server contexts from `contexts.server_context` that differ only in the callback; the
 policy is ``--allow-cn alice``, the check `Policy.check_peer` the engine runs after the handshake anyway.
 Rounds alternate the two contexts so drift hits both alike; the figure is the median per handshake.
 
@@ -23,8 +23,9 @@ import trustme
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import ssl
 
-from tlsgate import internals, runtime, tlsctx
+from tlsgate.engine import runtime
 from tlsgate.policy import build_policy
+from tlsgate.tls import contexts, internals
 
 
 def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> None:
@@ -54,9 +55,11 @@ def main() -> None:
         ca_file, server_file = Path(tmp, "ca.pem"), Path(tmp, "server.pem")
         ca.cert_pem.write_to_path(str(ca_file))
         ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(server_file))
-        material = tlsctx.load_key_material(cert=str(server_file), key=str(server_file))
-        plain = tlsctx.server_context(material, client_ca=str(ca_file), require_client_cert=True, session_tickets="off")
-        hooked = tlsctx.server_context(
+        material = contexts.load_key_material(cert=str(server_file), key=str(server_file))
+        plain = contexts.server_context(
+            material, client_ca=str(ca_file), require_client_cert=True, session_tickets="off"
+        )
+        hooked = contexts.server_context(
             material, client_ca=str(ca_file), require_client_cert=True, session_tickets="off"
         )
     policy = build_policy(allow_cn=["alice"])

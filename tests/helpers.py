@@ -29,10 +29,10 @@ import pytest
 import trustme
 from click.testing import CliRunner, Result
 
-from tlsgate.config import tunnel_config
+from tlsgate.engine.tunnel import Tunnel
 from tlsgate.pki import CertificateAuthority
-from tlsgate.supervisor import ProcessOptions, Server
-from tlsgate.tunnel import Tunnel
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import tunnel_config
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

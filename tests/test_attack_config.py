@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from tlsgate import cli as cli_module
 from tlsgate import logs
 from tlsgate.cli import cli
-from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
 from tlsgate.policy import CrlSource
-from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import tunnel_config
 
 from helpers import backend, server_opts, write_crl
 
@@ -329,7 +329,7 @@ async def test_a_failed_reload_logs_no_password(
 ) -> None:
     secret = "hunter2-correct-horse"
     path = tunnel_file(tmp_path, pki_files)
-    from tlsgate.configfile import load_tunnels
+    from tlsgate.settings.file import load_tunnels
 
     server = Server(load_tunnels(str(path)), ProcessOptions(), load_configs=lambda: load_tunnels(str(path)))
     task = asyncio.create_task(server.serve())
@@ -563,7 +563,7 @@ def crl_source(last: datetime, next_update: datetime | None) -> CrlSource:
     due=st.one_of(st.none(), st.integers(min_value=-(10**8), max_value=10**8)),
 )
 def test_crl_age_rules(age: int, max_age: int, due: int | None) -> None:
-    from tlsgate.crlcheck import crl_problems, overdue_crls
+    from tlsgate.process.crls import crl_problems, overdue_crls
 
     now = datetime(2026, 11, 29, tzinfo=UTC)
     source = crl_source(now - timedelta(seconds=age), None if due is None else now + timedelta(seconds=due))

@@ -27,11 +27,11 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tlsgate import closenotify
-from tlsgate import tunnel as tunnel_module
-from tlsgate.relay import Direction, Relay, _describe
+from tlsgate.engine import tunnel as tunnel_module
+from tlsgate.engine.relay import Direction, Relay, _describe
+from tlsgate.engine.tunnel import Tunnel, _Setup
 from tlsgate.status import view_of
-from tlsgate.tunnel import Tunnel, _Setup
+from tlsgate.tls import closenotify
 
 from helpers import (
     backend,

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tlsgate import policy as policy_module
-from tlsgate.cli_policy import policy as policy_cli
+from tlsgate.cli.policy import policy as policy_cli
 from tlsgate.policy import IdentityRules, PeerIdentity, build_policy
 
 from helpers import assert_cut, backend, port_of, tunnel, wait_until

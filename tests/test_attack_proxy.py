@@ -33,11 +33,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tlsgate.cli
-import tlsgate.cli_run
+import tlsgate.cli.run
 from tlsgate.cli import cli
-from tlsgate.config import ConfigErrors, TunnelConfig, tunnel_config
-from tlsgate.errors import StartupError
-from tlsgate.proxyproto import (
+from tlsgate.engine.proxyproto import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_SSL,
@@ -52,7 +50,9 @@ from tlsgate.proxyproto import (
     parse_tlv_ssl,
     tls_tlvs,
 )
-from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.errors import StartupError
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import ConfigErrors, TunnelConfig, tunnel_config
 
 from helpers import backend, client_context, echo, echoed, port_of, server_opts, tls_connect, tunnel, wait_until
 
@@ -456,7 +456,7 @@ def toml_tunnel(pki_files: dict[str, Path], listen: str, **keys: object) -> str:
 def test_address_rules_on_a_unix_listener_are_refused_in_a_config_file(
     pki_files: dict[str, Path], short_dir: Path, tmp_path: Path, command: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tlsgate.cli_run, "run_server", lambda *_, **__: 0)  # never serve, whatever validates
+    monkeypatch.setattr(tlsgate.cli.run, "run_server", lambda *_, **__: 0)  # never serve, whatever validates
     path = tmp_path / "tlsgate.toml"
     path.write_text(toml_tunnel(pki_files, f"unix:{short_dir / 'in.sock'}", **{"deny-from": ["0.0.0.0/0", "::/0"]}))
     result = CliRunner().invoke(cli, [command, str(path)])

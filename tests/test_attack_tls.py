@@ -25,11 +25,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlsgate import dev, tickets, tlsctx
-from tlsgate.cli_dev import dev as dev_command
+from tlsgate import dev
+from tlsgate.cli.dev import dev as dev_command
+from tlsgate.engine.runtime import build_runtime
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.runtime import build_runtime
+from tlsgate.tls import contexts, tickets
 
 from helpers import (
     backend,
@@ -184,24 +185,24 @@ def test_the_ticket_key_differs_exactly_when_the_trust_bundle_does(
     pki_files: dict[str, Path], first: list[int], second: list[int]
 ) -> None:
     pool = _anchor_pool()
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
     with tempfile.TemporaryDirectory() as tmp:
         keys = []
         for i, chosen in enumerate((first, second)):
             bundle = Path(tmp) / f"bundle{i}.pem"
             bundle.write_bytes(b"".join(pool[j] for j in chosen))
-            keys.append(_ticket_key(tlsctx.server_context(material, client_ca=str(bundle), require_client_cert=True)))
+            keys.append(_ticket_key(contexts.server_context(material, client_ca=str(bundle), require_client_cert=True)))
     assert (keys[0] == keys[1]) == (first == second)
 
 
 def test_the_ticket_key_follows_each_crl_file(pki_files: dict[str, Path], tmp_path: Path) -> None:
     ca = CertificateAuthority.create(tmp_path / "ca")
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
     crl = tmp_path / "crl.pem"
 
     def key(*crls: Path) -> bytes:
         return _ticket_key(
-            tlsctx.server_context(material, client_ca=str(ca.cert_path), require_client_cert=True, crl=crls)
+            contexts.server_context(material, client_ca=str(ca.cert_path), require_client_cert=True, crl=crls)
         )
 
     crl.write_bytes(ca.build_crl().public_bytes(serialization.Encoding.PEM))
@@ -455,8 +456,8 @@ def test_a_chain_of_resumptions_ends_a_fixed_time_after_the_full_handshake(
     """TLS 1.3 hands out a fresh ticket on every resumption; the stamp inside dates the last full handshake."""
     clock = [1_900_000_000.0]
     monkeypatch.setattr(tickets, "_now", lambda: clock[0])
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    server = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    server = contexts.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
     client = client_context(ca, ca.issue_cert("alice.test", common_name="alice"))
     client.maximum_version = version
     limit = tickets.MAX_AUTHENTICATION_AGE
@@ -479,8 +480,8 @@ def test_a_failing_clock_costs_resumption_not_the_handshake(
 ) -> None:
     """Nothing raised in a ticket callback reaches OpenSSL: no stamp, or no way to read the time, means no
     resumption, and the handshake itself goes on."""
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    server = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    server = contexts.server_context(material, client_ca=None, require_client_cert=False)
     client = client_context(ca)
     session, _ = memory_handshake(client, server)
 
@@ -499,8 +500,8 @@ def test_no_shared_key_without_the_age_bound(
 ) -> None:
     """Where OpenSSL refuses the ticket callbacks, the context keeps OpenSSL's own random key: a shared key
     without the bound would let TLS 1.3 chains run on forever across workers and reloads."""
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    shared = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    shared = contexts.server_context(material, client_ca=None, require_client_cert=False)
     client = client_context(ca)
     session, _ = memory_handshake(client, shared)
     real = tickets._LIB
@@ -513,7 +514,7 @@ def test_no_shared_key_without_the_age_bound(
             return 0
 
     monkeypatch.setattr(tickets, "_LIB", RefusesCallbacks())
-    alone = tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    alone = contexts.server_context(material, client_ca=None, require_client_cert=False)
     monkeypatch.setattr(tickets, "_LIB", real)
     assert _ticket_key(alone) != _ticket_key(shared)
     assert not memory_handshake(client, alone, session)[1]

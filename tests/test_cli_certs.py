@@ -13,10 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlsgate.cli_certs import certs
+from tlsgate.cli.certs import certs
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority, load_certificates, load_private_key
-from tlsgate.secrets import resolve_secret
+from tlsgate.settings.secrets import resolve_secret
 
 from helpers import invoke, refused
 
@@ -272,7 +272,7 @@ def test_revoke_refuses_a_certificate_from_another_ca(ca_dir: Path, workdir: Pat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Password forms (tlsgate.secrets)
+# Password forms (tlsgate.settings.secrets)
 
 
 def test_a_plain_value_is_the_password() -> None:

@@ -10,7 +10,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tlsgate.cli_policy import policy
+from tlsgate.cli.policy import policy
 
 from helpers import invoke, write_crl
 

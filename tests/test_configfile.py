@@ -25,13 +25,13 @@ import trustme
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tlsgate.addresses import Address
-from tlsgate.cli_run import check_config, run
-from tlsgate.cli_support import TlsgateGroup
-from tlsgate.config import ConfigErrors
-from tlsgate.configfile import load_config_file, load_tunnels, read_config_file
+from tlsgate.cli.run import check_config, run
+from tlsgate.cli.support import TlsgateGroup
 from tlsgate.pki import CertificateAuthority
-from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.addresses import Address
+from tlsgate.settings.config import ConfigErrors
+from tlsgate.settings.file import load_config_file, load_tunnels, read_config_file
 
 from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port, running_server
 
@@ -637,7 +637,7 @@ def echo_through(port: int, ctx: ssl.SSLContext) -> None:
 def tlsgate_run(path: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from tlsgate.cli_run import run; run(prog_name='tlsgate')", str(path)],
+            [sys.executable, "-c", "from tlsgate.cli.run import run; run(prog_name='tlsgate')", str(path)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -27,9 +27,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tlsgate import logs
-from tlsgate.addresses import Address
-from tlsgate.cli_dev import dev
-from tlsgate.demo import serve_demo_backend
+from tlsgate.cli.dev import dev
 from tlsgate.dev import (
     ALREADY_PRESENT,
     FAILED,
@@ -56,8 +54,10 @@ from tlsgate.dev import (
     untrust,
     untrust_exit_code,
 )
+from tlsgate.dev.demo import serve_demo_backend
 from tlsgate.errors import ConfigError, StartupError
 from tlsgate.pki import CertificateAuthority, load_certificates
+from tlsgate.settings.addresses import Address
 
 from helpers import closed_port, free_port, invoke, refused
 
@@ -776,7 +776,7 @@ async def test_the_command_runs_the_front_until_interrupted(sandbox: Path) -> No
     backend = await serve_demo_backend()
     target_port = backend.sockets[0].getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from tlsgate.cli_dev import dev; dev(prog_name='tlsgate dev')",
+        sys.executable, "-c", "from tlsgate.cli.dev import dev; dev(prog_name='tlsgate dev')",
         "--to", str(target_port), "--listen", "localhost:0",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tlsgate.demo import serve_demo_backend
 from tlsgate.dev import INSTALLED, SKIPPED, DevFront, DevSettings, NssDb, TrustStores, trust
+from tlsgate.dev.demo import serve_demo_backend
 
 CHROMIUM = Path("/usr/bin/chromium")
 CERTUTIL = shutil.which("certutil")

@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.cli import cli
-from tlsgate.config import ConfigErrors, tunnel_config
-from tlsgate.configfile import read_config_file
-from tlsgate.runtime import build_runtime
+from tlsgate.engine.runtime import build_runtime
+from tlsgate.settings.config import ConfigErrors, tunnel_config
+from tlsgate.settings.file import read_config_file
 
 from helpers import assert_cut, backend, client_context, port_of, server_opts, tls_connect, tunnel, wait_until
 

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 
 import tlsgate.cli as tlsgate_cli
 from tlsgate.cli import cli
-from tlsgate.config import Timeouts, TunnelConfig, tunnel_config
-from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import Timeouts, TunnelConfig, tunnel_config
 
 from helpers import (
     LISTENING,

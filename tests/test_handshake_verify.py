@@ -1,4 +1,4 @@
-"""Identity and revocation rules inside the TLS handshake (the ``verify`` path of tlsgate.internals).
+"""Identity and revocation rules inside the TLS handshake (the ``verify`` path of tlsgate.tls.internals).
 
 A peer refused by tlsgate's own rules gets a TLS alert during the handshake, as with ghostunnel, instead of a
 completed handshake and then a reset: in client mode the target sees ``bad_certificate`` for a server that fails
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tlsgate import internals, runtime, tlsctx
+from tlsgate.engine import runtime
+from tlsgate.tls import contexts, internals
 
 from helpers import backend, client_context, echo, port_of, revocable_client, server_opts, tls_connect, tunnel
 
@@ -267,8 +268,8 @@ def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> ssl.SSLError |
 
 @pytest.fixture
 def refusing_server(pki_files: dict[str, Path]) -> Iterator[ssl.SSLContext]:
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    ctx = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    ctx = contexts.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
     assert internals.install_peer_check(ctx, lambda leaf, chain: internals.Refusal("identity", "not wanted"))
     yield ctx
 
@@ -305,8 +306,8 @@ def test_a_thousand_refused_handshakes_leak_nothing(refusing_server: ssl.SSLCont
 
 
 def test_a_context_that_dies_takes_its_check_with_it(pki_files: dict[str, Path]) -> None:
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    ctx = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    ctx = contexts.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
     assert internals.install_peer_check(ctx, lambda leaf, chain: None)
     pointer = internals._context_pointer(ctx)
     assert pointer in internals._checks

@@ -23,8 +23,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tlsgate.engine.relay import Relay
 from tlsgate.pki import CertificateAuthority
-from tlsgate.relay import Relay
 
 from helpers import Handler, backend, client_context, fd_limit_at_least, port_of, server_opts, tunnel, wait_until
 

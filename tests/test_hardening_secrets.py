@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from tlsgate.cli import cli
-from tlsgate.config import tunnel_config
 from tlsgate.pki import CertificateAuthority
+from tlsgate.settings.config import tunnel_config
 
 from helpers import backend, garbage, round_trip, tlsgate_server
 

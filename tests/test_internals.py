@@ -1,4 +1,4 @@
-"""The private CPython/OpenSSL paths behind `tlsgate.internals`: the probe, the kill switch, each fallback."""
+"""The private CPython/OpenSSL paths behind `tlsgate.tls.internals`: the probe, the kill switch, each fallback."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tlsgate import closenotify, internals, tickets, tlsctx
-from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
+from tlsgate.settings.config import tunnel_config
 from tlsgate.status import Snapshot, prometheus_text
+from tlsgate.tls import closenotify, contexts, internals, tickets
 
 from helpers import backend, client_context, server_opts, tls_connect, tunnel
 
@@ -94,7 +94,7 @@ def test_a_bad_kill_switch_stops_the_cli_with_one_line_and_exit_2(pki_files: dic
 
 def test_the_kill_switch_reaches_every_module_in_a_fresh_process() -> None:
     code = (
-        "from tlsgate import closenotify, internals, tickets, relay, tunnel;"
+        "from tlsgate.tls import closenotify, internals, tickets; from tlsgate.engine import relay, tunnel;"
         "print(closenotify.available(), tickets.available(), internals.do_handshake.__name__,"
         " internals.report().label(), internals._VERIFY)"
     )
@@ -167,8 +167,8 @@ def _exchange(client: ssl.SSLContext, server: ssl.SSLContext, session: ssl.SSLSe
 
 
 def _server(pki_files: dict[str, Path], mode: str) -> ssl.SSLContext:
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    return tlsctx.server_context(material, client_ca=None, require_client_cert=False, session_tickets=mode)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    return contexts.server_context(material, client_ca=None, require_client_cert=False, session_tickets=mode)
 
 
 def test_session_tickets_off_issues_no_ticket_on_tls13_or_tls12(pki_files: dict[str, Path], ca: trustme.CA) -> None:

@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 from cryptography import x509
 
 from tlsgate.cli import cli
-from tlsgate.cli_certs import certs
-from tlsgate.demo import serve_demo_backend
+from tlsgate.cli.certs import certs
+from tlsgate.dev.demo import serve_demo_backend
 from tlsgate.pki import load_certificates
 
 from helpers import invoke

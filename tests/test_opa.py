@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tlsgate.cli import cli
-from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
 from tlsgate.policy import Decision, IdentityRules, build_policy
-from tlsgate.regopolicy import Evaluation, certificate_input, load_policy
+from tlsgate.policy.rego import Evaluation, certificate_input, load_policy
+from tlsgate.settings.config import tunnel_config
 
 from helpers import (
     assert_cut,

@@ -30,12 +30,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlsgate import platforms, tlsctx
 from tlsgate.cli import cli
-from tlsgate.cli_extras import _escape, render_man_page
-from tlsgate.config import tunnel_config
-from tlsgate.runtime import build_runtime, usage_verdict
-from tlsgate.supervisor import choose_loop
+from tlsgate.cli.extras import _escape, render_man_page
+from tlsgate.engine.runtime import build_runtime, usage_verdict
+from tlsgate.process import platforms
+from tlsgate.process.supervisor import choose_loop
+from tlsgate.settings.config import tunnel_config
+from tlsgate.tls import contexts
 
 from helpers import backend, echo, server_opts, tls_connect, tunnel
 
@@ -262,7 +263,7 @@ def never_listen(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("tlsgate started listening instead of refusing")
 
-    monkeypatch.setattr("tlsgate.tunnel.Tunnel.start", refuse)
+    monkeypatch.setattr("tlsgate.engine.tunnel.Tunnel.start", refuse)
 
 
 @pytest.mark.usefixtures("never_listen")
@@ -530,7 +531,7 @@ def test_key_material_goes_through_a_private_temp_file_off_linux(
 ) -> None:
     monkeypatch.setattr(sys, "platform", "darwin")
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
-    material = tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
-    ctx = tlsctx.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
+    material = contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+    ctx = contexts.server_context(material, client_ca=str(pki_files["ca"]), require_client_cert=True)
     assert isinstance(ctx, ssl.SSLContext)
     assert not any(tmp_path.glob("tlsgate-*"))  # the temp dir with the key is gone as soon as OpenSSL read it

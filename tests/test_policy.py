@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-from tlsgate.cli_support import access_options
+from tlsgate.cli.support import access_options
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.policy import (
     AddressRules,

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tlsgate.addresses import Address, parse_address
-from tlsgate.config import KNOWN_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
-from tlsgate.durations import format_duration, parse_duration
 from tlsgate.errors import ConfigError
 from tlsgate.policy import AddressRules
+from tlsgate.settings.addresses import Address, parse_address
+from tlsgate.settings.config import KNOWN_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
+from tlsgate.settings.durations import format_duration, parse_duration
 
 bounded = settings(max_examples=200, deadline=None)
 

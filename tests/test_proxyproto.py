@@ -6,8 +6,7 @@ import struct
 
 import pytest
 
-from tlsgate.errors import TlsgateError
-from tlsgate.proxyproto import (
+from tlsgate.engine.proxyproto import (
     DEFAULT_MAX_TLV_BYTES,
     MAX_HEADER,
     PP2_CLIENT_CERT_CONN,
@@ -32,6 +31,7 @@ from tlsgate.proxyproto import (
     parse_tlv_ssl,
     tls_tlvs,
 )
+from tlsgate.errors import TlsgateError
 
 # Written out byte by byte from proxy-protocol.txt section 2.2, not built with the code under test.
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"

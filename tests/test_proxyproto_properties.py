@@ -7,7 +7,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlsgate.proxyproto import (
+from tlsgate.engine.proxyproto import (
     DEFAULT_MAX_TLV_BYTES,
     PP2_TYPE_CRC32C,
     PP2_TYPE_SSL,

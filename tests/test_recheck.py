@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.cli import cli
-from tlsgate.config import TunnelConfig, tunnel_config
-from tlsgate.configfile import read_config_file
 from tlsgate.pki import CertificateAuthority
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import TunnelConfig, tunnel_config
+from tlsgate.settings.file import read_config_file
 from tlsgate.status import ServerSource, prometheus_text
-from tlsgate.supervisor import ProcessOptions, Server
 
 from helpers import (
     DEADLINE,

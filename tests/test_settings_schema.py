@@ -19,7 +19,11 @@ from hypothesis import strategies as st
 
 from tlsgate import cli as tlsgate_cli
 from tlsgate.cli import cli
-from tlsgate.config import (
+from tlsgate.errors import ConfigError
+from tlsgate.logs import QUIET_CHOICES
+from tlsgate.process.supervisor import ProcessOptions
+from tlsgate.settings import ENV_FLAGS, SECTIONS, SETTINGS, process_settings, setting
+from tlsgate.settings.config import (
     _CONVERTERS,
     _TIMEOUT_KEYS,
     KNOWN_KEYS,
@@ -29,11 +33,7 @@ from tlsgate.config import (
     TunnelConfig,
     tunnel_config,
 )
-from tlsgate.configfile import read_config_file
-from tlsgate.errors import ConfigError
-from tlsgate.logs import QUIET_CHOICES
-from tlsgate.settings import ENV_FLAGS, SECTIONS, SETTINGS, process_settings, setting
-from tlsgate.supervisor import ProcessOptions
+from tlsgate.settings.file import read_config_file
 
 
 def invoke(*args: str) -> click.testing.Result:

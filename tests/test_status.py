@@ -20,8 +20,9 @@ from click.testing import CliRunner
 
 import tlsgate.status
 from tlsgate.cli import cli
-from tlsgate.config import tunnel_config
 from tlsgate.errors import ConfigError
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import tunnel_config
 from tlsgate.status import (
     Snapshot,
     TunnelView,
@@ -31,7 +32,6 @@ from tlsgate.status import (
     prometheus_name,
     prometheus_text,
 )
-from tlsgate.supervisor import ProcessOptions, Server
 
 from helpers import (
     assert_cut,

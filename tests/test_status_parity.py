@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 import tlsgate.status
 from tlsgate.cli import cli
-from tlsgate.config import tunnel_config
-from tlsgate.configfile import read_config_file
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import tunnel_config
+from tlsgate.settings.file import read_config_file
 from tlsgate.status import TunnelView, _check_backend, merge_views, timer_entries
-from tlsgate.supervisor import ProcessOptions, Server
 
 from helpers import backend, client_context, request, server_opts, status_address, wait_until
 

@@ -29,9 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tlsgate import logs
-from tlsgate.addresses import Address, parse_address
 from tlsgate.errors import ConfigError
-from tlsgate.systemd import Activation, notify_address, one_line, watchdog_interval
+from tlsgate.process.systemd import Activation, notify_address, one_line, watchdog_interval
+from tlsgate.settings.addresses import Address, parse_address
 
 from helpers import (
     TLSGATE_CLI,
@@ -535,7 +535,7 @@ def test_reading_the_variables_removes_them_and_keeps_the_sockets_from_children(
     import subprocess
 
     probe = (
-        "import os, socket; from tlsgate import systemd\n"
+        "import os, socket; from tlsgate.process import systemd\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); os.dup2(s.fileno(), 3)\n"
         "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='web',\n"
         "                  NOTIFY_SOCKET='@x', WATCHDOG_USEC='1000000', WATCHDOG_PID=str(os.getpid()))\n"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tlsgate import tickets, tlsctx
+from tlsgate.tls import contexts, tickets
 
 from helpers import (
     Echo,
@@ -45,8 +45,8 @@ def _fresh_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- in memory: one client, two server contexts ----------------------------------------------------------------
 
 
-def material(pki_files: dict[str, Path]) -> tlsctx.KeyMaterial:
-    return tlsctx.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
+def material(pki_files: dict[str, Path]) -> contexts.KeyMaterial:
+    return contexts.load_key_material(cert=str(pki_files["cert"]), key=str(pki_files["key"]))
 
 
 def alice_context(ca: trustme.CA) -> ssl.SSLContext:
@@ -56,15 +56,15 @@ def alice_context(ca: trustme.CA) -> ssl.SSLContext:
 def test_two_contexts_with_the_same_secret_resume_each_others_tickets(pki_files: dict[str, Path]) -> None:
     assert tickets.available(), "ticket keys are expected to be reachable on CPython + shared OpenSSL"
     client = ssl.create_default_context(cafile=str(pki_files["ca"]))
-    a = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
-    b = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    a = contexts.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    b = contexts.server_context(material(pki_files), client_ca=None, require_client_cert=False)
     session, reused = memory_handshake(client, a)
     assert not reused
     assert memory_handshake(client, b, session)[1]
 
     # Another process tree (another secret) cannot read them: the client falls back to a full handshake.
     tickets.set_process_key(os.urandom(tickets.SECRET_LENGTH))
-    c = tlsctx.server_context(material(pki_files), client_ca=None, require_client_cert=False)
+    c = contexts.server_context(material(pki_files), client_ca=None, require_client_cert=False)
     assert not memory_handshake(client, c, session)[1]
 
 
@@ -93,7 +93,7 @@ def test_a_ticket_does_not_carry_trust_to_a_context_that_verifies_clients_differ
     outsider = client_context(ca, other_ca.issue_cert("mallory.test", common_name="alice"))
 
     def server(cafile: Path, require: bool = True) -> ssl.SSLContext:
-        return tlsctx.server_context(material(pki_files), client_ca=str(cafile), require_client_cert=require)
+        return contexts.server_context(material(pki_files), client_ca=str(cafile), require_client_cert=require)
 
     session, _ = memory_handshake(outsider, server(both))
     with pytest.raises(ssl.SSLError):

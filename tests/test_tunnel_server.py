@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tlsgate.closenotify import send_close_notify
+from tlsgate.tls.closenotify import send_close_notify
 
 from helpers import (
     backend,
@@ -439,7 +439,7 @@ async def test_address_rules_refuse_before_the_handshake(
 async def test_close_notify_never_drops_data_racing_it(pki_files: dict[str, Path], ca: trustme.CA) -> None:
     """A client thread in this process answers close_notify at once, holding the GIL: the worst case for the
     race that unwrap() has (closenotify.py). 30 rounds; every byte must reach the backend every time."""
-    from tlsgate import closenotify
+    from tlsgate.tls import closenotify
 
     assert closenotify.available(), "the race-free close_notify path is expected on CPython + shared OpenSSL"
     heard: list[bytes] = []

@@ -12,9 +12,9 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
-import tlsgate.workers
+import tlsgate.process.workers
 from tlsgate.cli import cli
-from tlsgate.workers import restart_delay
+from tlsgate.process.workers import restart_delay
 
 from helpers import (
     DEADLINE,
@@ -214,7 +214,7 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(
     pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every attempt would fail alike (say, a file only the workers cannot read): restarting would just spin.
-    monkeypatch.setattr(tlsgate.workers, "_WORKER_CODE", "raise SystemExit(3)")
+    monkeypatch.setattr(tlsgate.process.workers, "_WORKER_CODE", "raise SystemExit(3)")
     port = free_port()
     args = workers_server_args(pki_files, "127.0.0.1:1")
     args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"

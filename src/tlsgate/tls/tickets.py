@@ -8,7 +8,7 @@ contexts, so every ticket issued before it was refused too. Refused tickets cost
 So each process holds one secret (`process_key`): created at random on first use, or adopted from the parent
 with `set_process_key` in a worker. `apply` installs a ticket key derived from it on a server context. Python's
 ``ssl`` has no API for that, so we call ``SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS)`` through ``ctypes`` on
-the ``SSL_CTX*`` behind the context, like `tlsgate.closenotify` does for ``SSL*``.
+the ``SSL_CTX*`` behind the context, like `tlsgate.tls.closenotify` does for ``SSL*``.
 
 Why derived, not the secret itself: on resumption OpenSSL does not verify the client certificate again, it
 trusts the session. Every context ``_ssl`` makes carries the same session-id context ("Python"), so a ticket
@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tlsgate import internals
+from tlsgate.tls import internals
 
 _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59

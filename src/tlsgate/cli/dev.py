@@ -13,7 +13,7 @@ from __future__ import annotations
 import click
 
 from tlsgate import logs
-from tlsgate.cli_support import TlsgateGroup
+from tlsgate.cli.support import TlsgateGroup
 from tlsgate.dev import (
     DEFAULT_LISTEN,
     DevFront,
@@ -30,7 +30,7 @@ from tlsgate.dev import trust as install_ca
 from tlsgate.dev import untrust as remove_ca
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.supervisor import choose_loop
+from tlsgate.process.supervisor import choose_loop
 
 
 @click.group(cls=TlsgateGroup, invoke_without_command=True)

@@ -11,7 +11,7 @@ So we call ``SSL_shutdown`` once ourselves, on the ``SSL*`` behind the socket, t
 pointer relies on CPython's ``PySSLSocket`` layout (``PyObject_HEAD``, a weakref, then ``SSL *ssl``), unchanged
 from 3.6 to 3.14. Every call checks the pointer twice before trusting it: OpenSSL must report our socket's
 file descriptor for it, and the app-data slot that ``_ssl`` sets to its own object must point back to that
-object. The layout and the OpenSSL are checked once at start-up by `tlsgate.internals` (path ``closenotify``).
+object. The layout and the OpenSSL are checked once at start-up by `tlsgate.tls.internals` (path ``closenotify``).
 Where anything does not fit (another Python, OpenSSL linked statically, ``TLSGATE_INTERNALS=-closenotify``)
 we fall back to ``unwrap()``, and the relay first drains what the peer already sent, which leaves only that
 instant uncovered.
@@ -24,7 +24,7 @@ import os
 import ssl
 from typing import Any
 
-from tlsgate import internals
+from tlsgate.tls import internals
 
 _SSL_ERROR_SSL = 1
 _SSL_ERROR_WANT_READ = 2

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from tlsgate import logs
-from tlsgate.config import ConfigErrors, TunnelConfig
-from tlsgate.durations import format_duration
+from tlsgate.engine.runtime import Runtime
 from tlsgate.policy import CrlSource
-from tlsgate.runtime import Runtime
+from tlsgate.settings.config import ConfigErrors, TunnelConfig
+from tlsgate.settings.durations import format_duration
 
 __all__ = ["check_runtime_crls", "crl_problems", "crl_warning", "log_overdue_crls", "overdue_crls"]
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
-from tlsgate.addresses import Address, parse_address, valid_host
-from tlsgate.durations import parse_duration
 from tlsgate.errors import ConfigError, shown
 from tlsgate.settings import (
     CIPHER_SUITES,
@@ -29,6 +27,8 @@ from tlsgate.settings import (
     process_settings,
     setting,
 )
+from tlsgate.settings.addresses import Address, parse_address, valid_host
+from tlsgate.settings.durations import parse_duration
 
 Mode = Literal["server", "client"]
 
@@ -117,7 +117,7 @@ class TunnelConfig:
     crl_max_age: float = 0.0
     # ghostunnel's --max-tls-version: "TLS1.2" caps every TLS context of the tunnel; None leaves OpenSSL's (1.3).
     max_tls_version: str | None = None
-    # ghostunnel's --cipher-suites names in order of preference; () keeps tlsctx's default (AES and CHACHA).
+    # ghostunnel's --cipher-suites names in order of preference; () keeps tls.contexts' default (AES and CHACHA).
     cipher_suites: tuple[str, ...] = ()
     allow_unsafe_cipher_suites: bool = False
     # ghostunnel's --target-status: /_status GETs this http(s):// URL over a connection to the target.
@@ -384,7 +384,7 @@ def _secret(value: object, key: str) -> bytes | None:
     if value.startswith(("env:", "file:")) and not value.isprintable():
         # resolve_secret names the variable or the file in its errors; a newline there would split the line.
         raise ConfigError(f"{flag(key)}: {shown(value)}: a variable name or path with control characters")
-    from tlsgate.secrets import resolve_secret
+    from tlsgate.settings.secrets import resolve_secret
 
     return resolve_secret(value, flag=flag(key))
 
@@ -437,7 +437,7 @@ def _as_count(value: object, key: str) -> int:
 
 
 # The converter of each kind of tunnel setting (see tlsgate.settings.Kind); process settings have theirs in
-# tlsgate.configfile, and click converts them on the command line.
+# tlsgate.settings.file, and click converts them on the command line.
 _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "address": _as_address,
     "file": _as_str,

@@ -41,11 +41,11 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from tlsgate import internals
 from tlsgate.errors import CertificateError, ConfigError, shown
+from tlsgate.tls import internals
 
 if TYPE_CHECKING:
-    from tlsgate.regopolicy import RegoPolicy
+    from tlsgate.policy.rego import RegoPolicy
 
 __all__ = [
     "AddressRules",
@@ -497,7 +497,7 @@ class IdentityRules:
     ghostunnel, an empty rule set refuses every client in server mode and leaves a server to the hostname check
     in client mode. Only the leaf certificate is looked at.
 
-    The Rego policy (``--allow-policy``/``--verify-policy``, see `tlsgate.regopolicy`) is asked last, only when
+    The Rego policy (``--allow-policy``/``--verify-policy``, see `tlsgate.policy.rego`) is asked last, only when
     no other rule matched, because it is the only rule that costs more than a set lookup.
     """
 
@@ -1214,7 +1214,7 @@ def build_policy(
     addresses = AddressRules.parse(allow_from, deny_from)
     rego = None
     if allow_policy is not None and allow_query is not None:
-        from tlsgate.regopolicy import load_policy
+        from tlsgate.policy.rego import load_policy
 
         rego = load_policy(allow_policy, allow_query, flag_prefix="allow")
     identity = (

@@ -7,9 +7,9 @@ than the private ones under them. tlsgate uses these *paths*, and nothing else p
 path           what it does, and what happens when it is off
 =============  ==========================================================================================
 closenotify    ``SSL_shutdown`` through ctypes on the ``SSL*`` behind an ``SSLSocket``: a TLS half-close
-               that never reads (see `tlsgate.closenotify`). Off: ``SSLSocket.unwrap()`` after draining.
+               that never reads (see `tlsgate.tls.closenotify`). Off: ``SSLSocket.unwrap()`` after draining.
 tickets        ``SSL_CTX_ctrl`` ticket keys and ``SSL_CTX_set_session_ticket_cb`` on the ``SSL_CTX*``:
-               one ticket key per process tree, resumption chains bounded in age (see `tlsgate.tickets`).
+               one ticket key per process tree, resumption chains bounded in age (see `tlsgate.tls.tickets`).
                Off: OpenSSL's own random key per context, as ``--session-tickets per-context``.
 verify         ``SSL_CTX_set_verify`` with a verify callback on the ``SSL_CTX*``: the peer's certificate
                meets tlsgate's identity and revocation rules *during* the handshake, so a refused peer gets

@@ -8,7 +8,7 @@ use as a one-line error before anything starts, and keeps the port ours while a 
 cannot be shared that way, so the parent creates it once and every worker inherits the same listening socket.
 A socket systemd passed (``systemd:NAME``) is shared the same way: the parent takes it and every worker accepts
 from that one socket (one accept queue, so no SO_REUSEPORT spreading; the workers take turns as they are free).
-The parent also keeps systemd's variables to itself (``tlsgate.systemd``): it alone says READY=1 (once every
+The parent also keeps systemd's variables to itself (``tlsgate.process.systemd``): it alone says READY=1 (once every
 worker is ready), RELOADING=1 and STOPPING=1, and feeds the watchdog from its own event loop.
 
 Workers. Each is a fresh interpreter (``python -P -c ...``), not a fork: the parent runs an event loop and may
@@ -18,7 +18,7 @@ to the parent's ``stats`` requests. End of file on it means the other side is go
 worker died, and a worker whose parent was killed drains and exits instead of lingering on the port. Workers run
 in their own session so a terminal's Ctrl-C reaches only the parent, which passes each signal on exactly once.
 
-Session tickets. The parent's ticket secret (`tlsgate.tickets`) travels in the pickled message, so every worker,
+Session tickets. The parent's ticket secret (`tlsgate.tls.tickets`) travels in the pickled message, so every worker,
 and every restarted one, issues and accepts the same tickets: a returning client resumes whichever worker the
 kernel hands it to.
 
@@ -51,12 +51,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import internals, logs, platforms, systemd, tickets
-from tlsgate.addresses import Address
-from tlsgate.config import TunnelConfig
-from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
+from tlsgate import logs
+from tlsgate.engine.runtime import build_runtime
+from tlsgate.engine.sockets import bind_listeners, bind_tcp
 from tlsgate.errors import StartupError, TlsgateError, shown
-from tlsgate.runtime import build_runtime
+from tlsgate.process import platforms, systemd
+from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
+from tlsgate.process.supervisor import EXIT_CONNECTIONS_CUT, ProcessOptions, Server, choose_loop
+from tlsgate.settings.addresses import Address
+from tlsgate.settings.config import TunnelConfig
 from tlsgate.status import (
     Snapshot,
     StatusAddress,
@@ -69,10 +72,9 @@ from tlsgate.status import (
     status_certificate_config,
     views_of,
 )
-from tlsgate.supervisor import EXIT_CONNECTIONS_CUT, ProcessOptions, Server, choose_loop
-from tlsgate.tunnel import bind_listeners, bind_tcp
+from tlsgate.tls import internals, tickets
 
-_WORKER_CODE = "from tlsgate.workers import worker_main; worker_main()"
+_WORKER_CODE = "from tlsgate.process.workers import worker_main; worker_main()"
 # A worker's exit code when it stopped as told but had to cut connections at --shutdown-timeout. Not 1, which any
 # uncaught error also gives: the parent must not call this worker broken. The parent then exits 1 itself.
 _EXIT_CUT = 4

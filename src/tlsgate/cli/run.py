@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import click
 
-from tlsgate.cli_support import UserError
-from tlsgate.config import TunnelConfig
-from tlsgate.configfile import check_config_file, describe_tunnel, load_tunnels
+from tlsgate.cli.support import UserError
 from tlsgate.errors import TlsgateError
-from tlsgate.supervisor import run_server
+from tlsgate.process.supervisor import run_server
+from tlsgate.settings.config import TunnelConfig
+from tlsgate.settings.file import check_config_file, describe_tunnel, load_tunnels
 
 __all__ = ["check_config", "run"]
 
@@ -80,7 +80,7 @@ def run(file: str) -> None:
         # The absolute path keeps a reload reading the same file whatever the working directory is by then.
         load = functools.partial(load_tunnels, os.path.abspath(file), process)
         if process.workers > 1:
-            from tlsgate.workers import run_workers
+            from tlsgate.process.workers import run_workers
 
             code = run_workers(configs, process, load_configs=load)
         else:

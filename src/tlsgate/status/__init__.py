@@ -6,7 +6,7 @@ tunnel has one. Like ghostunnel, the status port never asks for a client certifi
 none), and it serves the certificate the tunnel reloaded.
 
 The numbers come from a ``StatusSource``: this process's tunnels (``ServerSource``), or, with ``--workers``, the
-parent's sum of what every worker reports (``tlsgate.workers``). Both speak in ``TunnelView``s, plain data that
+parent's sum of what every worker reports (``tlsgate.process.workers``). Both speak in ``TunnelView``s, plain data that
 crosses a process boundary as JSON.
 
 The HTTP server is ours, on asyncio streams: three GET paths, one request per connection, bounded request size
@@ -40,15 +40,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from tlsgate import __version__, internals, logs, tlsctx
-from tlsgate import tunnel as tunnel_module
-from tlsgate.addresses import Address, parse_address
-from tlsgate.config import TunnelConfig, check_socket_path
+from tlsgate import __version__, logs
+from tlsgate.engine import tunnel as tunnel_module
+from tlsgate.engine.tunnel import Stats, Tunnel
 from tlsgate.errors import ConfigError, StartupError, TlsgateError, shown
-from tlsgate.tunnel import Stats, Tunnel
+from tlsgate.settings.addresses import Address, parse_address
+from tlsgate.settings.config import TunnelConfig, check_socket_path
+from tlsgate.tls import contexts, internals
 
 if TYPE_CHECKING:
-    from tlsgate.supervisor import ProcessOptions, Server
+    from tlsgate.process.supervisor import ProcessOptions, Server
 
 # A request line and headers larger than this are refused: a probe sends a few hundred bytes.
 _MAX_REQUEST = 8192
@@ -329,14 +330,14 @@ class _Certificate:
 
 
 def _status_context(cfg: TunnelConfig) -> ssl.SSLContext:
-    material = tlsctx.load_key_material(
+    material = contexts.load_key_material(
         cert=cfg.cert[0] if cfg.cert else None,
         key=cfg.key[0] if cfg.key else None,
         keystore=cfg.keystore,
         storepass=cfg.storepass,
         key_pass=cfg.key_pass,
     )
-    return tlsctx.server_context(material, client_ca=None, require_client_cert=False)
+    return contexts.server_context(material, client_ca=None, require_client_cert=False)
 
 
 # -- the server ----------------------------------------------------------------------------------------------------
@@ -383,7 +384,7 @@ class StatusServer:
             kwargs["ssl_handshake_timeout"] = _REQUEST_TIMEOUT
         try:
             if address.is_activated:
-                from tlsgate.systemd import activated_listener
+                from tlsgate.process.systemd import activated_listener
 
                 # systemd bound it (and owns a unix path): serve on it, never unlink it.
                 server = await asyncio.start_server(

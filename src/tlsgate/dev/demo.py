@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from tlsgate import logs
-from tlsgate.config import tunnel_config
 from tlsgate.pki import CertificateAuthority, load_certificates
-from tlsgate.supervisor import Server, choose_loop
+from tlsgate.process.supervisor import Server, choose_loop
+from tlsgate.settings.config import tunnel_config
 
 _PAGE = """<!doctype html>
 <title>tlsgate demo</title>

@@ -23,13 +23,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tlsgate import internals, logs, platforms, systemd
-from tlsgate.addresses import Address
-from tlsgate.config import TunnelConfig
-from tlsgate.crlcheck import check_runtime_crls, log_overdue_crls
+from tlsgate import logs
+from tlsgate.engine.runtime import build_runtime
+from tlsgate.engine.tunnel import Tunnel
 from tlsgate.errors import StartupError, TlsgateError, shown
-from tlsgate.runtime import build_runtime
-from tlsgate.tunnel import Tunnel
+from tlsgate.process import platforms, systemd
+from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
+from tlsgate.settings.addresses import Address
+from tlsgate.settings.config import TunnelConfig
+from tlsgate.tls import internals
 
 # The process exit code when shutting down had to cut connections (--shutdown-timeout expired, or a second stop
 # signal): ghostunnel's code for the same event. Bad input is 2 (cli_support.UserError), a clean stop 0.
@@ -59,7 +61,7 @@ class ProcessOptions:
 class Server:
     # Whether start() logs overdue CRLs; a --workers worker leaves that to the parent, which says it once.
     announce_overdue_crls = True
-    # The one start-up line naming the private paths in use (tlsgate.internals); a --workers parent logs it.
+    # The one start-up line naming the private paths in use (tlsgate.tls.internals); a --workers parent logs it.
     announces_internals = True
 
     def __init__(

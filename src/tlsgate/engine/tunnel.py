@@ -17,21 +17,22 @@ import os
 import select
 import socket
 import ssl
-import stat
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from tlsgate import internals, logs
-from tlsgate.addresses import Address
-from tlsgate.config import Timeouts, TunnelConfig
-from tlsgate.errors import StartupError, TlsgateError, shown
+from tlsgate import logs
+from tlsgate.engine.relay import Relay, release_sockets
+from tlsgate.engine.runtime import Runtime, captured_sni
+from tlsgate.engine.sockets import bind_listeners, host_port
+from tlsgate.errors import TlsgateError
 from tlsgate.policy import Decision, PeerIdentity, verified_chain
-from tlsgate.relay import Relay, release_sockets
-from tlsgate.runtime import Runtime, captured_sni
-from tlsgate.tlsctx import describe_handshake_error
+from tlsgate.settings.addresses import Address
+from tlsgate.settings.config import Timeouts, TunnelConfig
+from tlsgate.tls import internals
+from tlsgate.tls.contexts import describe_handshake_error
 
 _ACCEPT_BATCH = 64
 _BUFFER_SIZE = 64 * 1024
@@ -708,7 +709,7 @@ class _Setup:
         would keep the socket readable, and waiting for more would spin. ``parse`` refuses as soon as the bytes
         cannot fit the bound, so ``proxy_seen`` stays under ``MAX_HEADER``.
         """
-        from tlsgate import proxyproto
+        from tlsgate.engine import proxyproto
 
         seen = self.proxy_seen
         try:
@@ -745,7 +746,7 @@ class _Setup:
         self.proxy_header = header
         if header.source is not None:
             self.peer_ip = header.source[0]
-            self.peer = f"{_host_port(header.source[0], header.source[1])} via {self.peer}"
+            self.peer = f"{host_port(header.source[0], header.source[1])} via {self.peer}"
         if self._address_allowed():
             self._after_proxy_header()
 
@@ -778,7 +779,7 @@ class _Setup:
             if refusal is None:
                 self._handshake_failed(err, side)
             elif side == "client":
-                # Refused inside the handshake (tlsgate.internals, path "verify"): a failed handshake, like the
+                # Refused inside the handshake (tlsgate.tls.internals, path "verify"): a failed handshake, like the
                 # refusals OpenSSL makes itself, with the rule and reason of the post-handshake check.
                 self.tunnel.stats.handshake_errors += 1
                 self.identity = refusal.identity
@@ -947,7 +948,7 @@ class _Setup:
             return
         rules = self.rt.target_identity
         if rules is not None:
-            # The second line: the verify callback (tlsgate.internals) refused during the handshake already, when on.
+            # The second line: the verify callback (tls.internals) refused during the handshake already, when on.
             self.target_leaf = tls.getpeercert(binary_form=True)
             decision = rules.check_certificate(self.target_leaf)
             if not decision.allowed:
@@ -995,7 +996,7 @@ class _Setup:
         named), because a client that reset right after sending leaves a socket that no longer knows its peer.
         The CN comes from the parsed certificate and the SNI from the handshake, both sent whole.
         """
-        from tlsgate import proxyproto
+        from tlsgate.engine import proxyproto
 
         assert self.target is not None
         src, dst = _proxy_endpoints(self.proxy_header, self.peer_addr, self.client)
@@ -1130,7 +1131,7 @@ def _proxy_endpoints(header: Any, accepted: Any, sock: socket.socket) -> tuple[A
 
 def _tls_tlvs(sock: socket.socket) -> list[tuple[int, bytes]]:
     """The PROXY v2 TLVs for the client's TLS session; none for a plaintext client (client mode)."""
-    from tlsgate import proxyproto
+    from tlsgate.engine import proxyproto
 
     if not isinstance(sock, ssl.SSLSocket):
         return []
@@ -1155,12 +1156,8 @@ def _tls_tlvs(sock: socket.socket) -> list[tuple[int, bytes]]:
 
 def _peer_of(addr: Any) -> tuple[str, str]:
     if isinstance(addr, tuple):
-        return addr[0], _host_port(addr[0], addr[1])
+        return addr[0], host_port(addr[0], addr[1])
     return "", "unix"
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _reset(sock: socket.socket) -> None:
@@ -1171,89 +1168,3 @@ def _reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.socket]:
-    """Listening sockets for ``address``: every local address a host name resolves to, a unix socket, or the one
-    socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply)."""
-    if address.is_activated:
-        from tlsgate.systemd import activated_listener
-
-        return [activated_listener(address.systemd)]
-    if address.is_unix:
-        return [_bind_unix(address.path)]
-    host = address.host or None
-    try:
-        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
-    seen: set[Any] = set()
-    sockets: list[socket.socket] = []
-    errors: list[str] = []
-    for family, _, _, _, sockaddr in infos:
-        key = (family, sockaddr[0])
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            sock = bind_tcp(family, sockaddr, reuse_port=reuse_port)
-            try:
-                sock.listen(socket.SOMAXCONN)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
-        except OSError as err:
-            errors.append(f"{_host_port(str(sockaddr[0]), int(sockaddr[1]))}: {err.strerror or err}")
-            continue
-        sockets.append(sock)
-        if address.port == 0:
-            break  # port 0 on several addresses would give several different ports
-    if not sockets:
-        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
-    return sockets
-
-
-def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to ``sockaddr`` (not yet listening); closed again if binding fails."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # A v6 socket must not also claim the v4 port: both families are bound separately when wanted.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _bind_unix(path: str) -> socket.socket:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise StartupError(f"--listen unix:{path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale socket left by a process that died
-        else:
-            raise StartupError(f"--listen unix:{path}: another process is listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(socket.SOMAXCONN)
-    except OSError as err:
-        sock.close()
-        raise StartupError(f"--listen unix:{path}: {err.strerror or err}") from None
-    sock.setblocking(False)
-    return sock

@@ -1,7 +1,7 @@
 """Listen and target addresses: ``HOST:PORT``, ``[v6]:PORT``, ``unix:PATH`` and ``systemd:NAME``, parsed once.
 
 ``systemd:NAME`` (ghostunnel's form) names a listening socket that systemd bound and passed to us (socket
-activation, see ``tlsgate.systemd``); it is a listen address only, never a target. ``launchd:NAME`` is
+activation, see ``tlsgate.process.systemd``); it is a listen address only, never a target. ``launchd:NAME`` is
 ghostunnel's macOS counterpart; tlsgate refuses it with a line that says so.
 """
 

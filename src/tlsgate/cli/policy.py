@@ -18,8 +18,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tlsgate.cli_support import TlsgateGroup, access_options
-from tlsgate.crlcheck import crl_warning, overdue_crls
+from tlsgate.cli.support import TlsgateGroup, access_options
 from tlsgate.errors import CertificateError, ConfigError, shown
 from tlsgate.policy import (
     Decision,
@@ -29,6 +28,7 @@ from tlsgate.policy import (
     check_validity,
     verify_client_chain,
 )
+from tlsgate.process.crls import crl_warning, overdue_crls
 
 
 @click.group(cls=TlsgateGroup)
@@ -115,7 +115,7 @@ def check(
             click.echo("")
             _echo_identity_comparison(rules, peer)
     if show_input and leaf_der is not None:
-        from tlsgate.regopolicy import peer_input_json
+        from tlsgate.policy.rego import peer_input_json
 
         click.echo("")
         click.echo("input of the policy (as ghostunnel gives it):")

@@ -3,13 +3,13 @@
 One ``Setting`` says everything the rest of the program needs to know about a knob: its canonical name (the
 TOML key, ``allow_cn``, spelled ``allow-cn`` in files as well), the flag that sets it (``--allow-cn``) and any
 hidden ghostunnel spellings, whether it belongs to the whole process or to one tunnel and in which modes a
-tunnel takes it, its kind (which picks the converter in ``tlsgate.config`` and the click type in ``tlsgate.cli``),
+tunnel takes it, its kind (which picks the converter in ``settings.config`` and the click type in ``tlsgate.cli``),
 its default, its help section and help text, whether its value is a secret (never quoted back in an error), and
 the environment variable that stands in for it (ghostunnel's ``KEYSTORE_PATH`` and friends).
 
 From the table: ``tlsgate.cli`` generates the click options of ``server`` and ``client`` and groups their help in
-sections; ``tlsgate.config`` knows the keys, converts each value and checks the files and networks it names;
-``tlsgate.configfile`` knows which keys go under ``[process]``. Adding a flag is one entry here plus the code
+sections; ``tlsgate.settings.config`` knows the keys, converts each value and checks the files and networks it names;
+``tlsgate.settings.file`` knows which keys go under ``[process]``. Adding a flag is one entry here plus the code
 where it takes effect. The rules that involve several settings live in one function, ``config.cross_checks``.
 
 The shape follows mitmproxy's ``optmanager`` (options declared once, every source read through the declarations)
@@ -34,7 +34,7 @@ __all__ = [
     "tunnel_settings",
 ]
 
-# What a value is: picks the converter (tlsgate.config) and the click type (tlsgate.cli).
+# What a value is: picks the converter (tlsgate.settings.config) and the click type (tlsgate.cli).
 Kind = Literal[
     "address",  # HOST:PORT, unix:PATH, systemd:NAME -> addresses.Address
     "file",  # one readable file path, checked at start

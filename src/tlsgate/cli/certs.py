@@ -1,7 +1,7 @@
 """``tlsgate certs``: a small local CA on the command line. The commands parse; `tlsgate.pki` does the work.
 
 Every password flag accepts ``env:VAR``, ``file:PATH`` or ``pass:TEXT`` as well as the password itself
-(see `tlsgate.secrets`), so secrets can stay out of ``ps`` and shell history.
+(see `tlsgate.settings.secrets`), so secrets can stay out of ``ps`` and shell history.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tlsgate.cli_support import TlsgateGroup
+from tlsgate.cli.support import TlsgateGroup
 from tlsgate.errors import ConfigError, shown
 from tlsgate.pki import (
     CA_CERT_FILE,
@@ -35,7 +35,7 @@ from tlsgate.pki import (
     refuse_existing,
     write_public_file,
 )
-from tlsgate.secrets import resolve_secret
+from tlsgate.settings.secrets import resolve_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
 

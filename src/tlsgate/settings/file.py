@@ -29,8 +29,14 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tlsgate import logs
-from tlsgate.addresses import Address, parse_address
-from tlsgate.config import (
+from tlsgate.engine.runtime import build_runtime
+from tlsgate.errors import ConfigError, TlsgateError, shown
+from tlsgate.logs import QUIET_CHOICES
+from tlsgate.process.crls import check_runtime_crls, crl_warning
+from tlsgate.process.supervisor import ProcessOptions
+from tlsgate.settings import SETTINGS, setting
+from tlsgate.settings.addresses import Address, parse_address
+from tlsgate.settings.config import (
     KNOWN_KEYS,
     PROCESS_KEYS,
     SECRET_KEYS,
@@ -41,13 +47,7 @@ from tlsgate.config import (
     shown_path,
     tunnel_config,
 )
-from tlsgate.crlcheck import check_runtime_crls, crl_warning
-from tlsgate.errors import ConfigError, TlsgateError, shown
-from tlsgate.logs import QUIET_CHOICES
-from tlsgate.runtime import build_runtime
-from tlsgate.settings import SETTINGS, setting
 from tlsgate.status import check_status_setting, parse_status_address, status_option_problems
-from tlsgate.supervisor import ProcessOptions
 
 __all__ = [
     "ConfigFile",

@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from tlsgate import internals, logs, tlsctx
-from tlsgate.config import TunnelConfig
+from tlsgate import logs
 from tlsgate.errors import CertificateError
 from tlsgate.pki import EKU_NAMES
 from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
 from tlsgate.settings import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
+from tlsgate.settings.config import TunnelConfig
+from tlsgate.tls import contexts as tlsctx
+from tlsgate.tls import internals
 
 if TYPE_CHECKING:
-    from tlsgate.regopolicy import RegoPolicy
+    from tlsgate.policy.rego import RegoPolicy
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def _rego(path: str | None, query: str | None, flag_prefix: str) -> RegoPolicy |
     """The compiled policy, read afresh on every (re)load: a failed reload keeps the running runtime and policy."""
     if path is None or query is None:
         return None
-    from tlsgate.regopolicy import load_policy
+    from tlsgate.policy.rego import load_policy
 
     return load_policy(path, query, flag_prefix=flag_prefix)
 

@@ -7,7 +7,7 @@ Three parts, each usable on its own:
   `ensure_dev_certificate` keeps a leaf for localhost, 127.0.0.1, ::1 and any extra names next to it,
   reissuing it when it nears expiry or when the names asked for change. The CA is what you trust once
   (``tlsgate dev trust``); every leaf it signs is then accepted without warnings.
-* **The front.** `DevFront` is a `~tlsgate.supervisor.Server` with one server-mode tunnel: TLS from the
+* **The front.** `DevFront` is a `~tlsgate.process.supervisor.Server` with one server-mode tunnel: TLS from the
   browser, plaintext to ``--to``, no client certificates. ``localhost`` is bound on both 127.0.0.1 and ::1
   whatever the hosts file says, because browsers resolve ``localhost`` (and ``*.localhost``) to both on their
   own. A `TargetWatch` tells the developer when the target is not listening yet, without repeating itself.
@@ -45,11 +45,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tlsgate.addresses import Address, parse_address
-from tlsgate.config import tunnel_config
 from tlsgate.errors import CertificateError, ConfigError, StartupError, shown
 from tlsgate.pki import CertificateAuthority, load_certificates, load_private_key
-from tlsgate.supervisor import ProcessOptions, Server
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.addresses import Address, parse_address
+from tlsgate.settings.config import tunnel_config
 
 __all__ = [
     "ALREADY_PRESENT",

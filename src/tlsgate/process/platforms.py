@@ -13,7 +13,7 @@ platform) the few OS-specific features either refuse at start-up with one line, 
 | key never on disk (memfd) | ``os.memfd_create`` and /proc | a 0600 file in a private temp dir, removed at once |
 | close_notify and ticket tricks | /proc/self/maps to find libssl | plain OpenSSL behaviour (see closenotify.py) |
 
-The last two are guarded where they are used (tlsctx._pem_file, closenotify.loaded_library); this module holds
+The last two are guarded where they are used (contexts._pem_file, closenotify.loaded_library); this module holds
 the start-up checks and the signal lists, so a missing attribute is a sentence, never an AttributeError.
 """
 
@@ -28,9 +28,9 @@ from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 from tlsgate import logs
-from tlsgate.addresses import Address
-from tlsgate.config import TunnelConfig
 from tlsgate.errors import StartupError
+from tlsgate.settings.addresses import Address
+from tlsgate.settings.config import TunnelConfig
 
 _T = TypeVar("_T")
 

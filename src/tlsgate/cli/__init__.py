@@ -13,13 +13,13 @@ from typing import Any
 import click
 
 from tlsgate import __version__
-from tlsgate.cli_support import SettingsCommand, TlsgateGroup, UserError, setting_options
-from tlsgate.config import TunnelConfig, check_metrics_prefix, tunnel_config
+from tlsgate.cli.support import SettingsCommand, TlsgateGroup, UserError, setting_options
 from tlsgate.errors import ConfigError, TlsgateError
+from tlsgate.process.supervisor import ProcessOptions, run_server
 from tlsgate.settings import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
 from tlsgate.settings import process_settings
+from tlsgate.settings.config import TunnelConfig, check_metrics_prefix, tunnel_config
 from tlsgate.status import check_status_setting, status_option_problems
-from tlsgate.supervisor import ProcessOptions, run_server
 
 _PROCESS_FLAGS = tuple(s.name for s in process_settings())
 
@@ -81,7 +81,7 @@ def _given(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _start(cfg: TunnelConfig, process: ProcessOptions) -> int:
     if process.workers > 1:
-        from tlsgate.workers import run_workers
+        from tlsgate.process.workers import run_workers
 
         return run_workers([cfg], process)
     return run_server([cfg], process)
@@ -150,17 +150,17 @@ def demo(listen: str, backend_port: int, certs_dir: str) -> None:
       tlsgate demo                           # https://localhost:8443/; prints the curl line to try it
       tlsgate demo --listen 127.0.0.1:9443   # 8443 taken (with make: make run LISTEN=127.0.0.1:9443)
     """
-    from tlsgate.demo import run_demo
+    from tlsgate.dev.demo import run_demo
 
     raise SystemExit(run_demo(listen=listen, backend_port=backend_port, certs_dir=certs_dir))
 
 
 def _register_subcommands() -> None:
-    from tlsgate.cli_certs import certs
-    from tlsgate.cli_dev import dev
-    from tlsgate.cli_extras import completion, man
-    from tlsgate.cli_policy import policy
-    from tlsgate.cli_run import check_config, run
+    from tlsgate.cli.certs import certs
+    from tlsgate.cli.dev import dev
+    from tlsgate.cli.extras import completion, man
+    from tlsgate.cli.policy import policy
+    from tlsgate.cli.run import check_config, run
 
     for command in (certs, check_config, completion, dev, man, policy, run):
         cli.add_command(command)

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from tlsgate import tickets
 from tlsgate.errors import CertificateError
+from tlsgate.tls import tickets
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. CBC suites (Lucky13, POODLE-style padding oracles) and
 # static-RSA key exchange (no forward secrecy) are out. TLS 1.3 suites are all AEAD, so OpenSSL's defaults stay.

@@ -1,0 +1,108 @@
+"""Binding listening sockets: the one place tlsgate binds a port or a unix path.
+
+Tunnels, the ``--workers`` parent (which binds once with SO_REUSEPORT and hands the sockets to its children),
+the status port and the dev front all bind through here, so IPv6-only v6 sockets, SO_REUSEADDR, stale unix
+socket files and systemd socket activation are handled the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+from tlsgate.errors import StartupError, shown
+from tlsgate.settings.addresses import Address
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 literal."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for ``address``: every local address a host name resolves to, a unix socket, or the one
+    socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply)."""
+    if address.is_activated:
+        from tlsgate.process.systemd import activated_listener
+
+        return [activated_listener(address.systemd)]
+    if address.is_unix:
+        return [bind_unix(address.path)]
+    host = address.host or None
+    try:
+        infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
+    seen: set[Any] = set()
+    sockets: list[socket.socket] = []
+    errors: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        key = (family, sockaddr[0])
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            sock = bind_tcp(family, sockaddr, reuse_port=reuse_port)
+            try:
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as err:
+            errors.append(f"{host_port(str(sockaddr[0]), int(sockaddr[1]))}: {err.strerror or err}")
+            continue
+        sockets.append(sock)
+        if address.port == 0:
+            break  # port 0 on several addresses would give several different ports
+    if not sockets:
+        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
+    return sockets
+
+
+def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``sockaddr`` (not yet listening); closed again if binding fails."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # A v6 socket must not also claim the v4 port: both families are bound separately when wanted.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path``; a stale socket file of a dead process is replaced, a live one refused."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise StartupError(f"--listen unix:{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket left by a process that died
+        else:
+            raise StartupError(f"--listen unix:{path}: another process is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        sock.close()
+        raise StartupError(f"--listen unix:{path}: {err.strerror or err}") from None
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,1 @@
+"""The process: start-up, signals, reloads, workers, systemd, logs and platform guards."""
