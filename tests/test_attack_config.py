@@ -437,9 +437,9 @@ async def test_an_exposed_status_port_is_one_warning_at_start(
     async def start_status_server(server: Server, address: str) -> NoStatus:
         return NoStatus()
 
-    import tlsgate.status
+    import tlsgate.status.http
 
-    monkeypatch.setattr(tlsgate.status, "start_status_server", start_status_server)
+    monkeypatch.setattr(tlsgate.status.http, "start_status_server", start_status_server)
     for status, warned in ((":9000", True), ("127.0.0.1:0", False)):
         caplog.clear()
         cfg = tunnel_config("server", server_opts(pki_files, "127.0.0.1:1", listen="127.0.0.1:0", allow_cn=["a"]))

@@ -18,7 +18,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
-import tlsgate.status
+import tlsgate.status.exposition
 from tlsgate.cli import cli
 from tlsgate.errors import ConfigError
 from tlsgate.process.supervisor import ProcessOptions, Server
@@ -485,7 +485,7 @@ def test_json_metrics_name_each_entry_after_its_tunnel() -> None:
 
 
 def test_handshake_latency_is_a_histogram_when_stats_count_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tlsgate.status, "HANDSHAKE_BUCKETS", (0.01, 0.1, 1.0))
+    monkeypatch.setattr(tlsgate.status.exposition, "HANDSHAKE_BUCKETS", (0.01, 0.1, 1.0))
     fast = view("t", handshakes=4, handshake_seconds_total=2.5)
     fast.handshake_buckets = [1, 2, 0]  # the fourth took longer than 1s: only in +Inf
     text = prometheus_text(Snapshot([fast], "listening"), "tlsgate")

@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tlsgate.status
+import tlsgate.status.pprof
 from tlsgate.cli import cli
 from tlsgate.process.supervisor import ProcessOptions, Server
 from tlsgate.settings.config import tunnel_config
 from tlsgate.settings.file import read_config_file
-from tlsgate.status import TunnelView, _check_backend, merge_views, timer_entries
+from tlsgate.status import TunnelView, merge_views, timer_entries
+from tlsgate.status.health import check_backend as _check_backend
 
 from helpers import backend, client_context, request, server_opts, status_address, wait_until
 
@@ -400,7 +401,7 @@ async def test_pprof_index_and_stacks_of_threads_and_tasks(pki_files: dict[str, 
 async def test_pprof_profile_window(pki_files: dict[str, Path]) -> None:
     async with backend() as be, serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
         profiling = asyncio.create_task(request(status_address(server), "/debug/pprof/profile?seconds=1"))
-        await wait_until(lambda: tlsgate.status._profiling, attempts=2000)
+        await wait_until(lambda: tlsgate.status.pprof._profiling, attempts=2000)
         # One window at a time; /_status keeps answering meanwhile.
         code, _, body = await request(status_address(server), "/debug/pprof/profile?seconds=1")
         assert code == 409 and b"another profile is running" in body
@@ -409,7 +410,7 @@ async def test_pprof_profile_window(pki_files: dict[str, Path]) -> None:
         code, _, report = await profiling
     assert code == 200 and b"cProfile of the event loop thread for 1s" in report
     assert b"function calls" in report
-    assert not tlsgate.status._profiling
+    assert not tlsgate.status.pprof._profiling
 
 
 @pytest.mark.asyncio
@@ -418,7 +419,7 @@ async def test_pprof_profile_refuses_a_bad_window(pki_files: dict[str, Path], qu
     async with backend() as be, serving(opts(pki_files, be.address), enable_pprof=True) as (server, _):
         code, _, body = await request(status_address(server), f"/debug/pprof/profile?{query}")
     assert code == 400 and body == b"seconds: give a whole number from 1 to 60\n"
-    assert not tlsgate.status._profiling
+    assert not tlsgate.status.pprof._profiling
 
 
 @pytest.mark.asyncio

@@ -19,7 +19,7 @@ from tlsgate.process.supervisor import ProcessOptions, run_server
 from tlsgate.settings import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
 from tlsgate.settings import process_settings
 from tlsgate.settings.config import TunnelConfig, check_metrics_prefix, tunnel_config
-from tlsgate.status import check_status_setting, status_option_problems
+from tlsgate.settings.status import check_status_setting, status_option_problems
 
 _PROCESS_FLAGS = tuple(s.name for s in process_settings())
 

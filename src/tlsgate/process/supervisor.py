@@ -153,7 +153,8 @@ class Server:
         return f"{state} | {systemd.describe(tunnels)}"
 
     async def _serve(self, ready: Callable[[Server], Awaitable[None] | None] | None, notifier: systemd.Notifier) -> int:
-        from tlsgate.status import check_status_setting, exposed_status_warning, start_status_server
+        from tlsgate.settings.status import check_status_setting, exposed_status_warning
+        from tlsgate.status.http import start_status_server
 
         # A --status that cannot work fails with the other settings, before a tunnel binds or says "listening".
         status = check_status_setting(self.options.status, self.configs) if self.options.status else None

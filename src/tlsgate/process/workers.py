@@ -60,18 +60,14 @@ from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
 from tlsgate.process.supervisor import EXIT_CONNECTIONS_CUT, ProcessOptions, Server, choose_loop
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
-from tlsgate.status import (
-    Snapshot,
+from tlsgate.settings.status import (
     StatusAddress,
-    StatusServer,
-    TunnelView,
     check_status_setting,
     exposed_status_warning,
-    merge_views,
-    serve_status,
     status_certificate_config,
-    views_of,
 )
+from tlsgate.status.http import StatusServer, serve_status
+from tlsgate.status.model import Snapshot, TunnelView, merge_views, views_of
 from tlsgate.tls import internals, tickets
 
 _WORKER_CODE = "from tlsgate.process.workers import worker_main; worker_main()"

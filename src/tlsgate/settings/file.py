@@ -47,7 +47,7 @@ from tlsgate.settings.config import (
     shown_path,
     tunnel_config,
 )
-from tlsgate.status import check_status_setting, parse_status_address, status_option_problems
+from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems
 
 __all__ = [
     "ConfigFile",
