@@ -2,6 +2,11 @@
 
 Lives in settings (layer 1) because the command line and the config file check it with every other setting; the
 status port itself (``tlsgate.status``) uses the same parse when it starts listening.
+
+``parse_status_address`` reads the value into a ``StatusAddress``; ``check_status_setting`` adds what needs the
+tunnels (HTTPS needs a certificate: ``status_certificate_config`` picks whose); ``status_option_problems``
+refuses --enable-pprof/--enable-shutdown without --status; ``exposed_status_warning`` is the start-up warning
+for a port other machines can reach.
 """
 
 from __future__ import annotations

@@ -295,7 +295,8 @@ async def serve_status(
     shutdown: Callable[[], None] | None = None,
     pprof: bool = False,
 ) -> StatusServer:
-    """Listen on ``address`` (see the module docstring) and answer from ``source``; with ``shutdown``, a
+    """Listen on ``address`` (a ``--status`` value, see ``parse_status_address``; a bare HOST:PORT is HTTPS when
+    a tunnel has a certificate, else plain HTTP with a warning) and answer from ``source``; with ``shutdown``, a
     ``POST /_shutdown`` calls it (``--enable-shutdown``); with ``pprof``, /debug/pprof/ is served."""
     flag = f"--status {address}"
     where = parse_status_address(address)
