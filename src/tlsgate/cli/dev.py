@@ -14,20 +14,11 @@ import click
 
 from tlsgate import logs
 from tlsgate.cli.support import TlsgateGroup
-from tlsgate.dev import (
-    DEFAULT_LISTEN,
-    DevFront,
-    DevSettings,
-    StoreResult,
-    TrustStores,
-    ca_root,
-    dev_ca_warning,
-    ensure_dev_ca,
-    trust_exit_code,
-    untrust_exit_code,
-)
-from tlsgate.dev import trust as install_ca
-from tlsgate.dev import untrust as remove_ca
+from tlsgate.dev.ca import ca_root, dev_ca_warning, ensure_dev_ca
+from tlsgate.dev.front import DEFAULT_LISTEN, DevFront, DevSettings
+from tlsgate.dev.stores import StoreResult, TrustStores, trust_exit_code, untrust_exit_code
+from tlsgate.dev.stores import trust as install_ca
+from tlsgate.dev.stores import untrust as remove_ca
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.pki import CertificateAuthority
 from tlsgate.process.supervisor import choose_loop
