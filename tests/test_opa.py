@@ -24,7 +24,8 @@ from tlsgate.cli import cli
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
 from tlsgate.policy import Decision, IdentityRules, build_policy
-from tlsgate.policy.rego import Evaluation, certificate_input, load_policy
+from tlsgate.policy.rego import Evaluation, load_policy
+from tlsgate.policy.rego_input import certificate_input
 from tlsgate.settings.config import tunnel_config
 
 from helpers import (

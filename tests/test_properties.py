@@ -149,7 +149,7 @@ def networks(draw: st.DrawFn, version: int) -> ipaddress.IPv4Network | ipaddress
     prefix = draw(st.integers(min_value=0 if version == 4 else 1, max_value=bits))
     net = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
     if version == 6:
-        # Rules for IPv4-mapped space fold to IPv4 (see policy._parse_network); keep v6 rules outside it here.
+        # Rules for IPv4-mapped space fold to IPv4 (see policy.networks._parse_network); keep v6 rules outside it here.
         mapped = ipaddress.ip_network("::ffff:0:0/96")
         if net.overlaps(mapped):
             net = ipaddress.ip_network(f"2001:db8::/{max(prefix, 32)}", strict=False)

@@ -115,7 +115,7 @@ def check(
             click.echo("")
             _echo_identity_comparison(rules, peer)
     if show_input and leaf_der is not None:
-        from tlsgate.policy.rego import peer_input_json
+        from tlsgate.policy.rego_input import peer_input_json
 
         click.echo("")
         click.echo("input of the policy (as ghostunnel gives it):")

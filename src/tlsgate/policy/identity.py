@@ -1,0 +1,260 @@
+"""Who the peer must be: `IdentityRules`, the ``--allow-*`` (server mode) and ``--verify-*`` (client mode) flags.
+
+`IdentityRules.parse` validates flag values (ConfigError names the flag); `IdentityRules.check` takes a
+`PeerIdentity` and returns a `Decision`. The rules are OR'd: CN, OU, DNS SAN, IP SAN, URI SAN (exact values
+are a set lookup, patterns come from `tlsgate.policy.patterns`), key pin, and last the Rego policy
+(`tlsgate.policy.rego`), the only rule that costs more than a set lookup. A refusal names the peer's values
+for the kinds of rule that are set, so the log compares like with like.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from tlsgate.errors import CertificateError, ConfigError, shown
+from tlsgate.policy.decision import Decision, listing, shorten
+from tlsgate.policy.patterns import UriPattern
+from tlsgate.policy.peer import PeerIdentity
+
+if TYPE_CHECKING:
+    from tlsgate.policy.rego import RegoPolicy
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _parse_spki_hash(flag: str, text: str) -> str:
+    """Normalise a SHA-256 pin to lowercase hex: hex with or without colons, or (URL-safe) base64."""
+    value = text.strip()
+    for prefix in ("sha256//", "sha256:"):
+        if value.lower().startswith(prefix):
+            value = value[len(prefix) :]
+    hex_digits = value.replace(":", "")
+    if _HEX.fullmatch(hex_digits):
+        return hex_digits.lower()
+    try:
+        raw = base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) == 32:
+        return raw.hex()
+    raise ConfigError(
+        f"{flag}: {text!r} is not a SHA-256 hash (use 64 hex digits or 44 base64 characters, "
+        "as `tlsgate certs show` prints)"
+    )
+
+
+def _parse_ip(flag: str, text: str) -> str:
+    """An ``--allow-ip``/``--verify-ip`` value: one IPv4 or IPv6 address (an IP SAN holds one, never a network)."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{flag}: {shown(text[:60])} is not an IP address") from None
+
+
+def _nonempty(flag: str, values: Iterable[str]) -> tuple[str, ...]:
+    result = tuple(values)
+    for value in result:
+        if not value.strip():
+            # ghostunnel would compare "" with the CN of a certificate that has none: allow everyone without a CN.
+            raise ConfigError(f"{flag}: empty value")
+    return result
+
+
+class IdentityRules:
+    """Who the peer must be: any of CN, OU, DNS SAN, URI SAN (with wildcards), key pin or Rego policy (OR).
+
+    Server mode uses the ``--allow-*`` flags; client mode checks the server with the same rules under
+    ``--verify-*`` (pass ``flag_prefix="verify"``), and the prefix shows up in rule ids and reasons. Like
+    ghostunnel, an empty rule set refuses every client in server mode and leaves a server to the hostname check
+    in client mode. Only the leaf certificate is looked at.
+
+    The Rego policy (``--allow-policy``/``--verify-policy``, see `tlsgate.policy.rego`) is asked last, only when
+    no other rule matched, because it is the only rule that costs more than a set lookup.
+    """
+
+    __slots__ = (
+        "_cn",
+        "_dns",
+        "_ip",
+        "_ou",
+        "_spki",
+        "_uri_exact",
+        "_uri_patterns",
+        "active",
+        "allow_all",
+        "cn",
+        "dns",
+        "flag_prefix",
+        "ip",
+        "ou",
+        "rego",
+        "spki_sha256",
+        "uri",
+    )
+
+    def __init__(
+        self,
+        *,
+        allow_all: bool = False,
+        cn: Sequence[str] = (),
+        ou: Sequence[str] = (),
+        dns: Sequence[str] = (),
+        uri: Sequence[str] = (),
+        spki_sha256: Sequence[str] = (),
+        flag_prefix: str = "allow",
+        rego: RegoPolicy | None = None,
+        ip: Sequence[str] = (),
+    ) -> None:
+        """Use `parse`; this takes values already checked (URI patterns valid, hashes as lowercase hex)."""
+        self.flag_prefix = flag_prefix
+        self.allow_all = allow_all
+        self.cn, self.ou, self.dns, self.uri = tuple(cn), tuple(ou), tuple(dns), tuple(uri)
+        self.spki_sha256 = tuple(spki_sha256)
+        self.rego = rego
+        self.ip = tuple(ip)
+        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego or ip)
+        self._cn, self._ou = frozenset(cn), frozenset(ou)
+        self._dns = frozenset(name.lower().rstrip(".") for name in dns)
+        # Compared as addresses, so ::1 and 0:0:0:0:0:0:0:1 (or an IPv4 SAN in either spelling) are one value.
+        self._ip = frozenset(ipaddress.ip_address(text) for text in ip)
+        self._spki = frozenset(spki_sha256)
+        patterns = [UriPattern.parse(f"--{flag_prefix}-uri", text) for text in uri]
+        self._uri_patterns = tuple(p for p in patterns if "*" in p.text)
+        # Most URI rules name one SPIFFE ID: a set lookup (with and without the trailing slash) spares the regex.
+        exact = [p.text for p in patterns if "*" not in p.text]
+        self._uri_exact = frozenset(exact) | frozenset(t[:-1] if t.endswith("/") else t + "/" for t in exact)
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        allow_all: bool = False,
+        cn: Iterable[str] = (),
+        ou: Iterable[str] = (),
+        dns: Iterable[str] = (),
+        uri: Iterable[str] = (),
+        spki_sha256: Iterable[str] = (),
+        flag_prefix: str = "allow",
+        rego: RegoPolicy | None = None,
+        ip: Iterable[str] = (),
+    ) -> IdentityRules:
+        """Validate flag values; ConfigError names the flag (``--allow-uri``/``--verify-uri``) and the value."""
+        uris = _nonempty(f"--{flag_prefix}-uri", uri)
+        for text in uris:
+            UriPattern.parse(f"--{flag_prefix}-uri", text)
+        return cls(
+            allow_all=allow_all,
+            cn=_nonempty(f"--{flag_prefix}-cn", cn),
+            ou=_nonempty(f"--{flag_prefix}-ou", ou),
+            dns=_nonempty(f"--{flag_prefix}-dns", dns),
+            uri=uris,
+            spki_sha256=[_parse_spki_hash(f"--{flag_prefix}-spki-sha256", text) for text in spki_sha256],
+            flag_prefix=flag_prefix,
+            rego=rego,
+            ip=[_parse_ip(f"--{flag_prefix}-ip", text) for text in ip],
+        )
+
+    def check(self, peer: PeerIdentity, der: bytes | None = None) -> Decision:
+        """Does ``peer`` match a rule? ``der`` is its certificate, which only the Rego policy needs."""
+        prefix = self.flag_prefix
+        if self.allow_all:
+            return Decision(True, f"{prefix}-all", f"{peer.describe()} allowed by {prefix}-all")
+        if not self.active:
+            if prefix == "allow":
+                return Decision(False, "identity", f"{peer.describe()} not allowed (no --allow-* rule is set)")
+            return Decision(True, f"no-{prefix}-rules", f"no --{prefix}-* rule: the hostname check decides")
+        if peer.common_name in self._cn:
+            return Decision(True, f"{prefix}-cn", f"CN={peer.common_name} matched {prefix}-cn")
+        for unit in peer.organizational_units:
+            if unit in self._ou:
+                return Decision(True, f"{prefix}-ou", f"OU={unit} matched {prefix}-ou")
+        if self._dns:
+            for dns_name in peer.dns_names:
+                if dns_name.lower().rstrip(".") in self._dns:
+                    return Decision(True, f"{prefix}-dns", f"DNS SAN {dns_name} matched {prefix}-dns")
+        if self._ip:
+            for address in peer.ip_addresses:
+                if ipaddress.ip_address(address) in self._ip:
+                    return Decision(True, f"{prefix}-ip", f"IP SAN {address} matched {prefix}-ip")
+        for uri in peer.uris:
+            if uri in self._uri_exact:
+                return Decision(True, f"{prefix}-uri", f"URI SAN {uri} matched {prefix}-uri")
+            for pattern in self._uri_patterns:
+                if pattern.matches(uri):
+                    return Decision(True, f"{prefix}-uri", f"URI SAN {uri} matched {prefix}-uri {pattern.text}")
+        if peer.spki_sha256 in self._spki:
+            return Decision(
+                True, f"{prefix}-spki-sha256", f"SPKI sha256 {peer.spki_sha256[:16]}… matched {prefix}-spki-sha256"
+            )
+        if self.rego is not None:
+            allowed, why = self.rego.check(der) if der else (False, "no certificate to give the policy")
+            if allowed:
+                return Decision(True, f"{prefix}-policy", f"{peer.describe()} allowed: {why}")
+            if not self._has_value_rules():
+                return Decision(False, f"{prefix}-policy", f"{peer.describe()} not allowed: {why}")
+            return Decision(False, "identity", f"{self._refusal(peer)}; {prefix}-policy: {why}")
+        return Decision(False, "identity", self._refusal(peer))
+
+    def _has_value_rules(self) -> bool:
+        return bool(self.cn or self.ou or self.dns or self.uri or self.spki_sha256 or self.ip)
+
+    def check_certificate(self, der: bytes | None) -> Decision:
+        """Client mode, after the handshake with the target: its DER certificate against the ``--verify-*`` rules.
+
+        Never raises, for the same reason as `Policy.check_peer`: a certificate we cannot read is a refusal.
+        """
+        if not der:
+            return Decision(False, "no-server-cert", "target sent no certificate")
+        try:
+            return self.check(PeerIdentity.from_der(der), der)
+        except CertificateError as err:
+            return Decision(False, "bad-cert", f"server {err}")
+        except Exception as err:
+            return Decision(False, "policy-error", f"internal error checking the certificate: {err!r}"[:200])
+
+    def _refusal(self, peer: PeerIdentity) -> str:
+        """Name the peer's values for the kinds of rule that are set, so the reason compares like with like."""
+        present, missing = [], []
+        for rules, label, values in (
+            (self.cn, "CN=", () if peer.common_name is None else (peer.common_name,)),
+            (self.ou, "OU=", peer.organizational_units),
+            (self.dns, "DNS SAN ", peer.dns_names),
+            (self.ip, "IP SAN ", peer.ip_addresses),
+            (self.uri, "URI SAN ", peer.uris),
+        ):
+            if rules:
+                if values:
+                    present.append(label + shorten(",".join(values), 80))
+                else:
+                    missing.append(label.rstrip("= "))
+        if self.spki_sha256:
+            present.append(f"SPKI sha256 {peer.spki_sha256[:16]}…")
+        if present:
+            who = ", ".join(present)
+            note = f"no {' or '.join(missing)}; " if missing else ""
+        else:
+            who, note = f"certificate with no {' or '.join(missing)}", ""
+        return f"{who} not allowed ({note}allowed: {self.summary()})"
+
+    def summary(self) -> str:
+        """The rules in one line, for reasons and start-up logs: ``CN alice, carol; OU eng``."""
+        if self.allow_all:
+            return f"{self.flag_prefix}-all"
+        parts = []
+        for label, values in (("CN", self.cn), ("OU", self.ou), ("DNS", self.dns), ("IP", self.ip), ("URI", self.uri)):
+            if values:
+                parts.append(f"{label} {listing(values)}")
+        if self.spki_sha256:
+            parts.append("SPKI sha256 " + listing([h[:16] + "…" for h in self.spki_sha256]))
+        if self.rego is not None:
+            parts.append(f"policy {self.rego.query}")
+        return "; ".join(parts) or "nothing"
+
+    def __repr__(self) -> str:
+        return f"IdentityRules({self.flag_prefix}: {self.summary()})"
