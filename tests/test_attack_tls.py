@@ -30,7 +30,7 @@ from tlsgate.cli.dev import dev as dev_command
 from tlsgate.engine.runtime import build_runtime
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.tls import contexts, tickets
+from tlsgate.tls import contexts, ossl, tickets
 
 from helpers import (
     backend,
@@ -171,8 +171,8 @@ def _anchor_pool() -> tuple[bytes, ...]:
 def _ticket_key(ctx: ssl.SSLContext) -> bytes:
     pointer = tickets._ctx_pointer(ctx)
     assert pointer is not None and tickets._LIB is not None
-    block = ctypes.create_string_buffer(tickets._KEY_BLOCK)
-    assert tickets._LIB.ctrl(pointer, tickets._SSL_CTRL_GET_TLSEXT_TICKET_KEYS, tickets._KEY_BLOCK, block) == 1
+    block = ctypes.create_string_buffer(ossl.KEY_BLOCK)
+    assert tickets._LIB.ctrl(pointer, ossl.SSL_CTRL_GET_TLSEXT_TICKET_KEYS, ossl.KEY_BLOCK, block) == 1
     return block.raw
 
 

@@ -16,7 +16,7 @@ import trustme
 from tlsgate.errors import ConfigError
 from tlsgate.settings.config import tunnel_config
 from tlsgate.status import Snapshot, prometheus_text
-from tlsgate.tls import closenotify, contexts, internals, tickets
+from tlsgate.tls import closenotify, contexts, internals, ossl, tickets
 
 from helpers import backend, client_context, server_opts, tls_connect, tunnel
 
@@ -51,9 +51,9 @@ def test_a_foreign_openssl_or_object_header_turns_the_ctypes_paths_off_with_the_
     assert "sslobj" in caps.active  # the pure-Python paths do not depend on the C layout
     # The fallback: nothing binds, so closenotify uses unwrap() and tickets keep OpenSSL's own key.
     monkeypatch.setattr(internals, "_capabilities", caps)
-    assert internals.bind("closenotify", closenotify._LibSSL) is None
-    assert internals.bind("tickets", tickets._LibSSL) is None
-    assert internals.bind("verify", internals._VerifyLib) is None
+    assert internals.bind("closenotify", ossl.CloseNotifyLib) is None
+    assert internals.bind("tickets", ossl.TicketLib) is None
+    assert internals.bind("verify", ossl.VerifyLib) is None
     internals.log_startup()
     [line] = [r for r in caplog.records if r.getMessage() == "internals"]
     assert why in line.fields["off"]  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tlsgate.tls import contexts, tickets
+from tlsgate.tls import contexts, ossl, tickets
 
 from helpers import (
     Echo,
@@ -136,7 +136,7 @@ def test_apply_changes_nothing_when_the_pointer_does_not_check_out(
         assert tickets.apply(mismatched) is False
     with monkeypatch.context() as patch:
         # Another struct layout: the next field (the ALPN list, not set) is where we would look for SSL_CTX*.
-        patch.setattr(tickets, "_CTX_OFFSET", tickets._CTX_OFFSET + ctypes.sizeof(ctypes.c_void_p))
+        patch.setattr(ossl, "CTX_OFFSET", ossl.CTX_OFFSET + ctypes.sizeof(ctypes.c_void_p))
         shifted = server()
         assert tickets.apply(shifted) is False
     with monkeypatch.context() as patch:

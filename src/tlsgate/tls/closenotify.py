@@ -7,7 +7,8 @@ data loss: the target has finished, the client is still sending (a half-closed c
 arrive in the instant between the two calls. Python releases the GIL between them, so any other thread widens
 that instant; tests on loopback lost data in about one run in ten.
 
-So we call ``SSL_shutdown`` once ourselves, on the ``SSL*`` behind the socket, through ``ctypes``. Reaching that
+So we call ``SSL_shutdown`` once ourselves, on the ``SSL*`` behind the socket, through ``ctypes``
+(the binding and the pointer read are in `tlsgate.tls.ossl`). Reaching that
 pointer relies on CPython's ``PySSLSocket`` layout (``PyObject_HEAD``, a weakref, then ``SSL *ssl``), unchanged
 from 3.6 to 3.14. Every call checks the pointer twice before trusting it: OpenSSL must report our socket's
 file descriptor for it, and the app-data slot that ``_ssl`` sets to its own object must point back to that
@@ -19,54 +20,21 @@ instant uncovered.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import ssl
-from typing import Any
 
-from tlsgate.tls import internals
+from tlsgate.tls import internals, ossl
 
 _SSL_ERROR_SSL = 1
 _SSL_ERROR_WANT_READ = 2
 _SSL_ERROR_WANT_WRITE = 3
 _SSL_ERROR_SYSCALL = 5
 
-
-class _LibSSL:
-    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
-        self.shutdown = libssl.SSL_shutdown
-        self.shutdown.argtypes = [ctypes.c_void_p]
-        self.shutdown.restype = ctypes.c_int
-        self.get_error = libssl.SSL_get_error
-        self.get_error.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.get_error.restype = ctypes.c_int
-        self.get_fd = libssl.SSL_get_fd
-        self.get_fd.argtypes = [ctypes.c_void_p]
-        self.get_fd.restype = ctypes.c_int
-        self.get_ex_data = libssl.SSL_get_ex_data
-        self.get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        self.get_ex_data.restype = ctypes.c_void_p
-        self.clear_errors = libcrypto.ERR_clear_error
-        self.clear_errors.argtypes = []
-        self.clear_errors.restype = None
-
-
-_LIB = internals.bind("closenotify", _LibSSL)
-# PyObject_HEAD (refcount, type) and the Socket weakref come before the SSL pointer.
-_SSL_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)
+_LIB = internals.bind("closenotify", ossl.CloseNotifyLib)
 
 
 def _ssl_pointer(sock: ssl.SSLSocket) -> int | None:
-    sslobj: Any = getattr(sock, "_sslobj", None)
-    if _LIB is None or sslobj is None or type(sslobj).__basicsize__ <= _SSL_OFFSET:
-        return None
-    pointer = ctypes.c_void_p.from_address(id(sslobj) + _SSL_OFFSET).value
-    if not pointer or _LIB.get_fd(pointer) != sock.fileno():
-        return None
-    # _ssl stores its own object as the SSL's app data (ex_data index 0): a second, independent check.
-    if _LIB.get_ex_data(pointer, 0) != id(sslobj):
-        return None
-    return pointer
+    return None if _LIB is None else ossl.ssl_pointer(_LIB, sock)
 
 
 def send_close_notify(sock: ssl.SSLSocket) -> None:
@@ -87,11 +55,9 @@ def send_close_notify(sock: ssl.SSLSocket) -> None:
         return
     assert _LIB is not None
     _LIB.clear_errors()
-    ctypes.set_errno(0)
-    result = _LIB.shutdown(pointer)
+    result, errno = ossl.shutdown(_LIB, pointer)
     if result >= 0:
         return  # 0: our close_notify is sent; 1: both sides have sent theirs
-    errno = ctypes.get_errno()  # before any other call into the library can change it
     code = _LIB.get_error(pointer, result)
     _LIB.clear_errors()
     if code == _SSL_ERROR_WANT_WRITE:

@@ -41,7 +41,6 @@ The process logs it as one line, and the ``/metrics`` build-info metric carries 
 from __future__ import annotations
 
 import _ssl
-import ctypes
 import logging
 import os
 import platform
@@ -52,9 +51,13 @@ import sysconfig
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tlsgate.errors import ConfigError
+from tlsgate.tls import ossl
+
+if TYPE_CHECKING:
+    import ctypes
 
 _T = TypeVar("_T")
 
@@ -78,19 +81,6 @@ class Facts:
     libcrypto: str | None
 
 
-def loaded_library(stem: str) -> str | None:
-    """The path of the already-loaded library whose file name starts with ``stem`` (the one ``_ssl`` uses)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if os.path.basename(path).startswith(stem + ".so"):
-                    return path
-    except OSError:
-        return None
-    return None
-
-
 def gather_facts() -> Facts:
     """The facts of this process (``_ssl`` is imported, so its OpenSSL is mapped by now)."""
     return Facts(
@@ -100,8 +90,8 @@ def gather_facts() -> Facts:
         gil_disabled=bool(sysconfig.get_config_var("Py_GIL_DISABLED")),
         trace_refs=bool(sysconfig.get_config_var("Py_TRACE_REFS")) or hasattr(sys, "getobjects"),
         ssl_version_number=ssl.OPENSSL_VERSION_NUMBER,
-        libssl=loaded_library("libssl"),
-        libcrypto=loaded_library("libcrypto"),
+        libssl=ossl.loaded_library("libssl"),
+        libcrypto=ossl.loaded_library("libcrypto"),
     )
 
 
@@ -133,35 +123,9 @@ def _layout_problem(facts: Facts) -> str | None:
         return "free-threaded build (another object header)"
     if facts.trace_refs:
         return "Py_TRACE_REFS build (another object header)"
-    if facts.header_size != 2 * ctypes.sizeof(ctypes.c_void_p):
+    if facts.header_size != 2 * ossl.POINTER_SIZE:
         return f"object header of {facts.header_size} bytes"
     return None
-
-
-class OpenSSL:
-    """The two libraries ``_ssl`` uses, opened through ctypes once their version matched ``_ssl``'s."""
-
-    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
-        self.libssl = libssl
-        self.libcrypto = libcrypto
-
-
-def _open_openssl(facts: Facts) -> tuple[OpenSSL | None, str | None]:
-    if facts.libssl is None or facts.libcrypto is None:
-        return None, "OpenSSL is not a shared library here"
-    try:
-        # use_errno: after SSL_ERROR_SYSCALL the reason is in errno, which ctypes keeps only when asked to.
-        libssl = ctypes.CDLL(facts.libssl, use_errno=True)
-        libcrypto = ctypes.CDLL(facts.libcrypto, use_errno=True)
-        version_num = libcrypto.OpenSSL_version_num
-        version_num.argtypes = []
-        version_num.restype = ctypes.c_ulong
-        loaded = int(version_num())
-    except (OSError, AttributeError) as err:
-        return None, f"cannot open OpenSSL ({err})"
-    if loaded != facts.ssl_version_number:
-        return None, f"ctypes found OpenSSL {loaded:#x}, _ssl uses {facts.ssl_version_number:#x}"
-    return OpenSSL(libssl, libcrypto), None
 
 
 def _probe_sslobj() -> object:
@@ -201,7 +165,7 @@ class Capabilities:
 
     active: tuple[str, ...]
     off: dict[str, str] = field(default_factory=dict)
-    openssl: OpenSSL | None = None
+    openssl: ossl.OpenSSL | None = None
 
     def enabled(self, path: str) -> bool:
         return path in self.active
@@ -225,11 +189,11 @@ def probe(environ: Mapping[str, str] | None = None, facts: Facts | None = None) 
     """
     facts = gather_facts() if facts is None else facts
     off = switched_off(os.environ if environ is None else environ)
-    openssl: OpenSSL | None = None
+    openssl: ossl.OpenSSL | None = None
     if any(path not in off for path in _CTYPES_PATHS):
         problem = _layout_problem(facts)
         if problem is None:
-            openssl, problem = _open_openssl(facts)
+            openssl, problem = ossl.open_openssl(facts.libssl, facts.libcrypto, facts.ssl_version_number)
         if problem is not None:
             for path in _CTYPES_PATHS:
                 off.setdefault(path, problem)
@@ -367,59 +331,13 @@ _X509_V_ERR_CERT_REJECTED = 28
 _X509_V_ERR_APPLICATION_VERIFICATION = 50
 # The X509 errors our callback sets: a handshake that failed with one of these was refused by a PeerCheck.
 REFUSAL_CODES = frozenset({_X509_V_ERR_CERT_REVOKED, _X509_V_ERR_CERT_REJECTED, _X509_V_ERR_APPLICATION_VERIFICATION})
-_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-# SSL_VERIFY_* bits as Python reports them through verify_mode.
-_VERIFY_MODES = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 3: ssl.CERT_REQUIRED}
-# PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer in PySSLContext (3.6-3.14).
-_CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
-
-
-def _fn(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> Any:
-    function = getattr(lib, name)
-    function.argtypes = list(argtypes)
-    function.restype = restype
-    return function
-
-
-class _VerifyLib:
-    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
-        vp, i = ctypes.c_void_p, ctypes.c_int
-        self.set_verify = _fn(libssl, "SSL_CTX_set_verify", None, vp, i, _VerifyCallback)
-        self.get_verify_callback = _fn(libssl, "SSL_CTX_get_verify_callback", vp, vp)
-        self.get_verify_mode = _fn(libssl, "SSL_CTX_get_verify_mode", i, vp)
-        self.get_options = _fn(libssl, "SSL_CTX_get_options", ctypes.c_uint64, vp)
-        self.ssl_index = _fn(libssl, "SSL_get_ex_data_X509_STORE_CTX_idx", i)
-        self.get_ssl_ctx = _fn(libssl, "SSL_get_SSL_CTX", vp, vp)
-        self.get_fd = _fn(libssl, "SSL_get_fd", i, vp)
-        self.store_ex_data = _fn(libcrypto, "X509_STORE_CTX_get_ex_data", vp, vp, i)
-        self.current_cert = _fn(libcrypto, "X509_STORE_CTX_get_current_cert", vp, vp)
-        self.error_depth = _fn(libcrypto, "X509_STORE_CTX_get_error_depth", i, vp)
-        self.set_error = _fn(libcrypto, "X509_STORE_CTX_set_error", None, vp, i)
-        self.chain = _fn(libcrypto, "X509_STORE_CTX_get0_chain", vp, vp)
-        self.stack_size = _fn(libcrypto, "OPENSSL_sk_num", i, vp)
-        self.stack_item = _fn(libcrypto, "OPENSSL_sk_value", vp, vp, i)
-        self.i2d = _fn(libcrypto, "i2d_X509", i, vp, ctypes.POINTER(ctypes.c_void_p))
-
-
-_VERIFY = bind("verify", _VerifyLib)
+_VERIFY = bind("verify", ossl.VerifyLib)
 # SSL_CTX* -> the check of the context it belongs to; an entry leaves with its SSLContext (weakref.finalize), so
 # an address OpenSSL reuses for another context never inherits a stale check.
 _checks: dict[int, tuple[PeerCheck, bool]] = {}
 # Socket fd -> the refusal our callback just made there, taken by the engine when the handshake fails.
 _refusals: dict[int, Refusal] = {}
 _callback_failed = False
-
-
-def _der(x509: int) -> bytes:
-    assert _VERIFY is not None
-    size = _VERIFY.i2d(x509, None)
-    if size <= 0:
-        raise ValueError("i2d_X509 failed")
-    buffer = ctypes.create_string_buffer(size)
-    cursor = ctypes.c_void_p(ctypes.addressof(buffer))
-    if _VERIFY.i2d(x509, ctypes.byref(cursor)) != size:
-        raise ValueError("i2d_X509 wrote another size")
-    return buffer.raw
 
 
 def _on_verify(preverify_ok: int, store: int | None) -> int:
@@ -434,10 +352,10 @@ def _on_verify(preverify_ok: int, store: int | None) -> int:
         if entry is None:
             return 1  # a context without a check: the post-handshake check decides, as before
         check, wants_chain = entry
-        leaf = _der(lib.current_cert(store))
+        leaf = ossl.certificate_der(lib, lib.current_cert(store))
         chain: tuple[bytes, ...] = ()
         if wants_chain and (stack := lib.chain(store)):
-            chain = tuple(_der(lib.stack_item(stack, n)) for n in range(lib.stack_size(stack)))
+            chain = tuple(ossl.certificate_der(lib, lib.stack_item(stack, n)) for n in range(lib.stack_size(stack)))
         refusal = check(leaf, chain)
         if refusal is None:
             return 1
@@ -459,21 +377,13 @@ def _on_verify(preverify_ok: int, store: int | None) -> int:
 
 
 # Kept for the life of the process: OpenSSL holds a raw pointer to it.
-_VERIFY_CALLBACK = _VerifyCallback(_on_verify)
-_VERIFY_CALLBACK_ADDRESS = ctypes.cast(_VERIFY_CALLBACK, ctypes.c_void_p).value
+_VERIFY_CALLBACK = ossl.VerifyCallback(_on_verify)
+_VERIFY_CALLBACK_ADDRESS = ossl.address(_VERIFY_CALLBACK)
 
 
 def _context_pointer(ctx: ssl.SSLContext) -> int | None:
-    """The ``SSL_CTX*`` behind ``ctx``, or None unless OpenSSL agrees with Python about what it holds."""
-    lib = _VERIFY
-    if lib is None or not isinstance(ctx, _ssl._SSLContext) or type(ctx).__basicsize__ <= _CTX_OFFSET:
-        return None
-    pointer = ctypes.c_void_p.from_address(id(ctx) + _CTX_OFFSET).value
-    if not pointer or lib.get_options(pointer) != int(ctx.options):
-        return None
-    if _VERIFY_MODES.get(lib.get_verify_mode(pointer) & 3) != ctx.verify_mode:
-        return None
-    return pointer
+    """The ``SSL_CTX*`` behind ``ctx`` for the verify path, or None (path off, or OpenSSL disagrees)."""
+    return None if _VERIFY is None else ossl.context_pointer(_VERIFY, ctx)
 
 
 def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bool = True) -> bool:

@@ -8,7 +8,8 @@ contexts, so every ticket issued before it was refused too. Refused tickets cost
 So each process holds one secret (`process_key`): created at random on first use, or adopted from the parent
 with `set_process_key` in a worker. `apply` installs a ticket key derived from it on a server context. Python's
 ``ssl`` has no API for that, so we call ``SSL_CTX_ctrl(SSL_CTRL_SET_TLSEXT_TICKET_KEYS)`` through ``ctypes`` on
-the ``SSL_CTX*`` behind the context, like `tlsgate.tls.closenotify` does for ``SSL*``.
+the ``SSL_CTX*`` behind the context, like `tlsgate.tls.closenotify` does for ``SSL*`` (both through the
+bindings in `tlsgate.tls.ossl`).
 
 Why derived, not the secret itself: on resumption OpenSSL does not verify the client certificate again, it
 trusts the session. Every context ``_ssl`` makes carries the same session-id context ("Python"), so a ticket
@@ -46,8 +47,6 @@ only on the worker and the configuration that issued the ticket, as before.
 
 from __future__ import annotations
 
-import _ssl
-import ctypes
 import hashlib
 import os
 import ssl
@@ -59,15 +58,9 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tlsgate.tls import internals
+from tlsgate.tls import internals, ossl
 
-_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
-_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
-# OpenSSL's ticket-key block: 16 bytes key name, 32 bytes HMAC secret, 32 bytes AES key.
-_KEY_BLOCK = 80
 SECRET_LENGTH = 32
-# SSL_VERIFY_* bits as Python reports them through verify_mode.
-_VERIFY_MODES = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 3: ssl.CERT_REQUIRED}
 
 MAX_AUTHENTICATION_AGE = 7200.0
 """Seconds after a full handshake that resumptions stemming from it are accepted: OpenSSL's default session
@@ -80,48 +73,7 @@ _RETURN_ABORT, _RETURN_IGNORE, _RETURN_IGNORE_RENEW, _RETURN_USE, _RETURN_USE_RE
 # The application data a ticket carries: a tag, then the time of the full handshake (whole seconds since 1970).
 _STAMP = struct.Struct(">4sQ")
 _STAMP_TAG = b"tga1"
-_GenerateTicket = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_DecryptTicket = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p
-)
-
-
-class _LibSSL:
-    def __init__(self, libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
-        self.ctrl = libssl.SSL_CTX_ctrl
-        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        self.ctrl.restype = ctypes.c_long
-        # uint64_t in OpenSSL 3 (unsigned long before: the same on 64-bit Linux; elsewhere the check fails).
-        self.get_options = libssl.SSL_CTX_get_options
-        self.get_options.argtypes = [ctypes.c_void_p]
-        self.get_options.restype = ctypes.c_uint64
-        self.get_verify_mode = libssl.SSL_CTX_get_verify_mode
-        self.get_verify_mode.argtypes = [ctypes.c_void_p]
-        self.get_verify_mode.restype = ctypes.c_int
-        self.set_ticket_callbacks = libssl.SSL_CTX_set_session_ticket_cb
-        self.set_ticket_callbacks.argtypes = [ctypes.c_void_p, _GenerateTicket, _DecryptTicket, ctypes.c_void_p]
-        self.set_ticket_callbacks.restype = ctypes.c_int
-        self.get_session = libssl.SSL_get_session
-        self.get_session.argtypes = [ctypes.c_void_p]
-        self.get_session.restype = ctypes.c_void_p
-        self.set_ticket_appdata = libssl.SSL_SESSION_set1_ticket_appdata
-        self.set_ticket_appdata.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        self.set_ticket_appdata.restype = ctypes.c_int
-        self.get_ticket_appdata = libssl.SSL_SESSION_get0_ticket_appdata
-        self.get_ticket_appdata.argtypes = [
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_size_t),
-        ]
-        self.get_ticket_appdata.restype = ctypes.c_int
-        self.clear_errors = libcrypto.ERR_clear_error
-        self.clear_errors.argtypes = []
-        self.clear_errors.restype = None
-
-
-_LIB = internals.bind("tickets", _LibSSL)
-# PyObject_HEAD (refcount, type) comes before the SSL_CTX pointer.
-_CTX_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
+_LIB = internals.bind("tickets", ossl.TicketLib)
 
 _lock = threading.Lock()
 _secret: bytes | None = None
@@ -147,18 +99,13 @@ def set_process_key(key: bytes) -> None:
 
 def _ctx_pointer(ctx: ssl.SSLContext) -> int | None:
     """The ``SSL_CTX*`` behind ``ctx``, or None unless OpenSSL agrees with Python about what it holds."""
-    if _LIB is None or not isinstance(ctx, _ssl._SSLContext) or type(ctx).__basicsize__ <= _CTX_OFFSET:
+    if _LIB is None:
         return None
-    pointer = ctypes.c_void_p.from_address(id(ctx) + _CTX_OFFSET).value
-    if not pointer:
-        return None
-    # Python reads both of these from this very SSL_CTX: a 64-bit value and a small one must match.
-    if _LIB.get_options(pointer) != int(ctx.options):
-        return None
-    if _VERIFY_MODES.get(_LIB.get_verify_mode(pointer) & 3) != ctx.verify_mode:
+    pointer = ossl.context_pointer(_LIB, ctx)
+    if pointer is None:
         return None
     # With no buffer, the "get keys" ctrl answers the block size: proves the ctrl exists and the layout is ours.
-    if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, None) != _KEY_BLOCK:
+    if ossl.ticket_key_size(_LIB, pointer) != ossl.KEY_BLOCK:
         _LIB.clear_errors()
         return None
     return pointer
@@ -187,12 +134,10 @@ def _now() -> float:
 def _authenticated_at(session: int) -> int | None:
     """The full-handshake time stamped in ``session``'s ticket data, or None when it carries no stamp of ours."""
     assert _LIB is not None
-    data, size = ctypes.c_void_p(), ctypes.c_size_t()
-    if _LIB.get_ticket_appdata(session, ctypes.byref(data), ctypes.byref(size)) != 1:
+    data = ossl.get_ticket_appdata(_LIB, session)
+    if data is None or len(data) != _STAMP.size:
         return None
-    if not data.value or size.value != _STAMP.size:
-        return None
-    tag, when = _STAMP.unpack(ctypes.string_at(data.value, size.value))
+    tag, when = _STAMP.unpack(data)
     return int(when) if tag == _STAMP_TAG else None
 
 
@@ -231,13 +176,13 @@ def _on_ticket(
 
 
 # Kept here for the life of the process: OpenSSL holds raw pointers to these.
-_GENERATE_CALLBACK = _GenerateTicket(_on_new_ticket)
-_DECRYPT_CALLBACK = _DecryptTicket(_on_ticket)
+_GENERATE_CALLBACK = ossl.GenerateTicket(_on_new_ticket)
+_DECRYPT_CALLBACK = ossl.DecryptTicket(_on_ticket)
 
 
 def _key_block(secret: bytes, scope: bytes) -> bytes:
     info = b"tlsgate session ticket keys v2\0" + scope
-    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BLOCK, salt=None, info=info).derive(secret)
+    return HKDF(algorithm=hashes.SHA256(), length=ossl.KEY_BLOCK, salt=None, info=info).derive(secret)
 
 
 def apply(ctx: ssl.SSLContext, admission: Sequence[bytes] = ()) -> bool:
@@ -259,18 +204,18 @@ def apply(ctx: ssl.SSLContext, admission: Sequence[bytes] = ()) -> bool:
         return False
     assert _LIB is not None
     block = _key_block(process_key(), _scope(ctx, admission))
-    previous, readback = ctypes.create_string_buffer(_KEY_BLOCK), ctypes.create_string_buffer(_KEY_BLOCK)
     try:
-        if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous) != 1:
+        previous = ossl.get_ticket_keys(_LIB, pointer)
+        if previous is None:
             return False
         # Callbacks first: a shared key without the age bound would let TLS 1.3 chains run on forever.
         if _LIB.set_ticket_callbacks(pointer, _GENERATE_CALLBACK, _DECRYPT_CALLBACK, None) != 1:
             return False
-        if _LIB.ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, block) != 1:
+        if not ossl.set_ticket_keys(_LIB, pointer, block):
             return False
-        if _LIB.ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, readback) == 1 and readback.raw == block:
+        if ossl.get_ticket_keys(_LIB, pointer) == block:
             return True
-        _LIB.ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, _KEY_BLOCK, previous)  # put OpenSSL's own key back
+        ossl.set_ticket_keys(_LIB, pointer, previous)  # put OpenSSL's own key back
         return False
     finally:
         _LIB.clear_errors()  # a refused ctrl leaves an error queued that the next ssl call would report
