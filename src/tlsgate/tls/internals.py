@@ -34,6 +34,9 @@ ctypes is the very one ``_ssl`` is linked with (``OpenSSL_version_num()`` of the
 ``ssl.OPENSSL_VERSION_NUMBER``), so the pointer means the same thing to both. Each module then checks each
 pointer again before using it (file descriptor, options, verify mode).
 
+The ctypes bindings themselves (opening the libraries, symbol prototypes, reading a pointer out of an object,
+ctypes buffers) are all in `tlsgate.tls.ossl`; this module decides whether they may be used (`bind`).
+
 At start-up `report` gives one `Capabilities` value: the active paths and, for each path that is off, why.
 The process logs it as one line, and the ``/metrics`` build-info metric carries it as a label.
 """
