@@ -108,8 +108,11 @@ def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -
         yield submodule if submodule in MODULES else base
 
 
-def imports(path: Path, module: str | None = None) -> list[Import]:
-    """Every import of a tlsgate module in ``path`` (module ``module``), except those under ``if TYPE_CHECKING:``."""
+def imports(path: Path, module: str | None = None, *, everything: bool = False) -> list[Import]:
+    """Every import of a tlsgate module in ``path`` (module ``module``), except those under ``if TYPE_CHECKING:``.
+
+    ``everything`` keeps imports of other modules too (the standard library, third parties) as they are named.
+    """
     module = module_name(path) if module is None else module
     found: list[Import] = []
 
@@ -120,7 +123,7 @@ def imports(path: Path, module: str | None = None) -> list[Import]:
             return
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             for target in _targets(node, module, path.name == "__init__.py"):
-                if target == "tlsgate" or target.startswith("tlsgate."):
+                if everything or target == "tlsgate" or target.startswith("tlsgate."):
                     found.append(Import(target, node.lineno, at_import_time))
             return
         # A function body runs when called, not when the module is imported (a lambda has no statements).
@@ -213,6 +216,16 @@ def test_no_import_cycle_at_import_time() -> None:
     for module in graph:
         if module not in done:
             visit(module)
+
+
+def test_only_tls_ossl_uses_ctypes() -> None:
+    """Every ctypes binding (library, prototypes, pointer reads) is in one module, checked once at start-up."""
+    users = sorted(
+        _relative(path)
+        for path in MODULES.values()
+        if any(found.target.split(".")[0] == "ctypes" for found in imports(path, everything=True))
+    )
+    assert users == ["tls/ossl.py"]
 
 
 def test_known_exceptions_are_still_needed() -> None:
