@@ -48,18 +48,14 @@ KNOWN_LAYER_EXCEPTIONS: frozenset[str] = frozenset(
     {
         "settings/file.py",  # engine.runtime, process.*, status: moving down into settings (settings helper)
         "engine/sockets.py",  # a lazy process.systemd.activated_listener (for systemd:NAME listeners)
-        "status/__init__.py",  # the same lazy process.systemd.activated_listener (the status port)
+        "status/http.py",  # the same lazy process.systemd.activated_listener (the status port)
     }
 )
 KNOWN_SIZE_EXCEPTIONS: frozenset[str] = frozenset(
     {
-        "policy/__init__.py",
-        "policy/rego.py",
         "pki/__init__.py",
         "engine/tunnel.py",
         "engine/proxyproto.py",
-        "status/__init__.py",
-        "dev/__init__.py",
         "process/workers.py",
         "settings/config.py",
         "settings/file.py",
