@@ -47,8 +47,6 @@ LAYERS: dict[str, int] = {
 KNOWN_LAYER_EXCEPTIONS: frozenset[str] = frozenset(
     {
         "settings/file.py",  # engine.runtime, process.*, status: moving down into settings (settings helper)
-        "engine/sockets.py",  # a lazy process.systemd.activated_listener (for systemd:NAME listeners)
-        "status/http.py",  # the same lazy process.systemd.activated_listener (the status port)
     }
 )
 KNOWN_SIZE_EXCEPTIONS: frozenset[str] = frozenset(

@@ -12,6 +12,7 @@ import socket
 import stat
 from typing import Any
 
+from tlsgate.engine.activation import activated_listener
 from tlsgate.errors import StartupError, shown
 from tlsgate.settings.addresses import Address
 
@@ -25,8 +26,6 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
     """Listening sockets for ``address``: every local address a host name resolves to, a unix socket, or the one
     socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply)."""
     if address.is_activated:
-        from tlsgate.process.systemd import activated_listener
-
         return [activated_listener(address.systemd)]
     if address.is_unix:
         return [bind_unix(address.path)]
@@ -79,24 +78,26 @@ def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at ``path``; a stale socket file of a dead process is replaced, a live one refused."""
+def remove_stale_socket(path: str, flag: str = "--listen") -> None:
+    """A socket file left by a process that died is removed; a live one, or any other file, is an error."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(mode):
-            raise StartupError(f"--listen unix:{path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX)
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{flag} unix:{path}: exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)  # stale socket left by a process that died
-        else:
-            raise StartupError(f"--listen unix:{path}: another process is listening there")
-        finally:
-            probe.close()
+            os.unlink(path)
+            return
+    raise StartupError(f"{flag} unix:{path}: another process is listening there")
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path``; a stale socket file of a dead process is replaced, a live one refused."""
+    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

@@ -12,13 +12,13 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import ssl
-import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tlsgate import logs
+from tlsgate.engine.activation import activated_listener
+from tlsgate.engine.sockets import remove_stale_socket
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
@@ -132,14 +132,12 @@ class StatusServer:
             kwargs["ssl_handshake_timeout"] = _REQUEST_TIMEOUT
         try:
             if address.is_activated:
-                from tlsgate.process.systemd import activated_listener
-
                 # systemd bound it (and owns a unix path): serve on it, never unlink it.
                 server = await asyncio.start_server(
                     self._handle, sock=activated_listener(address.systemd, "--status"), **kwargs
                 )
             elif address.is_unix:
-                _remove_stale_socket(address.path, flag)
+                remove_stale_socket(address.path, flag)
                 server = await asyncio.start_unix_server(self._handle, address.path, **kwargs)
                 self._unix_path = address.path
             else:
@@ -268,23 +266,6 @@ def _response(code: int, content_type: str, body: bytes, *, allow: str = "", hea
         lines.append(f"Allow: {allow}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
     return head if head_only else head + body
-
-
-def _remove_stale_socket(path: str, flag: str) -> None:
-    """A socket file left by a process that died is removed; a live one, or any other file, is an error."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise StartupError(f"{flag}: unix:{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise StartupError(f"{flag}: unix:{path}: another process is listening there")
 
 
 async def serve_status(
