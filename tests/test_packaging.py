@@ -34,7 +34,7 @@ from tlsgate.cli import cli
 from tlsgate.cli.extras import _escape, render_man_page
 from tlsgate.engine.runtime import build_runtime, usage_verdict
 from tlsgate.process import platforms
-from tlsgate.process.supervisor import choose_loop
+from tlsgate.process.lifecycle import choose_loop
 from tlsgate.settings.config import tunnel_config
 from tlsgate.tls import contexts
 

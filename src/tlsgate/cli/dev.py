@@ -21,7 +21,7 @@ from tlsgate.dev.stores import trust as install_ca
 from tlsgate.dev.stores import untrust as remove_ca
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.process.supervisor import choose_loop
+from tlsgate.process.lifecycle import choose_loop
 
 
 @click.group(cls=TlsgateGroup, invoke_without_command=True)

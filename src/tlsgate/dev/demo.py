@@ -15,7 +15,8 @@ import click
 
 from tlsgate import logs
 from tlsgate.pki import CertificateAuthority, load_certificates
-from tlsgate.process.supervisor import Server, choose_loop
+from tlsgate.process.lifecycle import choose_loop
+from tlsgate.process.supervisor import Server
 from tlsgate.settings.config import tunnel_config
 
 _PAGE = """<!doctype html>

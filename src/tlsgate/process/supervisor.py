@@ -6,36 +6,37 @@ ghostunnel exits 1 when its shutdown timeout fires), so a supervisor can tell a 
 SIGHUP/SIGUSR1 (and --timed-reload): rebuild certificates and policies from disk; a reload that fails keeps what
 is running and logs why. With a config file, SIGHUP also re-reads
 the file: changed tunnels are replaced, unchanged ones keep their connections, added and removed ones start
-and stop.
+and stop. The signal handlers, timers and stop state are ``tlsgate.process.lifecycle``'s, shared with the
+``--workers`` parent; this module says what stop, reload and drain mean for tunnels in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
-import os
-import signal
 import socket
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from tlsgate import logs
 from tlsgate.engine.runtime import build_runtime
 from tlsgate.engine.tunnel import Tunnel
 from tlsgate.errors import StartupError, TlsgateError, shown
-from tlsgate.process import platforms, systemd
+from tlsgate.process import systemd
 from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
+from tlsgate.process.lifecycle import (
+    EXIT_CONNECTIONS_CUT,
+    Lifecycle,
+    choose_loop,
+    prepare_process,
+    tunnel_key,
+    watchdog,
+)
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
 from tlsgate.tls import internals
-
-# The process exit code when shutting down had to cut connections (--shutdown-timeout expired, or a second stop
-# signal): ghostunnel's code for the same event. Bad input is 2 (cli_support.UserError), a clean stop 0.
-EXIT_CONNECTIONS_CUT = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,17 @@ class ProcessOptions:
 
 
 class Server:
+    """The tunnels of one process in one event loop: start-up, reload, graceful drain.
+
+    ``serve()`` runs it as ``tlsgate server`` does (signals, systemd, until a stop signal). As a library::
+
+        async with Server(configs, ProcessOptions()) as server:
+            ...  # every tunnel listens (server.tunnels), the status port is up
+
+    entering raises the start-up error (`StartupError`, `ConfigError`) with nothing left listening; leaving stops
+    the server and waits for the drain (``exit_code`` then holds what ``serve()`` would have returned).
+    """
+
     # Whether start() logs overdue CRLs; a --workers worker leaves that to the parent, which says it once.
     announce_overdue_crls = True
     # The one start-up line naming the private paths in use (tlsgate.tls.internals); a --workers parent logs it.
@@ -79,15 +91,13 @@ class Server:
         # status and metrics keep counting those connections (as retiring) until the last one ends.
         self.retired: dict[Tunnel, str] = {}
         self.started = asyncio.Event()
+        self.lifecycle = Lifecycle()
+        self.exit_code: int | None = None
         self._stop = asyncio.Event()
-        self._stopping = False
         self._cut_by_signal = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reload_timer: asyncio.TimerHandle | None = None
-        # Signals handled with signal.signal because the loop cannot (see _install_signals), and the handler each
-        # had before, put back on stop: SIGINT's was Python's KeyboardInterrupt, not the default.
-        self._plain_signals: dict[signal.Signals, Any] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._closing: asyncio.Future[int] | None = None
         self.status_server: Any = None
 
     # -- start / stop ----------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ class Server:
             for cfg, runtime in runtimes:
                 tunnel = Tunnel(cfg, runtime, reuse_port=reuse_port)
                 try:
-                    tunnel.start(self._loop, (listeners or {}).get(_key(cfg)))
+                    tunnel.start(self._loop, (listeners or {}).get(tunnel_key(cfg)))
                     _check_socket_family(tunnel)
                 except StartupError as err:
                     # With many tunnels from one file, "--listen :8443: address in use" must say whose it is.
@@ -112,7 +122,7 @@ class Server:
                         raise
                     raise StartupError(f"tunnel {shown(cfg.name)}: {err}") from None
                 started.append(tunnel)
-                self.tunnels[_key(cfg)] = tunnel
+                self.tunnels[tunnel_key(cfg)] = tunnel
         except BaseException:
             for tunnel in started:
                 tunnel.stop_listening()
@@ -127,23 +137,14 @@ class Server:
                 log_overdue_crls(cfg.label, crls)
         if self.announces_internals:
             internals.log_startup()
-        self._install_signals()
-        self._schedule_timed_reload()
-        self._flush_logs_periodically()
+        self.lifecycle.install_signals(self._loop, lambda _: self.stop(), lambda _: self.reload())
+        self.lifecycle.schedule_timed_reload(self._loop, lambda: self.configs, self.reload)
+        self.lifecycle.flush_logs_periodically(self._loop)
         self.started.set()
 
-    def _flush_logs_periodically(self) -> None:
-        logs.flush_logs()
-        if not self._stopping and self._loop is not None:
-            self._loop.call_later(logs.FLUSH_INTERVAL, self._flush_logs_periodically)
-
     async def serve(self, ready: Callable[[Server], Awaitable[None] | None] | None = None) -> int:
-        notifier = systemd.notifier()
-        notifier.start_watchdog(asyncio.get_running_loop())
-        try:
+        with watchdog(asyncio.get_running_loop()) as notifier:
             return await self._serve(ready, notifier)
-        finally:
-            notifier.stop_watchdog()
 
     def describe(self, state: str) -> str:
         """A one-line state for ``systemctl status``: ``listening | server proxying :8443 => 127.0.0.1:8080``."""
@@ -153,6 +154,35 @@ class Server:
         return f"{state} | {systemd.describe(tunnels)}"
 
     async def _serve(self, ready: Callable[[Server], Awaitable[None] | None] | None, notifier: systemd.Notifier) -> int:
+        await self._open()
+        if ready is not None:
+            result = ready(self)
+            if asyncio.iscoroutine(result):
+                await result
+        notifier.ready(self.describe("listening"))
+        await self._stop.wait()
+        return await self._close()
+
+    async def __aenter__(self) -> Server:
+        await self._open()
+        # The drain starts as soon as anything calls stop() (a signal, POST /_shutdown, the caller), as under serve().
+        self._closing = asyncio.ensure_future(self._close_when_stopped())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if not self.stopping:
+            self.stop()
+        assert self._closing is not None
+        await self._closing
+
+    async def _close_when_stopped(self) -> int:
+        await self._stop.wait()
+        return await self._close()
+
+    async def _open(self) -> None:
+        """Start the tunnels and the status port; on a start-up error, raise it with nothing left listening."""
         from tlsgate.settings.status import check_status_setting, exposed_status_warning
         from tlsgate.status.http import start_status_server
 
@@ -164,32 +194,29 @@ class Server:
                 exposed_status_warning(status, self.options.status)
                 self.status_server = await start_status_server(self, self.options.status)
         except BaseException:
-            # The tunnels already listen: close them, and let go of the signal handlers that point at us.
+            # The tunnels already listen: close them, and let go of the signal handlers and timers that point at us.
             for tunnel in self.tunnels.values():
                 tunnel.stop_listening()
-            self._remove_signals()
+            self.lifecycle.close()
             raise
-        if ready is not None:
-            result = ready(self)
-            if asyncio.iscoroutine(result):
-                await result
-        notifier.ready(self.describe("listening"))
-        await self._stop.wait()
+
+    async def _close(self) -> int:
+        """Drain (after `stop`); the exit code: 0, or `EXIT_CONNECTIONS_CUT` when connections had to be cut."""
         cut = await self._drain()
-        return EXIT_CONNECTIONS_CUT if cut else 0
+        self.exit_code = EXIT_CONNECTIONS_CUT if cut else 0
+        return self.exit_code
 
     @property
     def stopping(self) -> bool:
-        return self._stopping
+        return self.lifecycle.stopping
 
     def stop(self) -> None:
         """First call: graceful drain. Second call: cut every connection now."""
-        if self._stopping:
+        if not self.lifecycle.begin_stop():
             logs.event("second stop signal: closing all connections now", logging.WARNING)
             for tunnel in [*self.tunnels.values(), *self.retired]:
                 self._cut_by_signal += tunnel.abort_all("shutdown")
             return
-        self._stopping = True
         open_connections = sum(t.active for t in [*self.tunnels.values(), *self.retired])
         logs.event("shutting down", open=open_connections)
         systemd.notifier().stopping(f"stopping | draining {open_connections} connections")
@@ -197,8 +224,7 @@ class Server:
 
     async def _drain(self) -> int:
         """Drain every tunnel; how many connections had to be cut (by the timeout or a second signal)."""
-        if self._reload_timer is not None:
-            self._reload_timer.cancel()
+        self.lifecycle.cancel("reload")
         if self.status_server is not None:
             self.status_server.close()
         tunnels = [*self.tunnels.values(), *self.retired]
@@ -211,56 +237,18 @@ class Server:
         cut = timed_out + self._cut_by_signal
         logs.event("stopped", cut=cut)
         logs.flush_logs()
-        self._remove_signals()
+        self.lifecycle.close()
         return cut
 
-    # -- signals and reload ----------------------------------------------------------------------------------
-
-    def _install_signals(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        handlers: list[tuple[signal.Signals, Callable[[], object]]] = [
-            *((sig, self.stop) for sig in platforms.signals(platforms.STOP_SIGNALS)),
-            *((sig, self.reload) for sig in platforms.signals(platforms.RELOAD_SIGNALS)),
-        ]
-        try:
-            for sig, handler in handlers:
-                try:
-                    loop.add_signal_handler(sig, handler)
-                except NotImplementedError:
-                    # Windows' event loops have no add_signal_handler; a plain handler hands over to the loop.
-                    previous = signal.signal(sig, functools.partial(_call_in_loop, loop, handler))
-                    self._plain_signals[sig] = previous
-        except (RuntimeError, ValueError):
-            return  # not the main thread (tests run servers in-process); signals are the caller's business
-        if not platforms.signals(platforms.RELOAD_SIGNALS):
-            logs.event(
-                "no SIGHUP or SIGUSR1 on this platform: reload with --timed-reload (or a restart)", logging.WARNING
-            )
+    # -- reload ----------------------------------------------------------------------------------------------
 
     def _remove_signals(self) -> None:
-        if self._loop is None:
-            return
-        for sig in platforms.signals((*platforms.STOP_SIGNALS, *platforms.RELOAD_SIGNALS)):
-            if sig in self._plain_signals:
-                signal.signal(sig, self._plain_signals[sig])
-                continue
-            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
-                self._loop.remove_signal_handler(sig)
-        self._plain_signals.clear()
-
-    def _schedule_timed_reload(self) -> None:
-        intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
-        if intervals and self._loop is not None:
-            self._reload_timer = self._loop.call_later(min(intervals), self._timed_reload)
-
-    def _timed_reload(self) -> None:
-        self.reload()
-        self._schedule_timed_reload()
+        """Give the stop and reload signals back (a caller that ran `start` alone, without `serve`)."""
+        self.lifecycle.remove_signals()
 
     def reload(self) -> bool:
         """Re-read certificates, CA bundles, CRLs and policies (and the config file, when there is one)."""
-        if self._stopping:
+        if self.stopping:
             return False
         notifier = systemd.notifier()
         notifier.reloading(self.describe("reloading"))
@@ -293,7 +281,7 @@ class Server:
         assert self.load_configs is not None and self._loop is not None
         try:
             configs = self.load_configs()
-            wanted = {_key(cfg): cfg for cfg in configs}
+            wanted = {tunnel_key(cfg): cfg for cfg in configs}
             runtimes = {key: build_runtime(cfg) for key, cfg in wanted.items()}
             overdue = {key: check_runtime_crls(wanted[key], runtime) for key, runtime in runtimes.items()}
         except TlsgateError as err:
@@ -389,42 +377,14 @@ def _check_socket_family(tunnel: Tunnel) -> None:
         raise StartupError(f"--listen {cfg.listen} {problem}")
 
 
-def _key(cfg: TunnelConfig) -> str:
-    return cfg.name or str(cfg.listen)
-
-
 def _socket_key(key: str, listen: Address) -> tuple[str, Address]:
     """Which tunnel may take over sockets bound for ``listen``: any on the same address, except for port 0."""
     return (key if listen.port == 0 and not (listen.is_unix or listen.is_activated) else "", listen)
 
 
-def choose_loop(kind: str = "auto") -> Callable[[Any], Any]:
-    """``asyncio.run``, or uvloop's when it is installed and not turned off (``--loop``, ``TLSGATE_LOOP``)."""
-    kind = os.environ.get("TLSGATE_LOOP", kind) if kind == "auto" else kind
-    if kind in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise TlsgateError("--loop uvloop: uvloop is not installed (pip install 'tlsgate[speed]')") from None
-        else:
-            return uvloop.run
-    if sys.platform == "win32":
-        return platforms.run_on_selector_loop
-    return asyncio.run
-
-
-def _call_in_loop(loop: asyncio.AbstractEventLoop, handler: Callable[[], object], *_: object) -> None:
-    """A ``signal.signal`` handler (it gets the signal and the frame) that runs ``handler`` in ``loop``."""
-    loop.call_soon_threadsafe(handler)
-
-
 def run_server(configs: Sequence[TunnelConfig], options: ProcessOptions, **kwargs: Any) -> int:
     """Blocking entry point for the CLI."""
-    systemd.consume_environment()
-    platforms.check_startup(configs, options.workers, options.status, options.syslog)
-    logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
-    internals.report()  # a bad TLSGATE_INTERNALS stops here (exit 2), before anything listens
+    prepare_process(configs, options)
     runner = choose_loop(options.loop)
 
     async def main() -> int:
