@@ -2,9 +2,8 @@
 
 Ports. Every worker binds its own listening sockets with SO_REUSEPORT, so the kernel spreads new connections
 over the workers' accept queues and no two processes wake up for the same connection. Before any worker starts,
-the parent binds each TCP listen address itself, with SO_REUSEPORT and *without* listening (a socket that does
-not listen gets no connections). That turns port 0 into a real port for every worker to bind, reports a port in
-use as a one-line error before anything starts, and keeps the port ours while a worker restarts. A unix socket
+the parent reserves each TCP listen address (``tlsgate.process.ports``: port 0 becomes a real port, a port in use
+fails before anything starts, the port stays ours while a worker restarts). A unix socket
 cannot be shared that way, so the parent creates it once and every worker inherits the same listening socket.
 A socket systemd passed (``systemd:NAME``) is shared the same way: the parent takes it and every worker accepts
 from that one socket (one accept queue, so no SO_REUSEPORT spreading; the workers take turns as they are free).
@@ -12,11 +11,10 @@ The parent also keeps systemd's variables to itself (``tlsgate.process.systemd``
 worker is ready), RELOADING=1 and STOPPING=1, and feeds the watchdog from its own event loop.
 
 Workers. Each is a fresh interpreter (``python -P -c ...``), not a fork: the parent runs an event loop and may
-run threads, neither of which survives a fork cleanly. It gets its settings as one pickled message over a
-socketpair; the same socketpair then carries JSON lines: ``ready`` from the worker once it listens, and answers
-to the parent's ``stats`` requests. End of file on it means the other side is gone: the parent learns that a
-worker died, and a worker whose parent was killed drains and exits instead of lingering on the port. Workers run
-in their own session so a terminal's Ctrl-C reaches only the parent, which passes each signal on exactly once.
+run threads, neither of which survives a fork cleanly. ``tlsgate.process.worker`` is its side: the plan it
+receives over a socketpair, its ``ready`` line and its answers to ``stats``. End of file on the socketpair tells
+the parent that a worker died. Workers run in their own session so a terminal's Ctrl-C reaches only the parent,
+which passes each signal on exactly once.
 
 Session tickets. The parent's ticket secret (`tlsgate.tls.tickets`) travels in the pickled message, so every worker,
 and every restarted one, issues and accepts the same tickets: a returning client resumes whichever worker the
@@ -49,15 +47,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from tlsgate import logs
 from tlsgate.engine.runtime import build_runtime
-from tlsgate.engine.sockets import bind_listeners, bind_tcp
-from tlsgate.errors import StartupError, TlsgateError, shown
+from tlsgate.engine.sockets import bind_listeners
+from tlsgate.errors import TlsgateError
 from tlsgate.process import platforms, systemd
 from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
-from tlsgate.process.supervisor import EXIT_CONNECTIONS_CUT, ProcessOptions, Server, choose_loop
+from tlsgate.process.lifecycle import Lifecycle, prepare_process, tunnel_key, watchdog
+from tlsgate.process.ports import apply_listen_map, reserve
+from tlsgate.process.supervisor import ProcessOptions
+from tlsgate.process.worker import EXIT_CUT, WorkerPlan
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
 from tlsgate.settings.status import (
@@ -70,10 +70,7 @@ from tlsgate.status.http import StatusServer, serve_status
 from tlsgate.status.model import Snapshot, TunnelView, merge_views, views_of
 from tlsgate.tls import internals, tickets
 
-_WORKER_CODE = "from tlsgate.process.workers import worker_main; worker_main()"
-# A worker's exit code when it stopped as told but had to cut connections at --shutdown-timeout. Not 1, which any
-# uncaught error also gives: the parent must not call this worker broken. The parent then exits 1 itself.
-_EXIT_CUT = 4
+_WORKER_CODE = "from tlsgate.process.worker import worker_main; worker_main()"
 # A worker's answer to "stats" must come this fast, or status uses its previous answer.
 _STATS_TIMEOUT = 1.0
 # Restart back-off: the first restart waits this long, each quick failure doubles it, up to the cap.
@@ -87,7 +84,6 @@ _KILL_GRACE = 10.0
 _LINE_LIMIT = 16 * 1024 * 1024
 # platforms.signals: the module must import where SIGHUP is missing, so check_startup can say what is.
 _RELOAD_SIGNALS = platforms.signals(platforms.RELOAD_SIGNALS)
-_STOP_SIGNALS = platforms.signals(platforms.STOP_SIGNALS)
 
 
 def restart_delay(failures: int) -> float:
@@ -102,32 +98,12 @@ def run_workers(
     load_configs: Callable[[], list[TunnelConfig]] | None = None,
 ) -> int:
     """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function)."""
-    systemd.consume_environment()  # before any worker starts: they must not see LISTEN_* or NOTIFY_SOCKET
-    platforms.check_startup(configs, options.workers, options.status, options.syslog)
-    logs.setup_logging(options.log_format, options.quiet, syslog=options.syslog)
-    platforms.warn_about_workers(options.workers)
-    internals.report()  # a bad TLSGATE_INTERNALS stops here (exit 2), before any worker starts
+    prepare_process(configs, options)  # before any worker starts: they must not see LISTEN_* or NOTIFY_SOCKET
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
     return asyncio.run(_Pool(configs, options, load_configs).run())
 
 
 # -- the parent ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    """What a worker needs, sent to it pickled as its first message."""
-
-    index: int
-    configs: list[TunnelConfig]
-    options: ProcessOptions
-    # Tunnel key -> the fd of the parent's unix or systemd listening socket (fd numbers survive pass_fds unchanged).
-    unix_fds: dict[str, int]
-    # Port-0 listen addresses -> the concrete address the parent reserved, applied to reloaded configs too.
-    listen_map: dict[Address, Address]
-    load_configs: Callable[[], list[TunnelConfig]] | None
-    # The parent's session-ticket secret: every worker, restarted ones too, encrypts tickets alike (tickets.py).
-    ticket_key: bytes
 
 
 @dataclass
@@ -157,7 +133,7 @@ class _Pool:
         self.options = options
         self.load_configs = load_configs
         self.workers = [_Worker(i) for i in range(options.workers)]
-        self.stopping = False
+        self.lifecycle = Lifecycle()
         self.status: StatusServer | None = None
         self._stopped = asyncio.Event()
         self._reservations: list[socket.socket] = []
@@ -173,8 +149,6 @@ class _Pool:
         self._killed = False
         self._cert_token = object()
         self._next_id = 0
-        # One pending timer per purpose (log flush, timed reload, kill); rescheduling replaces it.
-        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._status_address: StatusAddress | None = None
 
@@ -187,12 +161,8 @@ class _Pool:
         self._status_address = check_status_setting(self.options.status, self.configs) if self.options.status else None
         for cfg, crls in overdue:
             log_overdue_crls(cfg.label, crls)
-        notifier = systemd.notifier()
-        notifier.start_watchdog(self._loop)
-        try:
+        with watchdog(self._loop):
             return await self._run()
-        finally:
-            notifier.stop_watchdog()
 
     def describe(self, state: str) -> str:
         """A one-line state for ``systemctl status``."""
@@ -215,9 +185,12 @@ class _Pool:
         except BaseException:
             self._release()
             raise
-        self._install_signals()
-        self._schedule_timed_reload()
-        self._flush_logs_periodically()
+        loop = self._loop
+        assert loop is not None
+        self.lifecycle.install_signals(loop, self.stop, self.reload)
+        # Workers keep their own --timed-reload; the parent only refreshes the status port's certificate.
+        self.lifecycle.schedule_timed_reload(loop, lambda: self.configs, self._refresh_certificate)
+        self.lifecycle.flush_logs_periodically(loop)
         internals.log_startup()
         if not tickets.available():
             logs.event(
@@ -231,9 +204,7 @@ class _Pool:
             self._release()
             if self.status is not None:
                 self.status.close()
-            for timer in self._timers.values():
-                timer.cancel()
-            self._remove_signals()
+            self.lifecycle.close()
         code = self._exit_code()
         logs.flush_logs()
         return code
@@ -241,11 +212,11 @@ class _Pool:
     def _exit_code(self) -> int:
         if self._startup_failure is not None:
             return self._startup_failure
-        failed = [w for w in self.workers if w.exit_code not in (0, None, _EXIT_CUT, -signal.SIGTERM, -signal.SIGINT)]
+        failed = [w for w in self.workers if w.exit_code not in (0, None, EXIT_CUT, -signal.SIGTERM, -signal.SIGINT)]
         for w in failed:
             logs.event("worker did not stop cleanly", logging.ERROR, worker=w.index, exit=_describe(w.exit_code))
         # A worker that cut connections said so itself ("shutdown timeout expired"); the process exits as one would.
-        cut = any(w.exit_code == _EXIT_CUT for w in self.workers)
+        cut = any(w.exit_code == EXIT_CUT for w in self.workers)
         code = 1 if failed or cut or self._killed else 0
         logs.event("stopped", workers=len(self.workers), exit=code)
         return code
@@ -255,13 +226,13 @@ class _Pool:
         for cfg in self.configs:
             if cfg.listen.is_unix or cfg.listen.is_activated:
                 (sock,) = bind_listeners(cfg.listen)
-                self._unix_listeners[_key(cfg)] = sock
+                self._unix_listeners[tunnel_key(cfg)] = sock
                 continue
-            reserved, concrete = _reserve(cfg.listen)
+            reserved, concrete = reserve(cfg.listen)
             self._reservations += reserved
             if concrete != cfg.listen:
                 self._listen_map[cfg.listen] = concrete
-        self.configs = _rewrite(self.configs, self._listen_map)
+        self.configs = apply_listen_map(self.configs, self._listen_map)
 
     def _release(self) -> None:
         for sock in self._reservations:
@@ -271,13 +242,16 @@ class _Pool:
             sock.close()  # the workers keep their own copies; the path goes when the last of them drains
         self._unix_listeners = {}
 
+    @property
+    def stopping(self) -> bool:
+        return self.lifecycle.stopping
+
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """First call: every worker drains. Second call: every worker cuts its connections now."""
-        if self.stopping:
+        if not self.lifecycle.begin_stop():
             logs.event("second stop signal: workers close all connections now", logging.WARNING)
             self._signal_all(sig)
             return
-        self.stopping = True
         logs.event("shutting down", workers=sum(w.proc is not None and w.exit_code is None for w in self.workers))
         systemd.notifier().stopping(f"stopping | {len(self.workers)} workers draining")
         if self.status is not None:
@@ -288,7 +262,7 @@ class _Pool:
         self._signal_all(sig)
         limits = [cfg.timeouts.shutdown for cfg in self.configs]
         if self._loop is not None and limits and all(limit > 0 for limit in limits):
-            self._timers["kill"] = self._loop.call_later(max(limits) + _KILL_GRACE, self._kill_all)
+            self.lifecycle.call_later("kill", self._loop, max(limits) + _KILL_GRACE, self._kill_all)
 
     def _kill_all(self) -> None:
         logs.event("workers did not finish draining in time; killing them", logging.ERROR)
@@ -307,7 +281,7 @@ class _Pool:
         self._cert_token = object()  # the status port rebuilds its certificate on its next handshake
         if self.load_configs is not None:
             try:
-                self.configs = _rewrite(self.load_configs(), self._listen_map)
+                self.configs = apply_listen_map(self.load_configs(), self._listen_map)
             except TlsgateError as err:
                 # Each worker re-reads the file too, and logs the same problem; this copy is for restarts only.
                 logs.event("config reload failed in the parent", logging.ERROR, error=str(err).splitlines()[0])
@@ -323,33 +297,8 @@ class _Pool:
         # Each worker reloads on its own and logs the outcome; the parent's part, passing the signal on, is done.
         notifier.ready(self.describe("listening"))
 
-    def _install_signals(self) -> None:
-        assert self._loop is not None
-        for sig in _STOP_SIGNALS:
-            self._loop.add_signal_handler(sig, self.stop, sig)
-        for sig in _RELOAD_SIGNALS:
-            self._loop.add_signal_handler(sig, self.reload, sig)
-
-    def _remove_signals(self) -> None:
-        assert self._loop is not None
-        for sig in (*_STOP_SIGNALS, *_RELOAD_SIGNALS):
-            self._loop.remove_signal_handler(sig)
-
-    def _flush_logs_periodically(self) -> None:
-        logs.flush_logs()
-        if self._loop is not None:
-            self._timers["flush"] = self._loop.call_later(logs.FLUSH_INTERVAL, self._flush_logs_periodically)
-
-    def _schedule_timed_reload(self) -> None:
-        """Workers keep their own --timed-reload; the parent only refreshes the status port's certificate."""
-        intervals = [cfg.timed_reload for cfg in self.configs if cfg.timed_reload > 0]
-        if intervals and self._loop is not None:
-
-            def refresh() -> None:
-                self._cert_token = object()
-                self._schedule_timed_reload()
-
-            self._timers["reload"] = self._loop.call_later(min(intervals), refresh)
+    def _refresh_certificate(self) -> None:
+        self._cert_token = object()  # the status port rebuilds its certificate on its next handshake
 
     # -- one worker slot ---------------------------------------------------------------------------------------
 
@@ -382,7 +331,7 @@ class _Pool:
     async def _run_once(self, w: _Worker) -> int:
         """Start the worker, follow its messages until its end of the socketpair closes; its exit code."""
         parent_end, child_end = socket.socketpair()
-        plan = _Plan(
+        plan = WorkerPlan(
             index=w.index,
             configs=self.configs,
             options=dataclasses.replace(self.options, status=None),
@@ -536,153 +485,3 @@ def _describe(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit status {code}"
-
-
-def _key(cfg: TunnelConfig) -> str:
-    # The same key the supervisor files tunnels under (supervisor._key).
-    return cfg.name or str(cfg.listen)
-
-
-def _rewrite(configs: Sequence[TunnelConfig], listen_map: dict[Address, Address]) -> list[TunnelConfig]:
-    return [
-        dataclasses.replace(cfg, listen=listen_map[cfg.listen]) if cfg.listen in listen_map else cfg for cfg in configs
-    ]
-
-
-def _reserve(address: Address) -> tuple[list[socket.socket], Address]:
-    """Bind (never listen) every local address of ``address`` with SO_REUSEPORT; for port 0, the port we got."""
-    try:
-        infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
-    reserved: list[socket.socket] = []
-    errors: list[str] = []
-    seen: set[tuple[int, object]] = set()
-    concrete = address
-    for family, _, _, _, sockaddr in infos:
-        if (family, sockaddr[0]) in seen:
-            continue
-        seen.add((family, sockaddr[0]))
-        try:
-            sock = bind_tcp(family, sockaddr, reuse_port=True)
-        except OSError as err:
-            errors.append(f"{Address(host=str(sockaddr[0]), port=int(sockaddr[1]))}: {err.strerror or err}")
-            continue
-        reserved.append(sock)
-        if address.port == 0:
-            # Workers bind exactly this address and port, as a single process listens on one address for port 0.
-            host, port = sock.getsockname()[:2]
-            concrete = Address(host=host, port=port)
-            break
-    if not reserved:
-        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
-    return reserved, concrete
-
-
-# -- the worker ----------------------------------------------------------------------------------------------------
-
-
-def worker_main() -> None:
-    """Entry point of a worker process (``python -P -c ...``; argv[1] is its end of the socketpair)."""
-    control = socket.socket(fileno=int(sys.argv[1]))
-    plan: _Plan = pickle.loads(_receive(control))
-    tickets.set_process_key(plan.ticket_key)  # before any context is built
-    logs.setup_logging(plan.options.log_format, plan.options.quiet)
-    logs.STATE.tags["worker"] = plan.index  # every line says which worker wrote it
-    try:
-        code = int(choose_loop(plan.options.loop)(_work(plan, control)))
-        if code == EXIT_CONNECTIONS_CUT:
-            code = _EXIT_CUT
-    except TlsgateError as err:
-        for line in str(err).splitlines():
-            logs.event("worker failed to start", logging.ERROR, error=line)
-        code = 2
-    raise SystemExit(code)
-
-
-def _receive(control: socket.socket) -> bytes:
-    size = int.from_bytes(_receive_exactly(control, 8), "big")
-    return _receive_exactly(control, size)
-
-
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks: list[bytes] = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            raise SystemExit(1)  # the parent went away before we even started
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-class _WorkerServer(Server):
-    """A Server that starts on the listening sockets the parent handed down (unix listeners)."""
-
-    announce_overdue_crls = False  # the parent said it once at start; each worker still says it on reload
-    announces_internals = False  # the parent did
-
-    def __init__(
-        self,
-        configs: Sequence[TunnelConfig],
-        options: ProcessOptions,
-        *,
-        load_configs: Callable[[], list[TunnelConfig]] | None,
-        inherited: dict[str, list[socket.socket]],
-    ) -> None:
-        super().__init__(configs, options, load_configs=load_configs)
-        self.inherited = inherited
-
-    def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
-        super().start(listeners if listeners is not None else self.inherited)
-
-
-async def _work(plan: _Plan, control: socket.socket) -> int:
-    inherited: dict[str, list[socket.socket]] = {}
-    for key, fd in plan.unix_fds.items():
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        inherited[key] = [sock]
-    load = plan.load_configs
-    if load is not None:
-        original = load
-
-        def load() -> list[TunnelConfig]:
-            return _rewrite(original(), plan.listen_map)
-
-    server = _WorkerServer(plan.configs, plan.options, load_configs=load, inherited=inherited)
-    control.setblocking(False)
-    reader, writer = await asyncio.open_unix_connection(sock=control)
-
-    def ready(_: Server) -> None:
-        writer.write(b'{"ready": true}\n')
-
-    answering = asyncio.ensure_future(_answer(server, reader, writer))
-    try:
-        return await server.serve(ready)
-    finally:
-        answering.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await answering
-        writer.close()
-
-
-async def _answer(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answer the parent's stats requests; when the parent is gone, drain and exit as on SIGTERM."""
-    try:
-        while line := await reader.readline():
-            request: dict[str, Any] = json.loads(line)
-            if request.get("op") == "stats":
-                reply = {
-                    "id": request.get("id"),
-                    "tunnels": [view.to_json() for view in views_of(server)],
-                    "process": {"log_lines_dropped": logs.STATE.dropped_lines},
-                }
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-    except OSError:
-        pass
-    if not server.stopping:
-        # Nobody will signal or restart this worker any more: finish the open connections and leave the port.
-        logs.event("parent process is gone; shutting down", logging.WARNING)
-        server.stop()
