@@ -112,19 +112,8 @@ async def reply_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 async def running_server(server: Server) -> AsyncIterator[Server]:
     """Run ``server`` in this event loop: yields once it is ready (its tunnels listen, its status port is up), raises
     its start-up error if it has one, and on the way out stops it and waits until it has drained."""
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready=lambda _: ready.set()))
-    waiting = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        waiting.cancel()
-        task.result()  # raises the start-up error
-    try:
+    async with server:
         yield server
-    finally:
-        if not server.stopping:
-            server.stop()
-        await task
 
 
 @contextlib.asynccontextmanager
