@@ -54,7 +54,6 @@ KNOWN_SIZE_EXCEPTIONS: frozenset[str] = frozenset(
         "pki/__init__.py",
         "engine/tunnel.py",
         "engine/proxyproto.py",
-        "process/workers.py",
         "settings/config.py",
         "settings/file.py",
         "settings/__init__.py",

@@ -32,7 +32,7 @@ from tlsgate.process.ports import apply_listen_map
 from tlsgate.process.supervisor import ProcessOptions, Server
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
-from tlsgate.status import views_of
+from tlsgate.status.model import views_of
 from tlsgate.tls import tickets
 
 # A worker's exit code when it stopped as told but had to cut connections at --shutdown-timeout. Not 1, which any

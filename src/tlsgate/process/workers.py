@@ -67,7 +67,7 @@ from tlsgate.settings.status import (
     status_certificate_config,
 )
 from tlsgate.status.http import StatusServer, serve_status
-from tlsgate.status.model import Snapshot, TunnelView, merge_views, views_of
+from tlsgate.status.model import Snapshot, TunnelView, merge_views
 from tlsgate.tls import internals, tickets
 
 _WORKER_CODE = "from tlsgate.process.worker import worker_main; worker_main()"
