@@ -23,7 +23,6 @@ from tlsgate.engine.proxyproto import (
     ProxyHeader,
     ProxyProtocolError,
     SslInfo,
-    _crc32c,
     encode_v1,
     encode_v2,
     max_header_length,
@@ -31,6 +30,7 @@ from tlsgate.engine.proxyproto import (
     parse_tlv_ssl,
     tls_tlvs,
 )
+from tlsgate.engine.proxywire import crc32c as _crc32c
 from tlsgate.errors import TlsgateError
 
 # Written out byte by byte from proxy-protocol.txt section 2.2, not built with the code under test.

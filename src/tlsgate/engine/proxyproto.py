@@ -13,19 +13,49 @@ header at the very start of the connection, before any payload:
 tlsgate *sends* a header to its target (``encode_v1``, ``encode_v2``, ``tls_tlvs``) and, behind a trusted
 load balancer, *receives* one before the client's TLS ClientHello (``parse``). Nothing here touches a
 socket: the tunnel feeds bytes in and acts on what comes back, so every rule is tested with plain values.
+
+This module is the parser and the public face of the codec (``__all__``); the vocabulary every part shares
+(constants, ``ProxyHeader``, ``SslInfo``, ``ProxyProtocolError``) lives in ``proxywire``, the sending side in
+``proxyencode``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
-from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from socket import AF_INET, inet_ntop
 from typing import Final
 
-from tlsgate.errors import TlsgateError, shown
+from tlsgate.engine.proxyencode import encode_v1, encode_v2, tls_tlvs
+from tlsgate.engine.proxywire import (
+    DEFAULT_MAX_TLV_BYTES,
+    PP2_CLIENT_CERT_CONN,
+    PP2_CLIENT_CERT_SESS,
+    PP2_CLIENT_SSL,
+    PP2_SUBTYPE_SSL_CIPHER,
+    PP2_SUBTYPE_SSL_CN,
+    PP2_SUBTYPE_SSL_KEY_ALG,
+    PP2_SUBTYPE_SSL_SIG_ALG,
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    PP2_TYPE_CRC32C,
+    PP2_TYPE_NOOP,
+    PP2_TYPE_SSL,
+    PP2_TYPE_UNIQUE_ID,
+    UNIX_PATH_BYTES,
+    V1_MAX_LENGTH,
+    V2_SIGNATURE,
+    PeerAddress,
+    ProxyHeader,
+    ProxyProtocolError,
+    SslInfo,
+    crc32c,
+    format_ipv6,
+)
+from tlsgate.errors import shown
 
+# The public API of the PROXY codec, whichever module defines each name: docs and tests import it from here.
 __all__ = [
     "DEFAULT_MAX_TLV_BYTES",
     "MAX_HEADER",
@@ -58,282 +88,6 @@ __all__ = [
     "tls_tlvs",
 ]
 
-V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
-V1_MAX_LENGTH: Final = 107
-"""The longest v1 line the spec allows, CRLF included: ``PROXY UNKNOWN <v6> <v6> 65535 65535\\r\\n``."""
-DEFAULT_MAX_TLV_BYTES: Final = 4096
-"""How many TLV bytes ``parse`` accepts by default. The wire allows 65535; nobody honest sends that much."""
-
-PP2_TYPE_ALPN: Final = 0x01
-PP2_TYPE_AUTHORITY: Final = 0x02
-PP2_TYPE_CRC32C: Final = 0x03
-PP2_TYPE_NOOP: Final = 0x04
-PP2_TYPE_UNIQUE_ID: Final = 0x05
-PP2_TYPE_SSL: Final = 0x20
-PP2_SUBTYPE_SSL_VERSION: Final = 0x21
-PP2_SUBTYPE_SSL_CN: Final = 0x22
-PP2_SUBTYPE_SSL_CIPHER: Final = 0x23
-PP2_SUBTYPE_SSL_SIG_ALG: Final = 0x24
-PP2_SUBTYPE_SSL_KEY_ALG: Final = 0x25
-
-PP2_CLIENT_SSL: Final = 0x01
-PP2_CLIENT_CERT_CONN: Final = 0x02
-PP2_CLIENT_CERT_SESS: Final = 0x04
-
-PeerAddress = tuple[str, int] | tuple[str, int, int, int] | str | bytes
-"""What ``accept()``/``getsockname()`` return: ``(host, port)`` for TCP over IPv4, ``(host, port, flowinfo,
-scope_id)`` over IPv6, and for a unix socket its path (``str``; ``""`` for an unbound peer) or an abstract name
-(``bytes`` starting with a NUL)."""
-UNIX_PATH_BYTES: Final = 108
-"""How many bytes v2 gives each unix socket address: ``sun_path``'s size on Linux, NUL-padded."""
-
-
-class ProxyProtocolError(TlsgateError):
-    """The peer sent something that is not a valid PROXY header; ``str(err)`` is the short reason.
-
-    It is the sender's fault (the load balancer, or a client that should not be talking to this port), so
-    the tunnel closes that one connection and logs the reason; nothing about tlsgate's start-up is wrong.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyHeader:
-    """A parsed PROXY header.
-
-    ``source`` and ``destination`` are ``None`` when the header carries no usable addresses (v1 ``UNKNOWN``,
-    v2 ``LOCAL``, ``AF_UNSPEC`` or ``AF_UNIX``): the spec then says to use the real connection's endpoints.
-    ``length`` is how many bytes the header took, so ``data[length:]`` is the start of the proxied stream.
-    """
-
-    version: int
-    command: str
-    source: tuple[str, int] | None
-    destination: tuple[str, int] | None
-    tlvs: tuple[tuple[int, bytes], ...]
-    length: int
-
-    def tlv(self, tlv_type: int) -> bytes | None:
-        """The value of the first TLV of ``tlv_type``, or ``None`` when the header has none."""
-        for kind, value in self.tlvs:
-            if kind == tlv_type:
-                return value
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class SslInfo:
-    """A decoded ``PP2_TYPE_SSL`` TLV: the client flags, the verify result and the known sub-TLVs."""
-
-    client: int
-    verify: int
-    version: str | None = None
-    cn: str | None = None
-    cipher: str | None = None
-    sig_alg: str | None = None
-    key_alg: str | None = None
-    sub_tlvs: tuple[tuple[int, bytes], ...] = ()
-
-    @property
-    def client_ssl(self) -> bool:
-        return bool(self.client & PP2_CLIENT_SSL)
-
-    @property
-    def cert_conn(self) -> bool:
-        return bool(self.client & PP2_CLIENT_CERT_CONN)
-
-    @property
-    def cert_sess(self) -> bool:
-        return bool(self.client & PP2_CLIENT_CERT_SESS)
-
-    @property
-    def verified(self) -> bool:
-        """True only when a certificate was presented *and* verify is zero.
-
-        HAProxy leaves verify at zero for a client that presented no certificate, so zero alone proves nothing.
-        """
-        return self.verify == 0 and bool(self.client & (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS))
-
-
-# --- encoding ------------------------------------------------------------------------------------------------
-# Everything constant about a v2 header is built once; a header is then prefix + length + addresses + TLVs.
-
-_V2_PROXY_TCP4: Final = V2_SIGNATURE + b"\x21\x11"
-_V2_PROXY_TCP6: Final = V2_SIGNATURE + b"\x21\x21"
-_V2_PROXY_UNIX: Final = V2_SIGNATURE + b"\x21\x31"
-_V2_LOCAL: Final = V2_SIGNATURE + b"\x20\x00"
-_V1_UNKNOWN: Final = b"PROXY UNKNOWN\r\n"
-_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"
-_U16: Final = struct.Struct("!H")
-_PORTS: Final = struct.Struct("!HH")
-_TLV_HEAD: Final = struct.Struct("!BH")
-_SSL_HEAD: Final = struct.Struct("!BI")
-
-
-def encode_v1(src: PeerAddress | None, dst: PeerAddress | None) -> bytes:
-    """The v1 line for a connection from ``src`` to ``dst``.
-
-    ``PROXY TCP4 ...`` or ``PROXY TCP6 ...``; ``PROXY UNKNOWN\\r\\n`` when either side is ``None`` or not an IP
-    address (v1 has no form for a unix socket). IPv4-mapped IPv6 addresses are written as IPv4 when both sides
-    allow it.
-    """
-    packed = _pack_endpoints(src, dst)
-    if packed is None:
-        return _V1_UNKNOWN
-    src_ip, dst_ip, src_port, dst_port = packed
-    if len(src_ip) == 4:
-        protocol, source, destination = "TCP4", inet_ntop(AF_INET, src_ip), inet_ntop(AF_INET, dst_ip)
-    else:
-        protocol, source, destination = "TCP6", _format_ipv6(src_ip), _format_ipv6(dst_ip)
-    return f"PROXY {protocol} {source} {destination} {src_port} {dst_port}\r\n".encode("ascii")
-
-
-def encode_v2(
-    src: PeerAddress | None,
-    dst: PeerAddress | None,
-    *,
-    tlvs: Sequence[tuple[int, bytes]] = (),
-    local: bool = False,
-) -> bytes:
-    """The v2 header for a connection from ``src`` to ``dst``, followed by ``tlvs`` in the order given.
-
-    * Two IP endpoints give ``PROXY`` over ``AF_INET``/``AF_INET6`` and ``STREAM``.
-    * Two unix socket addresses (``str`` paths or ``bytes`` abstract names, as ``accept()`` and
-      ``getsockname()`` return them) give ``PROXY`` over ``AF_UNIX`` and ``STREAM``: each address takes 108
-      bytes, NUL-padded, so an unbound peer (``""``) is all zeros. This is what ghostunnel sends, and what a
-      receiver needs to tell a unix-socket client from the proxy's own health check.
-    * ``local=True``, an unknown side, or one IP and one unix side give ``LOCAL`` with ``AF_UNSPEC`` and no
-      addresses, as HAProxy sends: every receiver must accept ``LOCAL`` and then use the real endpoints, while
-      ``PROXY`` with ``AF_UNSPEC`` may be refused.
-    """
-    try:
-        extra = b"".join([_TLV_HEAD.pack(kind, len(value)) + value for kind, value in tlvs]) if tlvs else b""
-    except struct.error:
-        raise ValueError("PROXY v2 TLV types must be 0-255 and values at most 65535 bytes") from None
-    prefix, addresses = _V2_LOCAL, b""
-    if not local:
-        packed = _pack_endpoints(src, dst)
-        if packed is not None:
-            src_ip, dst_ip, src_port, dst_port = packed
-            prefix = _V2_PROXY_TCP4 if len(src_ip) == 4 else _V2_PROXY_TCP6
-            addresses = src_ip + dst_ip + _PORTS.pack(src_port, dst_port)
-        else:
-            paths = _pack_unix(src), _pack_unix(dst)
-            if paths[0] is not None and paths[1] is not None:
-                prefix, addresses = _V2_PROXY_UNIX, paths[0] + paths[1]
-    length = len(addresses) + len(extra)
-    if length > 0xFFFF:
-        raise ValueError(f"PROXY v2 header would carry {length} bytes after the fixed part; the limit is 65535")
-    return prefix + _U16.pack(length) + addresses + extra
-
-
-def _pack_unix(address: PeerAddress | None) -> bytes | None:
-    """A unix socket address as v2's 108 NUL-padded bytes, or None if it is not one (or cannot fit)."""
-    if isinstance(address, str):
-        try:
-            raw = address.encode("utf-8", "surrogateescape")  # what os.fsencode does on Linux
-        except UnicodeEncodeError:
-            return None
-    elif isinstance(address, bytes | bytearray):
-        raw = bytes(address)
-    else:
-        return None
-    # The kernel never reports more than sun_path holds; anything longer did not come from a socket.
-    if len(raw) > UNIX_PATH_BYTES:
-        return None
-    return raw.ljust(UNIX_PATH_BYTES, b"\x00")
-
-
-def tls_tlvs(
-    *,
-    version: str | None,
-    sni: str | None,
-    client_cn: str | None,
-    cipher: str | None,
-    verified: bool,
-    has_client_cert: bool,
-    alpn: str | None = None,
-) -> list[tuple[int, bytes]]:
-    """TLVs describing the client's TLS session, as HAProxy and hitch send them.
-
-    ``PP2_TYPE_ALPN`` carries the negotiated application protocol and ``PP2_TYPE_AUTHORITY`` the SNI, each
-    only when there is one (ghostunnel sends both the same way). ``PP2_TYPE_SSL`` carries the client
-    flags (``PP2_CLIENT_SSL``; with a client certificate also ``PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS``,
-    since one presented on this connection was presented in its session), the 32-bit verify field and the
-    sub-TLVs ``PP2_SUBTYPE_SSL_VERSION`` (``"TLSv1.3"``), ``PP2_SUBTYPE_SSL_CN`` and ``PP2_SUBTYPE_SSL_CIPHER``.
-
-    verify is 0 only for a certificate that was presented and verified, 1 otherwise. The spec asks for exactly
-    that; HAProxy instead leaves 0 when no certificate was presented, which fools receivers that test
-    ``verify == 0`` alone into trusting an anonymous client.
-
-    Values are sent whole, never shortened: a receiver may decide on the CN. One too long for its 16-bit length
-    field raises ``ValueError``, and ``encode_v2`` does the same when the whole header would not fit.
-    """
-    result: list[tuple[int, bytes]] = []
-    if alpn:
-        result.append((PP2_TYPE_ALPN, alpn.encode("utf-8")))
-    if sni:
-        result.append((PP2_TYPE_AUTHORITY, sni.encode("utf-8")))
-    client = PP2_CLIENT_SSL
-    if has_client_cert:
-        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
-    parts = [_SSL_HEAD.pack(client, 0 if (has_client_cert and verified) else 1)]
-    sub_fields = ((PP2_SUBTYPE_SSL_VERSION, version), (PP2_SUBTYPE_SSL_CN, client_cn), (PP2_SUBTYPE_SSL_CIPHER, cipher))
-    for kind, text in sub_fields:
-        if text:
-            value = text.encode("utf-8")
-            if len(value) > 0xFFFF:
-                raise ValueError(f"PROXY v2 SSL sub-TLV 0x{kind:02x} of {len(value)} bytes does not fit in 65535")
-            parts.append(_TLV_HEAD.pack(kind, len(value)) + value)
-    result.append((PP2_TYPE_SSL, b"".join(parts)))
-    return result
-
-
-def _pack_endpoints(src: PeerAddress | None, dst: PeerAddress | None) -> tuple[bytes, bytes, int, int] | None:
-    """Both addresses packed in one family (4 or 16 bytes each) with the ports, or None if not both IP."""
-    if not isinstance(src, tuple) or not isinstance(dst, tuple):
-        return None
-    src_ip = _pack_host(src[0])
-    dst_ip = _pack_host(dst[0])
-    if src_ip is None or dst_ip is None:
-        return None
-    # A header has one family for both addresses; when they differ, IPv6 can express both and IPv4 cannot.
-    if len(src_ip) != len(dst_ip):
-        if len(src_ip) == 4:
-            src_ip = _V4_MAPPED_PREFIX + src_ip
-        else:
-            dst_ip = _V4_MAPPED_PREFIX + dst_ip
-    src_port, dst_port = src[1], dst[1]
-    if not (0 <= src_port <= 0xFFFF and 0 <= dst_port <= 0xFFFF):
-        raise ValueError(f"PROXY header ports must be in 0-65535, got {src_port} and {dst_port}")
-    return src_ip, dst_ip, src_port, dst_port
-
-
-def _pack_host(host: str) -> bytes | None:
-    """4 bytes for IPv4 (and IPv4-mapped IPv6, as a dual-stack socket reports IPv4 peers), 16 for IPv6."""
-    if not isinstance(host, str):
-        return None
-    # inet_pton raises ValueError, not OSError, for a NUL or a non-ASCII character in the text.
-    try:
-        return inet_pton(AF_INET, host)
-    except (OSError, ValueError):
-        pass
-    try:
-        # The scope of a link-local address means nothing to the receiving host, and the header has no room for it.
-        packed = inet_pton(AF_INET6, host.partition("%")[0])
-    except (OSError, ValueError):
-        return None
-    return packed[12:] if packed[:12] == _V4_MAPPED_PREFIX else packed
-
-
-def _format_ipv6(packed: bytes) -> str:
-    """Canonical hex text for an IPv6 address: the v1 spec wants hex groups, never a dotted IPv4 tail."""
-    text = inet_ntop(AF_INET6, packed)
-    if "." in text:
-        head = text.rpartition(":")[0]
-        text = f"{head}:{packed[12] << 8 | packed[13]:x}:{packed[14] << 8 | packed[15]:x}"
-    return text
-
-
 # --- parsing -------------------------------------------------------------------------------------------------
 
 _V1_PREFIX: Final = b"PROXY "
@@ -346,6 +100,10 @@ _V1_LINE_BYTES: Final = b"PROXYTCP46UNKNOW 0123456789abcdefABCDEF.:"
 _V2_ADDRESS_LENGTHS: Final = {0x00: 0, 0x11: 12, 0x12: 12, 0x21: 36, 0x22: 36, 0x31: 216, 0x32: 216}
 _V2_PROXY_FAMILIES: Final = frozenset({0x00, 0x11, 0x21, 0x31})
 _V2_MAX_ADDRESS_LENGTH: Final = 216
+_U16: Final = struct.Struct("!H")
+_PORTS: Final = struct.Struct("!HH")
+_TLV_HEAD: Final = struct.Struct("!BH")
+_SSL_HEAD: Final = struct.Struct("!BI")
 
 
 def max_header_length(max_tlv_bytes: int = DEFAULT_MAX_TLV_BYTES) -> int:
@@ -441,7 +199,7 @@ def _v1_address(field: bytes, version: int, role: str) -> str:
         # ipaddress is strict where the spec is: no leading zeros in IPv4, exactly 128 bits in IPv6.
         if version == 4:
             return str(ipaddress.IPv4Address(text))
-        return _format_ipv6(ipaddress.IPv6Address(text).packed)
+        return format_ipv6(ipaddress.IPv6Address(text).packed)
     except ValueError:
         raise ProxyProtocolError(f"v1 {role} address {shown(text)} is not a valid IPv{version} address") from None
 
@@ -506,13 +264,13 @@ def _parse_v2(view: memoryview, max_tlv_bytes: int) -> ProxyHeader | None:
         destination = (inet_ntop(AF_INET, header[20:24]), destination_port)
     elif not local and family == 0x21:
         source_port, destination_port = _PORTS.unpack_from(header, 48)
-        source = (_format_ipv6(header[16:32]), source_port)
-        destination = (_format_ipv6(header[32:48]), destination_port)
+        source = (format_ipv6(header[16:32]), source_port)
+        destination = (format_ipv6(header[32:48]), destination_port)
     tlvs = _split_tlvs(header, 16 + address_length, "v2 TLV")
     offset = 16 + address_length
     for kind, value in tlvs:
         if kind == PP2_TYPE_CRC32C:
-            _check_crc32c(header, offset + 3, value)
+            _checkcrc32c(header, offset + 3, value)
         else:
             _check_tlv(kind, value)
         offset += 3 + len(value)
@@ -559,36 +317,14 @@ def _check_tlv(kind: int, value: bytes) -> None:
         raise ProxyProtocolError(f"v2 UNIQUE_ID TLV of {len(value)} bytes exceeds the {_MAX_UNIQUE_ID} the spec allows")
 
 
-def _check_crc32c(header: bytes, position: int, value: bytes) -> None:
+def _checkcrc32c(header: bytes, position: int, value: bytes) -> None:
     """The spec makes a receiver that understands PP2_TYPE_CRC32C reject a header whose checksum is wrong."""
     if len(value) != 4:
         raise ProxyProtocolError(f"v2 CRC32C TLV must be 4 bytes, got {len(value)}")
     # The checksum covers the whole header with the checksum's own 4 bytes zeroed.
     zeroed = header[:position] + b"\x00\x00\x00\x00" + header[position + 4 :]
-    if _crc32c(zeroed) != int.from_bytes(value, "big"):
+    if crc32c(zeroed) != int.from_bytes(value, "big"):
         raise ProxyProtocolError("v2 CRC32C checksum does not match the header")
-
-
-def _make_crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE: Final = _make_crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-    """CRC32c (Castagnoli, RFC 4960 appendix B); the standard library only has the zlib polynomial."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 def parse_tlv_ssl(value: bytes) -> SslInfo:
