@@ -27,9 +27,11 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tlsgate.engine import setup as engine_setup
 from tlsgate.engine import tunnel as tunnel_module
 from tlsgate.engine.relay import Direction, Relay, _describe
-from tlsgate.engine.tunnel import Tunnel, _Setup
+from tlsgate.engine.setup import Setup as _Setup
+from tlsgate.engine.tunnel import Tunnel
 from tlsgate.status import view_of
 from tlsgate.tls import closenotify
 
@@ -133,7 +135,7 @@ def inject_client_handshake(mp: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def inject_connect_ready(mp: pytest.MonkeyPatch) -> dict[str, Any]:
     # Pretend the loopback connect is still under way, so the set-up waits for writability as for a remote one.
-    mp.setattr(tunnel_module, "_established", lambda sock: False)
+    mp.setattr(engine_setup, "_established", lambda sock: False)
     raise_on_call(mp, _Setup, "_connected")
     return {}
 

@@ -1,1 +1,23 @@
-"""The engine: listeners, the per-connection set-up, the relay, PROXY protocol, and the runtime a tunnel runs on."""
+"""The engine: the listeners, each connection's set-up, the byte relay, and the PROXY protocol.
+
+What runs where, in the order a connection meets it:
+
+* ``sockets``: binds the listeners (TCP, unix, systemd-activated) and formats ``host:port``.
+* ``tunnel``: ``Tunnel``, one listener and its connections: accepts, caps concurrency, counts (``stats``),
+  reloads, re-checks open connections, sweeps idle ones, drains on shutdown. Start reading here.
+* ``setup`` and ``setupcore``: ``Setup``, the per-connection state machine from accept to relay: address
+  rules, the PROXY header we receive, the client's TLS handshake, identity rules, the target lookup and
+  connect, the target's TLS handshake, the PROXY header we send. ``setup.py`` draws its phases;
+  ``setupcore.py`` holds the state and the machinery (readiness, deadline, guard, abort).
+* ``relay``: ``Relay``, the byte pump between the two sockets once set-up is done: half-close, back-pressure.
+* ``recheck``: ``Origin`` (what set-up learnt about the peers) and ``recheck`` (the new rules' verdict on an
+  open connection after a reload). ``peer``: small socket facts all of the above share.
+* ``runtime``: ``Runtime``, what a tunnel runs on (SSL contexts, policy, PROXY sources), rebuilt on reload.
+* ``stats``: ``Stats``, the counters the status port exposes.
+* ``proxyproto`` (the parser, and the codec's public API), ``proxyencode`` (the header we send) and
+  ``proxywire`` (constants and types both share): PROXY v1/v2, sans-IO, tested with plain values.
+
+Data flows one way: listener socket -> ``Tunnel._accept`` -> ``Setup`` steps -> ``Relay`` -> ``Tunnel``'s
+bookkeeping when it closes. Every callback the engine gives the event loop is guarded: a bug cuts one
+connection and is counted, never reaches the loop.
+"""

@@ -1,0 +1,253 @@
+"""The machinery under every set-up step: ``SetupPhase``, and ``SetupCore`` with the connection's state.
+
+``SetupCore`` holds what a connection carries from accept to relay (sockets, peer, certificates, timer) and the
+tools the steps in ``setup.Setup`` use: one readiness registration at a time (``_want``/``_unwant``), one deadline
+(``_arm``), the guard every callback goes through (``step``), and the ways a set-up ends badly (``abort``,
+``_refuse``, and the failure reports of the two handshakes and the target). Read ``setup.py`` first: its
+docstring draws the phases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tlsgate import logs
+from tlsgate.engine.peer import reset
+from tlsgate.engine.relay import release_sockets
+from tlsgate.engine.runtime import Runtime
+from tlsgate.policy import Decision
+from tlsgate.tls import internals
+from tlsgate.tls.contexts import describe_handshake_error
+
+if TYPE_CHECKING:
+    from tlsgate.engine.tunnel import Tunnel
+
+
+class SetupPhase(enum.Enum):
+    """Where a connection's set-up is (the diagram is in ``setup.py``). Only ``RESOLVING`` and ``DONE`` decide
+    anything; the others say where a set-up stands, for a reader and a debugger."""
+
+    ACCEPTED = "accepted"
+    PROXY_HEADER = "proxy header"
+    CLIENT_HANDSHAKE = "client handshake"
+    RESOLVING = "resolving"
+    CONNECTING = "connecting"
+    TARGET_HANDSHAKE = "target handshake"
+    DONE = "done"
+
+
+class SetupCore:
+    """One connection from accept until its relay starts (or it is refused): its state and the step machinery."""
+
+    __slots__ = (
+        "_waiting",
+        "addrs",
+        "chain",
+        "client",
+        "client_fd",
+        "connect_armed",
+        "identity",
+        "leaf",
+        "loop",
+        "peer",
+        "peer_addr",
+        "peer_ip",
+        "phase",
+        "proxy_header",
+        "proxy_seen",
+        "rt",
+        "started",
+        "target",
+        "target_leaf",
+        "timer",
+        "tunnel",
+    )
+
+    def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, addr: Any, peer_ip: str, peer: str) -> None:
+        assert tunnel.loop is not None
+        self.tunnel = tunnel
+        self.loop = tunnel.loop
+        self.rt = rt
+        self.client: socket.socket = sock
+        self.client_fd = sock.fileno()
+        self.peer_ip, self.peer = peer_ip, peer
+        # The client's address as accept() gave it: a reset client's socket can no longer tell us.
+        self.peer_addr = addr
+        self.target: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._waiting: tuple[int, bool, Callable[[], None]] | None = None
+        self.identity = ""
+        # The peers' certificates as the handshakes' checks read them, kept for Tunnel.recheck.
+        self.leaf: bytes | None = None
+        self.chain: tuple[bytes, ...] | None = None
+        self.target_leaf: bytes | None = None
+        self.addrs: list[tuple[int, Any]] = []
+        self.proxy_header: Any = None
+        self.proxy_seen = b""  # bytes of a PROXY header taken off the socket so far
+        # Whether the timer holds the connect deadline: not a phase, since a loopback connect never arms it and
+        # the client's handshake deadline then stays armed through the connect.
+        self.connect_armed = False
+        self.started = time.monotonic()
+        self.phase = SetupPhase.ACCEPTED
+
+    @property
+    def done(self) -> bool:
+        """True once the set-up has ended: its relay started, or it was refused or cut."""
+        return self.phase is SetupPhase.DONE
+
+    # -- machinery ---------------------------------------------------------------------------------------------
+
+    def _want(self, fd: int, readable: bool, callback: Callable[[], None]) -> None:
+        waiting = self._waiting
+        if waiting is not None:
+            if waiting == (fd, readable, callback):
+                return  # a handshake that needs another flight: already registered
+            if waiting[:2] != (fd, readable):
+                self._unwant()
+        if readable:
+            self.loop.add_reader(fd, self.step, callback)
+        else:
+            self.loop.add_writer(fd, self.step, callback)
+        self._waiting = (fd, readable, callback)
+
+    def _unwant(self) -> None:
+        if self._waiting is not None:
+            fd, readable, _ = self._waiting
+            if readable:
+                self.loop.remove_reader(fd)
+            else:
+                self.loop.remove_writer(fd)
+            self._waiting = None
+
+    def _arm(self, seconds: float, what: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(seconds, self.step, self.abort, what) if seconds > 0 else None
+
+    def _end(self) -> None:
+        self.phase = SetupPhase.DONE
+        self._unwant()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.tunnel.setup_done(self)
+
+    def step(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one step of the set-up: the guard every callback of ``_Setup`` goes through (readiness, timers,
+        the name lookup, the first step from accept).
+
+        A step that raises is a bug: the connection is cut with "internal error: <type>" and the tunnel counts
+        and logs it, instead of the exception reaching the event loop and the client waiting for a timeout.
+        A wrapper frame costs nothing that matters here: a few steps per connection, beside a TLS handshake.
+        """
+        try:
+            step(*args)
+        except Exception as err:
+            self.tunnel.internal_error(step.__name__.lstrip("_"), err, self.peer)
+            self.cut(f"internal error: {type(err).__name__}")
+
+    def cut(self, reason: str) -> None:
+        """``abort`` that cannot fail: if abort itself breaks, still unregister and close what is ours."""
+        try:
+            self.abort(reason)
+        except Exception:
+            self.phase = SetupPhase.DONE
+            release_sockets(self.loop, (self.client, self.target))
+            with contextlib.suppress(Exception):
+                self.tunnel.setup_done(self)
+
+    def abort(self, reason: str) -> None:
+        """Give up on this connection: timeout, shutdown, or a failure already logged by the caller."""
+        if self.phase is SetupPhase.DONE:
+            return
+        if reason.endswith("timeout"):
+            stats = self.tunnel.stats
+            stats.handshake_errors += reason.startswith("handshake")
+            stats.handshake_timeouts += reason == "handshake timeout"
+            stats.connect_timeouts += reason in ("connect timeout", "target handshake timeout")
+            logs.event(
+                "setup failed", category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer,
+                reason=reason,
+            )  # fmt: skip
+        self._end()
+        reset(self.client)
+        if self.target is not None:
+            reset(self.target)
+
+    def _refuse(self, decision: Decision) -> None:
+        self.tunnel.stats.refuse(decision.rule)
+        logs.event(
+            "refused", category="conn-errs", tunnel=self.tunnel.label, peer=self.peer,
+            identity=self.identity, rule=decision.rule, reason=decision.reason,
+        )  # fmt: skip
+        self.abort("refused")
+
+    def _advance_handshake(self, tls: ssl.SSLSocket, retry: Callable[[], None], side: str) -> bool:
+        """One step of a non-blocking handshake; True once it is complete."""
+        try:
+            internals.do_handshake(tls)
+        except ssl.SSLWantReadError:
+            self._want(tls.fileno(), True, retry)
+            return False
+        except ssl.SSLWantWriteError:
+            self._want(tls.fileno(), False, retry)
+            return False
+        except ssl.SSLCertVerificationError as err:
+            refusal = internals.take_refusal(tls.fileno()) if err.verify_code in internals.REFUSAL_CODES else None
+            if refusal is None:
+                self._handshake_failed(err, side)
+            elif side == "client":
+                # Refused inside the handshake (tlsgate.tls.internals, path "verify"): a failed handshake, like the
+                # refusals OpenSSL makes itself, with the rule and reason of the post-handshake check.
+                self.tunnel.stats.handshake_errors += 1
+                self.identity = refusal.identity
+                self._refuse(Decision(False, refusal.rule, refusal.reason))
+            else:
+                self._target_refused(Decision(False, refusal.rule, refusal.reason))
+            return False
+        except (ssl.SSLError, OSError) as err:
+            self._handshake_failed(err, side)
+            return False
+        # The reader stays registered: the next step either waits on another socket (which replaces it) or
+        # starts the relay, which only swaps the callback. On uvloop every deregister/register pair costs
+        # about seven system calls (libuv re-checks and re-adds the descriptor), so we avoid the pair.
+        return True
+
+    def _handshake_failed(self, err: BaseException, side: str) -> None:
+        rule, reason = describe_handshake_error(err, side)
+        if side == "client":
+            self.tunnel.stats.handshake_errors += 1
+            if rule != "handshake":
+                self.tunnel.stats.refuse(rule)
+        else:
+            self.tunnel.stats.target_errors += 1
+        logs.event(
+            "refused" if rule != "handshake" and side == "client" else "handshake failed",
+            category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer, side=side, rule=rule,
+            reason=reason,
+        )  # fmt: skip
+        self.abort("handshake failed")
+
+    def _target_failed(self, reason: str) -> None:
+        self.tunnel.stats.target_errors += 1
+        logs.event(
+            "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
+            peer=self.peer, identity=self.identity, target=str(self.tunnel.cfg.target), reason=reason,
+        )  # fmt: skip
+        self.abort("target unreachable")
+
+    def _target_refused(self, decision: Decision) -> None:
+        self.tunnel.stats.target_errors += 1
+        logs.event(
+            "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
+            peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
+        )  # fmt: skip
+        self.abort("target identity")
