@@ -38,11 +38,18 @@ from tlsgate.engine.peer import NO_CLIENT_ADDRESS, proxy_endpoints, session_tlvs
 from tlsgate.engine.proxywire import ProxyProtocolError
 from tlsgate.engine.recheck import Origin
 from tlsgate.engine.relay import Relay
-from tlsgate.engine.setupcore import SetupCore, SetupPhase
+from tlsgate.engine.setupcore import DONE, SetupCore, SetupPhase
 from tlsgate.engine.sockets import host_port
 from tlsgate.engine.stats import HANDSHAKE_BUCKETS
 from tlsgate.errors import TlsgateError
 from tlsgate.policy import Decision, verified_chain
+
+# The phases as globals: on CPython 3.11 each ``SetupPhase.X`` goes through the enum metaclass (see setupcore).
+_PROXY_HEADER = SetupPhase.PROXY_HEADER
+_CLIENT_HANDSHAKE = SetupPhase.CLIENT_HANDSHAKE
+_RESOLVING = SetupPhase.RESOLVING
+_CONNECTING = SetupPhase.CONNECTING
+_TARGET_HANDSHAKE = SetupPhase.TARGET_HANDSHAKE
 
 
 class Setup(SetupCore):
@@ -55,7 +62,7 @@ class Setup(SetupCore):
         # A unix peer has no address to match; --accept-proxy-from unix trusts every peer of this socket.
         trusted = sources.active and sources.check(self.peer_ip).allowed if self.peer_ip else cfg.proxy_from_unix
         if trusted:
-            self.phase = SetupPhase.PROXY_HEADER
+            self.phase = _PROXY_HEADER
             self._arm(cfg.timeouts.handshake, "handshake timeout")
             self._read_proxy_header()
             return
@@ -134,7 +141,7 @@ class Setup(SetupCore):
         except OSError as err:
             self.abort(f"client gone ({err})")
             return
-        self.phase = SetupPhase.CLIENT_HANDSHAKE
+        self.phase = _CLIENT_HANDSHAKE
         if self.timer is None:  # a PROXY header came first: its deadline, set at accept, covers the handshake too
             self._arm(cfg.timeouts.handshake, "handshake timeout")
         self._client_handshake()
@@ -165,9 +172,9 @@ class Setup(SetupCore):
         self._connect()
 
     def _connect(self) -> None:
-        self.phase = SetupPhase.RESOLVING
+        self.phase = _RESOLVING
         self.tunnel.resolve(self._on_resolved)
-        if self.phase is SetupPhase.RESOLVING:
+        if self.phase is _RESOLVING:
             # A name lookup runs off the loop; until it is back the client must not wake a finished step.
             self._unwant()
             self._arm_connect()
@@ -183,9 +190,9 @@ class Setup(SetupCore):
         self.step(self._resolved, result)
 
     def _resolved(self, result: list[tuple[int, Any]] | str | Exception) -> None:
-        if self.phase is SetupPhase.DONE:
+        if self.phase is DONE:
             return
-        self.phase = SetupPhase.CONNECTING
+        self.phase = _CONNECTING
         if isinstance(result, Exception):
             raise result  # a bug in the lookup's callback: reported and cut by step(), as the caller's own
         if isinstance(result, str):
@@ -248,7 +255,7 @@ class Setup(SetupCore):
         except (OSError, ValueError) as err:
             self._target_failed(f"TLS to target: {err}")
             return
-        self.phase = SetupPhase.TARGET_HANDSHAKE
+        self.phase = _TARGET_HANDSHAKE
         self._arm(self._target_handshake_limit(), "target handshake timeout")
         self._target_handshake()
 

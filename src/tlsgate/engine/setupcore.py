@@ -44,6 +44,11 @@ class SetupPhase(enum.Enum):
     DONE = "done"
 
 
+# Module-level aliases for the phases the per-connection path reads or writes: on CPython 3.11 ``SetupPhase.DONE``
+# goes through the enum metaclass and costs several times a global lookup, a few times per connection.
+ACCEPTED, DONE = SetupPhase.ACCEPTED, SetupPhase.DONE
+
+
 class SetupCore:
     """One connection from accept until its relay starts (or it is refused): its state and the step machinery."""
 
@@ -96,12 +101,12 @@ class SetupCore:
         # the client's handshake deadline then stays armed through the connect.
         self.connect_armed = False
         self.started = time.monotonic()
-        self.phase = SetupPhase.ACCEPTED
+        self.phase = ACCEPTED
 
     @property
     def done(self) -> bool:
         """True once the set-up has ended: its relay started, or it was refused or cut."""
-        return self.phase is SetupPhase.DONE
+        return self.phase is DONE
 
     # -- machinery ---------------------------------------------------------------------------------------------
 
@@ -133,7 +138,7 @@ class SetupCore:
         self.timer = self.loop.call_later(seconds, self.step, self.abort, what) if seconds > 0 else None
 
     def _end(self) -> None:
-        self.phase = SetupPhase.DONE
+        self.phase = DONE
         self._unwant()
         if self.timer is not None:
             self.timer.cancel()
@@ -159,14 +164,14 @@ class SetupCore:
         try:
             self.abort(reason)
         except Exception:
-            self.phase = SetupPhase.DONE
+            self.phase = DONE
             release_sockets(self.loop, (self.client, self.target))
             with contextlib.suppress(Exception):
                 self.tunnel.setup_done(self)
 
     def abort(self, reason: str) -> None:
         """Give up on this connection: timeout, shutdown, or a failure already logged by the caller."""
-        if self.phase is SetupPhase.DONE:
+        if self.phase is DONE:
             return
         if reason.endswith("timeout"):
             stats = self.tunnel.stats
