@@ -146,7 +146,7 @@ class SetupCore:
         self.tunnel.setup_done(self)
 
     def step(self, step: Callable[..., None], *args: Any) -> None:
-        """Run one step of the set-up: the guard every callback of ``_Setup`` goes through (readiness, timers,
+        """Run one step of the set-up: the guard every callback of a set-up goes through (readiness, timers,
         the name lookup, the first step from accept).
 
         A step that raises is a bug: the connection is cut with "internal error: <type>" and the tunnel counts
