@@ -52,8 +52,6 @@ KNOWN_LAYER_EXCEPTIONS: frozenset[str] = frozenset(
 KNOWN_SIZE_EXCEPTIONS: frozenset[str] = frozenset(
     {
         "pki/__init__.py",
-        "engine/tunnel.py",
-        "engine/proxyproto.py",
         "settings/config.py",
         "settings/file.py",
         "settings/__init__.py",

@@ -2,7 +2,8 @@
 
 What runs where, in the order a connection meets it:
 
-* ``sockets``: binds the listeners (TCP, unix, systemd-activated) and formats ``host:port``.
+* ``sockets``: binds the listeners (TCP, unix, systemd-activated) and formats ``host:port``;
+  ``activation``: the sockets a systemd ``.socket`` unit passed us, by name.
 * ``tunnel``: ``Tunnel``, one listener and its connections: accepts, caps concurrency, counts (``stats``),
   reloads, re-checks open connections, sweeps idle ones, drains on shutdown. Start reading here.
 * ``setup`` and ``setupcore``: ``Setup``, the per-connection state machine from accept to relay: address

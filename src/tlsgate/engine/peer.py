@@ -16,7 +16,8 @@ from typing import Any
 from tlsgate.engine.relay import Relay
 from tlsgate.engine.runtime import captured_sni
 from tlsgate.engine.sockets import host_port
-from tlsgate.policy import Decision, PeerIdentity
+from tlsgate.policy.decision import Decision
+from tlsgate.policy.peer import PeerIdentity
 from tlsgate.settings.addresses import Address
 
 # A unix peer, or a PROXY header without addresses (LOCAL, UNKNOWN, AF_UNIX), leaves nothing to match the

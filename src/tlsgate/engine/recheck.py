@@ -13,7 +13,8 @@ from typing import NamedTuple
 from tlsgate.engine.peer import NO_CLIENT_ADDRESS
 from tlsgate.engine.relay import Relay
 from tlsgate.engine.runtime import Runtime
-from tlsgate.policy import Decision, verified_chain
+from tlsgate.policy.chain import verified_chain
+from tlsgate.policy.decision import Decision
 
 
 class Origin(NamedTuple):

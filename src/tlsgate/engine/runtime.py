@@ -19,7 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from tlsgate import logs
 from tlsgate.errors import CertificateError
 from tlsgate.pki import EKU_NAMES
-from tlsgate.policy import AddressRules, IdentityRules, Policy, build_policy
+from tlsgate.policy.identity import IdentityRules
+from tlsgate.policy.networks import AddressRules
+from tlsgate.policy.policy import Policy, build_policy
 from tlsgate.settings import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
 from tlsgate.settings.config import TunnelConfig
 from tlsgate.tls import contexts as tlsctx

@@ -42,7 +42,8 @@ from tlsgate.engine.setupcore import DONE, SetupCore, SetupPhase
 from tlsgate.engine.sockets import host_port
 from tlsgate.engine.stats import HANDSHAKE_BUCKETS
 from tlsgate.errors import TlsgateError
-from tlsgate.policy import Decision, verified_chain
+from tlsgate.policy.chain import verified_chain
+from tlsgate.policy.decision import Decision
 
 # The phases as globals: on CPython 3.11 each ``SetupPhase.X`` goes through the enum metaclass (see setupcore).
 _PROXY_HEADER = SetupPhase.PROXY_HEADER

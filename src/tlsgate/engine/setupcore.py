@@ -23,7 +23,7 @@ from tlsgate import logs
 from tlsgate.engine.peer import reset
 from tlsgate.engine.relay import release_sockets
 from tlsgate.engine.runtime import Runtime
-from tlsgate.policy import Decision
+from tlsgate.policy.decision import Decision
 from tlsgate.tls import internals
 from tlsgate.tls.contexts import describe_handshake_error
 

@@ -27,12 +27,8 @@ from tlsgate.engine.runtime import Runtime
 from tlsgate.engine.setup import Setup
 from tlsgate.engine.setupcore import SetupCore
 from tlsgate.engine.sockets import bind_listeners
-
-# Re-exported: status imports Stats from here and reads tunnel.HANDSHAKE_BUCKETS (getattr, defaulting to no
-# buckets at all), so both stay importable from here until status imports them from engine.stats.
-from tlsgate.engine.stats import HANDSHAKE_BUCKETS as HANDSHAKE_BUCKETS
-from tlsgate.engine.stats import Stats as Stats
-from tlsgate.policy import Decision
+from tlsgate.engine.stats import Stats
+from tlsgate.policy.decision import Decision
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import Timeouts, TunnelConfig
 from tlsgate.tls import internals

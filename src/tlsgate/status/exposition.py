@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tlsgate import __version__
-from tlsgate.engine import tunnel as tunnel_module
+from tlsgate.engine import stats as engine_stats
 from tlsgate.status.model import Snapshot, TunnelView
 from tlsgate.tls import internals
 
@@ -60,7 +60,7 @@ _METRICS = (
 # fmt: on
 
 # Upper bounds (seconds) of handshake_duration_seconds buckets, used when tunnel.Stats counts handshakes per bucket.
-HANDSHAKE_BUCKETS: tuple[float, ...] = getattr(tunnel_module, "HANDSHAKE_BUCKETS", ())
+HANDSHAKE_BUCKETS: tuple[float, ...] = getattr(engine_stats, "HANDSHAKE_BUCKETS", ())
 
 
 def _value(view: TunnelView, name: str) -> float:

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tlsgate import logs
-from tlsgate.engine.tunnel import Stats, Tunnel
+from tlsgate.engine.stats import Stats
+from tlsgate.engine.tunnel import Tunnel
 from tlsgate.settings.config import TunnelConfig
 from tlsgate.settings.status import status_certificate_config
 
