@@ -329,7 +329,7 @@ async def test_a_failed_reload_logs_no_password(
 ) -> None:
     secret = "hunter2-correct-horse"
     path = tunnel_file(tmp_path, pki_files)
-    from tlsgate.settings.file import load_tunnels
+    from tlsgate.process.check import load_tunnels
 
     server = Server(load_tunnels(str(path)), ProcessOptions(), load_configs=lambda: load_tunnels(str(path)))
     task = asyncio.create_task(server.serve())

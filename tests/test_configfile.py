@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tlsgate.cli.run import check_config, run
 from tlsgate.cli.support import TlsgateGroup
 from tlsgate.pki import CertificateAuthority
+from tlsgate.process.check import load_tunnels
 from tlsgate.process.supervisor import ProcessOptions, Server
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import ConfigErrors
-from tlsgate.settings.file import load_config_file, load_tunnels, read_config_file
+from tlsgate.settings.file import load_config_file, read_config_file
 
 from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port, running_server
 

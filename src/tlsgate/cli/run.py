@@ -16,9 +16,10 @@ import click
 
 from tlsgate.cli.support import UserError
 from tlsgate.errors import TlsgateError
+from tlsgate.process.check import check_config_file, load_tunnels
 from tlsgate.process.supervisor import run_server
 from tlsgate.settings.config import TunnelConfig
-from tlsgate.settings.file import check_config_file, describe_tunnel, load_tunnels
+from tlsgate.settings.file import describe_tunnel
 
 __all__ = ["check_config", "run"]
 
@@ -54,7 +55,7 @@ def check_config(file: str) -> None:
     """
     warnings: list[str] = []
     with _user_errors():
-        configs, _ = check_config_file(file, warnings)
+        configs = check_config_file(file, warnings).tunnels
     for line in warnings:
         click.echo(f"tlsgate: warning: {line}", err=True)
     click.echo(summary(configs))
@@ -75,7 +76,8 @@ def run(file: str) -> None:
       tlsgate run /etc/tlsgate/tlsgate.toml
     """
     with _user_errors():
-        configs, process = check_config_file(file)
+        checked = check_config_file(file)
+        configs, process = checked.tunnels, checked.process
         # A partial of a module-level function, not a lambda: --workers pickles it for each worker process.
         # The absolute path keeps a reload reading the same file whatever the working directory is by then.
         load = functools.partial(load_tunnels, os.path.abspath(file), process)
@@ -84,5 +86,6 @@ def run(file: str) -> None:
 
             code = run_workers(configs, process, load_configs=load)
         else:
-            code = run_server(configs, process, load_configs=load)
+            # The runtimes the check built serve from the start: reading every certificate twice doubled start-up.
+            code = run_server(configs, process, load_configs=load, runtimes=checked.runtimes)
     raise SystemExit(code)

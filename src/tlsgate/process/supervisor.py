@@ -16,12 +16,11 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from tlsgate import logs
-from tlsgate.engine.runtime import build_runtime
+from tlsgate.engine.runtime import Runtime, build_runtime
 from tlsgate.engine.tunnel import Tunnel
 from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.process import systemd
@@ -36,27 +35,10 @@ from tlsgate.process.lifecycle import (
 )
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
+
+# Defined in settings since the layout split; re-exported so `from tlsgate.process.supervisor import` keeps working.
+from tlsgate.settings.process_options import ProcessOptions as ProcessOptions
 from tlsgate.tls import internals
-
-
-@dataclass(frozen=True)
-class ProcessOptions:
-    """Settings of the process rather than of one tunnel."""
-
-    status: str | None = None
-    metrics_prefix: str = "tlsgate"
-    # POST /_shutdown on the status port stops the process gracefully (ghostunnel's --enable-shutdown).
-    enable_shutdown: bool = False
-    # /debug/pprof/ on the status port: stacks and a cProfile window (ghostunnel's --enable-pprof).
-    enable_pprof: bool = False
-    workers: int = 1
-    log_format: str = "text"
-    quiet: tuple[str, ...] = ()
-    loop: str = "auto"
-    # Log to the local syslog socket instead of stderr (ghostunnel's --syslog).
-    syslog: bool = False
-    config_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Server:
@@ -82,9 +64,15 @@ class Server:
         options: ProcessOptions | None = None,
         *,
         load_configs: Callable[[], list[TunnelConfig]] | None = None,
+        runtimes: Sequence[Runtime] | None = None,
     ) -> None:
         self.options = options or ProcessOptions()
         self.configs = list(configs)
+        # Runtimes already built from ``configs`` (one each, in order) by a check such as `process.check`; start()
+        # uses them instead of reading every certificate, key and policy again.
+        self._built = list(runtimes) if runtimes is not None else None
+        if self._built is not None and len(self._built) != len(self.configs):
+            raise ValueError("runtimes: expected one per config")
         self.load_configs = load_configs
         self.tunnels: dict[str, Tunnel] = {}
         # Tunnels a reload removed or replaced, by the key they ran under, while their open connections drain:
@@ -105,7 +93,12 @@ class Server:
     def start(self, listeners: dict[str, list[socket.socket]] | None = None) -> None:
         """Build every runtime first (so a bad file fails before anything listens), then start listening."""
         self._loop = asyncio.get_running_loop()
-        runtimes = [(cfg, build_runtime(cfg)) for cfg in self.configs]
+        built, self._built = self._built, None
+        runtimes = (
+            list(zip(self.configs, built, strict=True))
+            if built is not None
+            else [(cfg, build_runtime(cfg)) for cfg in self.configs]
+        )
         # --crl-max-age refuses here, with the other start-up errors, before any port is bound.
         overdue = [(cfg, check_runtime_crls(cfg, runtime)) for cfg, runtime in runtimes]
         reuse_port = self.options.workers > 1

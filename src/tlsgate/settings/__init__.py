@@ -72,7 +72,7 @@ class Setting:
     scope: Scope = "both"
     metavar: str | None = None
     # Default shown in --help; tunnel defaults themselves live in config.TunnelConfig/Timeouts, process ones in
-    # supervisor.ProcessOptions, so that the library API and the CLI cannot disagree.
+    # process_options.ProcessOptions, so that the library API and the CLI cannot disagree.
     default: object = None
     # Other flag spellings accepted and not shown in --help (ghostunnel's older names).
     aliases: tuple[str, ...] = ()

@@ -13,29 +13,24 @@ passwords) are relative to the directory of the file, not to wherever tlsgate wa
 
 Every problem is collected before anything fails (syntax, unknown keys, wrong types, missing files, duplicate
 names and listen addresses) and raised as one ConfigErrors, one line per problem, each naming the tunnel and
-the key. Files are only checked for existence here; ``runtime.build_runtime`` parses them (check-config does).
+the key. Files are only checked for existence here; ``tlsgate.process.check`` parses them (run, check-config
+and reloads do), because parsing needs the engine and this package sits below it.
 """
 
 from __future__ import annotations
 
 import difflib
-import ipaddress
-import logging
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tlsgate import logs
-from tlsgate.engine.runtime import build_runtime
-from tlsgate.errors import ConfigError, TlsgateError, shown
+from tlsgate.errors import ConfigError, shown
 from tlsgate.logs import QUIET_CHOICES
-from tlsgate.process.crls import check_runtime_crls, crl_warning
-from tlsgate.process.supervisor import ProcessOptions
 from tlsgate.settings import SETTINGS, setting
-from tlsgate.settings.addresses import Address, parse_address
+from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import (
     KNOWN_KEYS,
     PROCESS_KEYS,
@@ -47,15 +42,15 @@ from tlsgate.settings.config import (
     shown_path,
     tunnel_config,
 )
+from tlsgate.settings.listens import check_listen
+from tlsgate.settings.process_options import ProcessOptions
 from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems
 
 __all__ = [
     "ConfigFile",
-    "check_config_file",
     "describe_tunnel",
     "key_names",
     "load_config_file",
-    "load_tunnels",
     "read_config_file",
 ]
 
@@ -87,47 +82,6 @@ def load_config_file(path: str) -> tuple[list[TunnelConfig], ProcessOptions]:
     if result.problems:
         raise ConfigErrors(result.problems)
     return result.tunnels, result.process
-
-
-def check_config_file(path: str, warnings: list[str] | None = None) -> tuple[list[TunnelConfig], ProcessOptions]:
-    """`load_config_file`, and every certificate, key, CA bundle and CRL parsed as at start, all problems together.
-
-    What ``run``, ``check-config`` and a reload use, so a file is judged the same way by all three. A CRL older
-    than its tunnel's ``crl-max-age`` is a problem; one past its next update is a line added to ``warnings``.
-    """
-    result = read_config_file(path)
-    problems = list(result.problems)
-    for cfg in result.tunnels:
-        try:
-            overdue = check_runtime_crls(cfg, build_runtime(cfg))
-        except TlsgateError as err:
-            problems.extend(f"tunnel {cfg.name!r}: {key_names(line)}" for line in str(err).splitlines())
-            continue
-        if warnings is not None:
-            warnings.extend(f"tunnel {cfg.name!r}: {crl_warning(source)}" for source in overdue)
-    if problems:
-        raise ConfigErrors(problems)
-    return result.tunnels, result.process
-
-
-def load_tunnels(path: str, running: ProcessOptions | None = None) -> list[TunnelConfig]:
-    """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it.
-
-    Certificates are parsed here too (and again by the supervisor), so a failed reload logs every file's
-    problem with its tunnel's name, not only the first one the supervisor meets.
-
-    A reload applies tunnels only; when ``running`` (the process settings in use) differs from the file's
-    [process] table, a warning says that a restart is needed, rather than leaving the edit silently unapplied.
-    """
-    tunnels, process = check_config_file(path)
-    if running is not None and process != running:
-        changed = [
-            f.name.replace("_", "-") for f in fields(process) if getattr(process, f.name) != getattr(running, f.name)
-        ]
-        logs.event(
-            "[process] changed: restart tlsgate to apply it", logging.WARNING, config=path, keys=",".join(changed)
-        )
-    return tunnels
 
 
 def read_config_file(path: str) -> ConfigFile:
@@ -464,7 +418,7 @@ def _tunnel(
             continue
         options[canonical] = value
     options = _resolve_paths(options, base)
-    _check_listen(label, options.get("listen"), problems, seen)
+    check_listen(label, options.get("listen"), problems, seen.listens)
     mode = options.pop("mode", None)
     if mode is None:
         problems.append(f'{label}: mode is required: "server" or "client"')
@@ -531,59 +485,3 @@ def _beside(base: str, path: str) -> str:
         return path  # empty means "not given"; the validator says so where it matters
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
-
-
-# -- listen addresses -------------------------------------------------------------------------------------------
-
-
-def _check_listen(label: str, value: object, problems: list[str], seen: _Seen) -> None:
-    """Two tunnels cannot listen on one address: the second would fail to bind only when the process starts."""
-    if not isinstance(value, str):
-        return
-    try:
-        address = parse_address(value, name="listen", activated=True)
-    except ConfigError:
-        return  # tunnel_config reports it
-    for other_label, other in seen.listens:
-        if not _overlap(address, other):
-            continue
-        if address == other:
-            problems.append(f"{label}: listen: {address} is already the listen address of {other_label}")
-        else:
-            problems.append(f"{label}: listen: {address} overlaps {other} of {other_label} (same port, same interface)")
-        break
-    seen.listens.append((label, address))
-
-
-def _overlap(a: Address, b: Address) -> bool:
-    if a.is_unix or b.is_unix:
-        return a.path == b.path
-    if a.is_activated or b.is_activated:
-        return a.systemd == b.systemd
-    if a.port == 0 or a.port != b.port:
-        return False  # port 0 is a fresh port for each tunnel
-    return any(_same_interface(x, y) for x in _bound_hosts(a.host) for y in _bound_hosts(b.host))
-
-
-def _bound_hosts(host: str) -> set[str]:
-    """The local addresses a listen host binds, as far as can be told without resolving names."""
-    if not host:
-        return {"0.0.0.0", "::"}  # ":PORT" listens on every interface, both families
-    lowered = host.lower().rstrip(".")
-    if lowered == "localhost":
-        return {"127.0.0.1", "::1"}
-    try:
-        return {str(ipaddress.ip_address(lowered))}
-    except ValueError:
-        return {lowered}
-
-
-def _same_interface(x: str, y: str) -> bool:
-    if x == y:
-        return True
-    try:
-        ip_x, ip_y = ipaddress.ip_address(x), ipaddress.ip_address(y)
-    except ValueError:
-        return False
-    # A wildcard address holds the port on every address of its family.
-    return ip_x.version == ip_y.version and (ip_x.is_unspecified or ip_y.is_unspecified)
