@@ -15,6 +15,8 @@ import pytest
 
 import tlsgate.cli.run
 from tlsgate.cli.run import run
+from tlsgate.engine.runtime import Runtime
+from tlsgate.process import workers
 from tlsgate.process.supervisor import Server
 from tlsgate.settings.config import TunnelConfig
 from tlsgate.tls import contexts
@@ -73,3 +75,23 @@ def test_server_refuses_runtimes_that_do_not_match_its_configs(tmp_path: Path, p
     checked = check_config_file(str(write_config(tmp_path, ["one", "two"])))
     with pytest.raises(ValueError, match="one per config"):
         Server(checked.tunnels, checked.process, runtimes=checked.runtimes[:1])
+
+
+def test_run_with_workers_hands_the_checked_runtimes_to_the_parent(
+    tmp_path: Path, pki_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The --workers parent reads certificates only to check CRLs before any worker starts; the check already did.
+    path = write_config(tmp_path, ["one", "two"])
+    path.write_text("[process]\nworkers = 2\n\n" + path.read_text())
+    handed: list[Any] = []
+
+    def record(configs: list[TunnelConfig], options: Any, **kwargs: Any) -> int:
+        handed.append((len(configs), kwargs.get("runtimes")))
+        return 0
+
+    monkeypatch.setattr(workers, "run_workers", record)
+    result = invoke(run, path)
+    assert result.exit_code == 0, result.output
+    [(count, runtimes)] = handed
+    assert runtimes is not None and len(runtimes) == count == 2
+    assert all(isinstance(runtime, Runtime) for runtime in runtimes)

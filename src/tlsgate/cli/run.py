@@ -84,7 +84,7 @@ def run(file: str) -> None:
         if process.workers > 1:
             from tlsgate.process.workers import run_workers
 
-            code = run_workers(configs, process, load_configs=load)
+            code = run_workers(configs, process, load_configs=load, runtimes=checked.runtimes)
         else:
             # The runtimes the check built serve from the start: reading every certificate twice doubled start-up.
             code = run_server(configs, process, load_configs=load, runtimes=checked.runtimes)

@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tlsgate import logs
-from tlsgate.engine.runtime import build_runtime
+from tlsgate.engine.runtime import Runtime, build_runtime
 from tlsgate.engine.sockets import bind_listeners
 from tlsgate.errors import TlsgateError
 from tlsgate.process import platforms, systemd
@@ -96,11 +96,15 @@ def run_workers(
     options: ProcessOptions,
     *,
     load_configs: Callable[[], list[TunnelConfig]] | None = None,
+    runtimes: Sequence[Runtime] | None = None,
 ) -> int:
-    """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function)."""
+    """Blocking entry point for ``--workers N`` (N > 1). ``load_configs`` must pickle (a module-level function).
+
+    ``runtimes``, one per config when a check already built them, spare the parent building them again.
+    """
     prepare_process(configs, options)  # before any worker starts: they must not see LISTEN_* or NOTIFY_SOCKET
     # The parent relays no traffic, so it runs plain asyncio whatever --loop says; the workers honour --loop.
-    return asyncio.run(_Pool(configs, options, load_configs).run())
+    return asyncio.run(_Pool(configs, options, load_configs, runtimes).run())
 
 
 # -- the parent ----------------------------------------------------------------------------------------------------
@@ -128,8 +132,10 @@ class _Pool:
         configs: Sequence[TunnelConfig],
         options: ProcessOptions,
         load_configs: Callable[[], list[TunnelConfig]] | None,
+        runtimes: Sequence[Runtime] | None = None,
     ) -> None:
         self.configs = list(configs)
+        self._built = list(runtimes) if runtimes is not None else None
         self.options = options
         self.load_configs = load_configs
         self.workers = [_Worker(i) for i in range(options.workers)]
@@ -157,7 +163,10 @@ class _Pool:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         # Read every certificate and policy once here, so a bad file is a one-line exit 2, not N dying workers.
-        overdue = [(cfg, check_runtime_crls(cfg, build_runtime(cfg))) for cfg in self.configs]
+        built, self._built = self._built, None
+        runtimes = built if built is not None else [build_runtime(cfg) for cfg in self.configs]
+        overdue = [(cfg, check_runtime_crls(cfg, runtime)) for cfg, runtime in zip(self.configs, runtimes, strict=True)]
+        del runtimes, built  # the workers build their own; the parent only needed them for this check
         self._status_address = check_status_setting(self.options.status, self.configs) if self.options.status else None
         for cfg, crls in overdue:
             log_overdue_crls(cfg.label, crls)
