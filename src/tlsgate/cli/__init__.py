@@ -16,10 +16,10 @@ from tlsgate import __version__
 from tlsgate.cli.support import SettingsCommand, TlsgateGroup, UserError, setting_options
 from tlsgate.errors import ConfigError, TlsgateError
 from tlsgate.process.supervisor import ProcessOptions, run_server
-from tlsgate.settings import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
-from tlsgate.settings import process_settings
 from tlsgate.settings.config import TunnelConfig, check_metrics_prefix, tunnel_config
 from tlsgate.settings.status import check_status_setting, status_option_problems
+from tlsgate.settings.table import ENV_FLAGS as ENV_FLAGS  # re-exported: ghostunnel parity tests read it here
+from tlsgate.settings.table import process_settings
 
 _PROCESS_FLAGS = tuple(s.name for s in process_settings())
 

@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import click
 
 from tlsgate.errors import TlsgateError
-from tlsgate.settings import SECTIONS, SETTINGS, Setting
+from tlsgate.settings.setting import SECTIONS, Setting
+from tlsgate.settings.table import SETTINGS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -22,8 +22,8 @@ from tlsgate.pki import EKU_NAMES
 from tlsgate.policy.identity import IdentityRules
 from tlsgate.policy.networks import AddressRules
 from tlsgate.policy.policy import Policy, build_policy
-from tlsgate.settings import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
 from tlsgate.settings.config import TunnelConfig
+from tlsgate.settings.table import CIPHER_SUITES, UNSAFE_CIPHER_SUITES
 from tlsgate.tls import contexts as tlsctx
 from tlsgate.tls import internals
 

@@ -18,17 +18,17 @@ from functools import partial
 from typing import Any, Literal
 
 from tlsgate.errors import ConfigError, shown
-from tlsgate.settings import (
+from tlsgate.settings.addresses import Address, parse_address, valid_host
+from tlsgate.settings.durations import parse_duration
+from tlsgate.settings.setting import Setting
+from tlsgate.settings.table import (
     CIPHER_SUITES,
     SETTINGS,
     TLS_VERSIONS,
     UNSAFE_CIPHER_SUITES,
-    Setting,
     process_settings,
     setting,
 )
-from tlsgate.settings.addresses import Address, parse_address, valid_host
-from tlsgate.settings.durations import parse_duration
 
 Mode = Literal["server", "client"]
 

@@ -29,7 +29,6 @@ from typing import Any
 
 from tlsgate.errors import ConfigError, shown
 from tlsgate.logs import QUIET_CHOICES
-from tlsgate.settings import SETTINGS, setting
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import (
     KNOWN_KEYS,
@@ -45,6 +44,7 @@ from tlsgate.settings.config import (
 from tlsgate.settings.listens import check_listen
 from tlsgate.settings.process_options import ProcessOptions
 from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems
+from tlsgate.settings.table import SETTINGS, setting
 
 __all__ = [
     "ConfigFile",
