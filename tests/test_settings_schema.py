@@ -24,7 +24,6 @@ from tlsgate.logs import QUIET_CHOICES
 from tlsgate.process.supervisor import ProcessOptions
 from tlsgate.settings import ENV_FLAGS, SECTIONS, SETTINGS, process_settings, setting
 from tlsgate.settings.config import (
-    _CONVERTERS,
     _TIMEOUT_KEYS,
     KNOWN_KEYS,
     PROCESS_KEYS,
@@ -33,6 +32,7 @@ from tlsgate.settings.config import (
     TunnelConfig,
     tunnel_config,
 )
+from tlsgate.settings.convert import _CONVERTERS
 from tlsgate.settings.file import read_config_file
 
 

@@ -38,9 +38,9 @@ from tlsgate.settings.config import (
     TunnelConfig,
     check_metrics_prefix,
     normalise_key,
-    shown_path,
     tunnel_config,
 )
+from tlsgate.settings.convert import shown_path
 from tlsgate.settings.listens import check_listen
 from tlsgate.settings.process_options import ProcessOptions
 from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 from tlsgate import logs
 from tlsgate.errors import ConfigError, shown
 from tlsgate.settings.addresses import Address, parse_address
-from tlsgate.settings.config import TunnelConfig, check_socket_path
+from tlsgate.settings.config import TunnelConfig
+from tlsgate.settings.convert import check_socket_path
 
 if TYPE_CHECKING:
-    from tlsgate.process.supervisor import ProcessOptions
+    from tlsgate.settings.process_options import ProcessOptions
 
 
 @dataclass(frozen=True)
