@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tlsgate.cli import cli
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.policy import Decision, IdentityRules, build_policy
+from tlsgate.policy import Decision, IdentityRules, build_policy, rego
 from tlsgate.policy.rego import Evaluation, load_policy
 from tlsgate.policy.rego_input import certificate_input
 from tlsgate.settings.config import tunnel_config
@@ -40,6 +40,15 @@ from helpers import (
 )
 
 pytest.importorskip("regopy")
+
+
+@pytest.fixture(autouse=True)
+def _generous_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests of verdicts must not depend on timing: the 0.5 s budget guards production against a runaway policy,
+    and on a loaded two-core CI machine a first evaluation after a reload has taken longer. The budget's own
+    tests set a tiny one on the policy object."""
+    monkeypatch.setattr(rego, "EVALUATION_BUDGET", 60.0)
+
 
 ALLOW_ALICE = """package tlsgate
 
