@@ -404,9 +404,11 @@ def test_encrypted_key_round_trips_and_a_wrong_password_is_one_line(
     ctx.load_cert_chain(paths["chain"], paths["key"], password=b"s3cret")
 
 
-def test_a_password_for_an_unencrypted_key_is_ignored(local_ca: CertificateAuthority, tmp_path: Path) -> None:
+def test_a_password_for_an_unencrypted_key_is_refused(local_ca: CertificateAuthority, tmp_path: Path) -> None:
+    # One passphrase rule for every key tlsgate reads (tls/x509.py), the server flags' and ghostunnel's.
     paths = local_ca.issue("localhost").write(tmp_path)
-    assert load_private_key(paths["key"], b"unneeded")
+    with pytest.raises(CertificateError, match=r"localhost\.key: the key is not encrypted, but --key-pass was given$"):
+        load_private_key(paths["key"], b"unneeded")
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from tlsgate import logs
 from tlsgate.errors import CertificateError
-from tlsgate.pki import EKU_NAMES
+from tlsgate.pki.names import EKU_NAMES
 from tlsgate.policy.identity import IdentityRules
 from tlsgate.policy.networks import AddressRules
 from tlsgate.policy.policy import Policy, build_policy
