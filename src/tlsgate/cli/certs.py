@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.cli.support import TlsgateGroup
 from tlsgate.errors import ConfigError, shown
-from tlsgate.pki import (
+from tlsgate.pki.ca import (
     CA_CERT_FILE,
     CA_STATE_FILE,
     DEFAULT_CA_DAYS,
@@ -26,16 +25,13 @@ from tlsgate.pki import (
     DEFAULT_LEAF_DAYS,
     REVOCATION_REASONS,
     CertificateAuthority,
-    IssuedCert,
-    default_basename,
-    describe_file,
-    key_description,
-    load_certificates,
-    parse_serial,
-    refuse_existing,
-    write_public_file,
 )
+from tlsgate.pki.files import refuse_existing, write_public_file
+from tlsgate.pki.issued import IssuedCert
+from tlsgate.pki.names import default_basename, parse_serial
+from tlsgate.pki.show import describe_file
 from tlsgate.settings.secrets import resolve_secret
+from tlsgate.tls.x509 import key_description, load_certificates, parse_crls
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -314,7 +310,7 @@ def _is_crl_of(path: Path, ca: CertificateAuthority) -> bool:
     except OSError:
         return False
     try:
-        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+        crl = parse_crls(data)[0]
     except ValueError:
         return False
     return crl.issuer == ca.certificate.subject

@@ -20,7 +20,7 @@ from tlsgate.dev.stores import StoreResult, TrustStores, trust_exit_code, untrus
 from tlsgate.dev.stores import trust as install_ca
 from tlsgate.dev.stores import untrust as remove_ca
 from tlsgate.errors import CertificateError, ConfigError
-from tlsgate.pki import CertificateAuthority
+from tlsgate.pki.ca import CertificateAuthority
 from tlsgate.process.lifecycle import choose_loop
 
 

@@ -29,6 +29,7 @@ from tlsgate.policy import (
     verify_client_chain,
 )
 from tlsgate.process.crls import crl_warning, overdue_crls
+from tlsgate.tls.x509 import parse_certificates
 
 
 @click.group(cls=TlsgateGroup)
@@ -297,10 +298,9 @@ def _load_certificates(flag: str, path: str) -> list[x509.Certificate]:
     except OSError as err:
         raise CertificateError(f"{flag}: cannot read {path}: {err.strerror or err}") from None
     try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError:
+        return parse_certificates(data, path)
+    except CertificateError:
+        # Worded for this command, whose errors lead with the flag; the reading is tls/x509.py's.
         raise CertificateError(
             f"{flag}: {path} holds no certificate (expected PEM 'CERTIFICATE' blocks or DER)"
         ) from None

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from tlsgate.errors import CertificateError
 from tlsgate.tls import tickets
+from tlsgate.tls.x509 import SIGNING_KEY_TYPES, PrivateKey, parse_certificates, parse_private_key, read_file, spki_der
 
 # TLS 1.2 suites: forward secrecy (ECDHE) and AEAD only. CBC suites (Lucky13, POODLE-style padding oracles) and
 # static-RSA key exchange (no forward secrecy) are out. TLS 1.3 suites are all AEAD, so OpenSSL's defaults stay.
@@ -44,63 +44,26 @@ class KeyMaterial:
 
 
 def _read(path: str | Path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise CertificateError(f"{what} {path}: is a directory, expected a file") from None
-    except OSError as err:
-        raise CertificateError(f"{what} {path}: cannot read ({err.strerror})") from None
+    return read_file(path, f"{what} {path}")
 
 
 def load_certificates(path: str | Path, what: str = "certificate") -> list[x509.Certificate]:
     """All certificates in a PEM bundle or one DER certificate; a one-line error for anything else."""
-    return _parse_certificates(_read(path, what), path, what)
+    return parse_certificates(_read(path, what), f"{what} {path}")
 
 
-def _parse_certificates(data: bytes, path: str | Path, what: str) -> list[x509.Certificate]:
-    try:
-        if b"-----BEGIN" in data:
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(data)]
-    except ValueError:
-        raise CertificateError(f"{what} {path}: not a PEM or DER certificate") from None
-    return certs
+def _load_key(data: bytes, password: bytes | None, source: str, password_flag: str = "--key-pass") -> PrivateKey:
+    # The one passphrase rule of tls/x509.py: a password for a key that is not encrypted is refused too.
+    return parse_private_key(data, password, source=source, password_flag=password_flag)
 
 
-def _load_key(data: bytes, password: bytes | None, source: str) -> PrivateKeyTypes:
-    try:
-        if b"-----BEGIN" in data:
-            return serialization.load_pem_private_key(data, password)
-        return serialization.load_der_private_key(data, password)
-    except TypeError:
-        if password is None:
-            raise CertificateError(f"key {source}: the key is encrypted; give its passphrase with --key-pass") from None
-        raise CertificateError(f"key {source}: the key is not encrypted, but --key-pass was given") from None
-    except ValueError:
-        if password is not None and (b"ENCRYPTED" in data or b"-----BEGIN" not in data):
-            raise CertificateError(f"key {source}: wrong passphrase (--key-pass)") from None
-        raise CertificateError(f"key {source}: not a private key in PEM or DER form") from None
-
-
-def _public_bytes(key: object) -> bytes:
-    public_key = key.public_key()  # type: ignore[attr-defined]
-    return bytes(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
-
-
-def _material(certs: Sequence[x509.Certificate], key: object, source: str) -> KeyMaterial:
+def _material(certs: Sequence[x509.Certificate], key: PrivateKeyTypes, source: str) -> KeyMaterial:
     if not certs:
         raise CertificateError(f"{source}: no certificate found")
-    supported = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
-    if not isinstance(key, supported):
+    if not isinstance(key, SIGNING_KEY_TYPES):
         raise CertificateError(f"{source}: unsupported private key type {type(key).__name__}")
     leaf = certs[0]
-    leaf_spki = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if _public_bytes(key) != leaf_spki:
+    if spki_der(key.public_key()) != spki_der(leaf.public_key()):
         raise CertificateError(f"{source}: the private key does not match the certificate")
     chain_pem = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
     key_pem = key.private_bytes(
@@ -121,8 +84,9 @@ def load_key_material(
     if keystore:
         data = _read(keystore, "keystore")
         if b"-----BEGIN" in data:
-            certs = load_certificates(keystore, "keystore")
-            return _material(certs, _load_key(data, key_pass or storepass, keystore), keystore)
+            certs = parse_certificates(data, f"keystore {keystore}")
+            flag = "--key-pass" if key_pass else "--storepass"
+            return _material(certs, _load_key(data, key_pass or storepass, f"keystore {keystore}", flag), keystore)
         try:
             p12_key, p12_cert, extra = pkcs12.load_key_and_certificates(data, storepass)
         except ValueError:
@@ -137,7 +101,7 @@ def load_key_material(
     if not cert or not key:
         raise CertificateError("give --cert and --key together, or --keystore")
     certs = load_certificates(cert)
-    return _material(certs, _load_key(_read(key, "key"), key_pass, key), f"{cert} + {key}")
+    return _material(certs, _load_key(_read(key, "key"), key_pass, f"key {key}"), f"{cert} + {key}")
 
 
 @contextlib.contextmanager
@@ -191,7 +155,7 @@ def _load_ca(ctx: ssl.SSLContext, cafile: str, what: str) -> bytes:
     version under the key of another.
     """
     data = _read(cafile, what)
-    _parse_certificates(data, cafile, what)  # a clear error for a garbage file, before OpenSSL's
+    parse_certificates(data, f"{what} {cafile}")  # a clear error for a garbage file, before OpenSSL's
     with _memory_file(data) as path:
         try:
             ctx.load_verify_locations(cafile=path)

@@ -16,7 +16,8 @@ The flag named in those messages is the caller's (``--key-pass``, ``--ca-pass``,
 Files are PEM (any number of ``-----BEGIN X-----`` blocks, other blocks ignored) or DER (one object).
 Errors are one-line `~tlsgate.errors.CertificateError` naming the file (or the ``source`` label given).
 The SPKI (SubjectPublicKeyInfo: the public key with its algorithm) is what ``--allow-spki-sha256`` pins and
-how a key is matched to its certificate: `spki_der` and `spki_sha256` are the only places it is computed.
+how a key is matched to its certificate: `spki_der` (of a key) and `certificate_spki_der` (as a certificate
+encodes it) are the only places it is computed. CRLs are read by `parse_crls`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ SIGNING_KEY_TYPES = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25
 _CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
 def read_file(path: str | Path, source: str | None = None) -> bytes:
@@ -121,6 +123,9 @@ def parse_private_key(data: bytes, password: bytes | None, *, source: str, passw
     if is_pem(data):
         blocks = [block for label, block in pem_blocks(data) if label.endswith("PRIVATE KEY")]
         if not blocks:
+            if _KEY_BEGIN.search(data):
+                # Worded without the PEM armour: a server logs this on a failed reload, and logs carry no key text.
+                raise CertificateError(f"{source}: not a private key (its key block is cut short, no END line)")
             raise CertificateError(f"{source}: not a private key (no PRIVATE KEY block)")
         data = blocks[0]
         loader: Callable[[bytes, bytes | None], PrivateKeyTypes] = load_pem_private_key
@@ -172,14 +177,59 @@ def spki_sha256(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER SubjectPublicKeyInfo, in lowercase hex: the value ``--allow-spki-sha256`` takes.
 
     The SPKI is the public key plus its algorithm. Pinning its hash (rather than the certificate's) keeps a
-    pin valid when the same key is re-certified with new dates, names or a new serial.
+    pin valid when the same key is re-certified with new dates, names or a new serial. The bytes hashed are
+    `certificate_spki_der`, so a pin works for any key, even one ``cryptography`` cannot load.
     """
-    return public_key_sha256(cert.public_key())
+    return hashlib.sha256(certificate_spki_der(cert)).hexdigest()
 
 
 def public_key_sha256(public_key: CertificatePublicKeyTypes) -> str:
     """`spki_sha256` of a bare public key (say, a private key's), for comparing a key file with a pin."""
     return hashlib.sha256(spki_der(public_key)).hexdigest()
+
+
+def certificate_spki_der(cert: x509.Certificate) -> bytes:
+    """The SubjectPublicKeyInfo exactly as the certificate encodes it.
+
+    Pins are hashes of these bytes (as Go's ``RawSubjectPublicKeyInfo`` and ``openssl x509 -pubkey``);
+    re-encoding the parsed key (`spki_der`) gives the same bytes for common keys but fails on key types
+    ``cryptography`` cannot load. ``cryptography`` has parsed the certificate, so its DER is well formed.
+    """
+    tbs = cert.tbs_certificate_bytes
+    _, offset, _ = _der_header(tbs, 0)  # into the TBSCertificate SEQUENCE
+    if tbs[offset] == 0xA0:  # [0] EXPLICIT version, absent in v1 certificates
+        offset = _der_skip(tbs, offset)
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        offset = _der_skip(tbs, offset)
+    return tbs[offset : _der_skip(tbs, offset)]
+
+
+def _der_header(data: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start of contents, length of contents) of the DER element at offset."""
+    tag, first = data[offset], data[offset + 1]
+    if first < 0x80:
+        return tag, offset + 2, first
+    count = first & 0x7F
+    return tag, offset + 2 + count, int.from_bytes(data[offset + 2 : offset + 2 + count])
+
+
+def _der_skip(data: bytes, offset: int) -> int:
+    _, start, length = _der_header(data, offset)
+    return start + length
+
+
+def parse_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (its ``X509 CRL`` blocks), or the one CRL of a DER file.
+
+    Raises ``ValueError`` when there is none or one is damaged; callers word the error, since a CRL file is
+    refused (``--crl``) in some places and merely skipped (``certs crl`` looking for an earlier output) in others.
+    """
+    if is_pem(data):
+        blocks = [block for label, block in pem_blocks(data) if label == "X509 CRL"]
+        if not blocks:
+            raise ValueError("no X509 CRL block")
+        return [x509.load_pem_x509_crl(block) for block in blocks]
+    return [x509.load_der_x509_crl(data)]
 
 
 def key_description(key: CertificatePublicKeyTypes | PrivateKey) -> str:
