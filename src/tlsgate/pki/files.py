@@ -14,9 +14,6 @@ from pathlib import Path
 
 from tlsgate.errors import CertificateError
 
-# --------------------------------------------------------------------------------------------------------------
-# Files
-
 
 def write_private_file(path: Path, data: bytes, *, force: bool) -> None:
     """Write a secret (a private key, a keystore) readable by its owner only.

@@ -62,10 +62,6 @@ def default_basename(name: str) -> str:
     return stem or "cert"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Names
-
-
 def _dns_name(value: str) -> str | None:
     """The A-label (ASCII, lowercase) form of a DNS name, or None when ``value`` is not one.
 
