@@ -177,3 +177,18 @@ def test_crls_are_read_from_pem_blocks_or_der(leaf_files: dict[str, Path], tmp_p
         with pytest.raises(ValueError):
             parse_crls(not_a_crl)
     assert load_certificates(leaf_files["cert"])[0].issuer == crl.issuer
+
+
+def test_a_wrong_password_that_happens_to_pass_the_padding_check_is_still_a_wrong_password(
+    leaf_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """About one wrong password in 256 decrypts to bytes with valid padding; cryptography then says the key data
+    cannot be parsed, without the word "password". That is still a wrong password, and the flag must be named
+    (test_a_wrong_password_error_names_the_flag_not_the_password failed now and then on exactly this)."""
+
+    def garbage_after_decryption(data: bytes, password: bytes | None) -> object:
+        raise ValueError("Could not deserialize key data. The data may be in an incorrect format")
+
+    monkeypatch.setattr("tlsgate.tls.x509.load_pem_private_key", garbage_after_decryption)
+    assert _pki_error(leaf_files["locked"], b"wrong").endswith("wrong password (--key-pass)")
+    assert _server_error(leaf_files["cert"], leaf_files["locked"], b"wrong").endswith("wrong password (--key-pass)")

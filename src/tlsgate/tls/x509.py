@@ -140,7 +140,9 @@ def parse_private_key(data: bytes, password: bytes | None, *, source: str, passw
         _check_is_a_key(loader, data, source)
         raise CertificateError(f"{source}: the key is not encrypted, but {password_flag} was given") from None
     except ValueError as err:
-        if password is not None and "password" in str(err).lower():
+        # A wrong password usually fails the decryption's padding check ("incorrect password"), but about one
+        # time in 256 the padding looks right and the garbage fails to parse instead: still a wrong password.
+        if password is not None and ("password" in str(err).lower() or pem_looks_encrypted(data) or not is_pem(data)):
             raise CertificateError(f"{source}: wrong password ({password_flag})") from None
         raise CertificateError(f"{source}: not a private key (expected PEM or DER)") from None
     except UnsupportedAlgorithm:
