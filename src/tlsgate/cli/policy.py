@@ -20,14 +20,10 @@ from cryptography.hazmat.primitives import serialization
 
 from tlsgate.cli.support import TlsgateGroup, access_options
 from tlsgate.errors import CertificateError, ConfigError, shown
-from tlsgate.policy import (
-    Decision,
-    PeerIdentity,
-    Policy,
-    build_policy,
-    check_validity,
-    verify_client_chain,
-)
+from tlsgate.policy.chain import verify_client_chain
+from tlsgate.policy.decision import Decision
+from tlsgate.policy.peer import PeerIdentity, check_validity
+from tlsgate.policy.policy import Policy, build_policy
 from tlsgate.process.crls import crl_warning, overdue_crls
 from tlsgate.tls.x509 import parse_certificates
 

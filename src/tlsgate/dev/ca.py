@@ -24,10 +24,10 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tlsgate.errors import CertificateError, ConfigError, shown
-from tlsgate.pki import CertificateAuthority, load_certificates, load_private_key
+from tlsgate.pki.ca import CertificateAuthority
+from tlsgate.tls.x509 import certificate_spki_der, load_certificates, load_private_key, spki_der
 
 CAROOT_ENV = "TLSGATE_CAROOT"
 BASE_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -235,8 +235,7 @@ class DevCertificate:
     def spki_sha256_base64(self) -> str:
         """The base64 SHA-256 of the leaf's public key: what Chromium's ``--ignore-certificate-errors-spki-list``
         takes, and what HPKP-style pins look like."""
-        der = self.certificate.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+        return base64.b64encode(hashlib.sha256(certificate_spki_der(self.certificate)).digest()).decode("ascii")
 
 
 def _why_reissue(
@@ -254,8 +253,7 @@ def _why_reissue(
         leaf.verify_directly_issued_by(ca.certificate)
     except (ValueError, TypeError, InvalidSignature):
         return "the local CA changed"
-    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+    if spki_der(key.public_key()) != spki_der(leaf.public_key()):
         return "its key file did not match"
     left = leaf.not_valid_after_utc - now
     if left <= timedelta(0):

@@ -14,10 +14,11 @@ from pathlib import Path
 import click
 
 from tlsgate import logs
-from tlsgate.pki import CertificateAuthority, load_certificates
+from tlsgate.pki.ca import CertificateAuthority
 from tlsgate.process.lifecycle import choose_loop
 from tlsgate.process.supervisor import Server
 from tlsgate.settings.config import tunnel_config
+from tlsgate.tls.x509 import load_certificates
 
 _PAGE = """<!doctype html>
 <title>tlsgate demo</title>

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tlsgate.dev.ca import CA_NAME_PREFIX
 from tlsgate.errors import CertificateError
-from tlsgate.pki import load_certificates
+from tlsgate.tls.x509 import load_certificates
 
 SYSTEM_CA_FILE = "tlsgate-dev.crt"
 _DEBIAN_CA_DIR = Path("/usr/local/share/ca-certificates")

@@ -9,7 +9,6 @@ an intermediate revokes what it issued); each is one dict probe. `CrlSource` des
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import Decision, readable_name
 from tlsgate.policy.peer import PARSE_ERRORS, PeerIdentity
+from tlsgate.tls.x509 import parse_crls
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +52,6 @@ def _chain_link(der: bytes) -> tuple[str, int, str]:
     """(issuer RFC 4514, serial, subject for people) of a chain certificate: the few CAs recur on every handshake."""
     cert = x509.load_der_x509_certificate(der)
     return cert.issuer.rfc4514_string(), cert.serial_number, readable_name(cert.subject)
-
-
-_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 class RevocationList:
@@ -155,12 +152,7 @@ def _read_crls(path: str | Path) -> list[x509.CertificateRevocationList]:
     except OSError as err:
         raise CertificateError(f"--crl: cannot read {path}: {err.strerror or err}") from None
     try:
-        if b"-----BEGIN" in data:
-            blocks = _CRL_PEM.findall(data)
-            if not blocks:
-                raise ValueError("no CRL block")
-            return [x509.load_pem_x509_crl(block) for block in blocks]
-        return [x509.load_der_x509_crl(data)]
+        return parse_crls(data)
     except ValueError:
         raise CertificateError(f"--crl: {path} is not a CRL (expected PEM 'X509 CRL' blocks or DER)") from None
 

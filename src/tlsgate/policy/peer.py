@@ -10,7 +10,6 @@ pin), and the issuer and serial CRL entries are keyed by. A certificate cryptogr
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import Decision, shorten, utc, when
+from tlsgate.tls.x509 import spki_sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,7 @@ class PeerIdentity:
                 dns_names=tuple(sans.get_values_for_type(x509.DNSName)),
                 uris=tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)),
                 ip_addresses=tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),
-                spki_sha256=hashlib.sha256(_raw_spki(cert)).hexdigest(),
+                spki_sha256=spki_sha256(cert),
                 serial=cert.serial_number,
                 issuer=cert.issuer.rfc4514_string(),
                 not_before=cert.not_valid_before_utc,
@@ -114,35 +114,6 @@ def _attribute_values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str,
         value = attribute.value
         values.append(value if isinstance(value, str) else value.decode("utf-8", "replace"))
     return tuple(values)
-
-
-def _raw_spki(cert: x509.Certificate) -> bytes:
-    """The SubjectPublicKeyInfo exactly as the certificate encodes it.
-
-    Pins are hashes of these bytes (as Go's ``RawSubjectPublicKeyInfo`` and ``openssl x509 -pubkey``); re-encoding
-    the parsed key would do for common keys but fails on key types cryptography cannot load.
-    """
-    tbs = cert.tbs_certificate_bytes
-    _, offset, _ = _der_header(tbs, 0)  # into the TBSCertificate SEQUENCE
-    if tbs[offset] == 0xA0:  # [0] EXPLICIT version, absent in v1 certificates
-        offset = _der_skip(tbs, offset)
-    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
-        offset = _der_skip(tbs, offset)
-    return tbs[offset : _der_skip(tbs, offset)]
-
-
-def _der_header(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, start of contents, length of contents) of the DER element at offset."""
-    tag, first = data[offset], data[offset + 1]
-    if first < 0x80:
-        return tag, offset + 2, first
-    count = first & 0x7F
-    return tag, offset + 2 + count, int.from_bytes(data[offset + 2 : offset + 2 + count])
-
-
-def _der_skip(data: bytes, offset: int) -> int:
-    _, start, length = _der_header(data, offset)
-    return start + length
 
 
 def check_validity(peer: PeerIdentity, *, now: datetime | None = None, role: str = "client") -> Decision:

@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import shorten
+from tlsgate.tls.x509 import certificate_spki_der
 
 __all__ = ["certificate_input", "peer_input_json"]
 
@@ -93,7 +94,7 @@ def certificate_input(cert: x509.Certificate) -> dict[str, Any]:
     return {
         "Raw": _b64(cert.public_bytes(_DER)),
         "RawTBSCertificate": _b64(cert.tbs_certificate_bytes),
-        "RawSubjectPublicKeyInfo": _b64(public_key.public_bytes(_DER, _SPKI)),
+        "RawSubjectPublicKeyInfo": _b64(certificate_spki_der(cert)),
         "RawSubject": _b64(cert.subject.public_bytes()),
         "RawIssuer": _b64(cert.issuer.public_bytes()),
         "Signature": _b64(cert.signature),
@@ -143,7 +144,6 @@ def certificate_input(cert: x509.Certificate) -> dict[str, Any]:
 
 
 _DER = Encoding.DER
-_SPKI = PublicFormat.SubjectPublicKeyInfo
 
 
 def _b64(data: bytes) -> str:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from tlsgate import logs
 from tlsgate.engine.runtime import Runtime
-from tlsgate.policy import CrlSource
+from tlsgate.policy.crl import CrlSource
 from tlsgate.settings.config import ConfigErrors, TunnelConfig
 from tlsgate.settings.durations import format_duration
 
