@@ -190,6 +190,9 @@ def output_matches(expected: list[str], actual: list[str]) -> bool:
 
 
 def free_port() -> int:
+    """A port number nothing listens on now. The pages' commands bind it themselves, in programs of their own
+    (tlsgate, redis-server, openssl s_server, python -m http.server); tests in the suite use
+    ``helpers.reserved_port()`` instead, which holds the port for the test's duration."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

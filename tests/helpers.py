@@ -343,10 +343,20 @@ def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.
     return ctx
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port number for a server that must bind a known port itself (a config file rewritten with the same
+    address, two tunnels swapping ports), held for as long as the block runs.
+
+    The socket is bound with SO_REUSEADDR and SO_REUSEPORT but never listens: the kernel's port-0 choice skips a
+    bound port, so no other test or program is handed it meanwhile, while a server that sets SO_REUSEADDR (as
+    tlsgate, and nearly every server, does) may still bind and listen on it. Binding and releasing a port (the
+    old ``free_port()``) left a window in which anyone could take it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
 
 
 # Runs the CLI after lowering RLIMIT_NOFILE (argv[1], 0 = leave it), so the limit is in place before anything opens.

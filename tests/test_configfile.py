@@ -34,7 +34,7 @@ from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import ConfigErrors
 from tlsgate.settings.file import load_config_file, read_config_file
 
-from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, free_port, running_server
+from helpers import STATUS_LISTENING, backend, client_context, eventually, exchange, reserved_port, running_server
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DEADLINE = 30.0
@@ -535,35 +535,35 @@ async def test_a_renamed_tunnel_takes_over_its_port(
     pki_files: dict[str, Path], tmp_path: Path, alice: ssl.SSLContext
 ) -> None:
     path = tmp_path / "tlsgate.toml"
-    port = free_port()
-    async with backend() as be:
-        path.write_text(block("old", listen=f"127.0.0.1:{port}", target=be.address))
-        async with serving(path) as server:
-            path.write_text(block("new", listen=f"127.0.0.1:{port}", target=be.address))
-            assert server.reload() is True
-            assert list(server.tunnels) == ["new"]
-            assert await exchange(port, alice) == b"ping"
+    with reserved_port() as port:
+        async with backend() as be:
+            path.write_text(block("old", listen=f"127.0.0.1:{port}", target=be.address))
+            async with serving(path) as server:
+                path.write_text(block("new", listen=f"127.0.0.1:{port}", target=be.address))
+                assert server.reload() is True
+                assert list(server.tunnels) == ["new"]
+                assert await exchange(port, alice) == b"ping"
 
 
 @pytest.mark.asyncio
 async def test_two_tunnels_can_swap_ports(pki_files: dict[str, Path], tmp_path: Path, alice: ssl.SSLContext) -> None:
     path = tmp_path / "tlsgate.toml"
-    one, two = free_port(), free_port()
-    async with backend() as first, backend() as second:
-        path.write_text(
-            block("x", listen=f"127.0.0.1:{one}", target=first.address)
-            + block("y", listen=f"127.0.0.1:{two}", target=second.address)
-        )
-        async with serving(path) as server:
+    with reserved_port() as one, reserved_port() as two:
+        async with backend() as first, backend() as second:
             path.write_text(
-                block("x", listen=f"127.0.0.1:{two}", target=first.address)
-                + block("y", listen=f"127.0.0.1:{one}", target=second.address)
+                block("x", listen=f"127.0.0.1:{one}", target=first.address)
+                + block("y", listen=f"127.0.0.1:{two}", target=second.address)
             )
-            assert server.reload() is True
-            assert await exchange(two, alice) == b"ping"
-            assert (first.connections, second.connections) == (1, 0)
-            assert await exchange(one, alice) == b"ping"
-            assert (first.connections, second.connections) == (1, 1)
+            async with serving(path) as server:
+                path.write_text(
+                    block("x", listen=f"127.0.0.1:{two}", target=first.address)
+                    + block("y", listen=f"127.0.0.1:{one}", target=second.address)
+                )
+                assert server.reload() is True
+                assert await exchange(two, alice) == b"ping"
+                assert (first.connections, second.connections) == (1, 0)
+                assert await exchange(one, alice) == b"ping"
+                assert (first.connections, second.connections) == (1, 1)
 
 
 @pytest.mark.asyncio
@@ -675,34 +675,36 @@ def test_tlsgate_run_serves_the_file_and_sighup_rereads_it(
     echo_servers: Callable[[], socketserver.ThreadingTCPServer],
 ) -> None:
     first, second = echo_servers(), echo_servers()
-    port = free_port()  # a number, not 0: the file is rewritten with this same address and served after the reload
-    process = f'[process]\nstatus = "http://127.0.0.1:0"\nworkers = {workers}\n'
-    path = tmp_path / "tlsgate.toml"
-    path.write_text(process + block("a", listen=f"127.0.0.1:{port}", target=address_of(first)))
-    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
-    ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
-    log = tmp_path / "tlsgate.log"
-    with tlsgate_run(path, log) as proc:
+    with (
+        reserved_port() as port
+    ):  # a number, not 0: the file is rewritten with this same address and served after the reload
+        process = f'[process]\nstatus = "http://127.0.0.1:0"\nworkers = {workers}\n'
+        path = tmp_path / "tlsgate.toml"
+        path.write_text(process + block("a", listen=f"127.0.0.1:{port}", target=address_of(first)))
+        ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
+        ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
+        log = tmp_path / "tlsgate.log"
+        with tlsgate_run(path, log) as proc:
 
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()
-            status = STATUS_LISTENING.search(log.read_text())
-            return status is not None and status_up(int(status.group(1)), workers)
+            def up() -> bool:
+                assert proc.poll() is None, log.read_text()
+                status = STATUS_LISTENING.search(log.read_text())
+                return status is not None and status_up(int(status.group(1)), workers)
 
-        eventually("tlsgate listening", up)
-        echo_through(port, ctx)
-        assert first.connections == 1  # type: ignore[attr-defined]
-
-        path.write_text(process + block("a", listen=f"127.0.0.1:{port}", target=address_of(second)))
-        proc.send_signal(signal.SIGHUP)
-        eventually("every process reloaded", lambda: log.read_text().count(" reloaded tunnels=1") == workers)
-        for _ in range(10):
+            eventually("tlsgate listening", up)
             echo_through(port, ctx)
-        assert second.connections == 10  # type: ignore[attr-defined]
-        assert first.connections == 1  # type: ignore[attr-defined]
+            assert first.connections == 1  # type: ignore[attr-defined]
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(DEADLINE) == 0, log.read_text()
+            path.write_text(process + block("a", listen=f"127.0.0.1:{port}", target=address_of(second)))
+            proc.send_signal(signal.SIGHUP)
+            eventually("every process reloaded", lambda: log.read_text().count(" reloaded tunnels=1") == workers)
+            for _ in range(10):
+                echo_through(port, ctx)
+            assert second.connections == 10  # type: ignore[attr-defined]
+            assert first.connections == 1  # type: ignore[attr-defined]
+
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(DEADLINE) == 0, log.read_text()
 
 
 def test_tlsgate_run_with_a_port_in_use_exits_2(pki_files: dict[str, Path], tmp_path: Path) -> None:

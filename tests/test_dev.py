@@ -59,7 +59,7 @@ from tlsgate.errors import ConfigError, StartupError
 from tlsgate.pki import CertificateAuthority, load_certificates
 from tlsgate.settings.addresses import Address
 
-from helpers import closed_port, free_port, invoke, refused
+from helpers import closed_port, invoke, refused, reserved_port
 
 run = functools.partial(invoke, dev)
 
@@ -471,33 +471,33 @@ async def fetch(host: str, port: int, server_hostname: str, cafile: Path) -> byt
 
 @pytest.mark.asyncio
 async def test_front_waits_for_a_missing_target_and_serves_it_once_it_is_up(sandbox: Path) -> None:
-    target_port = free_port()
-    settings = dataclasses.replace(
-        DevSettings.from_flags(to=str(target_port), listen="localhost:0", names=["myapp.localhost"]),
-        probe_interval=0.02,
-    )
-    async with start_front(settings, no_stores()) as front:
-        port = front.front.port
-        assert front.said[0] == f"tlsgate dev: https in front of localhost:{target_port}"
-        assert f"  https://localhost:{port}/" in front.said
-        assert f"  https://myapp.localhost:{port}/" in front.said
-        assert "browsers do not trust the local CA yet: run `tlsgate dev trust` once" in front.said
-        await front.wait_for_line(f"nothing listens on localhost:{target_port} yet; tlsgate keeps going")
+    with reserved_port() as target_port:
+        settings = dataclasses.replace(
+            DevSettings.from_flags(to=str(target_port), listen="localhost:0", names=["myapp.localhost"]),
+            probe_interval=0.02,
+        )
+        async with start_front(settings, no_stores()) as front:
+            port = front.front.port
+            assert front.said[0] == f"tlsgate dev: https in front of localhost:{target_port}"
+            assert f"  https://localhost:{port}/" in front.said
+            assert f"  https://myapp.localhost:{port}/" in front.said
+            assert "browsers do not trust the local CA yet: run `tlsgate dev trust` once" in front.said
+            await front.wait_for_line(f"nothing listens on localhost:{target_port} yet; tlsgate keeps going")
 
-        backend = await serve_demo_backend(port=target_port)
-        try:
-            await front.wait_for_line(f"localhost:{target_port} answers now")
-            cafile = front.front.ca.cert_path
-            hosts = ["127.0.0.1", "::1"] if HAS_IPV6 else ["127.0.0.1"]
-            for host in hosts:
-                for name in ("localhost", "myapp.localhost"):
-                    page = await fetch(host, port, name, cafile)
-                    assert page.startswith(b"HTTP/1.1 200 OK"), page
-                    assert b"Hello through tlsgate" in page
-        finally:
-            backend.close()
-            await backend.wait_closed()
-        assert sum("nothing listens" in line for line in front.said) == 1
+            backend = await serve_demo_backend(port=target_port)
+            try:
+                await front.wait_for_line(f"localhost:{target_port} answers now")
+                cafile = front.front.ca.cert_path
+                hosts = ["127.0.0.1", "::1"] if HAS_IPV6 else ["127.0.0.1"]
+                for host in hosts:
+                    for name in ("localhost", "myapp.localhost"):
+                        page = await fetch(host, port, name, cafile)
+                        assert page.startswith(b"HTTP/1.1 200 OK"), page
+                        assert b"Hello through tlsgate" in page
+            finally:
+                backend.close()
+                await backend.wait_closed()
+            assert sum("nothing listens" in line for line in front.said) == 1
 
 
 @pytest.mark.asyncio

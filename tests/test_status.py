@@ -37,8 +37,8 @@ from helpers import (
     assert_cut,
     backend,
     client_context,
-    free_port,
     request,
+    reserved_port,
     running_server,
     server_opts,
     status_address,
@@ -375,8 +375,7 @@ async def test_status_on_a_unix_socket_is_removed_on_shutdown(pki_files: dict[st
 
 def start_with_status_port_in_use(pki_files: dict[str, Path], workers: str) -> tuple[int, int, str, bool]:
     """Run the CLI with --status on a taken port: (that port, exit code, output, tunnel port free again?)."""
-    listen = free_port()
-    with socket.socket() as busy:
+    with reserved_port() as listen, socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]

@@ -20,8 +20,8 @@ from helpers import (
     DEADLINE,
     WorkersProcess,
     eventually,
-    free_port,
     pki_client_context,
+    reserved_port,
     threaded_echo_server,
     workers_server_args,
 )
@@ -215,10 +215,10 @@ def test_a_worker_that_cannot_start_stops_the_start_with_its_exit_code(
 ) -> None:
     # Every attempt would fail alike (say, a file only the workers cannot read): restarting would just spin.
     monkeypatch.setattr(tlsgate.process.workers, "_WORKER_CODE", "raise SystemExit(3)")
-    port = free_port()
-    args = workers_server_args(pki_files, "127.0.0.1:1")
-    args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
-    result = CliRunner().invoke(cli, args)
+    with reserved_port() as port:
+        args = workers_server_args(pki_files, "127.0.0.1:1")
+        args[args.index("127.0.0.1:0")] = f"127.0.0.1:{port}"
+        result = CliRunner().invoke(cli, args)
     assert result.exit_code == 3, result.output
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # the port the parent reserved is free again
