@@ -20,7 +20,7 @@ from pathlib import Path
 from tlsgate.dev.ca import BASE_NAMES, ca_root, dev_ca_warning, ensure_dev_ca, ensure_dev_certificate, normalise_name
 from tlsgate.dev.stores import TrustStores, is_trusted
 from tlsgate.dev.watch import watch_target
-from tlsgate.engine.sockets import bind_tcp
+from tlsgate.engine.sockets import listen_tcp
 from tlsgate.errors import ConfigError, StartupError, shown
 from tlsgate.process.supervisor import ProcessOptions, Server
 from tlsgate.settings.addresses import Address, parse_address
@@ -108,14 +108,7 @@ def _bind(host: str, port: int) -> socket.socket:
     # Not `bind_listeners`: that resolves a name and, on port 0, keeps the first address only, while the front
     # needs 127.0.0.1 and ::1 on one port and its own messages about which of them is taken.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = bind_tcp(family, (host, port), reuse_port=False)
-    try:
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return listen_tcp(family, (host, port))
 
 
 def _bind_error(listen: Address, host: str, port: int, err: OSError) -> StartupError:

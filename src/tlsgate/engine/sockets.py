@@ -43,13 +43,7 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
             continue
         seen.add(key)
         try:
-            sock = bind_tcp(family, sockaddr, reuse_port=reuse_port)
-            try:
-                sock.listen(socket.SOMAXCONN)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock = listen_tcp(family, sockaddr, reuse_port=reuse_port)
         except OSError as err:
             errors.append(f"{host_port(str(sockaddr[0]), int(sockaddr[1]))}: {err.strerror or err}")
             continue
@@ -59,6 +53,18 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
     if not sockets:
         raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
     return sockets
+
+
+def listen_tcp(family: int, sockaddr: Any, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking TCP socket listening on ``sockaddr``; closed again if binding or listening fails."""
+    sock = bind_tcp(family, sockaddr, reuse_port=reuse_port)
+    try:
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
