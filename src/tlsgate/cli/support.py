@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from tlsgate import logs
 from tlsgate.errors import TlsgateError
 from tlsgate.settings.setting import SECTIONS, Setting
 from tlsgate.settings.table import SETTINGS
@@ -21,6 +22,8 @@ class UserError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
+        # Lines logged before the failure (a tunnel already listening) go out first, so the error reads last.
+        logs.flush_logs(wait=1.0)
         # ConfigErrors carries one problem per line; each gets the prefix, so every line reads on its own.
         for line in self.format_message().splitlines() or [""]:
             click.echo(f"tlsgate: error: {line}", err=True)

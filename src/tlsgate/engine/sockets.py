@@ -22,18 +22,19 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.socket]:
+def bind_listeners(address: Address, reuse_port: bool = False, *, flag: str = "--listen") -> list[socket.socket]:
     """Listening sockets for ``address``: every local address a host name resolves to, a unix socket, or the one
-    socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply)."""
+    socket systemd passed under ``systemd:NAME`` (bound by systemd, so ``reuse_port`` does not apply). ``flag``
+    names the setting in errors (``--listen``, ``--status``)."""
     if address.is_activated:
-        return [activated_listener(address.systemd)]
+        return [activated_listener(address.systemd, flag)]
     if address.is_unix:
-        return [bind_unix(address.path)]
+        return [bind_unix(address.path, flag)]
     host = address.host or None
     try:
         infos = socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:
-        raise StartupError(f"--listen {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
+        raise StartupError(f"{flag} {address}: cannot resolve {shown(address.host)}: {err.strerror}") from None
     seen: set[Any] = set()
     sockets: list[socket.socket] = []
     errors: list[str] = []
@@ -51,7 +52,7 @@ def bind_listeners(address: Address, reuse_port: bool = False) -> list[socket.so
         if address.port == 0:
             break  # port 0 on several addresses would give several different ports
     if not sockets:
-        raise StartupError(f"--listen {address}: cannot listen ({'; '.join(errors)})")
+        raise StartupError(f"{flag} {address}: cannot listen ({'; '.join(errors)})")
     return sockets
 
 
@@ -101,15 +102,15 @@ def remove_stale_socket(path: str, flag: str = "--listen") -> None:
     raise StartupError(f"{flag} unix:{path}: another process is listening there")
 
 
-def bind_unix(path: str) -> socket.socket:
+def bind_unix(path: str, flag: str = "--listen") -> socket.socket:
     """A listening unix socket at ``path``; a stale socket file of a dead process is replaced, a live one refused."""
-    remove_stale_socket(path)
+    remove_stale_socket(path, flag)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         sock.listen(socket.SOMAXCONN)
     except OSError as err:
         sock.close()
-        raise StartupError(f"--listen unix:{path}: {err.strerror or err}") from None
+        raise StartupError(f"{flag} unix:{path}: {err.strerror or err}") from None
     sock.setblocking(False)
     return sock

@@ -12,13 +12,13 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tlsgate import logs
-from tlsgate.engine.activation import activated_listener
-from tlsgate.engine.sockets import remove_stale_socket
+from tlsgate.engine.sockets import bind_listeners
 from tlsgate.errors import StartupError, TlsgateError
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.config import TunnelConfig
@@ -130,23 +130,25 @@ class StatusServer:
         kwargs: dict[str, Any] = {"limit": _MAX_REQUEST, "ssl": ssl_ctx}
         if ssl_ctx is not None:
             kwargs["ssl_handshake_timeout"] = _REQUEST_TIMEOUT
+        # Bound where tunnels are bound (stale unix sockets, v6-only, systemd sockets alike); served by asyncio's
+        # streams, whose memory per connection does not matter for a handful of health checks.
+        sockets = bind_listeners(address, flag="--status")
         try:
-            if address.is_activated:
-                # systemd bound it (and owns a unix path): serve on it, never unlink it.
-                server = await asyncio.start_server(
-                    self._handle, sock=activated_listener(address.systemd, "--status"), **kwargs
-                )
-            elif address.is_unix:
-                remove_stale_socket(address.path, flag)
-                server = await asyncio.start_unix_server(self._handle, address.path, **kwargs)
-                self._unix_path = address.path
-            else:
-                server = await asyncio.start_server(self._handle, address.host or None, address.port, **kwargs)
+            for sock in sockets:
+                if sock.family == socket.AF_UNIX:
+                    server = await asyncio.start_unix_server(self._handle, sock=sock, **kwargs)
+                else:
+                    server = await asyncio.start_server(self._handle, sock=sock, **kwargs)
+                self._servers.append(server)
         except OSError as err:
+            for sock in sockets:
+                sock.close()
             reason = os.strerror(err.errno) if err.errno else str(err)
-            raise StartupError(f"{flag}: cannot listen on {address} ({reason})") from None
-        self._servers.append(server)
-        for sock in server.sockets:
+            raise StartupError(f"{flag}: cannot serve ({reason})") from None
+        if address.is_unix:
+            # systemd owns an activated socket's path; only a path we bound is ours to remove.
+            self._unix_path = address.path
+        for sock in sockets:
             name = sock.getsockname()
             if isinstance(name, str):
                 self.addresses.append(f"unix:{name}")
