@@ -9,10 +9,24 @@ through ``tlsgate server --protocol postgres`` and ``tlsgate client --target-pro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import ssl
 import struct
-from collections.abc import Sequence
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,6 +44,8 @@ from tlsgate.engine.postgres import (
     error_response,
     target_answer,
 )
+
+from helpers import backend, port_of, server_opts, tunnel, wait_until
 
 GSSENC_REQUEST = struct.pack("!II", 8, GSSENC_REQUEST_CODE)
 CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
@@ -235,3 +251,387 @@ def test_target_answer(answer: bytes, expected: str) -> None:
 
 def test_alpn_is_postgresql() -> None:
     assert ALPN == "postgresql"
+
+
+# -- a real PostgreSQL for the module ---------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path:
+    """Where ``initdb`` and ``postgres`` are: Debian keeps them out of PATH, under /usr/lib/postgresql/N/bin.
+
+    A missing server is a failure, not a skip: CI installs the packages (``.ci/run``), so the tests must run."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).parent
+    pytest.fail("PostgreSQL is not installed: apt-get install postgresql postgresql-client (see .ci/run)")
+
+
+def psql_binary() -> str:
+    found = shutil.which("psql")
+    if found is None:
+        pytest.fail("psql is not installed: apt-get install postgresql-client (see .ci/run)")
+    return found
+
+
+@dataclass
+class Postgres:
+    """A running PostgreSQL: plaintext and TLS (``ssl = on``, certificate from ``ca``) on 127.0.0.1:``port``."""
+
+    port: int
+    ca: trustme.CA
+    directory: Path
+
+
+def _run_as(user: str | None, args: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    # PostgreSQL refuses to run as root: as root, the tests run it as the packages' unprivileged user.
+    return subprocess.Popen(args, user=user, group=user, extra_groups=[] if user else None, **kwargs)  # type: ignore[call-overload]
+
+
+def _start_postgres(
+    bindir: Path, data: Path, user: str | None, sockets: Path
+) -> tuple[subprocess.Popen[bytes], int, threading.Thread]:
+    """Start ``postgres`` on a free loopback port, ready once it says so on stderr (no polling, no sleep).
+
+    PostgreSQL cannot listen on port 0, so the port is one the kernel just handed out and released; if another
+    process takes it meanwhile, PostgreSQL says it cannot bind and we try another."""
+    for _ in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        proc = _run_as(
+            user,
+            [
+                str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+                "-c", f"unix_socket_directories={sockets}", "-c", "ssl=on", "-c", "fsync=off",
+                "-c", "logging_collector=off", "-c", "log_destination=stderr",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            if "ready to accept connections" in line:
+                # Keep reading its log, or a full pipe would stall the server.
+                drain = threading.Thread(target=proc.stderr.read, daemon=True)
+                drain.start()
+                return proc, port, drain
+        proc.wait()
+        proc.stderr.close()
+        if not any("could not bind" in line or "Address already in use" in line for line in lines):
+            pytest.fail("PostgreSQL did not start:\n" + "\n".join(lines))
+    pytest.fail("PostgreSQL found no free port in five tries")
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    bindir = postgres_bindir()
+    user = "postgres" if os.geteuid() == 0 else None
+    # Not under pytest's tmp_path: its parents are private to root, and the server runs as another user.
+    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pg-"))
+    try:
+        ca = trustme.CA(organization_name="tlsgate postgres test CA")
+        data = directory / "data"
+        if user:
+            shutil.chown(directory, user, user)
+        subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tester", "--no-sync", "-E", "UTF8",
+             "--locale=C"],
+            user=user, group=user, extra_groups=[] if user else None, check=True, capture_output=True,
+        )  # fmt: skip
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        for name, blob in (("server.crt", cert.cert_chain_pems[0]), ("server.key", cert.private_key_pem)):
+            blob.write_to_path(str(data / name))
+            os.chmod(data / name, 0o600)
+            if user:
+                shutil.chown(data / name, user, user)
+        (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        proc, port, drain = _start_postgres(bindir, data, user, directory)
+        try:
+            yield Postgres(port, ca, directory)
+        finally:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, no waiting for clients
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            drain.join()
+            assert proc.stderr is not None
+            proc.stderr.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def psql(conninfo: str, query: str = "select 1") -> tuple[int, str]:
+    """Run ``psql`` (never blocking the loop tlsgate runs in): exit code and everything it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        psql_binary(), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", query, conninfo,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "30", "PGAPPNAME": "tlsgate-test"},
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace").strip()
+
+
+@pytest.mark.asyncio
+async def test_the_module_postgres_answers_plaintext_and_tls(postgres: Postgres) -> None:
+    code, out = await psql(f"host=127.0.0.1 port={postgres.port} user=tester dbname=postgres sslmode=disable")
+    assert (code, out) == (0, "1")
+    ca_file = postgres.directory / "ca.pem"
+    postgres.ca.cert_pem.write_to_path(str(ca_file))
+    code, out = await psql(
+        f"host=127.0.0.1 port={postgres.port} user=tester dbname=postgres sslmode=verify-full sslrootcert={ca_file}",
+        "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    )
+    assert (code, out) == (0, "t")
+
+
+# -- psql through tlsgate server --protocol postgres, to the plaintext side of a real PostgreSQL -----------------
+
+
+def private(path: Path) -> str:
+    """libpq refuses a key file that others may read."""
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def conninfo(port: int, **params: object) -> str:
+    base = {"host": "127.0.0.1", "port": port, "user": "tester", "dbname": "postgres", "connect_timeout": 30}
+    return " ".join(f"{key}={value}" for key, value in {**base, **params}.items())
+
+
+def verified(pki_files: dict[str, Path], port: int, **params: object) -> str:
+    """psql's strictest mode: the server's certificate must chain to our CA and name 127.0.0.1."""
+    options: dict[str, object] = {
+        "sslmode": "verify-full",
+        "sslrootcert": pki_files["ca"],
+        "sslcert": pki_files["client_cert"],
+        "sslkey": private(pki_files["client_key"]),
+    }
+    return conninfo(port, **{**options, **params})
+
+
+def logged(caplog: pytest.LogCaptureFixture, *needles: str) -> bool:
+    text = "\n".join(record.getMessage() + " " + str(getattr(record, "fields", "")) for record in caplog.records)
+    return all(needle in text for needle in needles)
+
+
+SSL_IN_USE = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+
+
+@pytest.mark.asyncio
+async def test_psql_verify_full_with_client_certificate_reaches_plaintext_postgres(
+    postgres: Postgres, pki_files: dict[str, Path]
+) -> None:
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        code, out = await psql(verified(pki_files, port_of(tun)), "select current_user || ' ' || 6 * 7")
+        assert (code, out) == (0, "tester 42")
+        # The hop behind tlsgate is plaintext: PostgreSQL itself sees no TLS.
+        code, out = await psql(verified(pki_files, port_of(tun)), SSL_IN_USE)
+        assert (code, out) == (0, "f")
+        assert tun.stats.established == 2
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("who", ["no certificate", "wrong CA", "disallowed CN"])
+async def test_psql_refused_client_sees_an_error_and_never_reaches_postgres(
+    postgres: Postgres,
+    pki_files: dict[str, Path],
+    ca: trustme.CA,
+    other_ca: trustme.CA,
+    tmp_path: Path,
+    who: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params: dict[str, object] = {}
+    if who == "no certificate":
+        params = {"sslcert": tmp_path / "none.pem", "sslkey": tmp_path / "none.key"}
+    else:
+        issuer = other_ca if who == "wrong CA" else ca
+        leaf = issuer.issue_cert("bob@example.test", common_name="alice" if who == "wrong CA" else "bob")
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "bob.pem"))
+        leaf.private_key_pem.write_to_path(str(tmp_path / "bob.key"))
+        params = {"sslcert": tmp_path / "bob.pem", "sslkey": private(tmp_path / "bob.key")}
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        code, out = await psql(verified(pki_files, port_of(tun), **params))
+        assert code != 0
+        assert "SSL" in out or "certificate" in out, out
+        await wait_until(lambda: sum(tun.stats.refused.values()) == 1)
+        assert tun.stats.established == 0
+    expected = {"no certificate": "no client certificate", "wrong CA": "not signed by a CA", "disallowed CN": "CN=bob"}
+    assert logged(caplog, expected[who])
+
+
+@pytest.mark.asyncio
+async def test_psql_without_tls_is_told_why_in_its_own_words(
+    postgres: Postgres, pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        code, out = await psql(conninfo(port_of(tun), sslmode="disable"))
+        assert code != 0
+        assert "FATAL:  this server accepts TLS connections only" in out, out
+        assert tun.stats.refused == {"postgres": 1}
+        assert tun.stats.established == 0
+    assert logged(caplog, "plaintext StartupMessage: TLS required")
+
+
+async def startup_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Send a StartupMessage as user tester; return PostgreSQL's first message type (R: authentication)."""
+    writer.write(startup_message("tester", "postgres"))
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(1), 30)
+
+
+def alice_context(pki_files: dict[str, Path], alpn: Sequence[str] = ()) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki_files["ca"]))
+    ctx.load_cert_chain(str(pki_files["client_cert"]), str(pki_files["client_key"]))
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+@pytest.mark.asyncio
+async def test_gssenc_request_is_declined_then_tls_reaches_postgres(
+    postgres: Postgres, pki_files: dict[str, Path]
+) -> None:
+    """What libpq does with a Kerberos ticket (gssencmode=prefer): GSSENCRequest, N, SSLRequest, S, TLS."""
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(GSSENC_REQUEST)
+        assert await asyncio.wait_for(reader.readexactly(1), 30) == b"N"
+        writer.write(SSL_REQUEST)
+        assert await asyncio.wait_for(reader.readexactly(1), 30) == b"S"
+        await writer.start_tls(alice_context(pki_files), server_hostname="127.0.0.1")
+        assert await startup_over(reader, writer) == b"R"
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_direct_tls_with_alpn_postgresql_reaches_postgres(postgres: Postgres, pki_files: dict[str, Path]) -> None:
+    """PostgreSQL 17's sslnegotiation=direct: the ClientHello first, ALPN postgresql, no SSLRequest."""
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port_of(tun), ssl=alice_context(pki_files, [ALPN]), server_hostname="127.0.0.1"
+        )
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == ALPN
+        assert await startup_over(reader, writer) == b"R"
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_direct_tls_without_alpn_is_refused(
+    postgres: Postgres, pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As PostgreSQL 17 does: a direct ClientHello must say it is for PostgreSQL, or it could be any protocol
+    aimed at this port (the ALPN cross-protocol attacks)."""
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port_of(tun), ssl=alice_context(pki_files), server_hostname="127.0.0.1"
+            )
+            await startup_over(reader, writer)
+        await wait_until(lambda: tun.stats.refused.get("postgres", 0) == 1)
+        assert tun.stats.established == 0
+    assert logged(caplog, "ALPN")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "garbage",
+    [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00\x00\x00\x08\x12\x34\x56\x78", b"\x00\x00\x00\x04" + SSL_REQUEST],
+    ids=["http", "unknown code", "short length"],
+)
+async def test_garbage_before_ssl_request_is_refused(
+    postgres: Postgres, pki_files: dict[str, Path], garbage: bytes
+) -> None:
+    opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
+    async with tunnel(**opts) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(garbage)
+        with contextlib.suppress(ConnectionError):
+            answer = await asyncio.wait_for(reader.read(), 30)
+            assert answer[:1] in (b"", b"E")  # never an S
+        writer.close()
+        await wait_until(lambda: tun.stats.refused.get("postgres", 0) == 1)
+        assert tun.stats.established == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sent", [SSL_REQUEST, SSL_REQUEST[:5]], ids=["after SSLRequest", "inside SSLRequest"])
+async def test_a_client_that_stalls_is_cut_at_the_handshake_timeout(
+    postgres: Postgres, pki_files: dict[str, Path], sent: bytes
+) -> None:
+    opts = server_opts(
+        pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres", handshake_timeout="300ms"
+    )
+    async with tunnel(**opts) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(sent)
+        expected = b"S" if sent == SSL_REQUEST else b""
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 30) == expected  # then closed by tlsgate, not by us
+        writer.close()
+        await wait_until(lambda: tun.stats.handshake_timeouts == 1)
+        assert tun.stats.established == 0
+        assert not tun.setups
+
+
+# -- a plaintext application through tlsgate client --target-protocol postgres, to PostgreSQL with ssl = on ------
+
+
+def postgres_ca_file(postgres: Postgres) -> str:
+    path = postgres.directory / "ca.pem"
+    postgres.ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sslmode", ["disable", "prefer"])
+async def test_plaintext_psql_reaches_a_tls_postgres_through_the_client(postgres: Postgres, sslmode: str) -> None:
+    """sslmode=prefer (libpq's default) asks tlsgate for TLS first: tlsgate declines (N), since it encrypts."""
+    opts = {"target": f"127.0.0.1:{postgres.port}", "cacert": postgres_ca_file(postgres), "target_protocol": "postgres"}
+    async with tunnel("client", **opts) as tun:
+        code, out = await psql(conninfo(port_of(tun), sslmode=sslmode), SSL_IN_USE)
+        assert (code, out) == (0, "t")  # PostgreSQL itself sees TLS
+        assert tun.stats.established == 1
+
+
+async def answers(reply: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stand-in for a PostgreSQL server: read the SSLRequest, answer ``reply``."""
+    assert await reader.readexactly(8) == SSL_REQUEST
+    writer.write(reply)
+    await writer.drain()
+    await reader.read()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [(b"N", "does not accept TLS"), (b"E\x00\x00\x00\x05\x00", "ErrorResponse"), (b"S\x16\x03\x03", "CVE-2021-23222")],
+    ids=["N", "E", "bytes after S"],
+)
+async def test_client_gives_up_on_a_target_that_refuses_tls_and_says_why(
+    postgres: Postgres, reply: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await answers(reply, reader, writer)
+
+    async with backend(handler) as be:
+        opts = {"target": be.address, "cacert": postgres_ca_file(postgres), "target_protocol": "postgres"}
+        async with tunnel("client", **opts) as tun:
+            code, out = await psql(conninfo(port_of(tun), sslmode="disable"))
+            assert code != 0, out
+            await wait_until(lambda: tun.stats.target_errors == 1)
+            assert tun.stats.established == 0
+    assert logged(caplog, reason)
