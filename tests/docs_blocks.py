@@ -23,7 +23,8 @@ for it, so the page reads as before):
 Page-wide set-up that a reader is told about in prose ("Redis listens on localhost:6379") is a comment
 anywhere on the page: ``<!-- backend: redis 6379 -->`` (a real ``redis-server``; the page is skipped when it
 is not installed), ``<!-- backend: http 8080 -->`` (a plaintext HTTP server answering ``hello from the
-backend``).
+backend``), ``<!-- backend: postgres 5432 -->`` (a real plaintext PostgreSQL, superuser ``postgres``, no
+password; ``helpers.serve_postgres``).
 
 Shown output is compared line by line after both sides are normalised. Parts that differ from run to run
 are recognised by their shape, so the page can show real values: timestamps, dates and Unix times, long hex
@@ -39,6 +40,7 @@ the machine. ``0.0.0.0`` in a command becomes ``127.0.0.1``: a test never listen
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -309,6 +311,11 @@ class PageRun:
             (root / "index.html").write_text("hello from the backend\n")
             command = f"{shlex.quote(sys.executable)} -u -m http.server --bind 127.0.0.1 --directory {root} {real}"
             ready = "Serving HTTP"
+        elif kind == "postgres":
+            tests = str(REPO / "tests")
+            code = f"import sys; sys.path.insert(0, {tests!r}); import helpers; helpers.serve_postgres({real})"
+            command = f"{shlex.quote(sys.executable)} -u -c {shlex.quote(code)}"
+            ready = "ready to accept connections"
         else:
             raise AssertionError(f"{self.page}: unknown backend {kind!r}")
         self.start(command, ready)
@@ -407,9 +414,11 @@ def run_page(page: Path, workdir: Path) -> Iterator[Block]:
 def missing_programs(page: Path) -> list[str]:
     """Programs a page's runnable blocks or backends need that this machine lacks."""
     needed = {"redis-server" for kind, _ in backends(page) if kind == "redis"}
+    if any(kind == "postgres" for kind, _ in backends(page)) and not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
+        needed.add("postgres")  # Debian keeps the server out of PATH
     for block in blocks(page):
         if block.marker == "run":
-            for program in ("redis-cli", "curl", "openssl"):
+            for program in ("redis-cli", "curl", "openssl", "psql"):
                 if re.search(rf"(^|[\s$(|]){program}\b", block.text, re.MULTILINE):
                     needed.add(program)
     return sorted(program for program in needed if shutil.which(program) is None)

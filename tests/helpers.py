@@ -802,3 +802,134 @@ def threaded_echo_server() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(DEADLINE)
+
+
+# -- a real PostgreSQL: tests/test_postgres.py, and the docs' <!-- backend: postgres PORT --> (docs_blocks.py) ------
+
+
+def postgres_bindir() -> Path:
+    """Where ``initdb`` and ``postgres`` are: Debian keeps them out of PATH, under /usr/lib/postgresql/N/bin.
+
+    A missing server is a failure, not a skip: CI installs the packages (``.ci/run``), so the tests must run."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).parent
+    pytest.fail("PostgreSQL is not installed: apt-get install postgresql postgresql-client (see .ci/run)")
+
+
+@dataclass
+class PostgresServer:
+    """A running PostgreSQL on 127.0.0.1:``port``; superuser ``tester`` (or the name given), no password."""
+
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+
+def _start_postgres(
+    bindir: Path, data: Path, user: str | None, sockets: Path, port: int
+) -> tuple[subprocess.Popen[bytes], int, threading.Thread] | None:
+    """Start ``postgres``, ready once it says so on stderr (no polling, no sleep); None if the port was taken.
+
+    PostgreSQL cannot listen on port 0, so with ``port`` 0 it gets one the kernel just handed out and released."""
+    if not port:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+    proc = subprocess.Popen(
+        [
+            str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={sockets}", "-c", "fsync=off", "-c", "logging_collector=off",
+        ],
+        # PostgreSQL refuses to run as root: as root, it runs as the packages' unprivileged user.
+        user=user, group=user, extra_groups=[] if user else None,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[str] = []
+    for raw in proc.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        lines.append(line)
+        if "ready to accept connections" in line:
+            # Keep reading its log, or a full pipe would stall the server.
+            drain = threading.Thread(target=proc.stderr.read, daemon=True)
+            drain.start()
+            return proc, port, drain
+    proc.wait()
+    proc.stderr.close()
+    if any("could not bind" in line or "already in use" in line for line in lines):
+        return None
+    pytest.fail("PostgreSQL did not start:\n" + "\n".join(lines))
+
+
+@contextlib.contextmanager
+def postgres_server(
+    port: int = 0, *, tls: tuple[bytes, bytes] | None = None, superuser: str = "tester"
+) -> Iterator[PostgresServer]:
+    """``initdb`` and ``postgres`` in a fresh directory, trusting every local and 127.0.0.1 connection; with
+    ``tls`` (certificate chain and key, PEM) also ``ssl = on``. Stopped (fast shutdown) and removed on exit."""
+    import shutil
+    import tempfile
+
+    bindir = postgres_bindir()
+    user = "postgres" if os.geteuid() == 0 else None
+    # Not under pytest's tmp_path: its parents are private to root, and the server runs as another user.
+    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pg-"))
+    try:
+        data = directory / "data"
+        if user:
+            shutil.chown(directory, user, user)
+        subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", superuser, "--no-sync", "-E", "UTF8",
+             "--locale=C"],
+            user=user, group=user, extra_groups=[] if user else None, check=True, capture_output=True,
+        )  # fmt: skip
+        conf = ""
+        if tls is not None:
+            for name, blob in (("server.crt", tls[0]), ("server.key", tls[1])):
+                (data / name).write_bytes(blob)
+                os.chmod(data / name, 0o600)
+                if user:
+                    shutil.chown(data / name, user, user)
+            conf += "ssl = on\n"
+        with (data / "postgresql.conf").open("a") as file:
+            file.write(conf)
+        (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+        for _ in range(1 if port else 5):
+            started = _start_postgres(bindir, data, user, directory, port)
+            if started is not None:
+                break
+        else:
+            pytest.fail(f"PostgreSQL could not listen on {port or 'a free port'}")
+        proc, real_port, drain = started
+        try:
+            yield PostgresServer(real_port, directory, proc)
+        finally:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, no waiting for clients
+            try:
+                proc.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            drain.join(DEADLINE)
+            assert proc.stderr is not None
+            proc.stderr.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def serve_postgres(port: int) -> None:
+    """Run a plaintext PostgreSQL on 127.0.0.1:``port`` (superuser ``postgres``) until SIGTERM: the docs' backend.
+
+    Prints ``ready to accept connections`` once it does, for the runner that waits on that line."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with postgres_server(port, superuser="postgres"):
+        print("postgres: ready to accept connections", flush=True)
+        stop.wait()

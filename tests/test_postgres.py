@@ -11,16 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import os
 import shutil
-import signal
-import socket
 import ssl
 import struct
-import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +24,7 @@ import trustme
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tlsgate.cli import cli
 from tlsgate.engine.postgres import (
     ALPN,
     CANCEL_REQUEST_CODE,
@@ -45,7 +40,7 @@ from tlsgate.engine.postgres import (
     target_answer,
 )
 
-from helpers import backend, port_of, server_opts, tunnel, wait_until
+from helpers import backend, invoke, port_of, postgres_server, refused, server_opts, tunnel, wait_until
 
 GSSENC_REQUEST = struct.pack("!II", 8, GSSENC_REQUEST_CODE)
 CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
@@ -256,17 +251,22 @@ def test_alpn_is_postgresql() -> None:
 # -- a real PostgreSQL for the module ---------------------------------------------------------------------------
 
 
-def postgres_bindir() -> Path:
-    """Where ``initdb`` and ``postgres`` are: Debian keeps them out of PATH, under /usr/lib/postgresql/N/bin.
+@dataclass
+class Postgres:
+    """The module's PostgreSQL: plaintext and TLS (``ssl = on``, certificate from ``ca``) on 127.0.0.1:``port``."""
 
-    A missing server is a failure, not a skip: CI installs the packages (``.ci/run``), so the tests must run."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
-    if found:
-        return Path(found[-1]).parent
-    on_path = shutil.which("postgres")
-    if on_path:
-        return Path(on_path).parent
-    pytest.fail("PostgreSQL is not installed: apt-get install postgresql postgresql-client (see .ci/run)")
+    port: int
+    ca: trustme.CA
+    directory: Path
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    ca = trustme.CA(organization_name="tlsgate postgres test CA")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    tls = (cert.cert_chain_pems[0].bytes(), cert.private_key_pem.bytes())
+    with postgres_server(tls=tls) as server:
+        yield Postgres(server.port, ca, server.directory)
 
 
 def psql_binary() -> str:
@@ -274,97 +274,6 @@ def psql_binary() -> str:
     if found is None:
         pytest.fail("psql is not installed: apt-get install postgresql-client (see .ci/run)")
     return found
-
-
-@dataclass
-class Postgres:
-    """A running PostgreSQL: plaintext and TLS (``ssl = on``, certificate from ``ca``) on 127.0.0.1:``port``."""
-
-    port: int
-    ca: trustme.CA
-    directory: Path
-
-
-def _run_as(user: str | None, args: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-    # PostgreSQL refuses to run as root: as root, the tests run it as the packages' unprivileged user.
-    return subprocess.Popen(args, user=user, group=user, extra_groups=[] if user else None, **kwargs)  # type: ignore[call-overload]
-
-
-def _start_postgres(
-    bindir: Path, data: Path, user: str | None, sockets: Path
-) -> tuple[subprocess.Popen[bytes], int, threading.Thread]:
-    """Start ``postgres`` on a free loopback port, ready once it says so on stderr (no polling, no sleep).
-
-    PostgreSQL cannot listen on port 0, so the port is one the kernel just handed out and released; if another
-    process takes it meanwhile, PostgreSQL says it cannot bind and we try another."""
-    for _ in range(5):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        proc = _run_as(
-            user,
-            [
-                str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
-                "-c", f"unix_socket_directories={sockets}", "-c", "ssl=on", "-c", "fsync=off",
-                "-c", "logging_collector=off", "-c", "log_destination=stderr",
-            ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stderr is not None
-        lines: list[str] = []
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            lines.append(line)
-            if "ready to accept connections" in line:
-                # Keep reading its log, or a full pipe would stall the server.
-                drain = threading.Thread(target=proc.stderr.read, daemon=True)
-                drain.start()
-                return proc, port, drain
-        proc.wait()
-        proc.stderr.close()
-        if not any("could not bind" in line or "Address already in use" in line for line in lines):
-            pytest.fail("PostgreSQL did not start:\n" + "\n".join(lines))
-    pytest.fail("PostgreSQL found no free port in five tries")
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
-    bindir = postgres_bindir()
-    user = "postgres" if os.geteuid() == 0 else None
-    # Not under pytest's tmp_path: its parents are private to root, and the server runs as another user.
-    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pg-"))
-    try:
-        ca = trustme.CA(organization_name="tlsgate postgres test CA")
-        data = directory / "data"
-        if user:
-            shutil.chown(directory, user, user)
-        subprocess.run(
-            [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tester", "--no-sync", "-E", "UTF8",
-             "--locale=C"],
-            user=user, group=user, extra_groups=[] if user else None, check=True, capture_output=True,
-        )  # fmt: skip
-        cert = ca.issue_cert("127.0.0.1", "localhost")
-        for name, blob in (("server.crt", cert.cert_chain_pems[0]), ("server.key", cert.private_key_pem)):
-            blob.write_to_path(str(data / name))
-            os.chmod(data / name, 0o600)
-            if user:
-                shutil.chown(data / name, user, user)
-        (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
-        proc, port, drain = _start_postgres(bindir, data, user, directory)
-        try:
-            yield Postgres(port, ca, directory)
-        finally:
-            proc.send_signal(signal.SIGINT)  # "fast" shutdown: end sessions, no waiting for clients
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            drain.join()
-            assert proc.stderr is not None
-            proc.stderr.close()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def psql(conninfo: str, query: str = "select 1") -> tuple[int, str]:
@@ -461,8 +370,10 @@ async def test_psql_refused_client_sees_an_error_and_never_reaches_postgres(
     opts = server_opts(pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres")
     async with tunnel(**opts) as tun:
         code, out = await psql(verified(pki_files, port_of(tun), **params))
+        # psql names the TLS alert tlsgate sent during the handshake.
+        alert = {"no certificate": "certificate required", "wrong CA": "unknown ca", "disallowed CN": "bad certificate"}
         assert code != 0
-        assert "SSL" in out or "certificate" in out, out
+        assert "SSL error: " in out and alert[who] in out, out
         await wait_until(lambda: sum(tun.stats.refused.values()) == 1)
         assert tun.stats.established == 0
     expected = {"no certificate": "no client certificate", "wrong CA": "not signed by a CA", "disallowed CN": "CN=bob"}
@@ -635,3 +546,36 @@ async def test_client_gives_up_on_a_target_that_refuses_tls_and_says_why(
             await wait_until(lambda: tun.stats.target_errors == 1)
             assert tun.stats.established == 0
     assert logged(caplog, reason)
+
+
+@pytest.mark.asyncio
+async def test_psql_through_server_to_a_tls_postgres_asks_it_for_tls_first(
+    postgres: Postgres, pki_files: dict[str, Path]
+) -> None:
+    """Both ends PostgreSQL's way: psql's SSLRequest answered by tlsgate, tlsgate's own SSLRequest to the target."""
+    opts = server_opts(
+        pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres", target_tls=True,
+        target_cacert=postgres_ca_file(postgres), target_protocol="postgres",
+    )  # fmt: skip
+    async with tunnel(**opts) as tun:
+        code, out = await psql(verified(pki_files, port_of(tun)), SSL_IN_USE)
+        assert (code, out) == (0, "t")
+
+
+# -- flags ---------------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_protocol_is_refused_in_one_line(pki_files: dict[str, Path]) -> None:
+    result = invoke(
+        cli, "server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:5432", "--cert", pki_files["cert"],
+        "--key", pki_files["key"], "--disable-authentication", "--protocol", "mysql",
+    )  # fmt: skip
+    refused(result, "--protocol")
+
+
+def test_target_protocol_in_server_mode_needs_target_tls(pki_files: dict[str, Path]) -> None:
+    result = invoke(
+        cli, "server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:5432", "--cert", pki_files["cert"],
+        "--key", pki_files["key"], "--disable-authentication", "--target-protocol", "postgres",
+    )  # fmt: skip
+    refused(result, "--target-protocol postgres asks the target for TLS: give --target-tls too")
