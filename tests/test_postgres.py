@@ -39,6 +39,7 @@ from tlsgate.engine.postgres import (
     error_response,
     target_answer,
 )
+from tlsgate.settings.config import ConfigErrors, tunnel_config
 
 from helpers import backend, invoke, port_of, postgres_server, refused, server_opts, tunnel, wait_until
 
@@ -579,3 +580,10 @@ def test_target_protocol_in_server_mode_needs_target_tls(pki_files: dict[str, Pa
         "--key", pki_files["key"], "--disable-authentication", "--target-protocol", "postgres",
     )  # fmt: skip
     refused(result, "--target-protocol postgres asks the target for TLS: give --target-tls too")
+
+
+def test_protocol_in_a_client_mode_tunnel_is_refused_with_the_key_to_use() -> None:
+    with pytest.raises(ConfigErrors) as caught:
+        tunnel_config("client", {"listen": "127.0.0.1:0", "target": "127.0.0.1:5432", "protocol": "postgres"})
+    assert "--protocol is for server mode" in str(caught.value)
+    assert "--target-protocol postgres" in str(caught.value)
