@@ -140,6 +140,16 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
         problems.append("--target-cert and --target-key go together")
     if (cfg.target_cacert or cfg.target_server_name or cfg.target_cert) and not cfg.target_tls:
         problems.append("--target-cacert/--target-server-name/--target-cert need --target-tls")
+    if cfg.protocol and cfg.mode == "client":
+        problems.append(
+            f"--protocol is for server mode; a client-mode tunnel answers the application's {cfg.protocol} "
+            f"requests itself with --target-protocol {cfg.protocol}"
+        )
+    if cfg.target_protocol and cfg.mode == "server" and not cfg.target_tls:
+        problems.append(
+            f"--target-protocol {cfg.target_protocol} asks the target for TLS: give --target-tls too "
+            "(a plaintext target needs no request)"
+        )
     if cfg.accept_proxy_from and cfg.mode != "server":
         problems.append("--accept-proxy-from is for server mode")
     if cfg.crl_max_age and not cfg.crl and cfg.mode == "server":

@@ -92,6 +92,9 @@ class TunnelConfig:
     target_cert: str | None = None
     target_key: str | None = None
     alpn: tuple[str, ...] = ()
+    # STARTTLS-style openings (tlsgate.engine.postgres): the clients' (server mode) and the target's; None: TLS at once.
+    protocol: str | None = None
+    target_protocol: str | None = None
     # Server mode: "shared" (one derived key per process tree), "per-context" (OpenSSL's own), "off".
     session_tickets: str = "shared"
     unsafe_target: bool = False

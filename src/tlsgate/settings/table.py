@@ -51,6 +51,15 @@ _LISTENING = (
         "alpn", "alpn", "listening", "ALPN protocols to offer, comma-separated (e.g. h2,http/1.1).", metavar="LIST"
     ),
     Setting(
+        "protocol",
+        "choice",
+        "listening",
+        "Let clients start TLS their protocol's way: postgres (SSLRequest, or PostgreSQL 17's direct TLS).",
+        scope="server",
+        metavar="NAME",
+        choices=("postgres",),
+    ),
+    Setting(
         "max_concurrent_conns",
         "count",
         "listening",
@@ -202,6 +211,14 @@ _TIMEOUTS = (
 
 _UPSTREAM = (
     Setting("target_tls", "flag", "upstream", "Re-encrypt: speak TLS to the target, verified.", scope="server"),
+    Setting(
+        "target_protocol",
+        "choice",
+        "upstream",
+        "Ask the target for TLS its protocol's way first: postgres (SSLRequest; server mode needs --target-tls).",
+        metavar="NAME",
+        choices=("postgres",),
+    ),
     Setting(
         "target_cacert",
         "file",
