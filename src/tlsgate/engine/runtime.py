@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from tlsgate import logs
+from tlsgate.engine import postgres
 from tlsgate.errors import CertificateError
 from tlsgate.pki.names import EKU_NAMES
 from tlsgate.policy.identity import IdentityRules
@@ -66,7 +67,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 material,
                 client_ca=cfg.cacert,
                 require_client_cert=not cfg.disable_authentication,
-                alpn=cfg.alpn,
+                alpn=_protocol_alpn(cfg.alpn, cfg.protocol),
                 crl=cfg.crl,
                 session_tickets=cfg.session_tickets,
             )
@@ -110,7 +111,10 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 client_material = tlsctx.load_key_material(cert=cfg.target_cert, key=cfg.target_key)
                 check_own_usage(client_material, "client", f"--target-cert {cfg.target_cert}")
             target_ctx = tlsctx.client_context(
-                cafile=cfg.target_cacert, material=client_material, alpn=cfg.alpn, what="--target-cacert"
+                cafile=cfg.target_cacert,
+                material=client_material,
+                alpn=_protocol_alpn(cfg.alpn, cfg.target_protocol),
+                what="--target-cacert",
             )
         server_name = cfg.target_server_name or (cfg.target.host or None)
     else:
@@ -125,7 +129,9 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             )
             check_own_usage(material, "client", _flag_label(cfg.cert[0] if cfg.cert else None, cfg.keystore))
             not_after = material.leaf.not_valid_after_utc.timestamp()
-        target_ctx = tlsctx.client_context(cafile=cfg.cacert, material=material, alpn=cfg.alpn)
+        target_ctx = tlsctx.client_context(
+            cafile=cfg.cacert, material=material, alpn=_protocol_alpn(cfg.alpn, cfg.target_protocol)
+        )
         policy = build_policy(allow_from=cfg.allow_from, deny_from=cfg.deny_from, disable_authentication=True)
         target_identity = IdentityRules.parse(
             cn=cfg.verify_cn,
@@ -152,6 +158,15 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         proxy_sources=AddressRules.parse(allow_from=cfg.proxy_source_networks),
         cert_not_after=not_after,
     )
+
+
+def _protocol_alpn(alpn: tuple[str, ...], protocol: str | None) -> tuple[str, ...]:
+    """``--alpn`` plus the protocol's own ALPN name: PostgreSQL 17 requires ``postgresql`` on a direct TLS
+    connection and libpq 17 offers it on every one, so a ``--protocol postgres`` listener must be able to select
+    it, and tlsgate offers it to a PostgreSQL target as libpq does."""
+    if protocol == "postgres" and postgres.ALPN not in alpn:
+        return (*alpn, postgres.ALPN)
+    return alpn
 
 
 def _cap_tls_version(cfg: TunnelConfig, contexts: list[ssl.SSLContext]) -> None:

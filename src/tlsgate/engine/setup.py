@@ -8,14 +8,17 @@ guard, abort) are in ``setupcore``. Where a set-up stands is one field, ``phase`
 
     accept -> ACCEPTED --(trusted PROXY source)--> PROXY_HEADER --+
                  |                                               |  address rules
-                 +--(TLS listener)--> CLIENT_HANDSHAKE <----------+  (TLS listener)
-                 |                        |  identity rules      |
-                 +--(plain listener)------+--> RESOLVING <--------+  (plain listener)
+                 +--(TLS listener)--> [OPENING] --> CLIENT_HANDSHAKE <--+  (TLS listener)
+                 |                                     |  identity rules |
+                 +--(plain listener)--> [OPENING] -----+--> RESOLVING <--+  (plain listener)
                                                   |  addresses: at once when cached or a literal
                                                   v
-                                              CONNECTING --(TLS target)--> TARGET_HANDSHAKE
-                                                  |                              |  --verify-* rules
-                                                  +--(relay started)--> DONE <---+
+                                              CONNECTING --(TLS target)--> [TARGET_OPENING] --> TARGET_HANDSHAKE
+                                                  |                                                 |  --verify-*
+                                                  +--(relay started)--> DONE <----------------------+
+
+``OPENING`` and ``TARGET_OPENING`` are PostgreSQL's way into TLS (``--protocol postgres``, ``--target-protocol
+postgres``; ``tlsgate.engine.postgres``): its SSLRequest answered, or sent, before the TLS handshake.
 
     any phase --(refused, failed, timed out, shut down: abort)--> DONE
 
@@ -34,6 +37,8 @@ import ssl
 import time
 from typing import Any
 
+from tlsgate import logs
+from tlsgate.engine import postgres, starttls
 from tlsgate.engine.peer import NO_CLIENT_ADDRESS, proxy_endpoints, session_tlvs
 from tlsgate.engine.proxywire import ProxyProtocolError
 from tlsgate.engine.recheck import Origin
@@ -48,6 +53,8 @@ from tlsgate.policy.decision import Decision
 # The phases as globals: on CPython 3.11 each ``SetupPhase.X`` goes through the enum metaclass (see setupcore).
 _PROXY_HEADER = SetupPhase.PROXY_HEADER
 _CLIENT_HANDSHAKE = SetupPhase.CLIENT_HANDSHAKE
+_OPENING = SetupPhase.OPENING
+_TARGET_OPENING = SetupPhase.TARGET_OPENING
 _RESOLVING = SetupPhase.RESOLVING
 _CONNECTING = SetupPhase.CONNECTING
 _TARGET_HANDSHAKE = SetupPhase.TARGET_HANDSHAKE
@@ -133,10 +140,61 @@ class Setup(SetupCore):
             self._after_proxy_header()
 
     def _after_proxy_header(self) -> None:
-        cfg, rt = self.tunnel.cfg, self.rt
-        if rt.accept_ctx is None:
+        cfg = self.tunnel.cfg
+        if self.rt.accept_ctx is None:
+            if cfg.target_protocol == "postgres":
+                self._begin_opening(postgres.AppOpening())
+                return
             self._connect()
             return
+        if cfg.protocol == "postgres":
+            self._begin_opening(postgres.ServerOpening())
+            return
+        self._client_tls()
+
+    def _begin_opening(self, opening: starttls.Opening) -> None:
+        self.phase, self.opening = _OPENING, opening
+        if self.timer is None:  # the handshake deadline covers the opening too: a client that stalls is cut
+            self._arm(self.tunnel.cfg.timeouts.handshake, "handshake timeout")
+        self._read_opening()
+
+    def _read_opening(self) -> None:
+        """One step of the client's opening: answer what it sent, then wait, refuse, start TLS or connect."""
+        assert self.opening is not None
+        try:
+            step = starttls.advance(self.client, self.opening)
+        except BlockingIOError:
+            self._want(self.client_fd, True, self._read_opening)
+            return
+        if step is None:
+            self.abort("client gone")
+        elif step.then == "read":
+            self._want(self.client_fd, True, self._read_opening)  # the same registration: no system call
+        elif step.then == "refuse":
+            self._refuse_opening(step)
+        elif step.then == "tls":
+            self.opening, self.direct_tls = None, step.direct
+            self._client_tls()
+        else:  # "relay": the application's StartupMessage is next; it goes to the target once TLS is up
+            self.opening, self.forward = None, step.forward
+            self._connect()
+
+    def _refuse_opening(self, step: postgres.Step) -> None:
+        if not step.reply:
+            self._refuse(Decision(False, "postgres", step.reason))
+            return
+        self.tunnel.stats.refuse("postgres")
+        logs.event(
+            "refused", category="conn-errs", tunnel=self.tunnel.label, peer=self.peer, rule="postgres",
+            reason=step.reason,
+        )  # fmt: skip
+        # A close, not a reset: the client must read the ErrorResponse it was just sent, and show it.
+        self._end()
+        self.client.close()
+
+    def _client_tls(self) -> None:
+        cfg, rt = self.tunnel.cfg, self.rt
+        assert rt.accept_ctx is not None
         try:
             self.client = rt.accept_ctx.wrap_socket(self.client, server_side=True, do_handshake_on_connect=False)
         except OSError as err:
@@ -170,6 +228,11 @@ class Setup(SetupCore):
             if not decision.allowed:
                 self._refuse(decision)
                 return
+        if self.direct_tls and tls.selected_alpn_protocol() != postgres.ALPN:
+            # PostgreSQL 17 refuses the same: without the ALPN name, the ClientHello may be meant for any protocol.
+            reason = f"direct TLS without ALPN {postgres.ALPN!r} (PostgreSQL clients send it; or use an SSLRequest)"
+            self._refuse(Decision(False, "postgres", reason))
+            return
         self._connect()
 
     def _connect(self) -> None:
@@ -244,11 +307,41 @@ class Setup(SetupCore):
         self._connected()
 
     def _connected(self) -> None:
-        rt = self.rt
-        if rt.target_ctx is None:
+        if self.rt.target_ctx is None:
             self._start_relay()
             return
+        if self.tunnel.cfg.target_protocol == "postgres":
+            self._request_target_tls()
+            return
+        self._target_tls()
+
+    def _request_target_tls(self) -> None:
         assert self.target is not None
+        failure = starttls.request_tls(self.target)
+        if failure:
+            self._target_failed(failure)
+            return
+        self.phase = _TARGET_OPENING
+        # One deadline (--connect-timeout) covers the connect, the request and the TLS handshake.
+        self._arm(self._target_handshake_limit(), "target handshake timeout")
+        self.connect_armed = True
+        self._target_answered()
+
+    def _target_answered(self) -> None:
+        assert self.target is not None
+        try:
+            reason = starttls.target_answer(self.target)
+        except BlockingIOError:
+            self._want(self.target.fileno(), True, self._target_answered)
+            return
+        if reason:
+            self._target_refused(Decision(False, "postgres", reason))
+            return
+        self._target_tls()
+
+    def _target_tls(self) -> None:
+        rt = self.rt
+        assert self.target is not None and rt.target_ctx is not None
         try:
             self.target = rt.target_ctx.wrap_socket(
                 self.target, server_hostname=rt.target_server_name, do_handshake_on_connect=False
@@ -290,6 +383,8 @@ class Setup(SetupCore):
         tunnel, cfg = self.tunnel, self.tunnel.cfg
         assert self.target is not None
         if cfg.proxy_protocol and not self._send_proxy_header():
+            return
+        if self.forward and not self._send_forward():
             return
         peer, identity, target_name = self.peer, self.identity, str(cfg.target)
         relay = Relay(
@@ -340,6 +435,19 @@ class Setup(SetupCore):
             return False
         if sent != len(header):
             self._target_failed("target did not take the PROXY header at once")
+            return False
+        return True
+
+    def _send_forward(self) -> bool:
+        """Hand the target the bytes the opening took from the application (its StartupMessage's header)."""
+        assert self.target is not None
+        try:
+            sent = self.target.send(self.forward)
+        except OSError as err:  # ssl.SSLError included
+            self._target_failed(f"sending the StartupMessage: {err}")
+            return False
+        if sent != len(self.forward):
+            self._target_failed("target did not take the StartupMessage at once")
             return False
         return True
 

@@ -23,6 +23,7 @@ from tlsgate import logs
 from tlsgate.engine.peer import reset
 from tlsgate.engine.relay import release_sockets
 from tlsgate.engine.runtime import Runtime
+from tlsgate.engine.starttls import Opening
 from tlsgate.policy.decision import Decision
 from tlsgate.tls import internals
 from tlsgate.tls.contexts import describe_handshake_error
@@ -37,9 +38,11 @@ class SetupPhase(enum.Enum):
 
     ACCEPTED = "accepted"
     PROXY_HEADER = "proxy header"
+    OPENING = "opening"
     CLIENT_HANDSHAKE = "client handshake"
     RESOLVING = "resolving"
     CONNECTING = "connecting"
+    TARGET_OPENING = "target opening"
     TARGET_HANDSHAKE = "target handshake"
     DONE = "done"
 
@@ -59,9 +62,12 @@ class SetupCore:
         "client",
         "client_fd",
         "connect_armed",
+        "direct_tls",
+        "forward",
         "identity",
         "leaf",
         "loop",
+        "opening",
         "peer",
         "peer_addr",
         "peer_ip",
@@ -102,6 +108,11 @@ class SetupCore:
         self.connect_armed = False
         self.started = time.monotonic()
         self.phase = ACCEPTED
+        # A STARTTLS-style opening (tlsgate.engine.postgres) under way: --protocol, or the application's side
+        # of --target-protocol in client mode.
+        self.opening: Opening | None = None
+        self.direct_tls = False  # the client sent its ClientHello without a PostgreSQL request first
+        self.forward = b""  # bytes the opening took from the application that the target must get first
 
     @property
     def done(self) -> bool:
