@@ -106,11 +106,6 @@ Examples:
   tlsgate server --listen :8443 --target db.internal:5432 --target-tls \\
       --keystore server.p12 --storepass env:STOREPASS --cacert ca.pem \\
       --allow-cn billing --allow-cn reports --status 127.0.0.1:9000
-
-\b
-  # psql with client certificates, in front of a plaintext PostgreSQL (docs/postgres.md):
-  tlsgate server --protocol postgres --listen 0.0.0.0:5433 --target 127.0.0.1:5432 \\
-      --cert server.pem --key server.key --cacert ca.pem --allow-cn app
 """
 
 _CLIENT_EXAMPLES = """
@@ -126,11 +121,6 @@ Examples:
   tlsgate client --listen unix:/run/app/db.sock --target 10.0.0.5:5432 --disable-authentication \\
       --override-server-name db.example.com --verify-spki-sha256 \\
       9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
-
-\b
-  # A plaintext app to a PostgreSQL that requires TLS (SSLRequest first, then TLS):
-  tlsgate client --target-protocol postgres --listen 127.0.0.1:5432 --target db.example.com:5432 \\
-      --cert app.pem --key app.key --cacert ca.pem
 """
 
 
