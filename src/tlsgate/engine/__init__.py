@@ -17,6 +17,9 @@ What runs where, in the order a connection meets it:
 * ``stats``: ``Stats``, the counters the status port exposes.
 * ``proxyproto`` (the parser, and the codec's public API), ``proxyencode`` (the header we send) and
   ``proxywire`` (constants and types both share): PROXY v1/v2, sans-IO, tested with plain values.
+* ``postgres`` (sans-IO: PostgreSQL's SSLRequest, GSSENCRequest and direct TLS, as a server and as a client)
+  and ``starttls`` (its few socket calls): ``--protocol postgres`` and ``--target-protocol postgres``, the
+  opening ``Setup`` runs before a TLS handshake (docs/postgres.md).
 
 Data flows one way: listener socket -> ``Tunnel._accept`` -> ``Setup`` steps -> ``Relay`` -> ``Tunnel``'s
 bookkeeping when it closes. Every callback the engine gives the event loop is guarded: a bug cuts one

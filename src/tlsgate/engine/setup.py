@@ -6,25 +6,27 @@ the target before the client passed every rule; a refused client never causes a 
 The steps are here, in the order they run; the state they share and the machinery (readiness, deadline,
 guard, abort) are in ``setupcore``. Where a set-up stands is one field, ``phase`` (a ``SetupPhase``)::
 
-    accept -> ACCEPTED --(trusted PROXY source)--> PROXY_HEADER --+
-                 |                                               |  address rules
-                 +--(TLS listener)--> [OPENING] --> CLIENT_HANDSHAKE <--+  (TLS listener)
-                 |                                     |  identity rules |
-                 +--(plain listener)--> [OPENING] -----+--> RESOLVING <--+  (plain listener)
-                                                  |  addresses: at once when cached or a literal
-                                                  v
-                                              CONNECTING --(TLS target)--> [TARGET_OPENING] --> TARGET_HANDSHAKE
-                                                  |                                                 |  --verify-*
-                                                  +--(relay started)--> DONE <----------------------+
-
-``OPENING`` and ``TARGET_OPENING`` are PostgreSQL's way into TLS (``--protocol postgres``, ``--target-protocol
-postgres``; ``tlsgate.engine.postgres``): its SSLRequest answered, or sent, before the TLS handshake.
+    accept -> ACCEPTED --(trusted PROXY source)--> PROXY_HEADER ---------+
+                 |                                                     |  address rules
+                 +--(TLS listener)---> [OPENING] --> CLIENT_HANDSHAKE <-+  (TLS listener)
+                 |                                        |  identity rules
+                 +--(plain listener)-> [OPENING] --> RESOLVING  (also from PROXY_HEADER, plain listener)
+                                                          |  addresses: at once when cached or a literal
+                                                          v
+                                                      CONNECTING --(TLS target)--> [TARGET_OPENING]
+                                                          |                              |
+                                                          |                        TARGET_HANDSHAKE
+                                                          |                              |  --verify-* rules
+                                                          +--(relay started)--> DONE <---+
 
     any phase --(refused, failed, timed out, shut down: abort)--> DONE
 
-Only two phases decide anything: a lookup that answers after the set-up ended finds ``DONE`` and does
-nothing, and ``_connect`` knows the lookup is still out while the phase is ``RESOLVING``. ``abort`` on a
-``DONE`` set-up is a no-op, so a late timer or a second shutdown cannot close anything twice.
+``OPENING`` and ``TARGET_OPENING`` happen only with ``--protocol postgres`` and ``--target-protocol postgres``:
+PostgreSQL's SSLRequest answered, or sent, before the TLS handshake (``tlsgate.engine.postgres``; on a plain
+listener, client mode, the application's own requests are answered). Only two phases decide anything: a
+lookup that answers after the set-up ended finds ``DONE`` and does nothing, and ``_connect`` knows the lookup
+is still out while the phase is ``RESOLVING``. ``abort`` on a ``DONE`` set-up is a no-op, so a late timer or a
+second shutdown cannot close anything twice.
 """
 
 from __future__ import annotations
