@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import ssl
 import struct
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -587,3 +589,53 @@ def test_protocol_in_a_client_mode_tunnel_is_refused_with_the_key_to_use() -> No
         tunnel_config("client", {"listen": "127.0.0.1:0", "target": "127.0.0.1:5432", "protocol": "postgres"})
     assert "--protocol is for server mode" in str(caught.value)
     assert "--target-protocol postgres" in str(caught.value)
+
+
+# -- odd but valid: IPv6, a unix socket, a PROXY header first -----------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_psql_over_ipv6_to_the_server(postgres: Postgres, pki_files: dict[str, Path]) -> None:
+    if not socket.has_ipv6:
+        pytest.fail("this machine has no IPv6; the loopback ::1 is needed")
+    opts = server_opts(
+        pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres", listen="[::1]:0"
+    )
+    async with tunnel(**opts) as tun:
+        port = int(tun.addresses[0].rsplit(":", 1)[1])
+        code, out = await psql(verified(pki_files, port, host="::1"), "select 'over ipv6'")
+        assert (code, out) == (0, "over ipv6")
+
+
+@pytest.mark.asyncio
+async def test_psql_by_unix_socket_through_the_client(postgres: Postgres) -> None:
+    """libpq never asks for TLS on a unix socket: its StartupMessage comes first, and is handed on whole."""
+    directory = Path(tempfile.mkdtemp(prefix="tlsgate-pgsock-"))
+    try:
+        opts = {
+            "listen": f"unix:{directory}/.s.PGSQL.5432",  # where libpq looks for host=DIR port=5432
+            "target": f"127.0.0.1:{postgres.port}",
+            "cacert": postgres_ca_file(postgres),
+            "target_protocol": "postgres",
+        }
+        async with tunnel("client", **opts):
+            code, out = await psql(f"host={directory} port=5432 user=tester dbname=postgres", SSL_IN_USE)
+            assert (code, out) == (0, "t")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_proxy_header_then_ssl_request(postgres: Postgres, pki_files: dict[str, Path]) -> None:
+    """Behind a trusted load balancer the PROXY header comes first, then PostgreSQL's opening."""
+    opts = server_opts(
+        pki_files, f"127.0.0.1:{postgres.port}", allow_cn=["alice"], protocol="postgres",
+        accept_proxy_from=["127.0.0.1/32"],
+    )  # fmt: skip
+    async with tunnel(**opts) as tun:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tun))
+        writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 5433\r\n" + SSL_REQUEST)
+        assert await asyncio.wait_for(reader.readexactly(1), 30) == b"S"
+        await writer.start_tls(alice_context(pki_files), server_hostname="127.0.0.1")
+        assert await startup_over(reader, writer) == b"R"
+        writer.close()
