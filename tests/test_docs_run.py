@@ -49,7 +49,7 @@ def test_every_shell_example_is_run_or_says_why_not(page: Path) -> None:
 def test_page_examples_run_as_shown(page: Path, tmp_path: Path) -> None:
     missing = missing_programs(page)
     if missing:
-        pytest.skip(f"{page_id(page)} needs {', '.join(missing)} (apt-get install redis-server; .ci/run does)")
+        pytest.skip(f"{page_id(page)} needs {', '.join(missing)} (.ci/run installs the packages)")
     ran = list(run_page(page, tmp_path))
     assert ran
 
