@@ -25,6 +25,7 @@ import ssl
 
 from tlsgate.engine import runtime
 from tlsgate.policy import build_policy
+from tlsgate.settings.config import server_access
 from tlsgate.tls import contexts, internals
 
 
@@ -62,7 +63,7 @@ def main() -> None:
         hooked = contexts.server_context(
             material, client_ca=str(ca_file), require_client_cert=True, session_tickets="off"
         )
-    policy = build_policy(allow_cn=["alice"])
+    policy = build_policy(server_access(allow_cn=["alice"]))
     if not internals.install_peer_check(hooked, runtime._client_check(policy)):
         raise SystemExit("the verify path is off here (TLSGATE_INTERNALS?): nothing to measure")
     client = ssl.create_default_context()

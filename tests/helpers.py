@@ -31,8 +31,11 @@ from click.testing import CliRunner, Result
 
 from tlsgate.engine.tunnel import Tunnel
 from tlsgate.pki import CertificateAuthority
+from tlsgate.policy.identity import IdentityRules
+from tlsgate.policy.networks import AddressRules
 from tlsgate.process.supervisor import ProcessOptions, Server
 from tlsgate.settings.config import tunnel_config
+from tlsgate.settings.convert import convert
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -933,3 +936,17 @@ def serve_postgres(port: int) -> None:
     with postgres_server(port, superuser="postgres"):
         print("postgres: ready to accept connections", flush=True)
         stop.wait()
+
+
+def address_rules(allow_from: Sequence[str] = (), deny_from: Sequence[str] = ()) -> AddressRules:
+    """`AddressRules` from CIDR strings, parsed by the settings converters as a flag or file key would be."""
+    return AddressRules(convert("allow_from", list(allow_from)), convert("deny_from", list(deny_from)))
+
+
+def identity_rules(
+    *, flag_prefix: str = "allow", allow_all: bool = False, rego: Any = None, **rules: Any
+) -> IdentityRules:
+    """`IdentityRules` from flag strings (``cn=["alice"]``; ``--verify-*`` with ``flag_prefix="verify"``), each value
+    parsed by the settings converter of ``--{flag_prefix}-{kind}``, so a bad value raises its ConfigError."""
+    parsed = {kind: convert(f"{flag_prefix}_{kind}", list(values)) for kind, values in rules.items()}
+    return IdentityRules(allow_all=allow_all, flag_prefix=flag_prefix, rego=rego, **parsed)

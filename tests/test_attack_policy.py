@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from tlsgate import policy as policy_module
 from tlsgate.cli.policy import policy as policy_cli
 from tlsgate.policy import IdentityRules, PeerIdentity, build_policy
+from tlsgate.settings.config import server_access
 
-from helpers import assert_cut, backend, port_of, tunnel, wait_until
+from helpers import assert_cut, backend, identity_rules, port_of, tunnel, wait_until
 
 NOW = datetime.now(UTC)
 _KEY = ec.generate_private_key(ec.SECP256R1())  # one key for every leaf: generating keys is the slow part
@@ -307,10 +308,10 @@ def test_an_internal_error_while_checking_is_a_refusal_not_an_exception(monkeypa
 
     monkeypatch.setattr(IdentityRules, "check", broken)
     cert = der(_ROOT.leaf("alice"))
-    decision, _ = build_policy(allow_cn=["alice"]).check_peer(cert)
+    decision, _ = build_policy(server_access(allow_cn=["alice"])).check_peer(cert)
     assert (decision.allowed, decision.rule) == (False, "policy-error")
     assert "RuntimeError('a bug')" in decision.reason
-    refused = IdentityRules.parse(cn=["alice"], flag_prefix="verify").check_certificate(cert)
+    refused = identity_rules(cn=["alice"], flag_prefix="verify").check_certificate(cert)
     assert (refused.allowed, refused.rule) == (False, "policy-error")
 
 
@@ -324,20 +325,20 @@ bad_ip_payloads = st.binary(min_size=0, max_size=40).filter(lambda b: len(b) not
 def test_check_peer_refuses_any_malformed_ip_san(payload: bytes) -> None:
     root = _ROOT
     cert = der(root.leaf("alice", raw_san=ip_san(payload)))
-    policy = build_policy(allow_cn=["alice"])
+    policy = build_policy(server_access(allow_cn=["alice"]))
     decision, identity = policy.check_peer(cert)
     assert (decision.allowed, decision.rule, identity) == (False, "bad-cert", None)
     assert decision.reason.startswith("client certificate cannot be parsed")
-    rules = IdentityRules.parse(cn=["alice"], flag_prefix="verify")
+    rules = identity_rules(cn=["alice"], flag_prefix="verify")
     refused = rules.check_certificate(cert)
     assert (refused.allowed, refused.rule) == (False, "bad-cert")
     assert refused.reason.startswith("server certificate cannot be parsed")
 
 
 def test_check_peer_refuses_bytes_that_are_not_a_certificate() -> None:
-    decision, identity = build_policy(allow_all=True).check_peer(b"\x30\x03\x02\x01\x01")
+    decision, identity = build_policy(server_access(allow_all=True)).check_peer(b"\x30\x03\x02\x01\x01")
     assert (decision.allowed, decision.rule, identity) == (False, "bad-cert", None)
-    assert IdentityRules.parse(cn=["x"], flag_prefix="verify").check_certificate(b"junk").rule == "bad-cert"
+    assert identity_rules(cn=["x"], flag_prefix="verify").check_certificate(b"junk").rule == "bad-cert"
 
 
 _ROOT = Ca.root("hypothesis root")
@@ -559,7 +560,7 @@ cn_values = st.text(alphabet="abelvi", min_size=1, max_size=5)
 @example(cns=["alice", "evil"], allowed="alice")
 def test_only_the_last_cn_is_matched_and_shown(cns: list[str], allowed: str) -> None:
     peer = PeerIdentity.from_certificate(_ROOT.leaf(cns))
-    decision = IdentityRules.parse(cn=[allowed]).check(peer)
+    decision = identity_rules(cn=[allowed]).check(peer)
     assert decision.allowed == (cns[-1] == allowed), (cns, decision)
     assert peer.describe() == f"CN={cns[-1]}"
     assert peer.other_common_names == tuple(cns[:-1])
@@ -615,15 +616,15 @@ def test_spiffe_wildcards_never_match_dot_segments_or_percent_encoding(segments:
     # One trailing slash is tolerated, as ghostunnel's patterns tolerate it: spiffe://example.org/ns/ matches ns/**.
     segments = segments[:-1] if segments[-1] == "" else segments
     valid = all(s and s not in (".", "..") and all(c.isalnum() or c in "._-" for c in s) for s in segments)
-    deep = IdentityRules.parse(uri=["spiffe://example.org/ns/**"])
-    one = IdentityRules.parse(uri=["spiffe://example.org/ns/*"])
+    deep = identity_rules(uri=["spiffe://example.org/ns/**"])
+    one = identity_rules(uri=["spiffe://example.org/ns/*"])
     peer = PeerIdentity.from_certificate(_ROOT.leaf("x", uris=[uri]))
     assert deep.check(peer).allowed == valid, uri
     assert one.check(peer).allowed == (valid and len(segments) == 1), uri
 
 
 def test_non_spiffe_uri_patterns_keep_ghostunnel_semantics() -> None:
-    rules = IdentityRules.parse(uri=["https://example.org/ns/**"])
+    rules = identity_rules(uri=["https://example.org/ns/**"])
     peer = PeerIdentity.from_certificate(_ROOT.leaf("x", uris=["https://example.org/ns/a%2Fb"]))
     assert rules.check(peer).allowed
 

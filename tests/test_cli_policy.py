@@ -164,7 +164,7 @@ def test_disabled_authentication_allows_without_a_certificate() -> None:
         (["--allow-cn", "a", "--from", "somewhere"], "--from: 'somewhere' is not an IP address"),
         (["--allow-cn", "a", "--at", "soon"], "--at: 'soon' is not a time"),
         (["--allow-spki-sha256", "xyz"], "--allow-spki-sha256: 'xyz' is not a SHA-256 hash"),
-        (["--from", "10.0.0.1"], "server mode needs --allow-all, --allow-cn"),
+        (["--from", "10.0.0.1"], "server mode needs one of --allow-all, --allow-cn"),
         (["--allow-cn", "a", "--crl", "{tmp}/other-crl.pem", "--cacert", "{ca}"], "{tmp}/other-crl.pem: not signed"),
     ],
 )

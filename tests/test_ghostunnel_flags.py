@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 from pathlib import Path
 
@@ -150,7 +151,7 @@ def test_allow_ip_alone_is_an_access_rule(pki_files: dict[str, Path]) -> None:
     cfg = tunnel_config(
         "server", {"listen": "127.0.0.1:0", **server_opts(pki_files, "127.0.0.1:1"), "allow_ip": ["::1"]}
     )
-    assert cfg.allow_ip == ("::1",)
+    assert cfg.allow_ip == (ipaddress.ip_address("::1"),)
     with pytest.raises(ConfigErrors, match="--disable-authentication contradicts --allow-ip"):
         tunnel_config(
             "server",

@@ -23,15 +23,16 @@ from hypothesis import strategies as st
 from tlsgate.cli import cli
 from tlsgate.errors import ConfigError
 from tlsgate.pki import CertificateAuthority
-from tlsgate.policy import Decision, IdentityRules, build_policy, rego
+from tlsgate.policy import Decision, build_policy, rego
 from tlsgate.policy.rego import Evaluation, load_policy
 from tlsgate.policy.rego_input import certificate_input
-from tlsgate.settings.config import tunnel_config
+from tlsgate.settings.config import server_access, tunnel_config
 
 from helpers import (
     assert_cut,
     backend,
     client_context,
+    identity_rules,
     port_of,
     server_opts,
     try_client,
@@ -298,7 +299,7 @@ def test_server_flag_conflicts_are_refused(
     if "client mode" in message:
         return
     with pytest.raises(ConfigError, match=message):
-        build_policy(**{k: v for k, v in options.items() if k.startswith(("allow", "disable"))})  # type: ignore[arg-type]
+        build_policy(server_access(**{k: v for k, v in options.items() if k.startswith(("allow", "disable"))}))  # type: ignore[arg-type]
 
 
 def test_client_flags_go_together_and_are_for_client_mode(tmp_path: Path, pki_files: dict[str, Path]) -> None:
@@ -485,7 +486,7 @@ allow-query = "data.tlsgate.allow"
 
 def test_client_mode_policy_is_ored_with_the_verify_rules(tmp_path: Path, ca: trustme.CA) -> None:
     policy = load_policy(write(tmp_path / "p.rego", ALLOW_ALICE), "data.tlsgate.allow", flag_prefix="verify")
-    rules = IdentityRules.parse(cn=["server.test"], flag_prefix="verify", rego=policy)
+    rules = identity_rules(cn=["server.test"], flag_prefix="verify", rego=policy)
     alice = ca.issue_cert("alice.test", common_name="alice")
     server = ca.issue_cert("server.test", common_name="server.test")
     other = ca.issue_cert("other.test", common_name="other")

@@ -24,9 +24,7 @@ from cryptography.x509.oid import NameOID
 from tlsgate.cli.support import access_options
 from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.policy import (
-    AddressRules,
     Decision,
-    IdentityRules,
     PeerIdentity,
     Policy,
     RevocationList,
@@ -34,6 +32,9 @@ from tlsgate.policy import (
     check_validity,
     verify_chain,
 )
+from tlsgate.settings.config import server_access
+
+from helpers import address_rules, identity_rules
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -217,21 +218,21 @@ ADDRESS_CASES = {
 
 @pytest.mark.parametrize("case", ADDRESS_CASES.values(), ids=ADDRESS_CASES.keys())
 def test_address_rules(case: AddressCase) -> None:
-    decision = AddressRules.parse(case.allow, case.deny).check(case.source)
+    decision = address_rules(case.allow, case.deny).check(case.source)
     assert (decision.allowed, decision.rule) == (case.allowed, case.rule), decision
     assert case.reason in decision.reason
 
 
 def test_empty_address_rules_short_circuit_to_one_shared_decision() -> None:
-    rules = AddressRules.parse()
+    rules = address_rules()
     assert not rules.active
-    assert rules.check("10.0.0.1") is rules.check("2001:db8::1") is AddressRules.parse().check("x")
+    assert rules.check("10.0.0.1") is rules.check("2001:db8::1") is address_rules().check("x")
 
 
 def test_accepted_sources_reuse_decisions_instead_of_allocating() -> None:
-    rules = AddressRules.parse(["10.0.0.0/8"], ["10.0.0.0/24"])
+    rules = address_rules(["10.0.0.0/8"], ["10.0.0.0/24"])
     assert rules.check("10.1.1.1") is rules.check("10.2.2.2")
-    deny_only = AddressRules.parse([], ["10.0.0.0/24"])
+    deny_only = address_rules([], ["10.0.0.0/24"])
     assert deny_only.check("192.0.2.1") is deny_only.check("192.0.2.2")
 
 
@@ -246,7 +247,7 @@ def test_accepted_sources_reuse_decisions_instead_of_allocating() -> None:
 )
 def test_malformed_networks_name_the_flag_and_value(allow: list[str], deny: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        AddressRules.parse(allow, deny)
+        address_rules(allow, deny)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
@@ -349,7 +350,7 @@ IDENTITY_CASES = {
 
 @pytest.mark.parametrize("case", IDENTITY_CASES.values(), ids=IDENTITY_CASES.keys())
 def test_identity_rules(issuer: Issuer, case: IdentityCase) -> None:
-    decision = IdentityRules.parse(**case.rules).check(peer(issuer.issue(**case.cert)))
+    decision = identity_rules(**case.rules).check(peer(issuer.issue(**case.cert)))
     assert (decision.allowed, decision.rule) == (case.allowed, case.rule), decision
     assert case.reason in decision.reason
 
@@ -369,7 +370,7 @@ def _pin_forms(digest: bytes) -> dict[str, str]:
 def test_spki_pin_is_accepted_in_every_common_spelling(issuer: Issuer, form: str) -> None:
     cert = issuer.issue(cn="pinned")
     pin = _pin_forms(spki_sha256(cert))[form]
-    rules = IdentityRules.parse(spki_sha256=[pin])
+    rules = identity_rules(spki_sha256=[pin])
     decision = rules.check(peer(cert))
     assert (decision.allowed, decision.rule) == (True, "allow-spki-sha256")
     assert not rules.check(peer(issuer.issue(cn="pinned"))).allowed  # same name, other key
@@ -395,7 +396,7 @@ def test_peer_identity_hashes_the_spki_as_the_certificate_encodes_it(issuer: Iss
 )
 def test_malformed_identity_rules_name_the_flag_and_value(rules: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        IdentityRules.parse(**rules)
+        identity_rules(**rules)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
@@ -535,7 +536,7 @@ def test_validity_names_the_date(issuer: Issuer) -> None:
 def _policy(issuer: Issuer, tmp_path: Path, revoked: Sequence[int] = (), **flags: Any) -> Policy:
     crl = save_crl(tmp_path / "crl.pem", issuer.crl([(s, NOW - timedelta(hours=1), None) for s in revoked]))
     flags.setdefault("allow_cn", ["alice"])
-    return build_policy(crl=[str(crl)], ca_certs=[issuer.cert], **flags)
+    return build_policy(server_access(crl=[str(crl)], **flags), ca_certs=[issuer.cert])
 
 
 @dataclass
@@ -567,7 +568,7 @@ PEER_CASES = {
 @pytest.mark.parametrize("case", PEER_CASES.values(), ids=PEER_CASES.keys())
 def test_check_peer(tmp_path: Path, issuer: Issuer, case: PeerCase) -> None:
     if case.flags.get("disable_authentication"):
-        policy = build_policy(disable_authentication=True)
+        policy = build_policy(server_access(disable_authentication=True))
     else:
         policy = _policy(issuer, tmp_path, case.revoked, **case.flags)
     leaf = der(issuer.issue(**case.cert)) if case.cert is not None else None
@@ -579,14 +580,14 @@ def test_check_peer(tmp_path: Path, issuer: Issuer, case: PeerCase) -> None:
 
 
 def test_client_mode_names_the_server(issuer: Issuer) -> None:
-    policy = Policy(AddressRules.parse(), IdentityRules.parse(cn=["db"], flag_prefix="verify"), RevocationList())
+    policy = Policy(address_rules(), identity_rules(cn=["db"], flag_prefix="verify"), RevocationList())
     assert policy.check_peer(None)[0] == Decision(False, "no-server-cert", "no server certificate")
     expired = der(issuer.issue(cn="db", not_after=NOW - timedelta(days=1)))
     assert policy.check_peer(expired, now=NOW)[0].reason.startswith("server certificate expired")
 
 
 def test_check_peer_uses_the_clock_when_no_time_is_given(issuer: Issuer) -> None:
-    policy = build_policy(allow_cn=["alice"])
+    policy = build_policy(server_access(allow_cn=["alice"]))
     fresh = issuer.issue(
         not_before=datetime.now(UTC) - timedelta(hours=1), not_after=datetime.now(UTC) + timedelta(hours=1)
     )
@@ -611,7 +612,7 @@ def test_check_peer_uses_the_clock_when_no_time_is_given(issuer: Issuer) -> None
 def test_address_and_identity_must_both_pass(
     issuer: Issuer, source: str, cn: str, address_ok: bool, peer_ok: bool
 ) -> None:
-    policy = build_policy(allow_cn=["alice"], allow_from=["10.0.0.0/8"])
+    policy = build_policy(server_access(allow_cn=["alice"], allow_from=["10.0.0.0/8"]))
     assert policy.check_address(source).allowed is address_ok
     assert policy.check_peer(der(issuer.issue(cn=cn)), now=NOW)[0].allowed is peer_ok
 
@@ -624,10 +625,10 @@ def test_address_and_identity_must_both_pass(
     [
         (
             {},
-            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256, "
-            "--allow-policy/--allow-query or --disable-authentication",
+            "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-ip, --allow-uri, "
+            "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication",
         ),
-        ({"allow_from": ["10.0.0.0/8"]}, "server mode needs --allow-all"),
+        ({"allow_from": ["10.0.0.0/8"]}, "server mode needs one of --allow-all"),
         ({"disable_authentication": True, "allow_cn": ["alice"]}, "--disable-authentication contradicts --allow-cn"),
         ({"disable_authentication": True, "allow_all": True}, "--disable-authentication contradicts --allow-all"),
         ({"disable_authentication": True, "crl": ["crl.pem"]}, "--disable-authentication contradicts --crl"),
@@ -639,14 +640,14 @@ def test_address_and_identity_must_both_pass(
 )
 def test_build_policy_refuses_flag_combinations(flags: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        build_policy(**flags)
+        build_policy(server_access(**flags))
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
 
 def test_build_policy_accepts_the_usual_shapes() -> None:
-    assert build_policy(allow_all=True, allow_from=["10.0.0.0/8"]).identity is not None
-    open_door = build_policy(disable_authentication=True, deny_from=["192.0.2.0/24"])
+    assert build_policy(server_access(allow_all=True, allow_from=["10.0.0.0/8"])).identity is not None
+    open_door = build_policy(server_access(disable_authentication=True, deny_from=["192.0.2.0/24"]))
     assert open_door.identity is None
     assert not open_door.check_address("192.0.2.9").allowed
     assert "authentication disabled" in open_door.summary()
@@ -659,9 +660,9 @@ def test_build_policy_takes_the_access_options_as_they_come_from_click() -> None
         pass
 
     option_names = {param.name for param in command.params}
-    assert option_names <= set(inspect.signature(build_policy).parameters)
+    assert option_names <= set(inspect.signature(server_access).parameters)
     context = command.make_context("check", ["--allow-cn", "alice", "--allow-from", "10.0.0.0/8"])
-    policy = build_policy(**context.params)
+    policy = build_policy(server_access(**context.params))
     assert policy.check_address("10.0.0.1").allowed
 
 

@@ -19,10 +19,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tlsgate.errors import ConfigError
-from tlsgate.policy import AddressRules
 from tlsgate.settings.addresses import Address, parse_address
 from tlsgate.settings.config import KNOWN_KEYS, ConfigErrors, TunnelConfig, normalise_key, tunnel_config
 from tlsgate.settings.durations import format_duration, parse_duration
+
+from helpers import address_rules
 
 bounded = settings(max_examples=200, deadline=None)
 
@@ -149,7 +150,7 @@ def networks(draw: st.DrawFn, version: int) -> ipaddress.IPv4Network | ipaddress
     prefix = draw(st.integers(min_value=0 if version == 4 else 1, max_value=bits))
     net = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
     if version == 6:
-        # Rules for IPv4-mapped space fold to IPv4 (see policy.networks._parse_network); keep v6 rules outside it here.
+        # Rules for IPv4-mapped space fold to IPv4 (see settings.values.parse_network); keep v6 rules outside it here.
         mapped = ipaddress.ip_network("::ffff:0:0/96")
         if net.overlaps(mapped):
             net = ipaddress.ip_network(f"2001:db8::/{max(prefix, 32)}", strict=False)
@@ -170,7 +171,7 @@ def test_address_rules_agree_with_ipaddress(version_and_data: tuple[int, st.Data
     inside = [data.draw(st.integers(0, net.num_addresses - 1)) for net in allow + deny]
     sources = [net.network_address + offset for net, offset in zip(allow + deny, inside, strict=True)]
     sources += data.draw(st.lists(st.ip_addresses(v=version), min_size=1, max_size=4))
-    rules = AddressRules.parse(allow_from=[str(n) for n in allow], deny_from=[str(n) for n in deny])
+    rules = address_rules(allow_from=[str(n) for n in allow], deny_from=[str(n) for n in deny])
     for ip in sources:
         if version == 6 and ip.ipv4_mapped is not None:
             continue
@@ -186,7 +187,7 @@ def test_address_rules_agree_with_ipaddress(version_and_data: tuple[int, st.Data
 def test_ipv4_mapped_rules_match_ipv4_sources(ip: ipaddress.IPv4Address, prefix: int) -> None:
     net = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
     mapped = f"::ffff:{net.network_address}/{prefix + 96}"
-    rules = AddressRules.parse(allow_from=[mapped])
+    rules = address_rules(allow_from=[mapped])
     assert rules.check(str(ip)).allowed
     assert rules.check(f"::ffff:{ip}").allowed
 
@@ -198,21 +199,21 @@ def test_host_bits_set_is_refused_with_a_hint(ip: ipaddress.IPv4Address, prefix:
     if net.network_address == ip:
         return
     with pytest.raises(ConfigError, match="host bits"):
-        AddressRules.parse(allow_from=[f"{ip}/{prefix}"])
+        address_rules(allow_from=[f"{ip}/{prefix}"])
 
 
 @bounded
 @given(st.lists(st.text(max_size=24) | st.builds("{}/{}".format, st.ip_addresses(), st.integers(-1, 200))))
 def test_any_cidr_text_is_a_rule_or_a_config_error(texts: list[str]) -> None:
     with contextlib.suppress(ConfigError):
-        rules = AddressRules.parse(allow_from=texts, deny_from=texts)
+        rules = address_rules(allow_from=texts, deny_from=texts)
         assert not rules.check("127.0.0.1").allowed or not texts
 
 
 @bounded
 @given(st.text(max_size=40))
 def test_any_source_text_gets_a_decision(source: str) -> None:
-    rules = AddressRules.parse(allow_from=["10.0.0.0/8"], deny_from=["10.1.0.0/16"])
+    rules = address_rules(allow_from=["10.0.0.0/8"], deny_from=["10.1.0.0/16"])
     decision = rules.check(source)
     assert isinstance(decision.allowed, bool) and decision.reason
 

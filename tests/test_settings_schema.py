@@ -30,6 +30,7 @@ from tlsgate.settings.config import (
     SECRET_KEYS,
     ConfigErrors,
     TunnelConfig,
+    server_access,
     tunnel_config,
 )
 from tlsgate.settings.convert import _CONVERTERS
@@ -267,7 +268,7 @@ def test_policy_combinations_are_refused_by_the_config_in_build_policys_words(
     rules = {k: [str(pem)] if v == ["CRL"] else v for k, v in rules.items()}
     options = {"listen": "127.0.0.1:0", "target": "127.0.0.1:1", "cert": str(pem), "key": str(pem)}
     with pytest.raises(ConfigError) as from_policy:
-        build_policy(**rules)  # type: ignore[arg-type]
+        build_policy(server_access(**rules))  # type: ignore[arg-type]
     with pytest.raises(ConfigErrors) as from_config:
         tunnel_config("server", {**options, "cacert": str(pem), **rules})
     assert str(from_policy.value) in from_config.value.problems

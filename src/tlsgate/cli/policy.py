@@ -25,6 +25,7 @@ from tlsgate.policy.decision import Decision
 from tlsgate.policy.peer import PeerIdentity, check_validity
 from tlsgate.policy.policy import Policy, build_policy
 from tlsgate.process.crls import crl_warning, overdue_crls
+from tlsgate.settings.config import server_access
 from tlsgate.tls.x509 import parse_certificates
 
 
@@ -89,7 +90,7 @@ def check(
         _check_ip(source)
     chain = _load_certificates("--cert", cert_path) if cert_path else []
     ca_certs = _load_certificates("--cacert", cacert) if cacert else []
-    rules = build_policy(**access, ca_certs=ca_certs, disable_authentication=disable_authentication)
+    rules = build_policy(server_access(**access, disable_authentication=disable_authentication), ca_certs=ca_certs)
 
     leaf = chain[0] if chain else None
     leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None

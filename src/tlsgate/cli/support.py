@@ -133,7 +133,7 @@ class SettingsCommand(click.Command):
 
 
 # The identity and address rules of the access-control layer, with ghostunnel's names where they exist.
-# The keyword arguments they produce match tlsgate.policy.build_policy.
+# The keyword arguments they produce match tlsgate.settings.config.server_access (which build_policy takes).
 access_options = setting_options(
     "server",
     (

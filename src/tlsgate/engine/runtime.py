@@ -85,22 +85,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             capture_sni(accept_ctx)
         not_after = min(m.leaf.not_valid_after_utc.timestamp() for m in materials)
         ca_certs = tlsctx.load_certificates(cfg.cacert, "--cacert") if cfg.cacert else []
-        policy = build_policy(
-            allow_all=cfg.allow_all,
-            allow_cn=cfg.allow_cn,
-            allow_ou=cfg.allow_ou,
-            allow_dns=cfg.allow_dns,
-            allow_ip=cfg.allow_ip,
-            allow_uri=cfg.allow_uri,
-            allow_spki_sha256=cfg.allow_spki_sha256,
-            allow_from=cfg.allow_from,
-            deny_from=cfg.deny_from,
-            crl=cfg.crl,
-            ca_certs=ca_certs,
-            disable_authentication=cfg.disable_authentication,
-            allow_policy=cfg.allow_policy,
-            allow_query=cfg.allow_query,
-        )
+        policy = build_policy(cfg.access, ca_certs=ca_certs)
         if policy.identity is not None:
             for ctx in contexts:
                 internals.install_peer_check(ctx, _client_check(policy), wants_chain=policy.revocation.active)
@@ -132,8 +117,8 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         target_ctx = tlsctx.client_context(
             cafile=cfg.cacert, material=material, alpn=_protocol_alpn(cfg.alpn, cfg.target_protocol)
         )
-        policy = build_policy(allow_from=cfg.allow_from, deny_from=cfg.deny_from, disable_authentication=True)
-        target_identity = IdentityRules.parse(
+        policy = Policy(AddressRules(cfg.allow_from, cfg.deny_from), identity=None)
+        target_identity = IdentityRules(
             cn=cfg.verify_cn,
             ou=cfg.verify_ou,
             dns=cfg.verify_dns,
@@ -155,7 +140,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         target_server_name=server_name,
         policy=policy,
         target_identity=target_identity,
-        proxy_sources=AddressRules.parse(allow_from=cfg.proxy_source_networks),
+        proxy_sources=AddressRules(allow_from=cfg.proxy_source_networks),
         cert_not_after=not_after,
     )
 

@@ -13,16 +13,20 @@ A server checks in this order, stopping at the first refusal:
    ``policy check``);
 3. the peer certificate (`Policy.check_peer`): present and readable (`peer`), within its validity period, not
    revoked by a CRL nor any CA of its verified chain (`crl`), and matching at least one identity rule
-   (`identity`, with URI patterns and SPIFFE IDs in `patterns`, the Rego policy in `rego`).
+   (`identity`, the Rego policy in `rego`).
+
+Rules come in parsed and checked by ``tlsgate.settings`` (networks, IP addresses, key pins as 32 bytes, URI
+patterns: ``settings.values``, ``settings.patterns``; which flags go together: ``settings.access``); nothing
+here parses a setting's text or re-checks the combinations. `build_policy` takes a ``ServerAccess``.
 
 Identity rules are OR'd with each other, like ghostunnel's ``--allow-*`` flags; the address rules and the
 identity rules are AND'd: a client must pass both.
 
 Modules, lowest first: `decision` (the `Decision` value and how reasons word names, dates and lists) ·
 `peer` (`PeerIdentity`: what we read from a certificate) · `networks` (``--allow-from``/``--deny-from``) ·
-`patterns` (URI patterns, SPIFFE IDs) · `identity` (`IdentityRules`: ``--allow-*``/``--verify-*``) · `crl`
+`identity` (`IdentityRules`: ``--allow-*``/``--verify-*``) · `crl`
 (`RevocationList`) · `chain` (the verified chain of a connection; chain verification for ``policy check``) ·
-`policy` (`Policy`, which puts them together, and `build_policy`, the flags' entry point) · `rego` and
+`policy` (`Policy`, which puts them together, and `build_policy`, from checked settings) · `rego` and
 `rego_input` (the optional OPA policy and the input document it sees, loaded only when a policy is given).
 
 A newcomer reads `policy` first (it is short and calls everything else in order), then `identity`.

@@ -1,69 +1,27 @@
 """Who the peer must be: `IdentityRules`, the ``--allow-*`` (server mode) and ``--verify-*`` (client mode) flags.
 
-`IdentityRules.parse` validates flag values (ConfigError names the flag); `IdentityRules.check` takes a
-`PeerIdentity` and returns a `Decision`. The rules are OR'd: CN, OU, DNS SAN, IP SAN, URI SAN (exact values
-are a set lookup, patterns come from `tlsgate.policy.patterns`), key pin, and last the Rego policy
+`IdentityRules` takes the flags' values as the settings package parsed them (IP addresses, 32-byte key pins,
+compiled `tlsgate.settings.patterns.UriPattern` s: ``settings.convert`` refuses a bad value, in one wording for
+flags and files); `IdentityRules.check` takes a `PeerIdentity` and returns a `Decision`. The rules are OR'd:
+CN, OU, DNS SAN, IP SAN, URI SAN (exact values are a set lookup, patterns a regex), key pin, and last the Rego policy
 (`tlsgate.policy.rego`), the only rule that costs more than a set lookup. A refusal names the peer's values
 for the kinds of rule that are set, so the log compares like with like.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tlsgate.errors import CertificateError, ConfigError, shown
+from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import Decision, listing, shorten
-from tlsgate.policy.patterns import UriPattern
 from tlsgate.policy.peer import PeerIdentity
+from tlsgate.settings.patterns import UriPattern
+from tlsgate.settings.values import IPAddress, SpkiPin
 
 if TYPE_CHECKING:
     from tlsgate.policy.rego import RegoPolicy
-
-
-_HEX = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def _parse_spki_hash(flag: str, text: str) -> str:
-    """Normalise a SHA-256 pin to lowercase hex: hex with or without colons, or (URL-safe) base64."""
-    value = text.strip()
-    for prefix in ("sha256//", "sha256:"):
-        if value.lower().startswith(prefix):
-            value = value[len(prefix) :]
-    hex_digits = value.replace(":", "")
-    if _HEX.fullmatch(hex_digits):
-        return hex_digits.lower()
-    try:
-        raw = base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) == 32:
-        return raw.hex()
-    raise ConfigError(
-        f"{flag}: {text!r} is not a SHA-256 hash (use 64 hex digits or 44 base64 characters, "
-        "as `tlsgate certs show` prints)"
-    )
-
-
-def _parse_ip(flag: str, text: str) -> str:
-    """An ``--allow-ip``/``--verify-ip`` value: one IPv4 or IPv6 address (an IP SAN holds one, never a network)."""
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise ConfigError(f"{flag}: {shown(text[:60])} is not an IP address") from None
-
-
-def _nonempty(flag: str, values: Iterable[str]) -> tuple[str, ...]:
-    result = tuple(values)
-    for value in result:
-        if not value.strip():
-            # ghostunnel would compare "" with the CN of a certificate that has none: allow everyone without a CN.
-            raise ConfigError(f"{flag}: empty value")
-    return result
 
 
 class IdentityRules:
@@ -105,60 +63,33 @@ class IdentityRules:
         cn: Sequence[str] = (),
         ou: Sequence[str] = (),
         dns: Sequence[str] = (),
-        uri: Sequence[str] = (),
-        spki_sha256: Sequence[str] = (),
+        uri: Sequence[UriPattern] = (),
+        spki_sha256: Sequence[SpkiPin] = (),
         flag_prefix: str = "allow",
         rego: RegoPolicy | None = None,
-        ip: Sequence[str] = (),
+        ip: Sequence[IPAddress] = (),
     ) -> None:
-        """Use `parse`; this takes values already checked (URI patterns valid, hashes as lowercase hex)."""
+        """The values as ``tlsgate.settings`` parses them (``TunnelConfig`` fields or ``server_access``); CN, OU
+        and DNS rules are plain non-empty strings. For display, ``uri`` keeps the patterns' text, ``ip`` the
+        addresses' canonical form and ``spki_sha256`` the pins in lowercase hex (as `PeerIdentity` has them)."""
         self.flag_prefix = flag_prefix
         self.allow_all = allow_all
-        self.cn, self.ou, self.dns, self.uri = tuple(cn), tuple(ou), tuple(dns), tuple(uri)
-        self.spki_sha256 = tuple(spki_sha256)
+        self.cn, self.ou, self.dns = tuple(cn), tuple(ou), tuple(dns)
+        self.uri = tuple(pattern.text for pattern in uri)
+        self.spki_sha256 = tuple(pin.hex() for pin in spki_sha256)
         self.rego = rego
-        self.ip = tuple(ip)
+        self.ip = tuple(str(address) for address in ip)
         self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego or ip)
         self._cn, self._ou = frozenset(cn), frozenset(ou)
         self._dns = frozenset(name.lower().rstrip(".") for name in dns)
         # Compared as addresses, so ::1 and 0:0:0:0:0:0:0:1 (or an IPv4 SAN in either spelling) are one value.
-        self._ip = frozenset(ipaddress.ip_address(text) for text in ip)
-        self._spki = frozenset(spki_sha256)
-        patterns = [UriPattern.parse(f"--{flag_prefix}-uri", text) for text in uri]
+        self._ip = frozenset(ip)
+        self._spki = frozenset(self.spki_sha256)
+        patterns = tuple(uri)
         self._uri_patterns = tuple(p for p in patterns if "*" in p.text)
         # Most URI rules name one SPIFFE ID: a set lookup (with and without the trailing slash) spares the regex.
         exact = [p.text for p in patterns if "*" not in p.text]
         self._uri_exact = frozenset(exact) | frozenset(t[:-1] if t.endswith("/") else t + "/" for t in exact)
-
-    @classmethod
-    def parse(
-        cls,
-        *,
-        allow_all: bool = False,
-        cn: Iterable[str] = (),
-        ou: Iterable[str] = (),
-        dns: Iterable[str] = (),
-        uri: Iterable[str] = (),
-        spki_sha256: Iterable[str] = (),
-        flag_prefix: str = "allow",
-        rego: RegoPolicy | None = None,
-        ip: Iterable[str] = (),
-    ) -> IdentityRules:
-        """Validate flag values; ConfigError names the flag (``--allow-uri``/``--verify-uri``) and the value."""
-        uris = _nonempty(f"--{flag_prefix}-uri", uri)
-        for text in uris:
-            UriPattern.parse(f"--{flag_prefix}-uri", text)
-        return cls(
-            allow_all=allow_all,
-            cn=_nonempty(f"--{flag_prefix}-cn", cn),
-            ou=_nonempty(f"--{flag_prefix}-ou", ou),
-            dns=_nonempty(f"--{flag_prefix}-dns", dns),
-            uri=uris,
-            spki_sha256=[_parse_spki_hash(f"--{flag_prefix}-spki-sha256", text) for text in spki_sha256],
-            flag_prefix=flag_prefix,
-            rego=rego,
-            ip=[_parse_ip(f"--{flag_prefix}-ip", text) for text in ip],
-        )
 
     def check(self, peer: PeerIdentity, der: bytes | None = None) -> Decision:
         """Does ``peer`` match a rule? ``der`` is its certificate, which only the Rego policy needs."""

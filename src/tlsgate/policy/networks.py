@@ -1,27 +1,26 @@
 """``--allow-from`` and ``--deny-from``: `AddressRules`, checked at accept, before any TLS byte is read.
 
-Rules are parsed once into per-family tables keyed by prefix length, so a check is a few dict probes on an
-integer (inet_pton, no `ipaddress` objects on the accept path) and allocates nothing for an allowed source.
-IPv4-mapped IPv6 sources and rules fold to IPv4. A source that is not an IP (a unix socket peer) fails closed
-when any rule is set.
+Rules arrive parsed (``tlsgate.settings.values.Network``: the settings converters refuse a bad CIDR, in one
+wording for flags and files) and are laid out once into per-family tables keyed by prefix length, so a check is
+a few dict probes on an integer (inet_pton, no `ipaddress` objects on the accept path) and allocates nothing for
+an allowed source. IPv4-mapped IPv6 sources fold to IPv4, as the settings parser folds rules. A source that is
+not an IP (a unix socket peer) fails closed when any rule is set.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tlsgate.errors import ConfigError, shown
 from tlsgate.policy.decision import Decision, listing
+from tlsgate.settings.values import Network
 
 _ANY_ADDRESS = Decision(True, "any-address", "no --allow-from or --deny-from rules")
 _NOT_DENIED = Decision(True, "deny-from", "source not in deny-from")
 
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
-_V4_MAPPED_NET = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def _parse_source(text: str) -> tuple[bool, int] | None:
@@ -52,7 +51,7 @@ class _NetworkTable:
     by_shift: tuple[tuple[int, dict[int, str]], ...] = ()
 
     @classmethod
-    def build(cls, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> _NetworkTable:
+    def build(cls, networks: Iterable[Network]) -> _NetworkTable:
         groups: dict[int, dict[int, str]] = {}
         for net in networks:
             shift = net.max_prefixlen - net.prefixlen
@@ -68,26 +67,6 @@ class _NetworkTable:
         return None
 
 
-def _parse_network(flag: str, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    value = text.strip()
-    try:
-        net = ipaddress.ip_network(value, strict=True)
-    except ValueError as err:
-        try:
-            loose = ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise ConfigError(f"{flag}: {shown(text)} is not a network (use CIDR like 10.0.0.0/8)") from None
-        if "host bits" in str(err):
-            raise ConfigError(f"{flag}: {shown(text)} has host bits set (did you mean {loose}?)") from None
-        raise ConfigError(f"{flag}: {shown(text)} is not a network (use CIDR like 10.0.0.0/8)") from None
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_V4_MAPPED_NET):
-        # Sources arrive folded to IPv4 (see _parse_source), so a rule written in mapped form must fold too.
-        mapped = net.network_address.ipv4_mapped
-        assert mapped is not None
-        return ipaddress.IPv4Network((mapped, net.prefixlen - 96))
-    return net
-
-
 class AddressRules:
     """``--allow-from`` and ``--deny-from``: which source networks may open a connection. Deny wins.
 
@@ -99,9 +78,10 @@ class AddressRules:
 
     def __init__(
         self,
-        allow_from: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
-        deny_from: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        allow_from: Sequence[Network] = (),
+        deny_from: Sequence[Network] = (),
     ) -> None:
+        """Networks as ``settings.values.parse_network`` makes them (host bits clear, IPv4-mapped folded)."""
         self.allow_from: tuple[str, ...] = tuple(str(net) for net in allow_from)
         self.deny_from: tuple[str, ...] = tuple(str(net) for net in deny_from)
         self.active: bool = bool(allow_from or deny_from)
@@ -118,14 +98,6 @@ class AddressRules:
             cidr: Decision(True, "allow-from", f"source in allow-from {cidr}") for cidr in self.allow_from
         }
         self._allow_hint = listing(self.allow_from)
-
-    @classmethod
-    def parse(cls, allow_from: Iterable[str] = (), deny_from: Iterable[str] = ()) -> AddressRules:
-        """Parse CIDR strings (a bare address means a single host); ConfigError names the flag and the value."""
-        return cls(
-            [_parse_network("--allow-from", text) for text in allow_from],
-            [_parse_network("--deny-from", text) for text in deny_from],
-        )
 
     def check(self, ip: str) -> Decision:
         if not self.active:

@@ -3,25 +3,26 @@
 `Policy` holds the `AddressRules`, the `IdentityRules` (None under ``--disable-authentication``) and the
 `RevocationList`, built once per (re)load and then only read. `Policy.check_address` runs at accept;
 `Policy.check_peer` after the handshake, in order: certificate present and readable, within its dates, not
-revoked, allowed by an identity rule; it never raises (an error is a refusal). `build_policy` applies
-ghostunnel's rules on which flags go together. Read this module first.
+revoked, allowed by an identity rule; it never raises (an error is a refusal). `build_policy` makes one from
+checked settings (``tlsgate.settings.access.ServerAccess``: the rules on which flags go together are applied
+there, once). Read this module first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from cryptography import x509
 
-from tlsgate.errors import CertificateError, ConfigError
+from tlsgate.errors import CertificateError
 from tlsgate.policy.crl import RevocationList
 from tlsgate.policy.decision import Decision, utc
 from tlsgate.policy.identity import IdentityRules
 from tlsgate.policy.networks import AddressRules
 from tlsgate.policy.peer import PeerIdentity, check_validity
+from tlsgate.settings.access import ServerAccess
 
 _NO_AUTHENTICATION = Decision(True, "no-authentication", "--disable-authentication: no client certificate is asked")
 
@@ -89,84 +90,29 @@ class Policy:
         return f"identity: {identity}; address: {self.addresses.summary()}; revocation: {self.revocation.summary()}"
 
 
-def build_policy(
-    *,
-    allow_all: bool = False,
-    allow_cn: Iterable[str] = (),
-    allow_ou: Iterable[str] = (),
-    allow_dns: Iterable[str] = (),
-    allow_uri: Iterable[str] = (),
-    allow_spki_sha256: Iterable[str] = (),
-    allow_ip: Iterable[str] = (),
-    allow_from: Iterable[str] = (),
-    deny_from: Iterable[str] = (),
-    crl: Iterable[str | Path] = (),
-    ca_certs: Sequence[x509.Certificate] = (),
-    disable_authentication: bool = False,
-    allow_policy: str | None = None,
-    allow_query: str | None = None,
-) -> Policy:
-    """The server-mode policy from the ``access_options`` flags, with ghostunnel's rules on which go together.
-
-    As in ghostunnel, ``--allow-policy``/``--allow-query`` go together and exclude every other identity flag
-    (``--allow-all``, ``--allow-cn`` ... and ``--disable-authentication``): the policy is the whole rule.
-    """
-    identity_flags = {
-        "--allow-cn": tuple(allow_cn),
-        "--allow-ou": tuple(allow_ou),
-        "--allow-dns": tuple(allow_dns),
-        "--allow-uri": tuple(allow_uri),
-        "--allow-spki-sha256": tuple(allow_spki_sha256),
-        "--allow-ip": tuple(allow_ip),
-    }
-    given = [flag for flag, values in identity_flags.items() if values]
-    crl_paths = tuple(crl)
-    if (allow_policy is None) != (allow_query is None):
-        raise ConfigError("--allow-policy and --allow-query go together: give both, or neither")
-    if allow_policy is not None:
-        if disable_authentication:
-            raise ConfigError("--disable-authentication contradicts --allow-policy: no client certificate to check")
-        if allow_all or given:
-            other = "--allow-all" if allow_all else given[0]
-            raise ConfigError(
-                f"--allow-policy/--allow-query and {other} are mutually exclusive (as in ghostunnel: "
-                "put every rule in the policy)"
-            )
-    if disable_authentication:
-        if allow_all or given:
-            flag = "--allow-all" if allow_all else given[0]
-            raise ConfigError(
-                f"--disable-authentication contradicts {flag}: without client certificates it cannot match"
-            )
-        if crl_paths:
-            raise ConfigError("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
-    elif not allow_all and not given and allow_policy is None:
-        raise ConfigError(
-            "server mode needs --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-uri, --allow-spki-sha256, "
-            "--allow-policy/--allow-query or --disable-authentication"
-        )
-    if allow_all and given:
-        raise ConfigError(
-            f"--allow-all and {given[0]} are mutually exclusive (--allow-all already allows every client)"
-        )
-    addresses = AddressRules.parse(allow_from, deny_from)
+def build_policy(access: ServerAccess, *, ca_certs: Sequence[x509.Certificate] = ()) -> Policy:
+    """The server-mode policy of checked access settings: a ``TunnelConfig``'s (``cfg.access``) or, from raw
+    flag values, ``tlsgate.settings.config.server_access``'s, which applies ghostunnel's rules on which flags go
+    together, in the words of the command line. Reads the CRL files (``ca_certs`` find the CA that signed each)
+    and the Rego policy; ConfigError or CertificateError names a file that cannot be used."""
     rego = None
-    if allow_policy is not None and allow_query is not None:
+    if access.allow_policy is not None and access.allow_query is not None:
         from tlsgate.policy.rego import load_policy
 
-        rego = load_policy(allow_policy, allow_query, flag_prefix="allow")
+        rego = load_policy(access.allow_policy, access.allow_query, flag_prefix="allow")
     identity = (
         None
-        if disable_authentication
-        else IdentityRules.parse(
-            allow_all=allow_all,
-            cn=identity_flags["--allow-cn"],
-            ou=identity_flags["--allow-ou"],
-            dns=identity_flags["--allow-dns"],
-            uri=identity_flags["--allow-uri"],
-            spki_sha256=identity_flags["--allow-spki-sha256"],
-            ip=identity_flags["--allow-ip"],
+        if access.disable_authentication
+        else IdentityRules(
+            allow_all=access.allow_all,
+            cn=access.allow_cn,
+            ou=access.allow_ou,
+            dns=access.allow_dns,
+            uri=access.allow_uri,
+            spki_sha256=access.allow_spki_sha256,
+            ip=access.allow_ip,
             rego=rego,
         )
     )
-    return Policy(addresses, identity, RevocationList.load(crl_paths, ca_certs))
+    addresses = AddressRules(access.allow_from, access.deny_from)
+    return Policy(addresses, identity, RevocationList.load(access.crl, ca_certs))

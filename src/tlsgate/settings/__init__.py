@@ -13,8 +13,13 @@ then ``table`` (every knob, in help order; the access rules section is ``table_a
 - ``file``: reads a ``tlsgate run`` TOML file ([process], [defaults], [[tunnel]]) through ``config``, with
   paths made relative to the file, ``listens`` refusing two tunnels on one address and ``process_options``
   holding the [process] table's ``ProcessOptions``.
-- Values with their own syntax: ``addresses`` (HOST:PORT, unix:, systemd:), ``durations`` (10s, 5m) and
-  ``secrets`` (pass:, env:, file: passwords, never echoed).
+- Values with their own syntax: ``addresses`` (HOST:PORT, unix:, systemd:), ``durations`` (10s, 5m),
+  ``secrets`` (pass:, env:, file: passwords, never echoed), ``values`` (networks, IP addresses, SHA-256 key
+  pins) and ``patterns`` (URI patterns, SPIFFE IDs). The config holds these parsed, and ``tlsgate.policy``
+  takes them as they are: a bad access rule is refused once, here, in one wording for flags and files.
+- ``access``: a server's access settings as one value (``ServerAccess``, what ``policy.build_policy`` takes)
+  and the rules on which identity flags go together; ``config.server_access`` makes one from raw values for
+  library callers and ``tlsgate policy check``, with the flags' messages.
 
 Nothing here opens a socket or parses a certificate: files are only checked to exist. Parsing them needs the
 engine, a higher layer; ``tlsgate.process.check`` does that for ``run``, ``check-config`` and reloads.

@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from tlsgate.errors import shown
-from tlsgate.settings.convert import flag
+from tlsgate.settings.access import ServerAccess, identity_problems
 from tlsgate.settings.table import UNSAFE_CIPHER_SUITES
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
 
     ghostunnel's safety checks for unsafe listen/target are here, and its refusals of contradicting flags;
     ``settings.file.key_names`` rewords the messages for a file. One message per broken rule, so the user sees
-    what to change. (``policy.build_policy`` keeps its own guard for callers of the library API.)
+    what to change. The rules on a server's identity flags are ``settings.access.identity_problems``, which
+    ``settings.config.server_access`` applies for library callers too.
     """
     problems: list[str] = []
     values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_ip, cfg.allow_uri, cfg.allow_spki_sha256))
@@ -55,38 +56,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
     if cfg.mode == "server":
         if not cfg.keystore and not has_pem:
             problems.append("server mode needs a certificate: --cert and --key, or --keystore")
-        # The same rules, in the same words, as policy.build_policy (which guards the library API).
-        given = [
-            flag(key)
-            for key in ("allow_cn", "allow_ou", "allow_dns", "allow_ip", "allow_uri", "allow_spki_sha256")
-            if getattr(cfg, key)
-        ]
-        if cfg.disable_authentication:
-            if cfg.allow_all or given:
-                problems.append(
-                    f"--disable-authentication contradicts {'--allow-all' if cfg.allow_all else given[0]}: "
-                    "without client certificates it cannot match"
-                )
-            if cfg.allow_policy is not None:
-                problems.append("--disable-authentication contradicts --allow-policy: no client certificate to check")
-            if cfg.crl:
-                problems.append("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
-        elif not identity:
-            problems.append(
-                "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-ip, --allow-uri, "
-                "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication"
-            )
-        if rego and (cfg.allow_policy is None or cfg.allow_query is None):
-            problems.append("--allow-policy and --allow-query go together: give both, or neither")
-        if rego and (cfg.allow_all or values):
-            problems.append(
-                f"--allow-policy/--allow-query and {'--allow-all' if cfg.allow_all else given[0]} are mutually "
-                "exclusive (as in ghostunnel: put every rule in the policy)"
-            )
-        if cfg.allow_all and given:
-            problems.append(
-                f"--allow-all and {given[0]} are mutually exclusive (--allow-all already allows every client)"
-            )
+        problems += identity_problems(ServerAccess.of(cfg))
         if not cfg.disable_authentication and not cfg.cacert:
             problems.append("client certificates are verified against --cacert; give it (or --disable-authentication)")
         if cfg.disable_authentication and not cfg.listen.is_loopback and not cfg.unsafe_listen:

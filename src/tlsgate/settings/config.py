@@ -3,23 +3,29 @@
 Both sources are a mapping whose keys are the flag names (``allow-cn`` or ``allow_cn``), so every flag has a
 config-file key of the same name and one validator serves both. Validation collects every problem before
 failing, because an operator fixing a config file wants the whole list, not one error per run.
-Each value is converted by ``settings.convert`` and the rules between values are ``settings.checks``. Files are
-only checked (exist, readable), never parsed: ``tlsgate.process.check`` parses them with the engine.
+Each value is converted by ``settings.convert`` and the rules between values are ``settings.checks``. Access-rule
+values are held parsed (networks, IP addresses, key pins, URI patterns: ``settings.values``), the form
+``tlsgate.policy`` takes. Files are only checked (exist, readable), never parsed: ``tlsgate.process.check``
+parses them with the engine.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 from tlsgate.errors import ConfigError, shown
+from tlsgate.settings.access import ServerAccess, identity_problems
 from tlsgate.settings.addresses import Address
 from tlsgate.settings.checks import cross_checks
-from tlsgate.settings.convert import check_paths, convert, flag, is_unix_source
+from tlsgate.settings.convert import check_paths, convert, flag
+from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.table import SETTINGS, process_settings, setting
+from tlsgate.settings.values import UNIX_SOURCE, IPAddress, Network, ProxySource, SpkiPin
 
 Mode = Literal["server", "client"]
 
@@ -62,16 +68,16 @@ class TunnelConfig:
     key_pass: bytes | None = field(default=None, repr=False)
     cacert: str | None = None
     disable_authentication: bool = False
-    # Access control (server mode), names as in tlsgate.policy.build_policy.
+    # Access control (server mode), as in settings.access.ServerAccess (what tlsgate.policy.build_policy takes).
     allow_all: bool = False
     allow_cn: tuple[str, ...] = ()
     allow_ou: tuple[str, ...] = ()
     allow_dns: tuple[str, ...] = ()
-    allow_ip: tuple[str, ...] = ()
-    allow_uri: tuple[str, ...] = ()
-    allow_spki_sha256: tuple[str, ...] = ()
-    allow_from: tuple[str, ...] = ()
-    deny_from: tuple[str, ...] = ()
+    allow_ip: tuple[IPAddress, ...] = ()
+    allow_uri: tuple[UriPattern, ...] = ()
+    allow_spki_sha256: tuple[SpkiPin, ...] = ()
+    allow_from: tuple[Network, ...] = ()
+    deny_from: tuple[Network, ...] = ()
     crl: tuple[str, ...] = ()
     allow_policy: str | None = None
     allow_query: str | None = None
@@ -79,9 +85,9 @@ class TunnelConfig:
     verify_cn: tuple[str, ...] = ()
     verify_ou: tuple[str, ...] = ()
     verify_dns: tuple[str, ...] = ()
-    verify_ip: tuple[str, ...] = ()
-    verify_uri: tuple[str, ...] = ()
-    verify_spki_sha256: tuple[str, ...] = ()
+    verify_ip: tuple[IPAddress, ...] = ()
+    verify_uri: tuple[UriPattern, ...] = ()
+    verify_spki_sha256: tuple[SpkiPin, ...] = ()
     verify_policy: str | None = None
     verify_query: str | None = None
     override_server_name: str | None = None
@@ -103,7 +109,7 @@ class TunnelConfig:
     max_concurrent_conns: int = 0
     proxy_protocol: bool = False
     proxy_protocol_version: int = 2
-    accept_proxy_from: tuple[str, ...] = ()
+    accept_proxy_from: tuple[ProxySource, ...] = ()
     timed_reload: float = 0.0
     # On every successful reload, check open connections again against the new rules and CRLs (Tunnel.recheck).
     recheck_on_reload: bool = True
@@ -123,18 +129,23 @@ class TunnelConfig:
         return self.name or str(self.listen)
 
     @property
+    def access(self) -> ServerAccess:
+        """The server access settings, as ``tlsgate.policy.build_policy`` takes them."""
+        return ServerAccess.of(self)
+
+    @property
     def proxy_from_unix(self) -> bool:
         """``--accept-proxy-from unix``: every peer of this unix-socket listener must start with a PROXY header.
 
         A unix peer has no IP address to list, and whoever may open the socket is decided by its file
         permissions, so the listener trusts its peers as a whole, never a CIDR.
         """
-        return any(is_unix_source(value) for value in self.accept_proxy_from)
+        return UNIX_SOURCE in self.accept_proxy_from
 
     @property
-    def proxy_source_networks(self) -> tuple[str, ...]:
-        """The CIDR entries of ``--accept-proxy-from``: the TCP peers whose PROXY headers are trusted."""
-        return tuple(value for value in self.accept_proxy_from if not is_unix_source(value))
+    def proxy_source_networks(self) -> tuple[Network, ...]:
+        """The networks of ``--accept-proxy-from``: the TCP peers whose PROXY headers are trusted."""
+        return tuple(value for value in self.accept_proxy_from if not isinstance(value, str))
 
 
 # The Timeouts field each timeout setting fills.
@@ -228,8 +239,8 @@ def tunnel_config(
     for key in ("listen", "target"):
         if key not in values and key not in opts:
             where.add(f"{flag(key)} is required")
-    # Files first, then bundles and networks, each in the table's order: the order of the messages is stable.
-    for kind in ("file", "files", "bundle", "networks"):
+    # Files first, then bundles, each in the table's order: the order of the messages is stable.
+    for kind in ("file", "files", "bundle"):
         for entry in SETTINGS:
             if entry.kind == kind and entry.name in values:
                 where.run(partial(check_paths, entry, values[entry.name]))
@@ -242,3 +253,62 @@ def tunnel_config(
     if where.problems:
         raise ConfigErrors(where.problems)
     return cfg
+
+
+def server_access(
+    *,
+    allow_all: bool | None = False,
+    allow_cn: Iterable[str] = (),
+    allow_ou: Iterable[str] = (),
+    allow_dns: Iterable[str] = (),
+    allow_ip: Iterable[str] = (),
+    allow_uri: Iterable[str] = (),
+    allow_spki_sha256: Iterable[str] = (),
+    allow_from: Iterable[str] = (),
+    deny_from: Iterable[str] = (),
+    crl: Iterable[str | os.PathLike[str]] = (),
+    allow_policy: str | None = None,
+    allow_query: str | None = None,
+    disable_authentication: bool | None = False,
+) -> ServerAccess:
+    """A server's access settings from raw flag values, for library callers and ``tlsgate policy check``.
+
+    The values go through the converters ``tunnel_config`` uses and the same rules on which flags go together,
+    so a caller gets the messages the command line and a file give (ConfigErrors, one line per problem). Files
+    are not opened here: ``policy.build_policy`` reads the CRLs. None means not given, as from click. Pass the
+    result to ``policy.build_policy``::
+
+        policy = build_policy(server_access(allow_cn=["alice"], allow_from=["10.0.0.0/8"]))
+    """
+    where = _Collector("")
+    raw: dict[str, object] = {
+        "allow_all": allow_all,
+        "allow_cn": tuple(allow_cn),
+        "allow_ou": tuple(allow_ou),
+        "allow_dns": tuple(allow_dns),
+        "allow_ip": tuple(allow_ip),
+        "allow_uri": tuple(allow_uri),
+        "allow_spki_sha256": tuple(allow_spki_sha256),
+        "allow_from": tuple(allow_from),
+        "deny_from": tuple(deny_from),
+        "crl": tuple(os.fspath(path) for path in crl),
+        "allow_policy": allow_policy,
+        "allow_query": allow_query,
+        "disable_authentication": disable_authentication,
+    }
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue  # not given (click's None for an absent flag): the default, as in tunnel_config
+        try:
+            values[key] = convert(key, value)
+        except ConfigError as err:
+            where.add(str(err))
+    if where.problems:
+        raise ConfigErrors(where.problems)
+    access = ServerAccess(**values)
+    for problem in identity_problems(access):
+        where.add(problem)
+    if where.problems:
+        raise ConfigErrors(where.problems)
+    return access

@@ -2,7 +2,11 @@
 
 ``convert(key, value)`` picks the converter by the table's kind of ``key`` (``settings.setting.Kind``); each one
 refuses with a one-line message naming the flag and the form it expected, and never quotes a secret back.
-``check_paths`` then checks what a converted value names: files exist and are readable, networks parse.
+``check_paths`` then checks what a converted value names: files exist and are readable.
+
+Access-rule values come out parsed (``settings.values``: networks, IP addresses, key pins; ``settings.patterns``:
+URI patterns), so ``tlsgate.policy`` takes them as they are and a bad value is refused here, in one wording,
+whether it came from a flag, a file key or a library caller (``settings.access.server_access``).
 ``settings.config.tunnel_config`` calls both for every key; process settings have their converters in
 ``settings.file`` (a file) and in click (the command line).
 
@@ -21,8 +25,19 @@ from typing import Any
 from tlsgate.errors import ConfigError, shown
 from tlsgate.settings.addresses import Address, parse_address, valid_host
 from tlsgate.settings.durations import parse_duration
+from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.setting import Setting
 from tlsgate.settings.table import CIPHER_SUITES, TLS_VERSIONS, UNSAFE_CIPHER_SUITES, setting
+from tlsgate.settings.values import (
+    UNIX_SOURCE,
+    IPAddress,
+    Network,
+    ProxySource,
+    SpkiPin,
+    parse_ip,
+    parse_network,
+    parse_spki_sha256,
+)
 
 __all__ = [
     "MAX_VALUE_LENGTH",
@@ -37,8 +52,8 @@ __all__ = [
 
 
 def is_unix_source(value: str) -> bool:
-    """Whether an ``--accept-proxy-from`` entry is the word ``unix`` rather than a network."""
-    return value.strip().lower() == "unix"
+    """Whether an ``--accept-proxy-from`` entry, as typed, is the word ``unix`` rather than a network."""
+    return value.strip().lower() == UNIX_SOURCE
 
 
 # Shortest --timed-reload: each reload re-reads every file and rebuilds every context, so "1ns" would spin.
@@ -201,14 +216,6 @@ def _check_file(path: str | None, key: str) -> None:
         raise ConfigError(f"{flag(key)}: {shown_path(path)}: permission denied")
 
 
-def _check_cidrs(values: Sequence[str], key: str) -> None:
-    for value in values:
-        try:
-            ipaddress.ip_network(value.strip(), strict=False)
-        except ValueError:
-            raise ConfigError(f"{flag(key)}: {shown(value)} is not a network (use CIDR like 10.0.0.0/8)") from None
-
-
 def _secret(value: object, key: str) -> bytes | None:
     # Never quote the value back: a password typed in the wrong form is still the password.
     if value is None or value == "":
@@ -236,15 +243,39 @@ def _as_choice(value: object, key: str) -> str | None:
     return text
 
 
-def _as_ips(value: object, key: str) -> tuple[str, ...]:
-    """IP SANs to match: each one address, in canonical form (``::1``), so a rule compares like the SAN does."""
-    out = []
-    for text in _as_tuple(value, key):
-        try:
-            out.append(str(ipaddress.ip_address(text.strip())))
-        except ValueError:
-            raise ConfigError(f"{flag(key)}: {shown(text)} is not an IP address (an IP SAN is one address)") from None
-    return tuple(out)
+def _as_ips(value: object, key: str) -> tuple[IPAddress, ...]:
+    """IP SANs to match: each one address, compared as an address, so ``::1`` and ``0::1`` are one rule."""
+    return tuple(parse_ip(flag(key), text) for text in _as_tuple(value, key))
+
+
+def _as_names(value: object, key: str) -> tuple[str, ...]:
+    """CN, OU and DNS rules: never empty (ghostunnel would compare "" with the CN of a certificate that has none,
+    and so allow every client without a CN)."""
+    names = _as_tuple(value, key)
+    for name in names:
+        if not name.strip():
+            raise ConfigError(f"{flag(key)}: empty value")
+    return names
+
+
+def _as_uris(value: object, key: str) -> tuple[UriPattern, ...]:
+    """URI SAN rules, each compiled once into a `UriPattern` (exact URIs too: the policy sets them apart)."""
+    return tuple(UriPattern.parse(flag(key), text) for text in _as_names(value, key))
+
+
+def _as_pins(value: object, key: str) -> tuple[SpkiPin, ...]:
+    return tuple(parse_spki_sha256(flag(key), text) for text in _as_tuple(value, key))
+
+
+def _as_networks(value: object, key: str) -> tuple[Network, ...]:
+    return tuple(parse_network(flag(key), text) for text in _as_tuple(value, key))
+
+
+def _as_proxy_sources(value: object, key: str) -> tuple[ProxySource, ...]:
+    """``--accept-proxy-from``: networks, or the word ``unix`` (every peer of a unix listener)."""
+    return tuple(
+        UNIX_SOURCE if is_unix_source(text) else parse_network(flag(key), text) for text in _as_tuple(value, key)
+    )
 
 
 def _as_tls_version(value: object, key: str) -> str | None:
@@ -284,7 +315,11 @@ _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "secret": _secret,
     "text": _as_str,
     "texts": _as_tuple,
-    "networks": _as_tuple,
+    "names": _as_names,
+    "uris": _as_uris,
+    "pins": _as_pins,
+    "networks": _as_networks,
+    "proxy_sources": _as_proxy_sources,
     "ips": _as_ips,
     "flag": _as_bool,
     "duration": _as_duration,
@@ -303,7 +338,7 @@ def convert(key: str, value: object) -> Any:
 
 
 def check_paths(entry: Setting, value: Any) -> None:
-    """The files a setting names exist and are readable; networks parse (the table's kind says which)."""
+    """The files a setting names exist and are readable (the table's kind says which)."""
     if entry.kind == "file":
         _check_file(value, entry.name)
     elif entry.kind == "files":
@@ -312,7 +347,3 @@ def check_paths(entry: Setting, value: Any) -> None:
     elif entry.kind == "bundle" and value is not None and not os.path.exists(value):
         # A bundle may be a directory; its contents are read (and compiled) by runtime.build_runtime.
         raise ConfigError(f"{flag(entry.name)}: {value}: no such file or directory")
-    elif entry.kind == "networks":
-        # --accept-proxy-from also takes the word "unix" (a unix listener's peers); the rest are networks.
-        unix_word = entry.name == "accept_proxy_from"
-        _check_cidrs([v for v in value if not (unix_word and is_unix_source(v))], entry.name)

@@ -23,7 +23,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +42,7 @@ from tlsgate.settings.config import (
 )
 from tlsgate.settings.convert import shown_path
 from tlsgate.settings.listens import check_listen
+from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.process_options import ProcessOptions
 from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems
 from tlsgate.settings.table import SETTINGS, setting
@@ -151,8 +152,17 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
     return ", ".join(parts)
 
 
-def _rules(*pairs: tuple[str, tuple[str, ...]]) -> list[str]:
-    return [f"{name} {','.join(values)}" for name, values in pairs if values]
+def _rules(*pairs: tuple[str, Sequence[object]]) -> list[str]:
+    return [f"{name} {','.join(_shown_rule(value) for value in values)}" for name, values in pairs if values]
+
+
+def _shown_rule(value: object) -> str:
+    """A parsed rule value as written in a file: a URI pattern's text, a key pin in hex, a network as CIDR."""
+    if isinstance(value, UriPattern):
+        return value.text
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
 
 
 # -- the document -----------------------------------------------------------------------------------------------

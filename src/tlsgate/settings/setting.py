@@ -16,7 +16,7 @@ from typing import Literal
 
 __all__ = ["SECTIONS", "Kind", "Scope", "Setting", "duration_setting"]
 
-# What a value is: picks the converter (tlsgate.settings.config) and the click type (tlsgate.cli).
+# What a value is: picks the converter (tlsgate.settings.convert) and the click type (tlsgate.cli).
 Kind = Literal[
     "address",  # HOST:PORT, unix:PATH, systemd:NAME -> addresses.Address
     "file",  # one readable file path, checked at start
@@ -25,8 +25,12 @@ Kind = Literal[
     "secret",  # pass:, env:VAR, file:PATH or the password itself -> bytes; never shown
     "text",  # one string
     "texts",  # repeatable strings
-    "networks",  # repeatable CIDRs
-    "ips",  # repeatable IP addresses (IP SANs), kept in canonical form
+    "names",  # repeatable non-empty strings (CN, OU, DNS rules): an empty one would match a certificate without
+    "uris",  # repeatable URI patterns -> patterns.UriPattern, compiled once
+    "pins",  # repeatable SHA-256 key pins, hex or base64 -> values.SpkiPin (32 bytes)
+    "networks",  # repeatable CIDRs -> values.Network
+    "proxy_sources",  # repeatable CIDRs or the word unix -> values.ProxySource
+    "ips",  # repeatable IP addresses (IP SANs) -> values.IPAddress
     "flag",  # true/false
     "duration",  # 10s, 5m, 0 -> seconds
     "count",  # a whole number within [low, high]
@@ -73,7 +77,7 @@ class Setting:
 
     @property
     def repeatable(self) -> bool:
-        return self.kind in ("files", "texts", "networks", "ips", "choices")
+        return self.kind in ("files", "texts", "names", "uris", "pins", "networks", "proxy_sources", "ips", "choices")
 
     def takes(self, mode: str) -> bool:
         """Whether the ``mode`` command has this flag (process settings: every command)."""

@@ -92,7 +92,7 @@ _LISTENING = (
     ),
     Setting(
         "accept_proxy_from",
-        "networks",
+        "proxy_sources",
         "listening",
         "Trust PROXY headers from this network ('unix': from every peer of a unix: --listen).",
         scope="server",

@@ -19,7 +19,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "allow_cn",
-        "texts",
+        "names",
         "access rules",
         "Allow clients whose certificate has this Common Name (repeatable)",
         scope="server",
@@ -27,7 +27,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "allow_ou",
-        "texts",
+        "names",
         "access rules",
         "Allow clients whose certificate has this Organizational Unit (repeatable)",
         scope="server",
@@ -35,7 +35,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "allow_dns",
-        "texts",
+        "names",
         "access rules",
         "Allow clients whose certificate has this DNS SAN (repeatable)",
         scope="server",
@@ -53,7 +53,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "allow_uri",
-        "texts",
+        "uris",
         "access rules",
         "Allow clients with this URI SAN; '*' matches one path segment (repeatable)",
         scope="server",
@@ -62,7 +62,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "allow_spki_sha256",
-        "texts",
+        "pins",
         "access rules",
         "Allow the client key with this SPKI SHA-256 (hex or base64) (repeatable)",
         scope="server",
@@ -107,14 +107,14 @@ ACCESS_RULES = (
         metavar="NAME",
     ),
     Setting(
-        "verify_cn", "texts", "access rules", "Server certificate must have this CN.", scope="client", metavar="CN"
+        "verify_cn", "names", "access rules", "Server certificate must have this CN.", scope="client", metavar="CN"
     ),
     Setting(
-        "verify_ou", "texts", "access rules", "Server certificate must have this OU.", scope="client", metavar="OU"
+        "verify_ou", "names", "access rules", "Server certificate must have this OU.", scope="client", metavar="OU"
     ),
     Setting(
         "verify_dns",
-        "texts",
+        "names",
         "access rules",
         "Server certificate must have this DNS SAN.",
         scope="client",
@@ -132,7 +132,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "verify_uri",
-        "texts",
+        "uris",
         "access rules",
         "Server certificate must have this URI SAN.",
         scope="client",
@@ -141,7 +141,7 @@ ACCESS_RULES = (
     ),
     Setting(
         "verify_spki_sha256",
-        "texts",
+        "pins",
         "access rules",
         "Pin the server's key (SPKI SHA-256).",
         scope="client",

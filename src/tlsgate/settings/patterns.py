@@ -2,7 +2,8 @@
 
 `UriPattern` compiles a pattern (``*`` one path segment, ``**`` the rest) to a regex; a ``spiffe://``
 pattern also requires the URI to be a valid SPIFFE ID (`spiffe_id_problem`), so ``*`` and ``**`` cannot
-take ``..`` or percent-encoded slashes. Used by `tlsgate.policy.identity`.
+take ``..`` or percent-encoded slashes. The settings converter (``settings.convert``, kind ``uris``) compiles
+each pattern once, when the flag or file key is read; `tlsgate.policy.identity` only matches with them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import re
 from dataclasses import dataclass
 
 from tlsgate.errors import ConfigError, shown
-from tlsgate.policy.decision import shorten
+
+__all__ = ["UriPattern", "spiffe_id_problem"]
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
@@ -85,7 +92,7 @@ def spiffe_id_problem(uri: str, *, pattern: bool = False) -> str | None:
     domain, slash, path = uri[len(_SPIFFE) :].partition("/")
     # In a pattern, a segment with a `*` is left to `UriPattern.parse`, whose message says where `*` may stand.
     if not (pattern and "*" in domain) and not _SPIFFE_TRUST_DOMAIN.fullmatch(domain):
-        return f"the trust domain {shorten(domain, 40)!r} must be lowercase letters, digits, '.', '-', '_'"
+        return f"the trust domain {_shorten(domain, 40)!r} must be lowercase letters, digits, '.', '-', '_'"
     segments = path.split("/") if slash else []
     if segments and segments[-1] == "":
         segments.pop()
@@ -97,5 +104,5 @@ def spiffe_id_problem(uri: str, *, pattern: bool = False) -> str | None:
         if "%" in segment:
             return "percent-encoding is not allowed in a SPIFFE ID"
         if not _SPIFFE_SEGMENT.fullmatch(segment):
-            return f"path segment {shorten(segment, 40)!r} may only hold letters, digits, '.', '-', '_'"
+            return f"path segment {_shorten(segment, 40)!r} may only hold letters, digits, '.', '-', '_'"
     return None
