@@ -1,0 +1,362 @@
+"""--target-http-headers: the backend learns who the client is (X-Forwarded-Client-Cert, -For, -Proto), and no
+client can say it for itself. Sans-IO rules first (engine.httpid, engine.xfcc), then real sockets on loopback."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import ssl
+from urllib.parse import unquote
+
+import h11
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlsgate.engine import httpid
+from tlsgate.engine.httpid import HttpIdentity, HttpRefused
+from tlsgate.engine.xfcc import client_cert_value, identity_headers
+
+OURS = b"X-Forwarded-Client-Cert: Hash=ab\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\n"
+OUR_NAMES = ("x-forwarded-client-cert", "x-forwarded-for", "x-forwarded-proto", "forwarded")
+
+
+# -- what a backend parses out of what we send --------------------------------------------------------------------
+
+
+def backend_view(stream: bytes) -> list[tuple[h11.Request, bytes, list[tuple[bytes, bytes]]]]:
+    """Parse ``stream`` as an HTTP/1.1 server would: (request, body, trailers) for each request in it."""
+    requests = []
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(stream)
+    request, body = None, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            break
+        if event is h11.PAUSED:
+            conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+            conn.send(h11.EndOfMessage())
+            conn.start_next_cycle()
+            continue
+        if isinstance(event, h11.Request):
+            request, body = event, b""
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            requests.append((request, body, list(event.headers)))
+    return requests
+
+
+def header_values(request: h11.Request, name: str) -> list[bytes]:
+    return [value for key, value in request.headers if key == name.encode()]
+
+
+def rewrite(*pieces: bytes, added: bytes = OURS) -> bytes:
+    http = HttpIdentity(added)
+    out = b""
+    for piece in pieces:
+        out += bytes(http.requests.receive(piece))
+        while http.requests.backlog:
+            out += http.requests.pull()
+    return out
+
+
+def assert_only_ours(request: h11.Request) -> None:
+    names = [key.decode().replace("_", "-") for key, _ in request.headers]
+    assert names.count("x-forwarded-client-cert") == 1
+    assert names.count("x-forwarded-for") == 1
+    assert names.count("x-forwarded-proto") == 1
+    assert "forwarded" not in names
+    assert header_values(request, "x-forwarded-client-cert") == [b"Hash=ab"]
+    assert header_values(request, "x-forwarded-for") == [b"192.0.2.7"]
+    assert header_values(request, "x-forwarded-proto") == [b"https"]
+    for value in header_values(request, "connection"):
+        assert not any(token.strip().lower().replace(b"_", b"-") in {n.encode() for n in OUR_NAMES}
+                       for token in value.split(b","))  # fmt: skip
+
+
+# -- forging -----------------------------------------------------------------------------------------------------
+
+spellings = st.sampled_from(OUR_NAMES).flatmap(
+    lambda name: st.tuples(*(st.sampled_from(sorted({c, c.upper(), "_" if c == "-" else c})) for c in name)).map(
+        "".join
+    )
+)
+forged_lines = st.lists(
+    st.tuples(spellings, st.sampled_from(["evil", "Hash=00;Subject=\"CN=admin\"", "10.0.0.1", "https", ""]),
+              st.booleans()),
+    min_size=1, max_size=8,
+)  # fmt: skip
+
+
+def forged_head(lines: list[tuple[str, str, bool]], path: str = "/") -> bytes:
+    head = f"GET {path} HTTP/1.1\r\nHost: app\r\n"
+    for name, value, folded in lines:
+        # obs-fold: the value continues on a line that starts with white space (h11 unfolds it).
+        head += f"{name}: {value}\r\n  more\r\n" if folded else f"{name}: {value}\r\n"
+    head += "Connection: keep-alive, " + ", ".join(name for name, _, _ in lines) + "\r\n"
+    return head.encode() + b"\r\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(forged_lines)
+def test_forged_identity_headers_never_reach_the_backend_in_any_spelling(lines: list[tuple[str, str, bool]]) -> None:
+    ((request, _, _),) = backend_view(rewrite(forged_head(lines)))
+    assert_only_ours(request)
+
+
+@settings(max_examples=100, deadline=None)
+@given(forged_lines, st.lists(st.integers(min_value=1, max_value=400), max_size=6))
+def test_pipelined_keep_alive_requests_each_get_ours_wherever_the_reads_split(
+    lines: list[tuple[str, str, bool]], cuts: list[int]
+) -> None:
+    stream = (
+        forged_head(lines, "/a")
+        + b"POST /b HTTP/1.1\r\nHost: app\r\nContent-Length: 11\r\nX-Forwarded-For: 1.1.1.1\r\n\r\nhello world"
+        + b"PUT /c HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nX-FORWARDED-PROTO: http\r\n\r\n"
+        + b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Forwarded-Client-Cert: forged\r\nChecksum: 1\r\n\r\n"
+        + forged_head(lines, "/d")
+    )
+    points = sorted({c % len(stream) for c in cuts} - {0})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    requests = backend_view(rewrite(*pieces))
+    assert [r.target for r, _, _ in requests] == [b"/a", b"/b", b"/c", b"/d"]
+    for request, _, _ in requests:
+        assert_only_ours(request)
+    assert requests[1][1] == b"hello world"
+    assert requests[2][1] == b"hello world"
+    assert requests[2][2] == [(b"checksum", b"1")]  # the forged trailer is gone, the other one kept
+
+
+def test_a_content_length_body_passes_unparsed_even_when_it_looks_like_a_head() -> None:
+    body = b"GET /x HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    head = b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ((request, seen, _),) = backend_view(rewrite(head, body))
+    assert seen == body
+    assert_only_ours(request)
+
+
+def test_content_length_beside_chunked_is_dropped_so_the_backend_frames_as_we_did() -> None:
+    stream = (
+        b"POST / HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nGET \r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    )
+    out = rewrite(stream)
+    assert b"Content-Length" not in out.split(b"\r\n\r\n")[0]
+    requests = backend_view(out)
+    assert [r.target for r, _, _ in requests] == [b"/", b"/next"]
+    assert_only_ours(requests[1][0])
+
+
+# -- protocol switches --------------------------------------------------------------------------------------------
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def test_after_101_the_bytes_pass_raw_both_ways() -> None:
+    http = HttpIdentity(OURS)
+    out = bytes(http.requests.receive(UPGRADE + b"\x81\x05hello"))
+    assert out.endswith(OURS + b"\r\n") and http.requests.waiting  # held until the answer
+    http.responses.receive(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert http.requests.resume() and http.requests.raw
+    assert http.requests.pull() == b"\x81\x05hello"
+    frame = b"GET / HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n"  # WebSocket data, however it looks
+    assert bytes(http.requests.receive(frame)) == frame
+
+
+def test_a_refused_upgrade_keeps_parsing_so_a_forged_header_after_it_is_stripped() -> None:
+    http = HttpIdentity(OURS)
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: app\r\nX-Forwarded-Client-Cert: Hash=00\r\n\r\n"
+    out = bytes(http.requests.receive(UPGRADE + smuggled))
+    assert http.requests.waiting
+    http.responses.receive(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert http.requests.resume() and not http.requests.waiting
+    out += http.requests.pull()
+    requests = backend_view(out)
+    assert [r.target for r, _, _ in requests] == [b"/ws", b"/admin"]
+    for request, _, _ in requests:
+        assert_only_ours(request)
+
+
+def test_connect_switches_on_2xx_only() -> None:
+    for status, raw in ((b"200", True), (b"403", False)):
+        http = HttpIdentity(OURS)
+        http.requests.receive(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+        assert http.requests.waiting
+        http.responses.receive(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+        assert http.requests.resume()
+        assert http.requests.raw is raw
+
+
+def test_a_switch_request_after_the_target_lost_us_ends_the_connection() -> None:
+    http = HttpIdentity(OURS)
+    http.responses.receive(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # nobody asked: we lose count
+    http.requests.receive(UPGRADE)
+    assert http.requests.waiting
+    assert not http.requests.resume()
+    assert not http.may_answer()
+
+
+def test_expect_100_continue_and_the_body_after_it_pass() -> None:
+    http = HttpIdentity(OURS)
+    head = b"PUT /f HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+    out = bytes(http.requests.receive(head))
+    http.responses.receive(b"HTTP/1.1 100 Continue\r\n\r\n")
+    out += bytes(http.requests.receive(b"abc"))
+    ((request, body, _),) = backend_view(out)
+    assert body == b"abc" and header_values(request, "expect") == [b"100-continue"]
+    assert http.responses.outstanding == 1
+    http.responses.receive(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert http.responses.outstanding == 0 and http.may_answer()
+
+
+def test_responses_are_counted_through_head_chunked_and_length_bodies() -> None:
+    http = HttpIdentity(OURS)
+    http.requests.receive(
+        b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert http.responses.outstanding == 3
+    stream = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"  # HEAD: no body despite the length
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    for i in range(len(stream)):  # one byte at a time: the worst split
+        http.responses.receive(stream[i : i + 1])
+    assert http.responses.outstanding == 0 and http.responses.known
+
+
+# -- refusals -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "words"),
+    [
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "HTTP/2.0"),
+        (b"GET /\r\n", 400, "HTTP/0.9"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "bad HTTP/1.x request"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", 400, "not HTTP/1.x"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "chunked"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "Content-Length"),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "Host"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n", 400, "illegal header line"),
+    ],
+)
+def test_what_is_not_http_1_is_refused_with_a_reason(sent: bytes, status: int, words: str) -> None:
+    http = HttpIdentity(OURS)
+    with pytest.raises(HttpRefused) as caught:
+        http.requests.receive(sent)
+    assert caught.value.status == status
+    assert words in caught.value.reason
+    response = caught.value.response()
+    assert response.startswith(b"HTTP/1.1 %d " % status) and b"Connection: close" in response
+    assert http.may_answer()  # nothing was forwarded, so the answer cannot land inside another one
+
+
+def test_a_head_longer_than_the_limit_is_refused_with_431_and_not_buffered() -> None:
+    http = HttpIdentity(OURS)
+    line = b"X-Padding: " + b"a" * 1000 + b"\r\n"
+    http.requests.receive(b"GET / HTTP/1.1\r\nHost: app\r\n")
+    with pytest.raises(HttpRefused) as caught:
+        for _ in range(httpid.MAX_HEAD // len(line) + 2):
+            http.requests.receive(line)
+    assert caught.value.status == 431
+
+
+def test_many_tiny_requests_in_one_read_come_out_in_bounded_steps() -> None:
+    added = b"X-Forwarded-Client-Cert: " + b"C" * 2000 + b"\r\n"
+    tiny = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    http = HttpIdentity(added)
+    count = 65536 // len(tiny)
+    first = http.requests.receive(tiny * count)
+    sizes = [len(first)]
+    while http.requests.backlog:
+        sizes.append(len(http.requests.pull()))
+    assert max(sizes) <= httpid.OUTPUT_BUDGET + len(tiny) + len(added) + 2
+    assert sum(sizes) == count * (len(tiny) + len(added))
+    assert http.requests.requests == count
+
+
+# -- X-Forwarded-Client-Cert -------------------------------------------------------------------------------------
+
+
+def make_cert(subject: x509.Name, sans: list[x509.GeneralName]) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+
+def test_xfcc_has_envoys_keys_in_envoys_order() -> None:
+    der = make_cert(
+        x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "eng"),
+                   x509.NameAttribute(NameOID.COMMON_NAME, "alice")]),
+        [x509.UniformResourceIdentifier("spiffe://example.org/alice"), x509.DNSName("alice.example.org"),
+         x509.DNSName("a.example.org"), x509.IPAddress(ipaddress.ip_address("192.0.2.1"))],
+    )  # fmt: skip
+    value = client_cert_value(der)
+    assert value == (
+        f'Hash={hashlib.sha256(der).hexdigest()};Subject="CN=alice,OU=eng";URI=spiffe://example.org/alice;'
+        "DNS=alice.example.org;DNS=a.example.org"
+    )
+
+
+def test_xfcc_cert_is_the_url_escaped_pem_and_uri_stays_when_empty() -> None:
+    der = make_cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bob")]), [])
+    value = client_cert_value(der, with_cert=True)
+    assert ";URI=" in value and value.endswith("URI=")
+    cert = value.split('Cert="', 1)[1].split('"', 1)[0]
+    assert "+" not in cert and "/" not in cert and "\n" not in cert
+    assert ssl.PEM_cert_to_DER_cert(unquote(cert)) == der
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(min_size=1, max_size=16), st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=30))
+def test_no_name_a_ca_signs_can_break_out_of_its_value_or_the_header(cn: str, dns: str) -> None:
+    der = make_cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), [x509.DNSName(dns)])
+    lines = identity_headers(leaf=der, client_ip="2001:db8::1", tls=True)
+    assert all(0x20 <= b < 0x7F for b in lines.replace(b"\r\n", b""))
+    assert lines.count(b"\r\n") == 3
+    value = lines.split(b"\r\n")[0].split(b": ", 1)[1].decode()
+    # Outside quotes, the separators are ours alone: exactly Hash, Subject, URI and one DNS.
+    keys, quoted, escaped, field = [], False, False, ""
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            keys.append(field.split("=", 1)[0])
+            field = ""
+            continue
+        field += ch
+    keys.append(field.split("=", 1)[0])
+    assert not quoted
+    assert keys == ["Hash", "Subject", "URI", "DNS"]
+
+
+def test_without_a_client_certificate_only_for_and_proto_are_set() -> None:
+    assert identity_headers(leaf=None, client_ip="192.0.2.7", tls=True) == (
+        b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\n"
+    )
+    assert identity_headers(leaf=None, client_ip="", tls=False) == b"X-Forwarded-Proto: http\r\n"
