@@ -196,6 +196,40 @@ def test_connect_switches_on_2xx_only() -> None:
         assert http.requests.raw is raw
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_101_inside_a_body_the_client_chose_is_not_taken_for_a_switch(chunked: bool) -> None:
+    http = HttpIdentity(OURS)
+    http.requests.receive(b"POST /echo HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n\r\n" + UPGRADE)
+    fake = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+    if chunked:
+        first = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(fake), fake)
+    else:
+        first = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(fake), fake)
+    http.responses.receive(first)
+    assert http.requests.waiting and http.responses.switched is None  # the upgrade's own answer is still due
+    http.responses.receive(b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n")
+    assert http.requests.resume() and not http.requests.raw
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",  # bare LF
+        b"HTTP/1.1 200 OK\r\nX: a\r\n  folded\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",  # to a request that asked for no switch
+        b"SSH-2.0-x\r\n\r\n",
+    ],
+)
+def test_a_response_the_watcher_cannot_follow_makes_it_stop_believing_switches(odd: bytes) -> None:
+    http = HttpIdentity(OURS)
+    http.requests.receive(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+    http.responses.receive(odd)
+    assert not http.responses.known and not http.may_answer()
+    http.requests.receive(UPGRADE)
+    assert not http.requests.resume()
+
+
 def test_a_switch_request_after_the_target_lost_us_ends_the_connection() -> None:
     http = HttpIdentity(OURS)
     http.responses.receive(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # nobody asked: we lose count
