@@ -3,10 +3,15 @@ client can say it for itself. Sans-IO rules first (engine.httpid, engine.xfcc), 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
+import os
+import shutil
 import ssl
+from pathlib import Path
 from urllib.parse import unquote
 
 import h11
@@ -19,9 +24,24 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tlsgate.cli import cli
 from tlsgate.engine import httpid
 from tlsgate.engine.httpid import HttpIdentity, HttpRefused
 from tlsgate.engine.xfcc import client_cert_value, identity_headers
+
+from helpers import (
+    Handler,
+    backend,
+    invoke,
+    pki_client_context,
+    port_of,
+    read_until_end,
+    refused,
+    server_opts,
+    tls_connect,
+    tunnel,
+    wait_until,
+)
 
 OURS = b"X-Forwarded-Client-Cert: Hash=ab\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\n"
 OUR_NAMES = ("x-forwarded-client-cert", "x-forwarded-for", "x-forwarded-proto", "forwarded")
@@ -394,3 +414,198 @@ def test_without_a_client_certificate_only_for_and_proto_are_set() -> None:
         b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: https\r\n"
     )
     assert identity_headers(leaf=None, client_ip="", tls=False) == b"X-Forwarded-Proto: http\r\n"
+
+
+# -- on loopback: a real client (curl), a real tunnel, an HTTP backend that records what it parsed ----------------
+
+
+@dataclasses.dataclass
+class SeenRequests:
+    """What an HTTP/1.1 backend (h11, as a real one parses) received: every request and its body."""
+
+    requests: list[h11.Request] = dataclasses.field(default_factory=list)
+    bodies: list[bytes] = dataclasses.field(default_factory=list)
+    raw_after_switch: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+def http_backend(seen: SeenRequests) -> Handler:
+    """Answers each request with ``seen N``; 101 to a WebSocket upgrade, then echoes raw bytes back."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                data = await reader.read(65536)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                seen.requests.append(event)
+                body = b""
+            elif isinstance(event, h11.Data):
+                body += bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                seen.bodies.append(body)
+                request = seen.requests[-1]
+                if header_values(request, "upgrade") == [b"websocket"]:
+                    switch = [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+                    writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=switch)))
+                    seen.raw_after_switch += conn.trailing_data[0]
+                    writer.write(conn.trailing_data[0])
+                    while data := await reader.read(65536):
+                        seen.raw_after_switch += data
+                        writer.write(data)
+                        await writer.drain()
+                    return
+                reply = b"seen %d" % len(seen.requests)
+                writer.write(
+                    conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"%d" % len(reply))]))
+                )
+                writer.write(conn.send(h11.Data(data=reply)) + conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                conn.start_next_cycle()
+            else:  # ConnectionClosed
+                return
+
+    return handle
+
+
+def curl(*args: str) -> list[str]:
+    binary = shutil.which("curl")
+    assert binary, "curl is needed (.ci/run installs it)"
+    return [binary, "-sS", "--max-time", "30", *args]
+
+
+async def run(command: list[str], stdin: bytes = b"") -> bytes:
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate(stdin)
+    assert proc.returncode == 0, err.decode()
+    return out
+
+
+def curl_client(pki_files: dict[str, Path], port: int) -> list[str]:
+    return [
+        "--cacert", str(pki_files["ca"]), "--cert", str(pki_files["client_cert"]),
+        "--key", str(pki_files["client_key"]), "--resolve", f"localhost:{port}:127.0.0.1",
+    ]  # fmt: skip
+
+
+def xfcc_of(pki_files: dict[str, Path]) -> bytes:
+    der = ssl.PEM_cert_to_DER_cert(pki_files["client_cert"].read_text())
+    return client_cert_value(der).encode()
+
+
+@pytest.mark.asyncio
+async def test_curl_forging_every_header_on_keep_alive_requests_and_the_backend_sees_only_ours(
+    pki_files: dict[str, Path],
+) -> None:
+    seen = SeenRequests()
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        port = port_of(tun)
+        forged = [
+            "X-Forwarded-Client-Cert: Hash=00;Subject=\"CN=admin\"", "x-forwarded-for: 10.6.6.6",
+            "X-FORWARDED-PROTO: http", "X_Forwarded_For: 10.6.6.7", "Forwarded: for=10.6.6.8",
+            "Connection: X-Forwarded-For",
+        ]  # fmt: skip
+        url = f"https://localhost:{port}/"
+        args = curl(*curl_client(pki_files, port), *(a for h in forged for a in ("-H", h)), url, url + "second")
+        out = await run(args)
+    assert out == b"seen 1seen 2"  # one connection, kept alive: curl reused it
+    assert be.connections == 1
+    assert [r.target for r in seen.requests] == [b"/", b"/second"]
+    for request in seen.requests:
+        assert header_values(request, "x-forwarded-client-cert") == [xfcc_of(pki_files)]
+        assert header_values(request, "x-forwarded-for") == [b"127.0.0.1"]
+        assert header_values(request, "x-forwarded-proto") == [b"https"]
+        names = [name.replace(b"_", b"-") for name, _ in request.headers]
+        assert names.count(b"x-forwarded-for") == 1 and b"forwarded" not in names
+        assert b"x-forwarded-for" not in b",".join(header_values(request, "connection")).lower()
+
+
+@pytest.mark.asyncio
+async def test_uploads_pass_intact_chunked_and_sized_with_100_continue(
+    pki_files: dict[str, Path], tmp_path: Path
+) -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(payload)
+    seen = SeenRequests()
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        port = port_of(tun)
+        base = curl(*curl_client(pki_files, port))
+        url = f"https://localhost:{port}/up"
+        await run([*base, "-H", "Expect: 100-continue", "--data-binary", f"@{upload}", url])
+        await run([*base, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{upload}", url])
+    assert [hashlib.sha256(b).hexdigest() for b in seen.bodies] == [hashlib.sha256(payload).hexdigest()] * 2
+    assert header_values(seen.requests[0], "expect") == [b"100-continue"]
+    assert header_values(seen.requests[1], "transfer-encoding") == [b"chunked"]
+    for request in seen.requests:
+        assert header_values(request, "x-forwarded-client-cert") == [xfcc_of(pki_files)]
+
+
+@pytest.mark.asyncio
+async def test_after_a_websocket_upgrade_the_bytes_pass_raw_both_ways(pki_files: dict[str, Path]) -> None:
+    seen = SeenRequests()
+    ctx = pki_client_context(pki_files)
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        reader, writer = await tls_connect(tun, ctx)
+        # Sent at once with the upgrade: held until the 101, then passed raw (a frame that looks like a request).
+        early = b"GET /x HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+        writer.write(UPGRADE + early)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await asyncio.wait_for(reader.readexactly(len(early)), 20) == early
+        later = b"\x81\x05hello X-Forwarded-Client-Cert: x\r\n"
+        writer.write(later)
+        assert await asyncio.wait_for(reader.readexactly(len(later)), 20) == later
+        writer.close()
+    assert bytes(seen.raw_after_switch) == early + later
+    (request,) = seen.requests
+    assert header_values(request, "x-forwarded-for") == [b"127.0.0.1"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("sent", "status", "reason"),
+    [
+        (b"GET /\r\n", b"400", b"HTTP/0.9"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505", b"HTTP/2.0"),
+        (b"\x00\x01garbage\r\n\r\n", b"400", b"bad HTTP/1.x request"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 40000 + b"\r\n\r\n", b"431", b"longer than"),
+    ],
+)
+async def test_what_is_not_http_1_gets_an_error_response_and_never_reaches_the_backend(
+    pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture, sent: bytes, status: bytes, reason: bytes
+) -> None:
+    seen = SeenRequests()
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        reader, writer = await tls_connect(tun, pki_client_context(pki_files))
+        writer.write(sent)
+        answer = await read_until_end(reader)
+        writer.close()
+        await wait_until(lambda: "http " + status.decode() in caplog.text)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    assert reason in answer and b"Connection: close" in answer
+    assert seen.requests == []
+
+
+def test_the_flags_are_checked(pki_files: dict[str, Path]) -> None:
+    base = ["server", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--cert", str(pki_files["cert"]),
+            "--key", str(pki_files["key"]), "--cacert", str(pki_files["ca"]), "--allow-all"]  # fmt: skip
+    refused(invoke(cli, *base, "--target-http-cert"), "--target-http-cert needs --target-http-headers")
+    client = invoke(cli, "client", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--disable-authentication",
+                    "--target-http-headers")  # fmt: skip
+    assert client.exit_code == 2 and "--target-http-headers" in client.output + client.stderr
