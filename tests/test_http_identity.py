@@ -325,6 +325,13 @@ def test_a_head_longer_than_the_limit_is_refused_with_431_and_not_buffered() -> 
     assert caught.value.status == 431
 
 
+def test_a_head_over_the_limit_is_refused_even_when_it_arrives_whole() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: app\r\nX-Padding: " + b"a" * httpid.MAX_HEAD + b"\r\n\r\n"
+    with pytest.raises(HttpRefused) as caught:
+        HttpIdentity(OURS).requests.receive(head)
+    assert caught.value.status == 431
+
+
 def test_many_tiny_requests_in_one_read_come_out_in_bounded_steps() -> None:
     added = b"X-Forwarded-Client-Cert: " + b"C" * 2000 + b"\r\n"
     tiny = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -596,10 +603,15 @@ async def test_what_is_not_http_1_gets_an_error_response_and_never_reaches_the_b
         writer.write(sent)
         answer = await read_until_end(reader)
         writer.close()
-        await wait_until(lambda: "http " + status.decode() in caplog.text)
+        await wait_until(lambda: any(e.startswith("http " + status.decode()) for e in ends(caplog)))
     assert answer.startswith(b"HTTP/1.1 " + status + b" ")
     assert reason in answer and b"Connection: close" in answer
     assert seen.requests == []
+
+
+def ends(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ``end`` of every ``closed`` log line: how each relayed connection ended."""
+    return [str(getattr(r, "fields", {}).get("end")) for r in caplog.records if r.getMessage() == "closed"]
 
 
 def test_the_flags_are_checked(pki_files: dict[str, Path]) -> None:

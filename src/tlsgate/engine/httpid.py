@@ -442,7 +442,10 @@ class RequestRewriter:
             lines += (raw_name, b": ", value, b"\r\n")
         if length and not chunked:
             lines.append(b"Content-Length: %d\r\n" % length)
-        lines += (self._added, b"\r\n")
+        head = b"".join(lines)
+        if len(head) > self._max_head:
+            # h11 limits only a head still incomplete; one that arrived whole in a single read is held to it here.
+            raise HttpRefused(431, f"request head longer than {self._max_head} bytes")
         self.requests += 1
         self._switch = may_switch
         self.watcher.expect(method, may_switch)
@@ -455,7 +458,7 @@ class RequestRewriter:
                 self._end_message(rest)
             else:
                 self._spill = rest
-        return b"".join(lines)
+        return head + self._added + b"\r\n"
 
     def _end_message(self, rest: bytes) -> None:
         if self._switch:
