@@ -609,6 +609,33 @@ async def test_what_is_not_http_1_gets_an_error_response_and_never_reaches_the_b
     assert seen.requests == []
 
 
+@pytest.mark.asyncio
+async def test_a_burst_of_pipelined_requests_each_gets_the_whole_certificate(pki_files: dict[str, Path]) -> None:
+    seen = SeenRequests()
+    count = 400  # ~30 bytes each in, ~1.5 KiB each out: many output steps behind one read
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True, target_http_cert=True)
+    ) as tun:  # fmt: skip
+        reader, writer = await tls_connect(tun, pki_client_context(pki_files))
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n" * count)
+        answers = b""
+        while answers.count(b"seen ") < count:
+            answers += await asyncio.wait_for(reader.read(65536), 20)
+        writer.close()
+    assert len(seen.requests) == count
+    cert = ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(pki_files["client_cert"].read_text()))
+    for request in seen.requests:
+        (value,) = header_values(request, "x-forwarded-client-cert")
+        assert unquote(value.decode().split('Cert="', 1)[1].split('"', 1)[0]) == cert
+        assert header_values(request, "x-forwarded-for") == [b"127.0.0.1"]
+
+
+def test_only_http_1_may_be_negotiated_by_alpn() -> None:
+    assert httpid.refuse_alpn(None) is None and httpid.refuse_alpn("http/1.1") is None
+    refusal = httpid.refuse_alpn("h2")
+    assert refusal is not None and "ALPN 'h2'" in refusal.reason
+
+
 def ends(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The ``end`` of every ``closed`` log line: how each relayed connection ended."""
     return [str(getattr(r, "fields", {}).get("end")) for r in caplog.records if r.getMessage() == "closed"]
@@ -621,3 +648,4 @@ def test_the_flags_are_checked(pki_files: dict[str, Path]) -> None:
     client = invoke(cli, "client", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:1", "--disable-authentication",
                     "--target-http-headers")  # fmt: skip
     assert client.exit_code == 2 and "--target-http-headers" in client.output + client.stderr
+    refused(invoke(cli, *base, "--target-http-headers", "--alpn", "h2,http/1.1"), "HTTP/1.x only")
