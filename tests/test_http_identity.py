@@ -291,6 +291,17 @@ def test_responses_are_counted_through_head_chunked_and_length_bodies() -> None:
 # -- refusals -----------------------------------------------------------------------------------------------------
 
 
+def test_large_bodies_are_followed_in_relay_sized_reads() -> None:
+    http = HttpIdentity(OURS)
+    http.requests.receive(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    big = os.urandom(300_000)
+    stream = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(big), big)
+    stream += b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big)
+    for i in range(0, len(stream), 65536):
+        http.responses.receive(memoryview(stream)[i : i + 65536])
+    assert http.responses.known and http.responses.outstanding == 0
+
+
 @pytest.mark.parametrize(
     ("sent", "status", "words"),
     [

@@ -135,20 +135,13 @@ class ResponseWatcher:
         mode = self._mode
         if mode >= _RAW:
             return
-        if mode == _BODY and not self._buf:
-            n = len(data)
-            if n < self._left:  # the common case inside a large body: count, nothing else
-                self._left -= n
-                return
-            data, self._left = data[self._left :], 0
-            self._end()
-            if not data:
-                return
+        if mode in (_BODY, _CHUNK_DATA) and not self._buf and len(data) < self._left:
+            self._left -= len(data)  # the common case inside a large body: count, nothing else
+            return
         self._buf += data
+        self._run()
         if len(self._buf) > _MAX_WATCHED:
             self._give_up()  # a head or a chunk-size line that long is not a server we can follow
-            return
-        self._run()
 
     def _run(self) -> None:
         buf, pos = self._buf, 0
