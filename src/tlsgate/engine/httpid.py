@@ -27,6 +27,7 @@ unknown transfer coding).
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import h11
@@ -47,6 +48,10 @@ _RAW, _UNTIL_CLOSE, _UNKNOWN = 10, 11, 12
 # The longest response head or chunk line the watcher waits for before it stops following the target.
 _MAX_WATCHED = 64 * 1024
 _HEX = b"0123456789abcdefABCDEF"
+# After the status line: header lines, each a token, a colon and a value without CR or LF.
+_HEADER_LINES = re.compile(rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
+# The framing headers of a lower-cased head, and their values without the surrounding white space.
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n|$)")
 
 
 class HttpRefused(Exception):
@@ -208,21 +213,21 @@ class ResponseWatcher:
             self._give_up()
             return
         status = int(code)
+        # Every header line must look like one; an obs-fold or a bare LF is a server we will not guess about.
+        # One pass of the regular expression instead of a loop over the lines: most heads have ten of them.
+        if _HEADER_LINES.fullmatch(head, len(status_line)) is None:
+            self._give_up()
+            return
         length: int | None = None
         coding: bytes | None = None
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t") or b"\n" in line:
-                self._give_up()  # not a header line, or an obs-fold: a server we will not guess about
-                return
-            name, value = name.lower(), value.strip(b" \t")
+        for name, value in _FRAMING.findall(head.lower(), len(status_line)):
             if name == b"content-length":
                 if not value.isdigit() or (length is not None and int(value) != length):
                     self._give_up()
                     return
                 length = int(value)
-            elif name == b"transfer-encoding":
-                coding = value.rpartition(b",")[2].strip(b" \t").lower()
+            else:
+                coding = value.rpartition(b",")[2].strip(b" \t")
         if status < 200:
             if status == 101:
                 if may_switch and method != b"CONNECT":
@@ -269,12 +274,25 @@ class ResponseWatcher:
 class RequestRewriter:
     """Client bytes in, target bytes out: every request head rewritten with ``added`` (see the module)."""
 
-    __slots__ = ("_added", "_conn", "_left", "_max_head", "_mode", "_more", "_spill", "_switch", "requests", "watcher")
+    __slots__ = (
+        "_added",
+        "_conn",
+        "_fed",
+        "_left",
+        "_max_head",
+        "_mode",
+        "_more",
+        "_spill",
+        "_switch",
+        "requests",
+        "watcher",
+    )
 
     def __init__(self, added: bytes, watcher: ResponseWatcher, *, max_head: int = MAX_HEAD) -> None:
         self._added = added
         self._max_head = max_head
         self.watcher = watcher
+        self._fed = False  # h11 has bytes it has not been asked about (an empty one answers NEED_DATA: skip it)
         self._conn: h11.Connection | None = self._new_conn(b"")
         self._mode = _HEAD
         self._left = 0  # body bytes still to pass (_BODY)
@@ -314,6 +332,7 @@ class RequestRewriter:
         if mode in (_HEAD, _CHUNKED):
             assert self._conn is not None
             self._conn.receive_data(bytes(data))
+            self._fed = True
         else:
             self._spill += data
         return self.pull()
@@ -367,6 +386,7 @@ class RequestRewriter:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
         if rest:
             conn.receive_data(rest)
+        self._fed = bool(rest)
         return conn
 
     def _step(self) -> bytes | None:
@@ -390,8 +410,11 @@ class RequestRewriter:
             return None
         conn = self._conn
         assert conn is not None
+        if not self._fed:
+            return None
         event = conn.next_event()
         if event is h11.NEED_DATA:
+            self._fed = False
             if mode == _HEAD:
                 _check_request_line(conn)
             return None
