@@ -11,6 +11,8 @@ What runs where, in the order a connection meets it:
   connect, the target's TLS handshake, the PROXY header we send. ``setup.py`` draws its phases;
   ``setupcore.py`` holds the state and the machinery (readiness, deadline, guard, abort).
 * ``relay``: ``Relay``, the byte pump between the two sockets once set-up is done: half-close, back-pressure.
+  ``httprelay``: ``HttpRelay``, the same pump for ``--target-http-headers``, rewriting each HTTP/1.x request
+  head with ``httpid`` (sans-IO, h11) while ``httpwatch`` follows the responses; ``xfcc`` builds the headers.
 * ``recheck``: ``Origin`` (what set-up learnt about the peers) and ``recheck`` (the new rules' verdict on an
   open connection after a reload). ``peer``: small socket facts all of the above share.
 * ``runtime``: ``Runtime``, what a tunnel runs on (SSL contexts, policy, PROXY sources), rebuilt on reload.

@@ -37,6 +37,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tlsgate import logs
@@ -389,16 +390,21 @@ class Setup(SetupCore):
         if self.forward and not self._send_forward():
             return
         peer, identity, target_name = self.peer, self.identity, str(cfg.target)
-        relay = Relay(
-            self.loop,
-            self.client,
-            self.target,
-            tunnel.view,
-            lambda r: tunnel.relay_closed(r, peer, identity, target_name),
-            started=self.started,
-            peer=peer,
-            on_error=tunnel.internal_error,
-        )
+        if cfg.target_http_headers:
+            relay: Relay | None = self._http_relay(lambda r: tunnel.relay_closed(r, peer, identity, target_name))
+            if relay is None:
+                return
+        else:
+            relay = Relay(
+                self.loop,
+                self.client,
+                self.target,
+                tunnel.view,
+                lambda r: tunnel.relay_closed(r, peer, identity, target_name),
+                started=self.started,
+                peer=peer,
+                on_error=tunnel.internal_error,
+            )
         if self._waiting is not None and self._waiting[1]:
             self._waiting = None  # a reader the relay wants too: Relay.start() only swaps its callback
         self._end()
@@ -407,6 +413,36 @@ class Setup(SetupCore):
             relay.start()
         except Exception as err:  # the set-up has ended: the sockets are the relay's now, and so is the cut
             relay.internal_error("start", err)
+
+    def _http_relay(self, on_close: Callable[[Relay], None]) -> Relay | None:
+        """The relay for --target-http-headers, with this client's identity headers worked out once."""
+        from tlsgate.engine.httprelay import HttpRelay
+        from tlsgate.engine.xfcc import identity_headers
+
+        client, cfg = self.client, self.tunnel.cfg
+        assert self.target is not None
+        tls = isinstance(client, ssl.SSLSocket)
+        try:
+            leaf = self.leaf or (client.getpeercert(binary_form=True) if tls else None)  # type: ignore[attr-defined]
+            added = identity_headers(leaf=leaf, client_ip=self.peer_ip, tls=tls, with_cert=cfg.target_http_cert)
+        except OSError as err:  # the client left: getpeercert asks getpeername first
+            self.abort(f"client gone ({err})")
+            return None
+        except ValueError as err:
+            # OpenSSL accepted the certificate, cryptography cannot read it: no header can describe it.
+            self._refuse(Decision(False, "http", f"client certificate unreadable for X-Forwarded-Client-Cert: {err}"))
+            return None
+        return HttpRelay(
+            self.loop,
+            client,
+            self.target,
+            self.tunnel.view,
+            on_close,
+            started=self.started,
+            added=added,
+            peer=self.peer,
+            on_error=self.tunnel.internal_error,
+        )
 
     def _send_proxy_header(self) -> bool:
         """Tell the target who the client is, from what the connection itself showed, never a display string.

@@ -71,6 +71,13 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
             )
         if cfg.target_status is not None:
             problems += target_status_problems(cfg.target_status)
+        if cfg.target_http_cert and not cfg.target_http_headers:
+            problems.append("--target-http-cert needs --target-http-headers: it adds to the header that one sets")
+        if cfg.target_http_headers and any(p not in ("http/1.1", "http/1.0") for p in cfg.alpn):
+            problems.append(
+                "--target-http-headers rewrites HTTP/1.x only: offer only http/1.1 (or no --alpn), since a client "
+                "that picks another protocol is refused"
+            )
         verify = any(
             (cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_ip, cfg.verify_uri, cfg.verify_spki_sha256)
         )

@@ -108,6 +108,9 @@ class TunnelConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_concurrent_conns: int = 0
     proxy_protocol: bool = False
+    # Rewrite each HTTP/1.x request head with the client's identity (engine.httprelay); the cert adds its PEM.
+    target_http_headers: bool = False
+    target_http_cert: bool = False
     proxy_protocol_version: int = 2
     accept_proxy_from: tuple[ProxySource, ...] = ()
     timed_reload: float = 0.0

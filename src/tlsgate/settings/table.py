@@ -247,6 +247,20 @@ _UPSTREAM = (
     Setting("unsafe_target", "flag", "upstream", "Allow a plaintext target on another machine.", scope="server"),
     Setting("proxy_protocol", "flag", "upstream", "Send a PROXY header to the target.", scope="server"),
     Setting(
+        "target_http_headers",
+        "flag",
+        "upstream",
+        "HTTP/1.x target: set X-Forwarded-Client-Cert/-For/-Proto on every request, dropping the client's.",
+        scope="server",
+    ),
+    Setting(
+        "target_http_cert",
+        "flag",
+        "upstream",
+        "With --target-http-headers: also the client's PEM in X-Forwarded-Client-Cert (Cert=).",
+        scope="server",
+    ),
+    Setting(
         "proxy_protocol_version",
         "count",
         "upstream",
