@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import ssl
@@ -661,3 +662,19 @@ def test_the_flags_are_checked(pki_files: dict[str, Path]) -> None:
                     "--target-http-headers")  # fmt: skip
     assert client.exit_code == 2 and "--target-http-headers" in client.output + client.stderr
     refused(invoke(cli, *base, "--target-http-headers", "--alpn", "h2,http/1.1"), "HTTP/1.x only")
+
+
+def test_the_file_keys_are_the_flags(pki_files: dict[str, Path], tmp_path: Path) -> None:
+    def tunnel_file(extra: str) -> Path:
+        path = tmp_path / "tlsgate.toml"
+        path.write_text(
+            '[[tunnel]]\nname = "web"\nmode = "server"\nlisten = "127.0.0.1:0"\ntarget = "127.0.0.1:1"\n'
+            f"allow-all = true\ncert = {json.dumps(str(pki_files['cert']))}\n"
+            f"key = {json.dumps(str(pki_files['key']))}\n"
+            f"cacert = {json.dumps(str(pki_files['ca']))}\n{extra}\n"
+        )
+        return path
+
+    ok = invoke(cli, "check-config", tunnel_file("target-http-headers = true\ntarget-http-cert = true"))
+    assert ok.exit_code == 0 and "X-Forwarded-* headers with the PEM" in ok.output
+    refused(invoke(cli, "check-config", tunnel_file("target-http-cert = true")), "needs target-http-headers")
