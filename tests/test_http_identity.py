@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import ssl
 from pathlib import Path
 from urllib.parse import unquote
@@ -641,6 +642,37 @@ async def test_a_burst_of_pipelined_requests_each_gets_the_whole_certificate(pki
         (value,) = header_values(request, "x-forwarded-client-cert")
         assert unquote(value.decode().split('Cert="', 1)[1].split('"', 1)[0]) == cert
         assert header_values(request, "x-forwarded-for") == [b"127.0.0.1"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("where", ["ipv6", "unix"])
+async def test_the_client_address_over_ipv6_and_none_for_a_unix_peer(
+    pki_files: dict[str, Path], tmp_path: Path, where: str
+) -> None:
+    if where == "ipv6":
+        with socket.socket(socket.AF_INET6) as probe:
+            try:
+                probe.bind(("::1", 0))
+            except OSError:
+                pytest.skip("no IPv6 loopback on this machine")
+    seen = SeenRequests()
+    listen = "[::1]:0" if where == "ipv6" else f"unix:{tmp_path / 'web.sock'}"
+    ctx = pki_client_context(pki_files)
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True, listen=listen)
+    ) as tun:  # fmt: skip
+        if where == "ipv6":
+            reader, writer = await asyncio.open_connection("::1", port_of(tun), ssl=ctx, server_hostname="localhost")
+        else:
+            path = str(tmp_path / "web.sock")
+            reader, writer = await asyncio.open_unix_connection(path, ssl=ctx, server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"seen 1"), 20)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    (request,) = seen.requests
+    assert header_values(request, "x-forwarded-for") == ([b"::1"] if where == "ipv6" else [])
+    assert header_values(request, "x-forwarded-proto") == [b"https"]
+    assert header_values(request, "x-forwarded-client-cert") == [xfcc_of(pki_files)]
 
 
 def test_only_http_1_may_be_negotiated_by_alpn() -> None:
