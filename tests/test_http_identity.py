@@ -675,6 +675,32 @@ async def test_the_client_address_over_ipv6_and_none_for_a_unix_peer(
     assert header_values(request, "x-forwarded-client-cert") == [xfcc_of(pki_files)]
 
 
+@pytest.mark.asyncio
+async def test_a_switch_after_a_response_we_could_not_follow_is_cut_at_once(
+    pki_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    received = bytearray()
+
+    async def bare_lf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.extend(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok")  # valid to some clients, not to the watcher
+        await writer.drain()
+        while data := await reader.read(65536):
+            received.extend(data)
+
+    async with backend(bare_lf) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        reader, writer = await tls_connect(tun, pki_client_context(pki_files))
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok"), 20)).endswith(b"\n\nok")
+        writer.write(UPGRADE + b"GET /raw HTTP/1.1\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        await read_until_end(reader)
+        writer.close()
+        await wait_until(lambda: any("could not be followed" in e for e in ends(caplog)))
+    assert b"6.6.6.6" not in received
+
+
 def test_only_http_1_may_be_negotiated_by_alpn() -> None:
     assert httpid.refuse_alpn(None) is None and httpid.refuse_alpn("http/1.1") is None
     refusal = httpid.refuse_alpn("h2")

@@ -24,6 +24,8 @@ from tlsgate.engine.httpid import HttpIdentity, HttpRefused, refuse_alpn
 from tlsgate.engine.relay import _BLOCKED, _ENDED, _MAX_READS, _MORE, _PAUSED, Direction, OnError, Relay, _describe
 from tlsgate.tls import closenotify
 
+_LOST = "http: the target's responses could not be followed, so a protocol switch cannot be"
+
 
 class _Requests(Direction):
     """Client to target: every request head rewritten (see `httpid.RequestRewriter`)."""
@@ -83,7 +85,10 @@ class _Requests(Direction):
             if out and not self._send(memoryview(out)):
                 return False
         if requests.waiting:
-            self.loop.remove_reader(self.src_fd)
+            if not self.http.responses.known:
+                self.relay.abort(_LOST)
+            else:
+                self.loop.remove_reader(self.src_fd)
             return False
         return True
 
@@ -122,7 +127,7 @@ class _Requests(Direction):
         if not requests.waiting or self.relay.closed:
             return
         if not requests.resume():
-            self.relay.abort("http: the target's responses could not be followed, so a protocol switch cannot be")
+            self.relay.abort(_LOST)
             return
         if requests.waiting or self.pending is not None or self.eof:
             return
@@ -178,6 +183,8 @@ class _Responses(Direction):
                 requests = self.requests_direction
                 if requests is not None and self.http.requests.waiting and not self.relay.closed:
                     requests.resume()
+                    if self.relay.closed:  # the answer could not be told: resume() cut the connection
+                        return _ENDED
                 if not sent:
                     return _PAUSED
                 if n < self._big:
