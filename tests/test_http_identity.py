@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import h11
 import pytest
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -699,6 +700,24 @@ async def test_a_switch_after_a_response_we_could_not_follow_is_cut_at_once(
         writer.close()
         await wait_until(lambda: any("could not be followed" in e for e in ends(caplog)))
     assert b"6.6.6.6" not in received
+
+
+@pytest.mark.asyncio
+async def test_a_tls_target_gets_the_headers_too(pki_files: dict[str, Path], server_cert: trustme.LeafCert) -> None:
+    target_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(target_ctx)
+    seen = SeenRequests()
+    async with backend(http_backend(seen), ssl_ctx=target_ctx) as be, tunnel(
+        **server_opts(pki_files, f"localhost:{be.port}", allow_all=True, target_http_headers=True,
+                      target_tls=True, target_cacert=str(pki_files["ca"]))
+    ) as tun:  # fmt: skip
+        port = port_of(tun)
+        url = f"https://localhost:{port}/"
+        assert await run(curl(*curl_client(pki_files, port), "-H", "X-Forwarded-Proto: http", url, url)) == (
+            b"seen 1seen 2"
+        )
+    assert [header_values(r, "x-forwarded-proto") for r in seen.requests] == [[b"https"], [b"https"]]
+    assert [header_values(r, "x-forwarded-client-cert") for r in seen.requests] == [[xfcc_of(pki_files)]] * 2
 
 
 def test_only_http_1_may_be_negotiated_by_alpn() -> None:
