@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -718,6 +719,22 @@ async def test_a_tls_target_gets_the_headers_too(pki_files: dict[str, Path], ser
         )
     assert [header_values(r, "x-forwarded-proto") for r in seen.requests] == [[b"https"], [b"https"]]
     assert [header_values(r, "x-forwarded-client-cert") for r in seen.requests] == [[xfcc_of(pki_files)]] * 2
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_resets_in_the_middle_of_a_head_is_no_internal_error(pki_files: dict[str, Path]) -> None:
+    seen = SeenRequests()
+    async with backend(http_backend(seen)) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True)
+    ) as tun:  # fmt: skip
+        _, writer = await tls_connect(tun, pki_client_context(pki_files))
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-")
+        await writer.drain()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await wait_until(lambda: tun.stats.closed == 1)
+        assert tun.stats.internal_errors == 0
+    assert seen.requests == []
 
 
 def test_only_http_1_may_be_negotiated_by_alpn() -> None:
