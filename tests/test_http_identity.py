@@ -620,6 +620,7 @@ async def test_what_is_not_http_1_gets_an_error_response_and_never_reaches_the_b
         answer = await read_until_end(reader)
         writer.close()
         await wait_until(lambda: any(e.startswith("http " + status.decode()) for e in ends(caplog)))
+        assert tun.stats.http_refused == 1
     assert answer.startswith(b"HTTP/1.1 " + status + b" ")
     assert reason in answer and b"Connection: close" in answer
     assert seen.requests == []

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from tlsgate.engine.httpid import HttpIdentity, HttpRefused, refuse_alpn
 from tlsgate.engine.relay import _BLOCKED, _ENDED, _MAX_READS, _MORE, _PAUSED, Direction, OnError, Relay, _describe
+from tlsgate.engine.stats import Stats
 from tlsgate.tls import closenotify
 
 _LOST = "http: the target's responses could not be followed, so a protocol switch cannot be"
@@ -143,7 +144,10 @@ class _Requests(Direction):
                 client.send(refusal.response())
                 if isinstance(client, ssl.SSLSocket) and closenotify.available():
                     closenotify.send_close_notify(client)
-        self.relay.abort(f"http {refusal.status}: {refusal.reason}")
+        relay: HttpRelay = self.relay  # type: ignore[assignment]
+        if relay.stats is not None:
+            relay.stats.http_refused += 1
+        relay.abort(f"http {refusal.status}: {refusal.reason}")
 
 
 class _Responses(Direction):
@@ -198,7 +202,7 @@ class _Responses(Direction):
 class HttpRelay(Relay):
     """A `Relay` whose client speaks HTTP/1.x: ``added`` (header lines, CRLF-ended) goes into every request."""
 
-    __slots__ = ("http",)
+    __slots__ = ("http", "stats")
 
     def __init__(
         self,
@@ -212,9 +216,11 @@ class HttpRelay(Relay):
         added: bytes,
         peer: str = "",
         on_error: OnError | None = None,
+        stats: Stats | None = None,
     ) -> None:
         super().__init__(loop, client, target, view, on_close, started, peer=peer, on_error=on_error)
         self.http = HttpIdentity(added)
+        self.stats = stats  # the tunnel's, for http_refused
         requests = _Requests(self, client, target, self.http)
         responses = _Responses(self, target, client, self.http)
         responses.requests_direction = requests
@@ -230,6 +236,8 @@ class HttpRelay(Relay):
                 self.internal_error("start", err)
                 return
             if refusal is not None:
+                if self.stats is not None:
+                    self.stats.http_refused += 1
                 self.abort(f"http {refusal.status}: {refusal.reason}")
                 return
         super().start()

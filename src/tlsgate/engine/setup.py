@@ -442,6 +442,7 @@ class Setup(SetupCore):
             added=added,
             peer=self.peer,
             on_error=self.tunnel.internal_error,
+            stats=self.tunnel.stats,
         )
 
     def _send_proxy_header(self) -> bool:

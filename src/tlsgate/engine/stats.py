@@ -47,6 +47,8 @@ class Stats:
     # The last TIMER_SAMPLES durations, in seconds, of client handshakes and of relayed connections.
     handshake_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
     lifetime_samples: deque[float] = field(default_factory=lambda: deque(maxlen=TIMER_SAMPLES))
+    # --target-http-headers: connections cut for bytes that are not an HTTP/1.x request we may pass on.
+    http_refused: int = 0
     # Open connections a reload's re-check closed, by the rule that no longer lets them through.
     rechecked_closed: dict[str, int] = field(default_factory=dict)
 

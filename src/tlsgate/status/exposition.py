@@ -47,6 +47,8 @@ _METRICS = (
             "Connections whose target could not be reached, or failed its TLS handshake or identity check."),
     _Metric("proxy_header_errors", "counter", "proxy_header_errors_total", "accept.proxy_header_error",
             "Connections refused for a malformed PROXY protocol header."),
+    _Metric("http_refused", "counter", "http_refused_total", "conn.http_refused",
+            "Connections cut by --target-http-headers for what is not an HTTP/1.x request (400, 431, 501, 505)."),
     _Metric("accept_errors", "counter", "accept_errors_total", "accept.os_error",
             "accept() failures, such as running out of file descriptors."),
     _Metric("internal_errors", "counter", "internal_errors_total", "conn.internal_error",
