@@ -738,6 +738,30 @@ async def test_a_client_that_resets_in_the_middle_of_a_head_is_no_internal_error
     assert seen.requests == []
 
 
+@pytest.mark.asyncio
+async def test_a_target_that_stops_reading_stops_us_reading_the_client(pki_files: dict[str, Path]) -> None:
+    stalled = asyncio.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stalled.wait()
+
+    burst = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * (8 * 1024 * 1024 // 27)  # 8 MiB of tiny requests
+    async with backend(never_reads) as be, tunnel(
+        **server_opts(pki_files, be.address, allow_all=True, target_http_headers=True, target_http_cert=True)
+    ) as tun:  # fmt: skip
+        _, writer = await tls_connect(tun, pki_client_context(pki_files))
+        writer.write(burst)
+        await wait_until(lambda: any(r.outbound.pending is not None for r in tun.relays), attempts=6000)
+        (relay,) = tun.relays
+        # Each request grows by a whole PEM (about 50x); what we hold is one step of output, and what we read of
+        # the client is what the target's socket took (over 50) plus that step: about 100 KiB of the 8 MiB sent.
+        assert relay.outbound.pending is not None
+        assert len(relay.outbound.pending) <= httpid.OUTPUT_BUDGET + 4096
+        assert relay.bytes_in < len(burst) // 16
+        stalled.set()
+        writer.transport.abort()
+
+
 def test_only_http_1_may_be_negotiated_by_alpn() -> None:
     assert httpid.refuse_alpn(None) is None and httpid.refuse_alpn("http/1.1") is None
     refusal = httpid.refuse_alpn("h2")
