@@ -781,6 +781,7 @@ def test_the_flags_are_checked(pki_files: dict[str, Path]) -> None:
                     "--target-http-headers")  # fmt: skip
     assert client.exit_code == 2 and "--target-http-headers" in client.output + client.stderr
     refused(invoke(cli, *base, "--target-http-headers", "--alpn", "h2,http/1.1"), "HTTP/1.x only")
+    refused(invoke(cli, *base, "--target-http-headers", "--protocol", "postgres"), "a postgres tunnel has none")
 
 
 def test_the_file_keys_are_the_flags(pki_files: dict[str, Path], tmp_path: Path) -> None:

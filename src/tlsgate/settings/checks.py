@@ -78,6 +78,10 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
                 "--target-http-headers rewrites HTTP/1.x only: offer only http/1.1 (or no --alpn), since a client "
                 "that picks another protocol is refused"
             )
+        if cfg.target_http_headers and (cfg.protocol or cfg.target_protocol):
+            problems.append(
+                f"--target-http-headers rewrites HTTP requests; a {cfg.protocol or cfg.target_protocol} tunnel has none"
+            )
         verify = any(
             (cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_ip, cfg.verify_uri, cfg.verify_spki_sha256)
         )
