@@ -3,14 +3,16 @@
 ``settings.file`` reads and validates the file without touching the files it names (it sits below the engine);
 this module adds the part that needs the engine: ``build_runtime`` for every tunnel, and the CRL age checks.
 ``tlsgate run``, ``tlsgate check-config`` and a reload all go through `check_config_file`, so the three judge a
-file the same way. The runtimes it built are returned with the tunnels, so ``run`` hands them to the server
-instead of reading every certificate a second time.
+file the same way. The runtimes it built are returned with the tunnels, so ``run`` hands them to the server, and
+a reload's `load_tunnels` to the supervisor, instead of reading every certificate a second time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from tlsgate import logs
 from tlsgate.engine.runtime import Runtime, build_runtime
@@ -20,7 +22,7 @@ from tlsgate.settings.config import ConfigErrors, TunnelConfig
 from tlsgate.settings.file import key_names, read_config_file
 from tlsgate.settings.process_options import ProcessOptions
 
-__all__ = ["CheckedFile", "check_config_file", "load_tunnels"]
+__all__ = ["CheckedFile", "LoadedTunnels", "check_config_file", "checked_runtimes", "load_tunnels"]
 
 
 @dataclass
@@ -56,11 +58,43 @@ def check_config_file(path: str, warnings: list[str] | None = None) -> CheckedFi
     return CheckedFile(result.tunnels, result.process, runtimes)
 
 
-def load_tunnels(path: str, running: ProcessOptions | None = None) -> list[TunnelConfig]:
+class LoadedTunnels(list[TunnelConfig]):
+    """The tunnels a reload re-read, carrying the runtime the check built for each (see `checked_runtimes`).
+
+    Still a list of tunnels, so the supervisor treats every ``load_configs`` alike (a test's lambda returning a
+    plain list too); the runtimes ride along so a reload applies what the check built instead of reading every
+    certificate, key and CRL a second time. They never leave the process: a runtime holds SSL contexts, which do
+    not pickle, so this pickles (and copies) as the plain list of its tunnels.
+    """
+
+    def __init__(self, tunnels: Sequence[TunnelConfig], runtimes: Sequence[Runtime]) -> None:
+        if len(tunnels) != len(runtimes):
+            raise ValueError("runtimes: expected one per tunnel")
+        super().__init__(tunnels)
+        self._pairs = tuple(zip(tunnels, runtimes, strict=True))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+
+def checked_runtimes(configs: Sequence[TunnelConfig]) -> list[Runtime] | None:
+    """The runtimes that came with ``configs`` (one per config, in order), or None: then build them.
+
+    None unless ``configs`` is a `LoadedTunnels` still holding exactly the tunnels it was made with, so a list
+    edited after the check (or any other list) never runs with a runtime built for a different tunnel.
+    """
+    if not isinstance(configs, LoadedTunnels) or len(configs) != len(configs._pairs):
+        return None
+    if any(cfg is not built for cfg, (built, _) in zip(configs, configs._pairs, strict=True)):
+        return None
+    return [runtime for _, runtime in configs._pairs]
+
+
+def load_tunnels(path: str, running: ProcessOptions | None = None) -> LoadedTunnels:
     """The tunnels of ``path``: what a reload re-reads. Module-level, so ``--workers`` can pickle a partial of it.
 
-    Certificates are parsed here too (and again by the supervisor), so a failed reload logs every file's
-    problem with its tunnel's name, not only the first one the supervisor meets.
+    Every certificate is parsed here, so a failed reload logs every file's problem with its tunnel's name, not
+    only the first; the runtimes come back with the tunnels, and the supervisor applies them as they are.
 
     A reload applies tunnels only; when ``running`` (the process settings in use) differs from the file's
     [process] table, a warning says that a restart is needed, rather than leaving the edit silently unapplied.
@@ -74,4 +108,4 @@ def load_tunnels(path: str, running: ProcessOptions | None = None) -> list[Tunne
         logs.event(
             "[process] changed: restart tlsgate to apply it", logging.WARNING, config=path, keys=",".join(changed)
         )
-    return checked.tunnels
+    return LoadedTunnels(checked.tunnels, checked.runtimes)

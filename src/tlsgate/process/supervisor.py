@@ -24,6 +24,7 @@ from tlsgate.engine.runtime import Runtime, build_runtime
 from tlsgate.engine.tunnel import Tunnel
 from tlsgate.errors import StartupError, TlsgateError, shown
 from tlsgate.process import systemd
+from tlsgate.process.check import checked_runtimes
 from tlsgate.process.crls import check_runtime_crls, log_overdue_crls
 from tlsgate.process.lifecycle import (
     EXIT_CONNECTIONS_CUT,
@@ -274,8 +275,15 @@ class Server:
         assert self.load_configs is not None and self._loop is not None
         try:
             configs = self.load_configs()
-            wanted = {tunnel_key(cfg): cfg for cfg in configs}
-            runtimes = {key: build_runtime(cfg) for key, cfg in wanted.items()}
+            # A `load_tunnels` reload already built every runtime while checking the file: apply those.
+            built = checked_runtimes(configs)
+            pairs = zip(configs, built, strict=True) if built is not None else ((cfg, None) for cfg in configs)
+            wanted: dict[str, TunnelConfig] = {}
+            runtimes: dict[str, Runtime] = {}
+            for cfg, runtime in pairs:
+                key = tunnel_key(cfg)
+                wanted[key] = cfg
+                runtimes[key] = runtime if runtime is not None else build_runtime(cfg)
             overdue = {key: check_runtime_crls(wanted[key], runtime) for key, runtime in runtimes.items()}
         except TlsgateError as err:
             for line in str(err).splitlines():
@@ -325,7 +333,7 @@ class Server:
                 # A replaced tunnel's connections drain under its old config, but not past the new rules (this
                 # reload's or a later one's): a changed allow list closes what it no longer allows.
                 old.recheck(runtimes[key])
-        self.configs = configs
+        self.configs = list(configs)  # the tunnels alone: the runtimes that came with them are the tunnels' now
         for key, crls in overdue.items():
             log_overdue_crls(wanted[key].label, crls)
         logs.event("reloaded", tunnels=len(self.tunnels))

@@ -27,6 +27,7 @@ from typing import Any
 
 from tlsgate import logs
 from tlsgate.errors import TlsgateError
+from tlsgate.process.check import LoadedTunnels, checked_runtimes
 from tlsgate.process.lifecycle import EXIT_CONNECTIONS_CUT, choose_loop
 from tlsgate.process.ports import apply_listen_map
 from tlsgate.process.supervisor import ProcessOptions, Server
@@ -117,13 +118,7 @@ async def _work(plan: WorkerPlan, control: socket.socket) -> int:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
         inherited[key] = [sock]
-    load = plan.load_configs
-    if load is not None:
-        original = load
-
-        def load() -> list[TunnelConfig]:
-            return apply_listen_map(original(), plan.listen_map)
-
+    load = mapped_loader(plan.load_configs, plan.listen_map) if plan.load_configs is not None else None
     server = _WorkerServer(plan.configs, plan.options, load_configs=load, inherited=inherited)
     control.setblocking(False)
     reader, writer = await asyncio.open_unix_connection(sock=control)
@@ -139,6 +134,24 @@ async def _work(plan: WorkerPlan, control: socket.socket) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await answering
         writer.close()
+
+
+def mapped_loader(
+    load: Callable[[], list[TunnelConfig]], listen_map: dict[Address, Address]
+) -> Callable[[], list[TunnelConfig]]:
+    """A worker's reload: ``load``, with the parent's concrete ports in place of port 0 (`apply_listen_map`).
+
+    The runtimes the check in ``load`` built stay with the mapped tunnels: a runtime does not depend on the
+    listen address, and building them again would read every certificate twice per worker and reload.
+    """
+
+    def mapped() -> list[TunnelConfig]:
+        loaded = load()
+        tunnels = apply_listen_map(loaded, listen_map)
+        built = checked_runtimes(loaded)
+        return LoadedTunnels(tunnels, built) if built is not None else tunnels
+
+    return mapped
 
 
 async def _answer(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
