@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 from tlsgate.settings.convert import flag
 from tlsgate.settings.patterns import UriPattern
+from tlsgate.settings.pins import KeyPin
 from tlsgate.settings.values import IPAddress, Network, SpkiPin
 
 if TYPE_CHECKING:
     from tlsgate.settings.config import TunnelConfig
 
-__all__ = ["IDENTITY_VALUE_KEYS", "ServerAccess", "identity_problems"]
+__all__ = ["IDENTITY_VALUE_KEYS", "ServerAccess", "identity_problems", "pin_problem"]
 
 # The identity rules that take values, in the order messages name them.
 IDENTITY_VALUE_KEYS = ("allow_cn", "allow_ou", "allow_dns", "allow_ip", "allow_uri", "allow_spki_sha256")
@@ -41,6 +42,8 @@ class ServerAccess:
     allow_ip: tuple[IPAddress, ...] = ()
     allow_uri: tuple[UriPattern, ...] = ()
     allow_spki_sha256: tuple[SpkiPin, ...] = ()
+    # ghostunnel's pin-only authentication: the pins are the whole identity rule (no CA, no dates, no CRL).
+    allow_spki_pin: tuple[KeyPin, ...] = ()
     allow_from: tuple[Network, ...] = ()
     deny_from: tuple[Network, ...] = ()
     crl: tuple[str, ...] = ()
@@ -75,11 +78,16 @@ def identity_problems(access: ServerAccess) -> list[str]:
             problems.append("--disable-authentication contradicts --allow-policy: no client certificate to check")
         if access.crl:
             problems.append("--disable-authentication contradicts --crl: no client certificate is asked to revoke")
-    elif not (first or rego):
+    elif not (first or rego or access.allow_spki_pin):
         problems.append(
             "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-ip, --allow-uri, "
-            "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication"
+            "--allow-spki-sha256, --allow-spki-pin, --allow-policy/--allow-query, or --disable-authentication"
         )
+    if access.allow_spki_pin:
+        others = [*given, *(["--allow-all"] if access.allow_all else []), *(["--allow-policy"] if rego else [])]
+        problem = pin_problem(others, disable_authentication=access.disable_authentication, crl=bool(access.crl))
+        if problem:
+            problems.append(problem)
     if rego and (access.allow_policy is None or access.allow_query is None):
         problems.append("--allow-policy and --allow-query go together: give both, or neither")
     if rego and first:
@@ -90,3 +98,24 @@ def identity_problems(access: ServerAccess) -> list[str]:
     if access.allow_all and given:
         problems.append(f"--allow-all and {given[0]} are mutually exclusive (--allow-all already allows every client)")
     return problems
+
+
+def pin_problem(others: list[str], *, disable_authentication: bool = False, crl: bool = False) -> str | None:
+    """Why ``--allow-spki-pin`` cannot go with the other server flags given (``others``, their names), or None.
+
+    ghostunnel refuses every other access flag beside a pin (the pin is the whole authentication); ``--crl`` is
+    tlsgate's, and has nothing to revoke with when no CA is consulted.
+    """
+    if disable_authentication:
+        return "--disable-authentication contradicts --allow-spki-pin: without client certificates no key can match"
+    if others:
+        return (
+            f"--allow-spki-pin and {others[0]} are mutually exclusive: a pinned key authenticates the client alone "
+            "(as in ghostunnel); to pin a key on top of the CA chain, use --allow-spki-sha256"
+        )
+    if crl:
+        return (
+            "--allow-spki-pin and --crl are mutually exclusive: a pinned client is not checked against a CA, so a "
+            "CRL cannot revoke it; remove its pin instead"
+        )
+    return None

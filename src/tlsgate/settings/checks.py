@@ -47,7 +47,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
     problems: list[str] = []
     values = any((cfg.allow_cn, cfg.allow_ou, cfg.allow_dns, cfg.allow_ip, cfg.allow_uri, cfg.allow_spki_sha256))
     rego = cfg.allow_policy is not None or cfg.allow_query is not None
-    identity = cfg.allow_all or values or rego
+    identity = cfg.allow_all or values or rego or bool(cfg.allow_spki_pin)
     has_pem = bool(cfg.cert or cfg.key)
     if cfg.keystore and has_pem:
         problems.append("give either --keystore or --cert/--key, not both")
@@ -57,7 +57,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
         if not cfg.keystore and not has_pem:
             problems.append("server mode needs a certificate: --cert and --key, or --keystore")
         problems += identity_problems(ServerAccess.of(cfg))
-        if not cfg.disable_authentication and not cfg.cacert:
+        if not cfg.disable_authentication and not cfg.cacert and not cfg.allow_spki_pin:
             problems.append("client certificates are verified against --cacert; give it (or --disable-authentication)")
         if cfg.disable_authentication and not cfg.listen.is_loopback and not cfg.unsafe_listen:
             problems.append(
@@ -85,7 +85,7 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
         verify = any(
             (cfg.verify_cn, cfg.verify_ou, cfg.verify_dns, cfg.verify_ip, cfg.verify_uri, cfg.verify_spki_sha256)
         )
-        if verify or cfg.verify_policy or cfg.verify_query:
+        if verify or cfg.verify_policy or cfg.verify_query or cfg.verify_spki_pin:
             problems.append("--verify-* flags are for client mode; server mode uses --allow-*")
     else:
         if identity or cfg.crl or cfg.crl_max_age:
@@ -106,7 +106,9 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
             problems.append(
                 f"--listen {cfg.listen} exposes a plaintext port to other machines; add --unsafe-listen if intended"
             )
-        if cfg.target.is_unix and not cfg.override_server_name:
+        problems += _verify_pin_problems(cfg)
+        # A pinned server is known by its key, not its name: nothing to verify the name against.
+        if cfg.target.is_unix and not cfg.override_server_name and not cfg.verify_spki_pin:
             problems.append("a unix: target in client mode needs --override-server-name to verify the server")
     unsafe = [name for name in cfg.cipher_suites if name in UNSAFE_CIPHER_SUITES]
     if unsafe and not cfg.allow_unsafe_cipher_suites:
@@ -168,3 +170,23 @@ def _unix_listener_checks(cfg: TunnelConfig) -> list[str]:
             f"(remove them{hint})"
         )
     return problems
+
+
+def _verify_pin_problems(cfg: TunnelConfig) -> list[str]:
+    """Client mode: ``--verify-spki-pin`` excludes the other ways of checking the server (ghostunnel's rule), but
+    not ``--disable-authentication``, which only says we present no certificate of our own."""
+    if not cfg.verify_spki_pin:
+        return []
+    others = [
+        "--" + key.replace("_", "-")
+        for key in ("verify_cn", "verify_ou", "verify_dns", "verify_ip", "verify_uri", "verify_spki_sha256")
+        if getattr(cfg, key)
+    ]
+    if cfg.verify_policy is not None or cfg.verify_query is not None:
+        others.append("--verify-policy")
+    if not others:
+        return []
+    return [
+        f"--verify-spki-pin and {others[0]} are mutually exclusive: a pinned key authenticates the server alone "
+        "(as in ghostunnel); to pin a key on top of the CA and name checks, use --verify-spki-sha256"
+    ]

@@ -24,6 +24,7 @@ from tlsgate.settings.addresses import Address
 from tlsgate.settings.checks import cross_checks
 from tlsgate.settings.convert import check_paths, convert, flag
 from tlsgate.settings.patterns import UriPattern
+from tlsgate.settings.pins import KeyPin
 from tlsgate.settings.table import SETTINGS, process_settings, setting
 from tlsgate.settings.values import UNIX_SOURCE, IPAddress, Network, ProxySource, SpkiPin
 
@@ -76,6 +77,8 @@ class TunnelConfig:
     allow_ip: tuple[IPAddress, ...] = ()
     allow_uri: tuple[UriPattern, ...] = ()
     allow_spki_sha256: tuple[SpkiPin, ...] = ()
+    # ghostunnel's pin-only authentication: when set, the pins are the whole client check (no CA, no dates).
+    allow_spki_pin: tuple[KeyPin, ...] = ()
     allow_from: tuple[Network, ...] = ()
     deny_from: tuple[Network, ...] = ()
     crl: tuple[str, ...] = ()
@@ -88,6 +91,7 @@ class TunnelConfig:
     verify_ip: tuple[IPAddress, ...] = ()
     verify_uri: tuple[UriPattern, ...] = ()
     verify_spki_sha256: tuple[SpkiPin, ...] = ()
+    verify_spki_pin: tuple[KeyPin, ...] = ()
     verify_policy: str | None = None
     verify_query: str | None = None
     override_server_name: str | None = None
@@ -267,6 +271,7 @@ def server_access(
     allow_ip: Iterable[str] = (),
     allow_uri: Iterable[str] = (),
     allow_spki_sha256: Iterable[str] = (),
+    allow_spki_pin: Iterable[str] = (),
     allow_from: Iterable[str] = (),
     deny_from: Iterable[str] = (),
     crl: Iterable[str | os.PathLike[str]] = (),
@@ -292,6 +297,7 @@ def server_access(
         "allow_ip": tuple(allow_ip),
         "allow_uri": tuple(allow_uri),
         "allow_spki_sha256": tuple(allow_spki_sha256),
+        "allow_spki_pin": tuple(allow_spki_pin),
         "allow_from": tuple(allow_from),
         "deny_from": tuple(deny_from),
         "crl": tuple(os.fspath(path) for path in crl),

@@ -26,6 +26,7 @@ from tlsgate.errors import ConfigError, shown
 from tlsgate.settings.addresses import Address, parse_address, valid_host
 from tlsgate.settings.durations import parse_duration
 from tlsgate.settings.patterns import UriPattern
+from tlsgate.settings.pins import KeyPin
 from tlsgate.settings.setting import Setting
 from tlsgate.settings.table import CIPHER_SUITES, TLS_VERSIONS, UNSAFE_CIPHER_SUITES, setting
 from tlsgate.settings.values import (
@@ -267,6 +268,11 @@ def _as_pins(value: object, key: str) -> tuple[SpkiPin, ...]:
     return tuple(parse_spki_sha256(flag(key), text) for text in _as_tuple(value, key))
 
 
+def _as_key_pins(value: object, key: str) -> tuple[KeyPin, ...]:
+    """ghostunnel's ``--allow-spki-pin``/``--verify-spki-pin``: ``sha256:<base64>`` and friends, as it parses them."""
+    return tuple(KeyPin.parse(flag(key), text) for text in _as_tuple(value, key))
+
+
 def _as_networks(value: object, key: str) -> tuple[Network, ...]:
     return tuple(parse_network(flag(key), text) for text in _as_tuple(value, key))
 
@@ -318,6 +324,7 @@ _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "names": _as_names,
     "uris": _as_uris,
     "pins": _as_pins,
+    "key_pins": _as_key_pins,
     "networks": _as_networks,
     "proxy_sources": _as_proxy_sources,
     "ips": _as_ips,

@@ -130,6 +130,7 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
                 ("allow-ip", cfg.allow_ip),
                 ("allow-uri", cfg.allow_uri),
                 ("allow-spki-sha256", cfg.allow_spki_sha256),
+                ("allow-spki-pin", cfg.allow_spki_pin),
                 ("allow-query", (cfg.allow_query,) if cfg.allow_query else ()),
             )
             parts.append(" ".join(["mTLS", *rules]))
@@ -141,6 +142,7 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
             ("verify-ip", cfg.verify_ip),
             ("verify-uri", cfg.verify_uri),
             ("verify-spki-sha256", cfg.verify_spki_sha256),
+            ("verify-spki-pin", cfg.verify_spki_pin),
             ("verify-query", (cfg.verify_query,) if cfg.verify_query else ()),
         )
         parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))

@@ -28,6 +28,7 @@ Kind = Literal[
     "names",  # repeatable non-empty strings (CN, OU, DNS rules): an empty one would match a certificate without
     "uris",  # repeatable URI patterns -> patterns.UriPattern, compiled once
     "pins",  # repeatable SHA-256 key pins, hex or base64 -> values.SpkiPin (32 bytes)
+    "key_pins",  # repeatable ghostunnel pins, sha256|sha384|sha512:<base64> -> pins.KeyPin
     "networks",  # repeatable CIDRs -> values.Network
     "proxy_sources",  # repeatable CIDRs or the word unix -> values.ProxySource
     "ips",  # repeatable IP addresses (IP SANs) -> values.IPAddress
@@ -77,7 +78,18 @@ class Setting:
 
     @property
     def repeatable(self) -> bool:
-        return self.kind in ("files", "texts", "names", "uris", "pins", "networks", "proxy_sources", "ips", "choices")
+        return self.kind in (
+            "files",
+            "texts",
+            "names",
+            "uris",
+            "pins",
+            "key_pins",
+            "networks",
+            "proxy_sources",
+            "ips",
+            "choices",
+        )
 
     def takes(self, mode: str) -> bool:
         """Whether the ``mode`` command has this flag (process settings: every command)."""
