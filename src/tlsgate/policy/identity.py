@@ -6,6 +6,9 @@ flags and files); `IdentityRules.check` takes a `PeerIdentity` and returns a `De
 CN, OU, DNS SAN, IP SAN, URI SAN (exact values are a set lookup, patterns a regex), key pin, and last the Rego policy
 (`tlsgate.policy.rego`), the only rule that costs more than a set lookup. A refusal names the peer's values
 for the kinds of rule that are set, so the log compares like with like.
+
+``--allow-spki-pin``/``--verify-spki-pin`` (`tlsgate.settings.pins`) is the exception: a rule set with such pins
+holds nothing else, and the pin alone decides (`IdentityRules.pinned`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import Decision, listing, shorten
 from tlsgate.policy.peer import PeerIdentity
 from tlsgate.settings.patterns import UriPattern
+from tlsgate.settings.pins import KeyPin, PinSet
 from tlsgate.settings.values import IPAddress, SpkiPin
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ class IdentityRules:
         "_dns",
         "_ip",
         "_ou",
+        "_pins",
         "_spki",
         "_uri_exact",
         "_uri_patterns",
@@ -68,6 +73,7 @@ class IdentityRules:
         flag_prefix: str = "allow",
         rego: RegoPolicy | None = None,
         ip: Sequence[IPAddress] = (),
+        spki_pins: Sequence[KeyPin] = (),
     ) -> None:
         """The values as ``tlsgate.settings`` parses them (``TunnelConfig`` fields or ``server_access``); CN, OU
         and DNS rules are plain non-empty strings. For display, ``uri`` keeps the patterns' text, ``ip`` the
@@ -79,7 +85,8 @@ class IdentityRules:
         self.spki_sha256 = tuple(pin.hex() for pin in spki_sha256)
         self.rego = rego
         self.ip = tuple(str(address) for address in ip)
-        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego or ip)
+        self._pins = PinSet(tuple(spki_pins))
+        self.active = bool(allow_all or cn or ou or dns or uri or spki_sha256 or rego or ip or spki_pins)
         self._cn, self._ou = frozenset(cn), frozenset(ou)
         self._dns = frozenset(name.lower().rstrip(".") for name in dns)
         # Compared as addresses, so ::1 and 0:0:0:0:0:0:0:1 (or an IPv4 SAN in either spelling) are one value.
@@ -91,9 +98,21 @@ class IdentityRules:
         exact = [p.text for p in patterns if "*" not in p.text]
         self._uri_exact = frozenset(exact) | frozenset(t[:-1] if t.endswith("/") else t + "/" for t in exact)
 
+    @property
+    def pinned(self) -> bool:
+        """``--allow-spki-pin``/``--verify-spki-pin``: the key pin alone authenticates the peer (no chain, no dates,
+        no hostname, no CRL), and no other identity rule is set beside it (ghostunnel's rule)."""
+        return bool(self._pins)
+
+    @property
+    def pins(self) -> PinSet:
+        return self._pins
+
     def check(self, peer: PeerIdentity, der: bytes | None = None) -> Decision:
         """Does ``peer`` match a rule? ``der`` is its certificate, which only the Rego policy needs."""
         prefix = self.flag_prefix
+        if self._pins:
+            return self._check_pin(peer)
         if self.allow_all:
             return Decision(True, f"{prefix}-all", f"{peer.describe()} allowed by {prefix}-all")
         if not self.active:
@@ -131,6 +150,20 @@ class IdentityRules:
                 return Decision(False, f"{prefix}-policy", f"{peer.describe()} not allowed: {why}")
             return Decision(False, "identity", f"{self._refusal(peer)}; {prefix}-policy: {why}")
         return Decision(False, "identity", self._refusal(peer))
+
+    def _check_pin(self, peer: PeerIdentity) -> Decision:
+        prefix = self.flag_prefix
+        pin = self._pins.match(peer.spki_der)
+        if pin is not None:
+            return Decision(
+                True, f"{prefix}-spki-pin", f"{peer.describe()}: key {pin.short()} matched {prefix}-spki-pin"
+            )
+        key = KeyPin.of(peer.spki_der).short() if peer.spki_der else "unknown"
+        return Decision(
+            False,
+            "spki-pin",
+            f"{peer.describe()}: key {key} matches no --{prefix}-spki-pin (pinned: {self._pins.describe()})",
+        )
 
     def _has_value_rules(self) -> bool:
         return bool(self.cn or self.ou or self.dns or self.uri or self.spki_sha256 or self.ip)
@@ -177,6 +210,8 @@ class IdentityRules:
         """The rules in one line, for reasons and start-up logs: ``CN alice, carol; OU eng``."""
         if self.allow_all:
             return f"{self.flag_prefix}-all"
+        if self._pins:
+            return f"SPKI pin {self._pins.describe()} (the pin alone)"
         parts = []
         for label, values in (("CN", self.cn), ("OU", self.ou), ("DNS", self.dns), ("IP", self.ip), ("URI", self.uri)):
             if values:

@@ -1,15 +1,16 @@
 """What the policy reads from a peer's leaf certificate: `PeerIdentity`, parsed once per certificate and cached.
 
 Every rule looks at these plain values, never at the certificate itself: the last CN (as Go and ghostunnel),
-the OUs, the DNS/URI/IP SANs, the SHA-256 of the SubjectPublicKeyInfo as encoded (the ``--allow-spki-sha256``
-pin), and the issuer and serial CRL entries are keyed by. A certificate cryptography cannot read raises
-`CertificateError` (`PARSE_ERRORS` lists what cryptography raises), which callers turn into a refusal.
-`check_validity` compares the dates with now.
+the OUs, the DNS/URI/IP SANs, the SubjectPublicKeyInfo as encoded and its SHA-256 (what the ``--allow-spki-pin``
+and ``--allow-spki-sha256`` pins compare), and the issuer and serial CRL entries are keyed by. A certificate
+cryptography cannot read raises `CertificateError` (`PARSE_ERRORS` lists what cryptography raises), which callers
+turn into a refusal. `check_validity` compares the dates with now.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -18,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from tlsgate.errors import CertificateError
 from tlsgate.policy.decision import Decision, shorten, utc, when
-from tlsgate.tls.x509 import spki_sha256
+from tlsgate.tls.x509 import certificate_spki_der
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,9 @@ class PeerIdentity:
     """The issuer's distinguished name, RFC 4514 (``CN=tlsgate CA,O=example``), as CRL entries are keyed."""
     not_before: datetime
     not_after: datetime
+    spki_der: bytes = b""
+    """The DER SubjectPublicKeyInfo as the certificate encodes it: what ``--allow-spki-pin`` pins hash (with
+    SHA-256, -384 or -512). Empty for an identity built by hand, which no pin then matches."""
 
     def describe(self, limit: int = 100) -> str:
         """A short name for logs: the CN, else the first URI SAN, DNS SAN or IP SAN, else the key hash."""
@@ -71,6 +75,7 @@ class PeerIdentity:
                 sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
             except x509.ExtensionNotFound:
                 sans = x509.SubjectAlternativeName([])
+            spki = certificate_spki_der(cert)
             return cls(
                 common_name=common_names[-1] if common_names else None,
                 other_common_names=common_names[:-1],
@@ -78,11 +83,12 @@ class PeerIdentity:
                 dns_names=tuple(sans.get_values_for_type(x509.DNSName)),
                 uris=tuple(sans.get_values_for_type(x509.UniformResourceIdentifier)),
                 ip_addresses=tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)),
-                spki_sha256=spki_sha256(cert),
+                spki_sha256=hashlib.sha256(spki).hexdigest(),
                 serial=cert.serial_number,
                 issuer=cert.issuer.rfc4514_string(),
                 not_before=cert.not_valid_before_utc,
                 not_after=cert.not_valid_after_utc,
+                spki_der=spki,
             )
         except PARSE_ERRORS as err:
             # cryptography parses extensions lazily, so a malformed one only shows up here, long after OpenSSL

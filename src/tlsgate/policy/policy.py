@@ -3,7 +3,8 @@
 `Policy` holds the `AddressRules`, the `IdentityRules` (None under ``--disable-authentication``) and the
 `RevocationList`, built once per (re)load and then only read. `Policy.check_address` runs at accept;
 `Policy.check_peer` after the handshake, in order: certificate present and readable, within its dates, not
-revoked, allowed by an identity rule; it never raises (an error is a refusal). `build_policy` makes one from
+revoked, allowed by an identity rule; under ``--allow-spki-pin`` only present, readable and pinned. It never
+raises (an error is a refusal). `build_policy` makes one from
 checked settings (``tlsgate.settings.access.ServerAccess``: the rules on which flags go together are applied
 there, once). Read this module first.
 """
@@ -75,6 +76,10 @@ class Policy:
             peer = PeerIdentity.from_der(leaf_der)
         except CertificateError as err:
             return Decision(False, "bad-cert", f"{role} {err}"), None
+        if self.identity.pinned:
+            # Out-of-band key pinning, as ghostunnel's: the key is the whole authentication. Dates and CRLs belong
+            # to a CA's chain of trust, which a pinned key does not use (--crl beside pins is refused).
+            return self.identity.check(peer, leaf_der), peer
         now = utc(now)
         if not peer.not_before <= now <= peer.not_after:
             # Only a refusal pays for formatting dates.
@@ -112,6 +117,7 @@ def build_policy(access: ServerAccess, *, ca_certs: Sequence[x509.Certificate] =
             spki_sha256=access.allow_spki_sha256,
             ip=access.allow_ip,
             rego=rego,
+            spki_pins=access.allow_spki_pin,
         )
     )
     addresses = AddressRules(access.allow_from, access.deny_from)

@@ -180,6 +180,7 @@ def server_context(
     alpn: Sequence[str] = (),
     crl: Sequence[str | Path] = (),
     session_tickets: str = "shared",
+    pins: Sequence[str] = (),
 ) -> ssl.SSLContext:
     """A context for accepting TLS from clients; asks for (and verifies) a client certificate when told to.
 
@@ -190,6 +191,10 @@ def server_context(
     (see `tickets`; where that cannot be done it is ``per-context``), ``per-context`` keeps OpenSSL's own
     random key of this context (a ticket resumes only on the worker and the configuration that issued it),
     and ``off`` issues no tickets at all, so every connection makes a full, verified handshake.
+
+    ``pins`` (``--allow-spki-pin``, canonical spellings) asks for a client certificate with no CA at all: the
+    caller must install a check that decides alone (`internals.install_peer_check` with ``alone``), or OpenSSL
+    refuses every client. They join the admission bytes, so a change of pins ends resumption like a CA change.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
@@ -211,8 +216,10 @@ def server_context(
         admission += [b"--cacert", _load_ca(ctx, client_ca, "--cacert")]
     for path in crl:
         admission += [b"--crl", _read(path, "--crl")]
+    for pin in pins:
+        admission += [b"--allow-spki-pin", pin.encode("ascii")]
     if require_client_cert:
-        if not client_ca:
+        if not client_ca and not pins:
             raise CertificateError("client certificates are required but no --cacert was given to verify them")
         ctx.verify_mode = ssl.CERT_REQUIRED
     if alpn:
@@ -254,19 +261,26 @@ def client_context(
     check_hostname: bool = True,
     alpn: Sequence[str] = (),
     what: str = "--cacert",
+    pinned: bool = False,
 ) -> ssl.SSLContext:
-    """A context for connecting out over TLS: the server is verified against ``cafile`` or the system store."""
+    """A context for connecting out over TLS: the server is verified against ``cafile`` or the system store.
+
+    ``pinned`` (``--verify-spki-pin``) trusts no CA and checks no host name: the caller must install a check that
+    decides alone (`internals.install_peer_check` with ``alone``), or OpenSSL refuses every server.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(ctx)
+    ctx.check_hostname = check_hostname and not pinned
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = check_hostname
     # The name must be in subjectAltName: the Common Name fallback (RFC 6125 deprecates it; browsers, Go and
     # urllib3 dropped it) lets a certificate whose CN merely looks like a host name pass, e.g. a client
     # certificate from the same CA whose CN is "db.internal", and no name constraint on a CA covers the CN.
     ctx.hostname_checks_common_name = False
-    if cafile:
+    # Under pins (ghostunnel's InsecureSkipVerify) no trust anchor at all: the pin is the only way in, and neither
+    # --cacert nor the system store can add another.
+    if cafile and not pinned:
         _load_ca(ctx, cafile, what)
-    else:
+    elif not pinned:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if material is not None:
         _load_chain(ctx, material)

@@ -13,7 +13,8 @@ tickets        ``SSL_CTX_ctrl`` ticket keys and ``SSL_CTX_set_session_ticket_cb`
                Off: OpenSSL's own random key per context, as ``--session-tickets per-context``.
 verify         ``SSL_CTX_set_verify`` with a verify callback on the ``SSL_CTX*``: the peer's certificate
                meets tlsgate's identity and revocation rules *during* the handshake, so a refused peer gets
-               a TLS alert (`install_peer_check`). Off: the same rules after the handshake, then a reset.
+               a TLS alert (`install_peer_check`). Off: the same rules after the handshake, then a reset;
+               and ``--allow-spki-pin``/``--verify-spki-pin``, which need it, refuse to start.
 sslobj         ``SSLSocket._sslobj.do_handshake/read/write``: the C methods without the two Python frames
                around each (about 1.3 µs a request). Off: the public ``SSLSocket`` methods.
 accept         ``socket._accept()``: the raw ``(fd, address)`` without building enums per connection.
@@ -227,6 +228,17 @@ def enabled(path: str) -> bool:
         return False
 
 
+def why_off(path: str) -> str:
+    """Why ``path`` is not in use here, for an error that needs it ("" when it is in use)."""
+    try:
+        caps = report()
+    except ConfigError as err:
+        return str(err)
+    if caps.enabled(path):
+        return "" if path != "verify" or _VERIFY is not None else "its OpenSSL symbols could not be bound"
+    return caps.off.get(path, "not available")
+
+
 def bind(path: str, binder: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | None:
     """``binder(libssl, libcrypto)`` when the ctypes ``path`` is in use; None (the caller falls back) otherwise."""
     try:
@@ -335,32 +347,50 @@ _X509_V_ERR_APPLICATION_VERIFICATION = 50
 # The X509 errors our callback sets: a handshake that failed with one of these was refused by a PeerCheck.
 REFUSAL_CODES = frozenset({_X509_V_ERR_CERT_REVOKED, _X509_V_ERR_CERT_REJECTED, _X509_V_ERR_APPLICATION_VERIFICATION})
 _VERIFY = bind("verify", ossl.VerifyLib)
-# SSL_CTX* -> the check of the context it belongs to; an entry leaves with its SSLContext (weakref.finalize), so
-# an address OpenSSL reuses for another context never inherits a stale check.
-_checks: dict[int, tuple[PeerCheck, bool]] = {}
+_X509_V_OK = 0
+# SSL_CTX* -> (check, wants_chain, alone) of the context it belongs to; an entry leaves with its SSLContext
+# (weakref.finalize), so an address OpenSSL reuses for another context never inherits a stale check.
+_checks: dict[int, tuple[PeerCheck, bool, bool]] = {}
 # Socket fd -> the refusal our callback just made there, taken by the engine when the handshake fails.
 _refusals: dict[int, Refusal] = {}
 _callback_failed = False
 
 
 def _on_verify(preverify_ok: int, store: int | None) -> int:
-    """OpenSSL's verify callback: its own verdict for every certificate, and tlsgate's rules on the leaf."""
+    """OpenSSL's verify callback: its own verdict for every certificate, and tlsgate's rules on the leaf.
+
+    For a context installed with ``alone`` (key pinning) OpenSSL's verdict is set aside: the check on the leaf
+    decides by itself, whatever OpenSSL thought of the chain, the dates or the purpose.
+    """
     global _callback_failed
     try:
         lib = _VERIFY
-        if not preverify_ok or lib is None or not store or lib.error_depth(store) != 0:
-            return preverify_ok  # OpenSSL's verdict stands (a failure keeps its own error and alert)
+        if lib is None or not store:
+            return preverify_ok
         ssl_pointer = lib.store_ex_data(store, lib.ssl_index())
         entry = _checks.get(lib.get_ssl_ctx(ssl_pointer) or 0) if ssl_pointer else None
-        if entry is None:
-            return 1  # a context without a check: the post-handshake check decides, as before
-        check, wants_chain = entry
+        depth = lib.error_depth(store)
+        if entry is None or not entry[2]:
+            if not preverify_ok or depth != 0:
+                return preverify_ok  # OpenSSL's verdict stands (a failure keeps its own error and alert)
+            if entry is None:
+                return 1  # a context without a check: the post-handshake check decides, as before
+        elif depth != 0:
+            # Pinning: whatever OpenSSL found above the leaf does not count. OpenSSL still comes to the leaf last
+            # (internal_verify ends at depth 0 on every path that continues), where the pin decides.
+            lib.set_error(store, _X509_V_OK)
+            return 1
+        check, wants_chain, alone = entry
         leaf = ossl.certificate_der(lib, lib.current_cert(store))
         chain: tuple[bytes, ...] = ()
         if wants_chain and (stack := lib.chain(store)):
             chain = tuple(ossl.certificate_der(lib, lib.stack_item(stack, n)) for n in range(lib.stack_size(stack)))
         refusal = check(leaf, chain)
         if refusal is None:
+            if alone:
+                # OpenSSL may have recorded "self-signed" or "expired" for this leaf; the pin overrules it, and the
+                # session's verify result says so (SSL_get_verify_result).
+                lib.set_error(store, _X509_V_OK)
             return 1
         _refusals[lib.get_fd(ssl_pointer)] = refusal
         lib.set_error(store, _X509_V_ERR_CERT_REVOKED if refusal.rule == "crl" else _X509_V_ERR_CERT_REJECTED)
@@ -389,7 +419,7 @@ def _context_pointer(ctx: ssl.SSLContext) -> int | None:
     return None if _VERIFY is None else ossl.context_pointer(_VERIFY, ctx)
 
 
-def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bool = True) -> bool:
+def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bool = True, alone: bool = False) -> bool:
     """Run ``check`` on the peer's leaf during every full handshake of ``ctx``; False where that cannot be done.
 
     Call it last, once the context's verification settings are final. A refused peer gets a TLS alert
@@ -398,6 +428,12 @@ def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bo
     rule and reason. ``wants_chain`` False passes ``check`` an empty chain and saves encoding it (the chain
     only matters to revocation checks). A resumed session is not verified again by OpenSSL: the caller's
     post-handshake check stays the second line for it (and for every context where this returns False).
+
+    ``alone`` makes ``check`` the whole verification (``--allow-spki-pin``/``--verify-spki-pin``): OpenSSL's own
+    verdict on the chain, the dates, the purpose and the host name is overruled, and only ``check`` on the leaf
+    can refuse (the peer's proof that it holds the key is still OpenSSL's, as always). Such a context must not
+    be used where this returns False: OpenSSL alone would refuse every self-signed peer, or, with verification
+    off, accept every peer.
     """
     pointer = _context_pointer(ctx)
     if pointer is None or _VERIFY is None:
@@ -405,7 +441,7 @@ def install_peer_check(ctx: ssl.SSLContext, check: PeerCheck, *, wants_chain: bo
     installed = _VERIFY.get_verify_callback(pointer)
     if installed not in (None, _VERIFY_CALLBACK_ADDRESS):
         return False  # someone else's callback: do not replace it
-    _checks[pointer] = (check, wants_chain)
+    _checks[pointer] = (check, wants_chain, alone)
     weakref.finalize(ctx, _checks.pop, pointer, None)
     _VERIFY.set_verify(pointer, _VERIFY.get_verify_mode(pointer), _VERIFY_CALLBACK)
     if _VERIFY.get_verify_callback(pointer) != _VERIFY_CALLBACK_ADDRESS:
