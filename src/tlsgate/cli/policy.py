@@ -26,6 +26,7 @@ from tlsgate.policy.peer import PeerIdentity, check_validity
 from tlsgate.policy.policy import Policy, build_policy
 from tlsgate.process.crls import crl_warning, overdue_crls
 from tlsgate.settings.config import server_access
+from tlsgate.settings.pins import KeyPin, PinSet
 from tlsgate.tls.x509 import parse_certificates
 
 
@@ -121,7 +122,8 @@ def check(
     for crl in overdue_crls(rules.revocation.sources, now):
         click.echo(f"warning: {crl_warning(crl)}")
     hints = _hints(decision, rules, peer, leaf, ca_certs, _ders(verified))
-    if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs:
+    pinned = rules.identity is not None and rules.identity.pinned
+    if decision.allowed and leaf is not None and rules.identity is not None and not ca_certs and not pinned:
         hints.append("the chain was not checked (no --cacert): the TLS handshake may still refuse this certificate")
     if hints:
         click.echo("")
@@ -165,6 +167,8 @@ def _steps(
         return steps, ()
 
     chain: tuple[x509.Certificate, ...] = (leaf, *intermediates)
+    if rules.identity.pinned:
+        return _pinned_steps(steps, rules, leaf), chain
     if cacert_given:
         decision, verified = verify_client_chain(leaf, intermediates, ca_certs, now=now)
         steps.append(Step("chain", decision))
@@ -187,6 +191,21 @@ def _steps(
         steps.append(Step("revocation", None, "no --crl given"))
     steps.append(Step("identity", rules.identity.check(peer, leaf.public_bytes(serialization.Encoding.DER))))
     return steps, chain
+
+
+def _pinned_steps(steps: list[Step], rules: Policy, leaf: x509.Certificate) -> list[Step]:
+    """``--allow-spki-pin``: the server looks at the key and nothing else, so the other steps say they do not run."""
+    alone = "not checked: --allow-spki-pin authenticates by the pin alone"
+    steps.append(Step("chain", None, f"{alone} (no CA, as in ghostunnel)"))
+    try:
+        peer = PeerIdentity.from_certificate(leaf)
+    except CertificateError as err:
+        steps.append(Step("certificate", Decision(False, "bad-cert", f"client {err}")))
+        return steps
+    steps.append(Step("validity", None, f"{alone} (dates: {_when(peer.not_before)} to {_when(peer.not_after)})"))
+    assert rules.identity is not None
+    steps.append(Step("identity", rules.identity.check(peer)))
+    return steps
 
 
 def _ders(chain: Sequence[x509.Certificate]) -> tuple[bytes, ...]:
@@ -214,6 +233,7 @@ def _echo_certificate(
         ("URI SAN", _values(peer.uris)),
         ("IP SAN", _values(peer.ip_addresses)),
         ("SPKI sha256", peer.spki_sha256),
+        ("SPKI pin", str(KeyPin.of(peer.spki_der)) if peer.spki_der else "-"),
     ]
     if intermediates:
         rows.append(("also in file", "; ".join(c.subject.rfc4514_string() for c in intermediates)))
@@ -262,6 +282,11 @@ def _hints(
         ]
     if rule == "identity":
         return ["add a rule that matches (see above), or issue the client a certificate with an allowed name"]
+    if rule == "spki-pin" and peer is not None and peer.spki_der:
+        return [
+            f"this key is not pinned: --allow-spki-pin {KeyPin.of(peer.spki_der)} lets it in (a pin names the key, "
+            "so it stays valid when the certificate is renewed with the same key)"
+        ]
     return []
 
 
@@ -277,6 +302,7 @@ def _echo_identity_comparison(rules: Policy, peer: PeerIdentity) -> None:
             ("--allow-dns", identity.dns, "DNS SAN", peer.dns_names),
             ("--allow-uri", identity.uri, "URI SAN", peer.uris),
             ("--allow-spki-sha256", identity.spki_sha256, "SPKI sha256", (peer.spki_sha256,)),
+            ("--allow-spki-pin", identity.pins.canonical(), "SPKI pin", _own_pins(identity.pins, peer)),
         )
         if allowed
     ]
@@ -287,6 +313,12 @@ def _echo_identity_comparison(rules: Policy, peer: PeerIdentity) -> None:
     allowed_width = min(max(len(row[1]) for row in rows), 60)
     for flag, allowed, actual in rows:
         click.echo(f"  {flag:<{flag_width}}  {allowed:<{allowed_width}}  certificate {actual}")
+
+
+def _own_pins(pins: PinSet, peer: PeerIdentity) -> tuple[str, ...]:
+    """The certificate's key pinned with each algorithm the rules use, to set beside them."""
+    algorithms = dict.fromkeys(pin.algorithm for pin in pins.pins)
+    return tuple(str(KeyPin.of(peer.spki_der, algorithm)) for algorithm in algorithms) if peer.spki_der else ()
 
 
 def _load_certificates(flag: str, path: str) -> list[x509.Certificate]:

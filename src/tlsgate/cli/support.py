@@ -144,6 +144,7 @@ access_options = setting_options(
         "allow_ip",
         "allow_uri",
         "allow_spki_sha256",
+        "allow_spki_pin",
         "allow_policy",
         "allow_query",
         "allow_from",

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from tlsgate import logs
 from tlsgate.engine import postgres
-from tlsgate.errors import CertificateError
+from tlsgate.errors import CertificateError, ConfigError
 from tlsgate.pki.names import EKU_NAMES
 from tlsgate.policy.identity import IdentityRules
 from tlsgate.policy.networks import AddressRules
@@ -62,14 +62,24 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         ]
         for (cert, _), material in zip(pairs, materials, strict=True):
             check_own_usage(material, "server", _flag_label(cert, cfg.keystore))
+        pinned = bool(cfg.allow_spki_pin)
+        # Under --allow-spki-pin no CA takes part (ghostunnel: --cacert "has no effect"), and no CRL can (refused).
+        ca_certs = tlsctx.load_certificates(cfg.cacert, "--cacert") if cfg.cacert and not pinned else []
+        policy = build_policy(cfg.access, ca_certs=ca_certs)
+        if pinned and cfg.cacert:
+            logs.event(
+                "--cacert is not used under --allow-spki-pin: clients are authenticated by their key pin alone",
+                logging.WARNING,
+            )
         contexts = [
             tlsctx.server_context(
                 material,
-                client_ca=cfg.cacert,
+                client_ca=None if pinned else cfg.cacert,
                 require_client_cert=not cfg.disable_authentication,
                 alpn=_protocol_alpn(cfg.alpn, cfg.protocol),
                 crl=cfg.crl,
                 session_tickets=cfg.session_tickets,
+                pins=policy.identity.pins.canonical() if policy.identity is not None else (),
             )
             for material in materials
         ]
@@ -84,11 +94,13 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         if cfg.proxy_protocol:
             capture_sni(accept_ctx)
         not_after = min(m.leaf.not_valid_after_utc.timestamp() for m in materials)
-        ca_certs = tlsctx.load_certificates(cfg.cacert, "--cacert") if cfg.cacert else []
-        policy = build_policy(cfg.access, ca_certs=ca_certs)
         if policy.identity is not None:
             for ctx in contexts:
-                internals.install_peer_check(ctx, _client_check(policy), wants_chain=policy.revocation.active)
+                installed = internals.install_peer_check(
+                    ctx, _client_check(policy), wants_chain=policy.revocation.active, alone=pinned
+                )
+                if pinned and not installed:
+                    raise ConfigError(_needs_verify_path("--allow-spki-pin"))
         target_identity = None
         if cfg.target_tls:
             client_material = None
@@ -115,7 +127,10 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             check_own_usage(material, "client", _flag_label(cfg.cert[0] if cfg.cert else None, cfg.keystore))
             not_after = material.leaf.not_valid_after_utc.timestamp()
         target_ctx = tlsctx.client_context(
-            cafile=cfg.cacert, material=material, alpn=_protocol_alpn(cfg.alpn, cfg.target_protocol)
+            cafile=cfg.cacert,
+            material=material,
+            alpn=_protocol_alpn(cfg.alpn, cfg.target_protocol),
+            pinned=bool(cfg.verify_spki_pin),
         )
         policy = Policy(AddressRules(cfg.allow_from, cfg.deny_from), identity=None)
         target_identity = IdentityRules(
@@ -125,13 +140,19 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
             ip=cfg.verify_ip,
             uri=cfg.verify_uri,
             spki_sha256=cfg.verify_spki_sha256,
+            spki_pins=cfg.verify_spki_pin,
             flag_prefix="verify",
             rego=_rego(cfg.verify_policy, cfg.verify_query, "verify"),
         )
         if not target_identity.active:
             target_identity = None
         else:
-            internals.install_peer_check(target_ctx, _target_check(target_identity), wants_chain=False)
+            pinned = target_identity.pinned
+            installed = internals.install_peer_check(
+                target_ctx, _target_check(target_identity), wants_chain=False, alone=pinned
+            )
+            if pinned and not installed:
+                raise ConfigError(_needs_verify_path("--verify-spki-pin"))
         server_name = cfg.override_server_name or (cfg.target.host or None)
     _cap_tls_version(cfg, [target_ctx] if target_ctx is not None else [])
     return Runtime(
@@ -152,6 +173,16 @@ def _protocol_alpn(alpn: tuple[str, ...], protocol: str | None) -> tuple[str, ..
     if protocol == "postgres" and postgres.ALPN not in alpn:
         return (*alpn, postgres.ALPN)
     return alpn
+
+
+def _needs_verify_path(flag: str) -> str:
+    """The refusal of a pin flag where the verify path is off: a pinned context would refuse every self-signed
+    peer (OpenSSL's verdict stands), and no public-API fallback is as safe (see docs/access-control.md)."""
+    why = internals.why_off("verify") or "it could not be installed on the TLS context"
+    return (
+        f"{flag} needs the in-handshake verify callback, which is off here ({why}): "
+        "without it tlsgate cannot accept a peer by its key pin alone, and will not accept unverified peers"
+    )
 
 
 def _cap_tls_version(cfg: TunnelConfig, contexts: list[ssl.SSLContext]) -> None:
