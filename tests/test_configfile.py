@@ -181,7 +181,7 @@ BAD_FILES: dict[str, tuple[str, list[str]]] = {
         + block("c", mode="client", cert=None, key=None, allow_cn=None, target="127.0.0.1:443"),
         [
             "tunnel 'a': server mode needs one of allow-all, allow-cn, allow-ou, allow-dns, allow-ip, allow-uri, "
-            "allow-spki-sha256, allow-policy/allow-query, or disable-authentication",
+            "allow-spki-sha256, allow-spki-pin, allow-policy/allow-query, or disable-authentication",
             "tunnel 'a': target 10.1.2.3:80 is not on this machine and the hop is plaintext; use target-tls, "
             "or add unsafe-target if the network in between is trusted",
             "tunnel 'c': client mode needs a certificate: cert and key, or keystore, or disable-authentication",

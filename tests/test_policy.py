@@ -626,7 +626,7 @@ def test_address_and_identity_must_both_pass(
         (
             {},
             "server mode needs one of --allow-all, --allow-cn, --allow-ou, --allow-dns, --allow-ip, --allow-uri, "
-            "--allow-spki-sha256, --allow-policy/--allow-query, or --disable-authentication",
+            "--allow-spki-sha256, --allow-spki-pin, --allow-policy/--allow-query, or --disable-authentication",
         ),
         ({"allow_from": ["10.0.0.0/8"]}, "server mode needs one of --allow-all"),
         ({"disable_authentication": True, "allow_cn": ["alice"]}, "--disable-authentication contradicts --allow-cn"),
