@@ -123,28 +123,12 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
             parts.append("TLS, no client certificate")
         else:
             rules = ["allow-all"] if cfg.allow_all else []
-            rules += _rules(
-                ("allow-cn", cfg.allow_cn),
-                ("allow-ou", cfg.allow_ou),
-                ("allow-dns", cfg.allow_dns),
-                ("allow-ip", cfg.allow_ip),
-                ("allow-uri", cfg.allow_uri),
-                ("allow-spki-sha256", cfg.allow_spki_sha256),
-                ("allow-spki-pin", cfg.allow_spki_pin),
-                ("allow-query", (cfg.allow_query,) if cfg.allow_query else ()),
-            )
+            rules += _identity_rules(cfg, "allow")
+            rules += _rules(("allow-query", (cfg.allow_query,) if cfg.allow_query else ()))
             parts.append(" ".join(["mTLS", *rules]))
     else:
-        rules = _rules(
-            ("verify-cn", cfg.verify_cn),
-            ("verify-ou", cfg.verify_ou),
-            ("verify-dns", cfg.verify_dns),
-            ("verify-ip", cfg.verify_ip),
-            ("verify-uri", cfg.verify_uri),
-            ("verify-spki-sha256", cfg.verify_spki_sha256),
-            ("verify-spki-pin", cfg.verify_spki_pin),
-            ("verify-query", (cfg.verify_query,) if cfg.verify_query else ()),
-        )
+        rules = _identity_rules(cfg, "verify")
+        rules += _rules(("verify-query", (cfg.verify_query,) if cfg.verify_query else ()))
         parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))
     parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
     if cfg.crl:
@@ -154,6 +138,12 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
     if cfg.target_http_headers:
         parts.append("X-Forwarded-* headers" + (" with the PEM" if cfg.target_http_cert else ""))
     return ", ".join(parts)
+
+
+def _identity_rules(cfg: TunnelConfig, prefix: str) -> list[str]:
+    """The value rules of ``--allow-*`` (server) or ``--verify-*`` (client), in the table's order."""
+    kinds = ("cn", "ou", "dns", "ip", "uri", "spki_sha256", "spki_pin")
+    return _rules(*((f"{prefix}-{kind.replace('_', '-')}", getattr(cfg, f"{prefix}_{kind}")) for kind in kinds))
 
 
 def _rules(*pairs: tuple[str, Sequence[object]]) -> list[str]:
