@@ -153,11 +153,13 @@ def short_dir() -> Iterator[Path]:
 
 @contextlib.asynccontextmanager
 async def proxied(pki_files: dict[str, Path], **extra: object) -> AsyncIterator[tuple[Any, Received]]:
-    """A server tunnel sending PROXY v2 to a target that records every header."""
+    """A server tunnel sending PROXY v2 with every TLV (tls-full, unless ``extra`` says otherwise) to a target
+    that records every header."""
     received = Received()
+    options = {"proxy_protocol_mode": "tls-full", **extra}
     async with (
         backend(reading_headers(received)) as be,
-        tunnel(**server_opts(pki_files, be.address, allow_all=True, proxy_protocol=True, **extra)) as tun,
+        tunnel(**server_opts(pki_files, be.address, allow_all=True, **options)) as tun,
     ):
         yield tun, received
 
@@ -294,7 +296,10 @@ async def test_a_unix_listener_with_proxy_v1_sends_unknown(
     pki_files: dict[str, Path], ca: trustme.CA, short_dir: Path
 ) -> None:
     listen = short_dir / "in.sock"
-    async with proxied(pki_files, listen=f"unix:{listen}", proxy_protocol_version=1) as (_, received):
+    async with proxied(pki_files, listen=f"unix:{listen}", proxy_protocol_mode="conn", proxy_protocol_version=1) as (
+        _,
+        received,
+    ):
         alice = ca.issue_cert("alice.test", common_name="alice")
         reader, writer = await asyncio.open_unix_connection(
             str(listen), ssl=client_context(ca, alice), server_hostname="localhost"

@@ -85,15 +85,16 @@ def proxy_endpoints(header: Any, accepted: Any, sock: socket.socket) -> tuple[An
     return accepted, local
 
 
-def session_tlvs(sock: socket.socket) -> list[tuple[int, bytes]]:
-    """The PROXY v2 TLVs for the client's TLS session; none for a plaintext client (client mode)."""
+def session_tlvs(sock: socket.socket, *, full: bool) -> list[tuple[int, bytes]]:
+    """The PROXY v2 TLVs for the client's TLS session (``--proxy-protocol-mode tls``); ``full`` (``tls-full``)
+    adds the client certificate: its flags, its CN and its DER. None for a plaintext client (client mode)."""
     from tlsgate.engine import proxyencode
 
     if not isinstance(sock, ssl.SSLSocket):
         return []
     der = sock.getpeercert(binary_form=True)
     client_cn = None
-    if der:
+    if der and full:
         # The policy parsed this certificate already (cached). Its CN is the one the policy matched: the last CN
         # attribute, as Go's Subject.CommonName that ghostunnel sends. Without one, no other name stands in.
         client_cn = PeerIdentity.from_der(der).common_name
@@ -107,6 +108,8 @@ def session_tlvs(sock: socket.socket) -> list[tuple[int, bytes]]:
         verified=bool(der),
         has_client_cert=bool(der),
         alpn=sock.selected_alpn_protocol(),
+        client_cert=der if full else None,
+        certificate_details=full,
     )
 
 

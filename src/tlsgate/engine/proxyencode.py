@@ -16,6 +16,7 @@ from tlsgate.engine.proxywire import (
     PP2_CLIENT_CERT_SESS,
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_CIPHER,
+    PP2_SUBTYPE_SSL_CLIENT_CERT,
     PP2_SUBTYPE_SSL_CN,
     PP2_SUBTYPE_SSL_VERSION,
     PP2_TYPE_ALPN,
@@ -125,17 +126,25 @@ def tls_tlvs(
     verified: bool,
     has_client_cert: bool,
     alpn: str | None = None,
+    client_cert: bytes | None = None,
+    certificate_details: bool = True,
 ) -> list[tuple[int, bytes]]:
-    """TLVs describing the client's TLS session, as HAProxy and hitch send them.
+    """TLVs describing the client's TLS session, as HAProxy, hitch and ghostunnel send them.
 
     ``PP2_TYPE_ALPN`` carries the negotiated application protocol and ``PP2_TYPE_AUTHORITY`` the SNI, each
-    only when there is one (ghostunnel sends both the same way). ``PP2_TYPE_SSL`` carries the client
-    flags (``PP2_CLIENT_SSL``; with a client certificate also ``PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS``,
-    since one presented on this connection was presented in its session), the 32-bit verify field and the
-    sub-TLVs ``PP2_SUBTYPE_SSL_VERSION`` (``"TLSv1.3"``), ``PP2_SUBTYPE_SSL_CN`` and ``PP2_SUBTYPE_SSL_CIPHER``.
+    only when there is one. ``PP2_TYPE_SSL`` carries the client flags, the 32-bit verify field and the sub-TLVs
+    ``PP2_SUBTYPE_SSL_VERSION`` (``"TLSv1.3"``), ``PP2_SUBTYPE_SSL_CN``, ``PP2_SUBTYPE_SSL_CIPHER`` and
+    ``PP2_SUBTYPE_SSL_CLIENT_CERT`` (``client_cert``, the DER), in that order, each only when it has a value.
 
-    verify is 0 only for a certificate that was presented and verified, 1 otherwise. The spec asks for exactly
-    that; HAProxy instead leaves 0 when no certificate was presented, which fools receivers that test
+    ``certificate_details`` decides whether the client certificate is described: its flags
+    (``PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS``, both, when ``has_client_cert``, since one presented on
+    this connection was presented in its session), its CN and its DER. Without them (ghostunnel's ``tls``
+    mode) only ``PP2_CLIENT_SSL`` is set and neither the CN nor the certificate is sent, whatever the caller
+    passes.
+
+    verify is 0 only for a certificate that was presented and verified, 1 otherwise, details or not: it says
+    whether the client authenticated, not who it is. The spec asks for exactly that; HAProxy instead leaves 0
+    when no certificate was presented (and ghostunnel always sends 0), which fools receivers that test
     ``verify == 0`` alone into trusting an anonymous client.
 
     Values are sent whole, never shortened: a receiver may decide on the CN. One too long for its 16-bit length
@@ -146,19 +155,26 @@ def tls_tlvs(
         result.append((PP2_TYPE_ALPN, alpn.encode("utf-8")))
     if sni:
         result.append((PP2_TYPE_AUTHORITY, sni.encode("utf-8")))
-    client = PP2_CLIENT_SSL
-    if has_client_cert:
-        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+    flagged = has_client_cert and certificate_details
+    client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS if flagged else 0)
     parts = [_SSL_HEAD.pack(client, 0 if (has_client_cert and verified) else 1)]
-    sub_fields = ((PP2_SUBTYPE_SSL_VERSION, version), (PP2_SUBTYPE_SSL_CN, client_cn), (PP2_SUBTYPE_SSL_CIPHER, cipher))
-    for kind, text in sub_fields:
-        if text:
-            value = text.encode("utf-8")
+    sub_fields = (
+        (PP2_SUBTYPE_SSL_VERSION, _utf8(version)),
+        (PP2_SUBTYPE_SSL_CN, _utf8(client_cn) if certificate_details else None),
+        (PP2_SUBTYPE_SSL_CIPHER, _utf8(cipher)),
+        (PP2_SUBTYPE_SSL_CLIENT_CERT, client_cert if certificate_details else None),
+    )
+    for kind, value in sub_fields:
+        if value:
             if len(value) > 0xFFFF:
                 raise ValueError(f"PROXY v2 SSL sub-TLV 0x{kind:02x} of {len(value)} bytes does not fit in 65535")
             parts.append(_TLV_HEAD.pack(kind, len(value)) + value)
     result.append((PP2_TYPE_SSL, b"".join(parts)))
     return result
+
+
+def _utf8(text: str | None) -> bytes | None:
+    return text.encode("utf-8") if text else None
 
 
 def _pack_endpoints(src: PeerAddress | None, dst: PeerAddress | None) -> tuple[bytes, bytes, int, int] | None:

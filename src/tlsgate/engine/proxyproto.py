@@ -33,6 +33,7 @@ from tlsgate.engine.proxywire import (
     PP2_CLIENT_CERT_SESS,
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_CIPHER,
+    PP2_SUBTYPE_SSL_CLIENT_CERT,
     PP2_SUBTYPE_SSL_CN,
     PP2_SUBTYPE_SSL_KEY_ALG,
     PP2_SUBTYPE_SSL_SIG_ALG,
@@ -63,6 +64,7 @@ __all__ = [
     "PP2_CLIENT_CERT_SESS",
     "PP2_CLIENT_SSL",
     "PP2_SUBTYPE_SSL_CIPHER",
+    "PP2_SUBTYPE_SSL_CLIENT_CERT",
     "PP2_SUBTYPE_SSL_CN",
     "PP2_SUBTYPE_SSL_KEY_ALG",
     "PP2_SUBTYPE_SSL_SIG_ALG",
@@ -354,5 +356,6 @@ def parse_tlv_ssl(value: bytes) -> SslInfo:
         cipher=texts.get(PP2_SUBTYPE_SSL_CIPHER),
         sig_alg=texts.get(PP2_SUBTYPE_SSL_SIG_ALG),
         key_alg=texts.get(PP2_SUBTYPE_SSL_KEY_ALG),
+        client_cert=next((value for kind, value in sub_tlvs if kind == PP2_SUBTYPE_SSL_CLIENT_CERT), None),
         sub_tlvs=sub_tlvs,
     )

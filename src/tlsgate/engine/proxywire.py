@@ -29,6 +29,9 @@ PP2_SUBTYPE_SSL_CN: Final = 0x22
 PP2_SUBTYPE_SSL_CIPHER: Final = 0x23
 PP2_SUBTYPE_SSL_SIG_ALG: Final = 0x24
 PP2_SUBTYPE_SSL_KEY_ALG: Final = 0x25
+PP2_SUBTYPE_SSL_CLIENT_CERT: Final = 0x28
+"""The client's certificate, DER: ghostunnel's ``--proxy-protocol-mode tls-full`` (go-proxyproto's name); not in
+HAProxy's spec, so a receiver that does not know it skips it."""
 
 PP2_CLIENT_SSL: Final = 0x01
 PP2_CLIENT_CERT_CONN: Final = 0x02
@@ -86,6 +89,8 @@ class SslInfo:
     sig_alg: str | None = None
     key_alg: str | None = None
     sub_tlvs: tuple[tuple[int, bytes], ...] = ()
+    client_cert: bytes | None = None
+    """The DER of ``PP2_SUBTYPE_SSL_CLIENT_CERT``, when the sender included it (tlsgate's and ghostunnel's tls-full)."""
 
     @property
     def client_ssl(self) -> bool:

@@ -91,7 +91,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 for name in _dns_names(material):
                     by_name.setdefault(name, ctx)
             tlsctx.add_sni_certificates(accept_ctx, by_name)
-        if cfg.proxy_protocol:
+        if cfg.proxy_mode in ("tls", "tls-full"):
             capture_sni(accept_ctx)
         not_after = min(m.leaf.not_valid_after_utc.timestamp() for m in materials)
         if policy.identity is not None:
@@ -298,8 +298,9 @@ def capture_sni(ctx: ssl.SSLContext) -> None:
     """Remember on each connection the server name its client asked for; ``captured_sni`` reads it back.
 
     A server-side ``SSLSocket`` cannot tell its SNI afterwards (``server_hostname`` is the client side's), and
-    ``--proxy-protocol`` sends it to the target as ``PP2_TYPE_AUTHORITY``, so the context's SNI callback keeps
-    it. A callback already there (several certificates, picked by name) still runs, after ours.
+    ``--proxy-protocol-mode tls`` (and ``tls-full``) sends it to the target as ``PP2_TYPE_AUTHORITY``, so the
+    context's SNI callback keeps it. Only those modes install it, since it is a Python call in every handshake.
+    A callback already there (several certificates, picked by name) still runs, after ours.
     """
     chosen = ctx.sni_callback
 

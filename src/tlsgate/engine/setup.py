@@ -385,7 +385,7 @@ class Setup(SetupCore):
     def _start_relay(self) -> None:
         tunnel, cfg = self.tunnel, self.tunnel.cfg
         assert self.target is not None
-        if cfg.proxy_protocol and not self._send_proxy_header():
+        if cfg.proxy_mode is not None and not self._send_proxy_header(cfg.proxy_mode):
             return
         if self.forward and not self._send_forward():
             return
@@ -445,12 +445,14 @@ class Setup(SetupCore):
             stats=self.tunnel.stats,
         )
 
-    def _send_proxy_header(self) -> bool:
+    def _send_proxy_header(self, mode: str) -> bool:
         """Tell the target who the client is, from what the connection itself showed, never a display string.
 
         The source is the address accept() returned (behind a trusted load balancer: the client its header
         named), because a client that reset right after sending leaves a socket that no longer knows its peer.
-        The CN comes from the parsed certificate and the SNI from the handshake, both sent whole.
+        ``mode`` (ghostunnel's --proxy-protocol-mode) says what else goes in: nothing (``conn``), the TLS session
+        (``tls``), the client certificate too (``tls-full``). The CN comes from the parsed certificate and the
+        SNI from the handshake, both sent whole.
         """
         from tlsgate.engine import proxyencode
 
@@ -460,7 +462,8 @@ class Setup(SetupCore):
             if self.tunnel.cfg.proxy_protocol_version == 1:
                 header = proxyencode.encode_v1(src, dst)
             else:
-                header = proxyencode.encode_v2(src, dst, tlvs=session_tlvs(self.client))
+                tlvs = session_tlvs(self.client, full=mode == "tls-full") if mode != "conn" else ()
+                header = proxyencode.encode_v2(src, dst, tlvs=tlvs)
         except OSError as err:
             self.abort(f"client gone ({err})")
             return False

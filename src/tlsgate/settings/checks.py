@@ -135,6 +135,16 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
         )
     if cfg.accept_proxy_from and cfg.mode != "server":
         problems.append("--accept-proxy-from is for server mode")
+    if cfg.proxy_protocol and cfg.proxy_protocol_mode is not None:
+        # As in ghostunnel, which refuses both at once rather than pick one.
+        problems.append(
+            "--proxy-protocol and --proxy-protocol-mode are mutually exclusive (--proxy-protocol is "
+            "--proxy-protocol-mode conn)"
+        )
+    elif cfg.proxy_mode in ("tls", "tls-full") and cfg.proxy_protocol_version == 1:
+        problems.append(
+            f"--proxy-protocol-mode {cfg.proxy_mode} needs --proxy-protocol-version 2: a v1 header has no room for TLVs"
+        )
     if cfg.crl_max_age and not cfg.crl and cfg.mode == "server":
         problems.append("--crl-max-age limits the age of --crl files: give --crl too")
     problems += _unix_listener_checks(cfg)

@@ -111,7 +111,9 @@ class TunnelConfig:
     unsafe_listen: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_concurrent_conns: int = 0
+    # ghostunnel's bare --proxy-protocol, which means --proxy-protocol-mode conn; read proxy_mode, not these two.
     proxy_protocol: bool = False
+    proxy_protocol_mode: str | None = None
     # Rewrite each HTTP/1.x request head with the client's identity (engine.httprelay); the cert adds its PEM.
     target_http_headers: bool = False
     target_http_cert: bool = False
@@ -139,6 +141,11 @@ class TunnelConfig:
     def access(self) -> ServerAccess:
         """The server access settings, as ``tlsgate.policy.build_policy`` takes them."""
         return ServerAccess.of(self)
+
+    @property
+    def proxy_mode(self) -> str | None:
+        """What the PROXY header sent to the target says: ``conn``, ``tls``, ``tls-full``, or None for no header."""
+        return "conn" if self.proxy_protocol else self.proxy_protocol_mode
 
     @property
     def proxy_from_unix(self) -> bool:

@@ -133,8 +133,8 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
     parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
     if cfg.crl:
         parts.append(f"{len(cfg.crl)} CRL" + ("s" if len(cfg.crl) > 1 else ""))
-    if cfg.proxy_protocol:
-        parts.append(f"PROXY v{cfg.proxy_protocol_version}")
+    if cfg.proxy_mode:
+        parts.append(f"PROXY v{cfg.proxy_protocol_version} {cfg.proxy_mode}")
     if cfg.target_http_headers:
         parts.append("X-Forwarded-* headers" + (" with the PEM" if cfg.target_http_cert else ""))
     return ", ".join(parts)

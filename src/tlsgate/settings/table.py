@@ -245,7 +245,22 @@ _UPSTREAM = (
     ),
     Setting("target_key", "file", "upstream", "Key for --target-cert.", scope="server", metavar="FILE"),
     Setting("unsafe_target", "flag", "upstream", "Allow a plaintext target on another machine.", scope="server"),
-    Setting("proxy_protocol", "flag", "upstream", "Send a PROXY header to the target.", scope="server"),
+    Setting(
+        "proxy_protocol",
+        "flag",
+        "upstream",
+        "Send a PROXY header with the addresses only (= --proxy-protocol-mode conn).",
+        scope="server",
+    ),
+    Setting(
+        "proxy_protocol_mode",
+        "choice",
+        "upstream",
+        "Send a PROXY v2 header: addresses (conn), + ALPN/SNI/TLS version (tls), + client certificate (tls-full).",
+        scope="server",
+        metavar="MODE",
+        choices=("conn", "tls", "tls-full"),
+    ),
     Setting(
         "target_http_headers",
         "flag",
