@@ -11,8 +11,8 @@ The reference is ghostunnel's ``proxy/proxy_protocol.go`` and its ``tests/test-s
   ``PP2_SUBTYPE_SSL_CLIENT_CERT`` (``0x28``).
 
 The targets here read the header with a parser written in this module from proxy-protocol.txt, not with
-``tlsgate.engine.proxyproto``, so a fault in the codec cannot hide itself; one test puts a real nginx behind
-the tunnel, and one a real curl in front of it.
+``tlsgate.engine.proxyproto``, so a fault in the codec cannot hide itself; the last tests put a real nginx
+behind the tunnel (it reads the header's addresses and must skip the TLVs) and a real curl in front of it.
 """
 
 from __future__ import annotations
