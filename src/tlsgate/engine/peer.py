@@ -85,13 +85,15 @@ def proxy_endpoints(header: Any, accepted: Any, sock: socket.socket) -> tuple[An
     return accepted, local
 
 
-def session_tlvs(sock: socket.socket, *, full: bool) -> list[tuple[int, bytes]]:
-    """The PROXY v2 TLVs for the client's TLS session (``--proxy-protocol-mode tls``); ``full`` (``tls-full``)
-    adds the client certificate: its flags, its CN and its DER. None for a plaintext client (client mode)."""
+def session_tlvs(sock: socket.socket, mode: str) -> list[tuple[int, bytes]]:
+    """The PROXY v2 TLVs ``mode`` (ghostunnel's --proxy-protocol-mode) sends: none for ``conn``; the client's TLS
+    session (ALPN, SNI, version, cipher) for ``tls``; that and the client certificate (its flags, its CN and
+    its DER) for ``tls-full``. None for a plaintext client (client mode)."""
     from tlsgate.engine import proxyencode
 
-    if not isinstance(sock, ssl.SSLSocket):
+    if mode == "conn" or not isinstance(sock, ssl.SSLSocket):
         return []
+    full = mode == "tls-full"
     der = sock.getpeercert(binary_form=True)
     client_cn = None
     if der and full:

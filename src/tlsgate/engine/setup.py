@@ -450,9 +450,7 @@ class Setup(SetupCore):
 
         The source is the address accept() returned (behind a trusted load balancer: the client its header
         named), because a client that reset right after sending leaves a socket that no longer knows its peer.
-        ``mode`` (ghostunnel's --proxy-protocol-mode) says what else goes in: nothing (``conn``), the TLS session
-        (``tls``), the client certificate too (``tls-full``). The CN comes from the parsed certificate and the
-        SNI from the handshake, both sent whole.
+        ``mode`` (--proxy-protocol-mode) picks the TLVs (``peer.session_tlvs``), whose CN and SNI are sent whole.
         """
         from tlsgate.engine import proxyencode
 
@@ -462,8 +460,7 @@ class Setup(SetupCore):
             if self.tunnel.cfg.proxy_protocol_version == 1:
                 header = proxyencode.encode_v1(src, dst)
             else:
-                tlvs = session_tlvs(self.client, full=mode == "tls-full") if mode != "conn" else ()
-                header = proxyencode.encode_v2(src, dst, tlvs=tlvs)
+                header = proxyencode.encode_v2(src, dst, tlvs=session_tlvs(self.client, mode))
         except OSError as err:
             self.abort(f"client gone ({err})")
             return False
