@@ -86,20 +86,40 @@ def bind_tcp(family: int, sockaddr: Any, *, reuse_port: bool) -> socket.socket:
 
 
 def remove_stale_socket(path: str, flag: str = "--listen") -> None:
-    """A socket file left by a process that died is removed; a live one, or any other file, is an error."""
+    """A socket file left by a process that died is removed; a live one, or any other file, is an error.
+
+    Only a refused connection proves the file stale: any other failure to probe it (no permission, a full
+    backlog) may hide a live listener, and the file is then left alone and the error named. A path that cannot
+    even be looked at (a parent that is a file, a symlink loop, no permission) is a one-line start-up error too.
+    """
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return
+    except OSError as err:
+        raise StartupError(f"{flag} unix:{path}: {err.strerror or err}") from None
     if not stat.S_ISSOCK(mode):
         raise StartupError(f"{flag} unix:{path}: exists and is not a socket")
     with socket.socket(socket.AF_UNIX) as probe:
+        # Non-blocking: a blocking connect to a live listener whose backlog is full waits for as long as it stays
+        # full, and start-up with it. EAGAIN is that listener.
+        probe.setblocking(False)
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)
-            return
-    raise StartupError(f"{flag} unix:{path}: another process is listening there")
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale: nobody listens (or it just went away)
+        except BlockingIOError:
+            raise StartupError(f"{flag} unix:{path}: another process is listening there") from None
+        except OSError as err:
+            raise StartupError(f"{flag} unix:{path}: cannot tell whether it is in use: {err.strerror or err}") from None
+        else:
+            raise StartupError(f"{flag} unix:{path}: another process is listening there")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StartupError(f"{flag} unix:{path}: cannot remove the stale socket file: {err.strerror or err}") from None
 
 
 def bind_unix(path: str, flag: str = "--listen") -> socket.socket:
