@@ -103,36 +103,40 @@ class Setup(SetupCore):
         """
         from tlsgate.engine import proxyproto
 
-        seen = self.proxy_seen
-        try:
-            data = self.client.recv(proxyproto.MAX_HEADER - len(seen), socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            self._want(self.client_fd, True, self._read_proxy_header)
-            return
-        except OSError:
-            self.abort("client gone")
-            return
-        if not data:
-            self.abort("client gone")
-            return
-        try:
-            header = proxyproto.parse(seen + data)
-        except ProxyProtocolError as err:
-            self.tunnel.stats.proxy_header_errors += 1
-            self._refuse(Decision(False, "proxy-protocol", f"bad PROXY header: {err}"))
-            return
-        wanted = len(data) if header is None else header.length - len(seen)
-        try:
-            taken = self.client.recv(wanted)
-        except OSError:
-            taken = b""
-        if len(taken) != wanted:  # the kernel just showed us these bytes; anything else is a vanished peer
-            self.abort("client gone")
-            return
-        if header is None:
+        while True:
+            seen = self.proxy_seen
+            try:
+                data = self.client.recv(proxyproto.MAX_HEADER - len(seen), socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                self._want(self.client_fd, True, self._read_proxy_header)  # the same registration: no system call
+                return
+            except OSError:
+                self.abort("client gone")
+                return
+            if not data:
+                self.abort("client gone")
+                return
+            try:
+                header = proxyproto.parse(seen + data)
+            except ProxyProtocolError as err:
+                self.tunnel.stats.proxy_header_errors += 1
+                self._refuse(Decision(False, "proxy-protocol", f"bad PROXY header: {err}"))
+                return
+            wanted = len(data) if header is None else header.length - len(seen)
+            try:
+                taken = self.client.recv(wanted)
+            except OSError:
+                taken = b""
+            if len(taken) != wanted:  # the kernel just showed us these bytes; anything else is a vanished peer
+                self.abort("client gone")
+                return
+            if header is not None:
+                break
+            # Part of a header: look again at once rather than wait for readiness. On uvloop a socket whose
+            # peer reset is not polled again once its reader ran, so a client that sent half a header and reset
+            # would hold its set-up until the deadline; the next peek sees the reset, or EAGAIN. Each pass took
+            # at least a byte, so this ends.
             self.proxy_seen = seen + taken
-            self._want(self.client_fd, True, self._read_proxy_header)  # the same registration: no system call
-            return
         self._unwant()
         self.proxy_seen = b""
         self.proxy_header = header
@@ -164,15 +168,18 @@ class Setup(SetupCore):
     def _read_opening(self) -> None:
         """One step of the client's opening: answer what it sent, then wait, refuse, start TLS or connect."""
         assert self.opening is not None
-        try:
-            step = starttls.advance(self.client, self.opening)
-        except BlockingIOError:
-            self._want(self.client_fd, True, self._read_opening)
-            return
+        while True:
+            try:
+                step = starttls.advance(self.client, self.opening)
+            except BlockingIOError:
+                self._want(self.client_fd, True, self._read_opening)  # the same registration: no system call
+                return
+            if step is None or step.then != "read":
+                break
+            # Look again at once rather than wait for readiness, as _read_proxy_header does and for the same
+            # reason (uvloop stops polling a reset socket once its reader ran). A "read" step always took bytes.
         if step is None:
             self.abort("client gone")
-        elif step.then == "read":
-            self._want(self.client_fd, True, self._read_opening)  # the same registration: no system call
         elif step.then == "refuse":
             self._refuse_opening(step)
         elif step.then == "tls":

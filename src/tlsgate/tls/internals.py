@@ -258,7 +258,13 @@ def bind(path: str, binder: Callable[[ctypes.CDLL, ctypes.CDLL], _T]) -> _T | No
 
 def _direct_handshake(tls: ssl.SSLSocket) -> None:
     # SSLSocket.do_handshake() re-sets the socket's timeout afterwards: an ioctl per call for nothing.
-    tls._sslobj.do_handshake()  # type: ignore[attr-defined]
+    sslobj = tls._sslobj  # type: ignore[attr-defined]
+    if sslobj is None:
+        # wrap_socket makes no SSL object for a socket that is no longer connected (a peer that reset before it
+        # was wrapped); the public method then raises OSError(ENOTCONN), a failed handshake like any reset.
+        tls.do_handshake()
+        return
+    sslobj.do_handshake()
 
 
 def _public_handshake(tls: ssl.SSLSocket) -> None:
