@@ -17,6 +17,8 @@ from tlsgate.cli import cli
 from tlsgate.engine.postgres import CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3, SSL_REQUEST
 from tlsgate.engine.sockets import bind_unix
 from tlsgate.errors import StartupError
+from tlsgate.process.supervisor import ProcessOptions, Server
+from tlsgate.settings.config import tunnel_config
 
 from helpers import backend, invoke, listen_args, port_of, refused, server_opts, tunnel, wait_until
 
@@ -222,3 +224,28 @@ async def test_a_client_that_resets_before_its_handshake_starts_is_a_handshake_f
         await wait_until(lambda: tun.stats.accepted == 10 and tun.active == 0)
         assert tun.stats.internal_errors == 0
         assert be.connections == 0
+
+
+# -- the status port failing after the tunnels listen -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "unix"])
+async def test_a_status_port_that_cannot_bind_leaves_nothing_open(
+    pki_files: dict[str, Path], tmp_path: Path, listen: str
+) -> None:
+    """The status port binds after the tunnels (it needs them to report on): when it fails, the tunnels' sockets
+    are closed again, a unix tunnel's file is removed, and the error is the start-up error. Held."""
+    listen_at = f"unix:{tmp_path / 't.sock'}" if listen == "unix" else listen
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        before = _open_fds()
+        for _ in range(5):
+            cfg = tunnel_config("server", server_opts(pki_files, "127.0.0.1:1", allow_all=True, listen=listen_at))
+            with pytest.raises(StartupError, match="--status"):
+                async with Server([cfg], ProcessOptions(status=busy)):
+                    pass
+        assert _open_fds() == before
+        assert not (tmp_path / "t.sock").exists()
