@@ -99,7 +99,8 @@ class Setup(SetupCore):
         then consume only header bytes. A partial header is consumed too (every byte of it belongs to the
         header: ``parse`` answers "incomplete" only then) and kept in ``proxy_seen``: peeked bytes left queued
         would keep the socket readable, and waiting for more would spin. ``parse`` refuses as soon as the bytes
-        cannot fit the bound, so ``proxy_seen`` stays under ``MAX_HEADER``.
+        cannot fit the bound, so ``proxy_seen`` stays under ``MAX_HEADER``. A partial header is followed by another
+        peek at once: uvloop stops polling a reset socket once its reader ran; waiting would hold it to the deadline.
         """
         from tlsgate.engine import proxyproto
 
@@ -111,8 +112,7 @@ class Setup(SetupCore):
                 self._want(self.client_fd, True, self._read_proxy_header)  # the same registration: no system call
                 return
             except OSError:
-                self.abort("client gone")
-                return
+                data = b""
             if not data:
                 self.abort("client gone")
                 return
@@ -132,10 +132,6 @@ class Setup(SetupCore):
                 return
             if header is not None:
                 break
-            # Part of a header: look again at once rather than wait for readiness. On uvloop a socket whose
-            # peer reset is not polled again once its reader ran, so a client that sent half a header and reset
-            # would hold its set-up until the deadline; the next peek sees the reset, or EAGAIN. Each pass took
-            # at least a byte, so this ends.
             self.proxy_seen = seen + taken
         self._unwant()
         self.proxy_seen = b""
@@ -175,9 +171,7 @@ class Setup(SetupCore):
                 self._want(self.client_fd, True, self._read_opening)  # the same registration: no system call
                 return
             if step is None or step.then != "read":
-                break
-            # Look again at once rather than wait for readiness, as _read_proxy_header does and for the same
-            # reason (uvloop stops polling a reset socket once its reader ran). A "read" step always took bytes.
+                break  # after a "read" step (it took bytes), peek again at once, as _read_proxy_header does
         if step is None:
             self.abort("client gone")
         elif step.then == "refuse":
