@@ -63,6 +63,16 @@ class Step:
 )
 @access_options
 @click.option(
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Take the access rules from this config file's server tunnel (and route, with --sni) instead of flags.",
+)
+@click.option("--tunnel", "tunnel_name", metavar="NAME", help="With --config: the tunnel to check (default: the only one).")
+@click.option(
+    "--sni", metavar="NAME", help="With --config: the server name the client asks for; checks that route's rules."
+)
+@click.option(
     "--show-input", is_flag=True, help="Also print the input document an --allow-policy query is evaluated on."
 )
 @click.pass_context
@@ -74,6 +84,9 @@ def check(
     cacert: str | None,
     disable_authentication: bool,
     at: str | None,
+    config_path: str | None,
+    tunnel_name: str | None,
+    sni: str | None,
     show_input: bool,
     **access: Any,
 ) -> None:
@@ -82,11 +95,20 @@ def check(
     Exit status: 0 ALLOW, 1 DENY, 2 bad input.
 
     \b
-    Example:
+    Examples:
       tlsgate policy check --cert alice.pem --from 10.1.2.3 --cacert ca.pem \\
           --allow-ou eng --allow-from 10.0.0.0/8 --crl crl.pem
+      tlsgate policy check --config tlsgate.toml --sni api.example.com --cert alice.pem
     """
     now = _parse_time(at)
+    route_line = ""
+    if config_path is not None or tunnel_name is not None or sni is not None:
+        access, cacert, disable_authentication, route_line = _rules_from_config(
+            config_path, tunnel_name, sni, access, cacert, disable_authentication
+        )
+        if not access:  # the name picks no route and the tunnel has no default: refused before any rule
+            click.echo(f"DENY\nrule:   route\nreason: {route_line}")
+            ctx.exit(1)
     if source is not None:
         _check_ip(source)
     chain = _load_certificates("--cert", cert_path) if cert_path else []
@@ -103,6 +125,8 @@ def check(
     click.echo("ALLOW" if decision.allowed else "DENY")
     click.echo(f"rule:   {decision.rule}")
     click.echo(f"reason: {decision.reason}")
+    if route_line:
+        click.echo(f"route:  {route_line}")
     click.echo("")
     click.echo("checks, in the server's order:")
     for step in steps:
@@ -131,6 +155,52 @@ def check(
             click.echo(f"hint: {hint}")
     if not decision.allowed:
         ctx.exit(1)
+
+
+def _rules_from_config(
+    config_path: str | None,
+    tunnel_name: str | None,
+    sni: str | None,
+    access: dict[str, Any],
+    cacert: str | None,
+    disable_authentication: bool,
+) -> tuple[dict[str, Any], str | None, bool, str]:
+    """The access flags, CA bundle and authentication mode of a config file's tunnel, or of the route that
+    ``sni`` picks there, and a line saying which route that is (no rules at all: the name is refused before
+    any rule runs, and the line says why). Flags that set rules too are refused: the
+    answer would be about neither the file nor the flags."""
+    from tlsgate.settings.file import read_config_file
+    from tlsgate.settings.routes import DEFAULT_ROUTE, NameTable
+
+    if config_path is None:
+        raise ConfigError("--sni and --tunnel need --config FILE: routes are configured in a file")
+    given = [name for name, value in access.items() if value not in (None, (), [], False)]
+    if given or disable_authentication:
+        flag = "--" + (given[0] if given else "disable_authentication").replace("_", "-")
+        raise ConfigError(f"--config takes the rules from the file: drop {flag}")
+    loaded = read_config_file(config_path)
+    if loaded.problems:
+        raise ConfigError(f"--config {config_path}: {loaded.problems[0]}")
+    servers = [cfg for cfg in loaded.tunnels if cfg.mode == "server"]
+    if tunnel_name is not None:
+        servers = [cfg for cfg in servers if cfg.name == tunnel_name]
+        if not servers:
+            raise ConfigError(f"--tunnel {shown(tunnel_name)}: no server tunnel of that name in {config_path}")
+    if len(servers) != 1:
+        names = ", ".join(cfg.name for cfg in servers) or "none"
+        raise ConfigError(f"--config {config_path}: give --tunnel NAME, one of the server tunnels ({names})")
+    cfg, line = servers[0], ""
+    if sni is not None:
+        names = NameTable((name, route) for route in cfg.routes for name in route.server_names)
+        route = names.match(sni)
+        if route is not None:
+            cfg, line = route.cfg, route.name
+        elif cfg.route_default:
+            line = f"{DEFAULT_ROUTE} (no route claims {sni})"
+        else:
+            return {}, None, False, f"no route for server name {sni!r}, and the tunnel has no default target"
+    rules = {key: getattr(cfg, key) for key in access}
+    return rules, cacert or cfg.cacert, cfg.disable_authentication, line
 
 
 def _steps(

@@ -90,6 +90,9 @@ def json_metrics(snapshot: Snapshot, prefix: str) -> list[dict[str, Any]]:
             add(f"accept.refused.{rule}", count, view)
         for rule, count in sorted(view.rechecked_closed.items()):
             add(f"conn.rechecked_closed.{rule}", count, view)
+        for route, counts in sorted(view.routes.items()):
+            for event, count in sorted(counts.items()):
+                add(f"route.{route}.{event}", count, view)
         add("conn.handshake.count", _value(view, "handshakes"), view)
         add("conn.handshake.seconds", _value(view, "handshake_seconds_total"), view)
         for suffix, value in timer_entries(view.samples.get("handshake", [])):
@@ -214,6 +217,7 @@ def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
         for rule, count in sorted(view.rechecked_closed.items()):
             out.sample(name, {**labels, "rule": rule}, count)
 
+    _route_families(out, tunnels)
     _handshake_family(out, tunnels)
 
     name = out.family(
@@ -247,6 +251,25 @@ def prometheus_text(snapshot: Snapshot, prefix: str) -> str:
     labels = {"version": __version__, "python": platform.python_version(), "internals": internals.report().label()}
     out.sample(name, labels, 1)
     return out.text()
+
+
+def _route_families(out: _Exposition, tunnels: list[TunnelView]) -> None:
+    """Routes by server name: each tunnel's numbers again, by route (present only on tunnels with routes)."""
+    routed = [view for view in tunnels if view.routes]
+    if not routed:
+        return
+    for key, metric, kind, help_text in (
+        ("established", "route_connections_total", "counter",
+         "Connections that passed the route's rules and were connected to its target, by route."),
+        ("refused", "route_refused_total", "counter",
+         "Connections a route's rules refused (names no route claims count in connections_refused_total)."),
+        ("open", "route_open_connections", "gauge", "Relayed connections open now, by route."),
+    ):  # fmt: skip
+        name = out.family(metric, kind, help_text)
+        for view in routed:
+            labels = _labels(view)
+            for route, counts in sorted(view.routes.items()):
+                out.sample(name, {**labels, "route": route}, counts.get(key, 0))
 
 
 def _handshake_family(out: _Exposition, tunnels: list[TunnelView]) -> None:

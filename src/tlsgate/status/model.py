@@ -40,6 +40,8 @@ class TunnelView:
     refused: dict[str, int] = field(default_factory=dict)
     # Open connections a reload's re-check closed, by rule (tunnel.Stats.rechecked_closed).
     rechecked_closed: dict[str, int] = field(default_factory=dict)
+    # Routes by server name: route -> {"established": n, "refused": n, "open": n}; empty for a tunnel without.
+    routes: dict[str, dict[str, int]] = field(default_factory=dict)
     # Handshakes per latency bucket (not cumulative); empty unless tunnel.Stats keeps them.
     handshake_buckets: list[int] = field(default_factory=list)
     # Recent durations in seconds ("handshake", "lifetime"), for ghostunnel's timers; every worker's, joined.
@@ -74,6 +76,10 @@ class TunnelView:
             self.refused[rule] = self.refused.get(rule, 0) + count
         for rule, count in other.rechecked_closed.items():
             self.rechecked_closed[rule] = self.rechecked_closed.get(rule, 0) + count
+        for route, counts in other.routes.items():
+            mine = self.routes.setdefault(route, {})
+            for name, count in counts.items():
+                mine[name] = mine.get(name, 0) + count
         if len(other.handshake_buckets) > len(self.handshake_buckets):
             self.handshake_buckets += [0] * (len(other.handshake_buckets) - len(self.handshake_buckets))
         for i, count in enumerate(other.handshake_buckets):
@@ -103,6 +109,7 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         counters=counters,
         refused=dict(stats.refused),
         rechecked_closed=dict(stats.rechecked_closed),
+        routes=_route_counts(tunnel),
         handshake_buckets=list(stats.handshake_buckets),
         samples={"handshake": list(stats.handshake_samples), "lifetime": list(stats.lifetime_samples)},
         last_reload=tunnel.last_reload,
@@ -111,6 +118,19 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         target_status=tunnel.cfg.target_status or "",
         target_status_cafile=tunnel.cfg.target_cacert or "",
     )
+
+
+def _route_counts(tunnel: Tunnel) -> dict[str, dict[str, int]]:
+    """Per route: connections relayed and refused (tunnel.Stats.route_counts) and open now (by each relay's origin)."""
+    counts = {route: dict(events) for route, events in tunnel.stats.route_counts.items()}
+    if counts or tunnel.runtime.routes is not None:
+        for route in counts.values():
+            route["open"] = 0
+        for origin in tunnel.origins.values():
+            if origin.route:
+                route_counts = counts.setdefault(origin.route, {"open": 0})
+                route_counts["open"] = route_counts.get("open", 0) + 1
+    return counts
 
 
 def views_of(server: Server) -> list[TunnelView]:
