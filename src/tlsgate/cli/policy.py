@@ -68,7 +68,9 @@ class Step:
     metavar="FILE",
     help="Take the access rules from this config file's server tunnel (and route, with --sni) instead of flags.",
 )
-@click.option("--tunnel", "tunnel_name", metavar="NAME", help="With --config: the tunnel to check (default: the only one).")
+@click.option(
+    "--tunnel", "tunnel_name", metavar="NAME", help="With --config: the tunnel to check (default: the only one)."
+)
 @click.option(
     "--sni", metavar="NAME", help="With --config: the server name the client asks for; checks that route's rules."
 )
@@ -191,8 +193,8 @@ def _rules_from_config(
         raise ConfigError(f"--config {config_path}: give --tunnel NAME, one of the server tunnels ({names})")
     cfg, line = servers[0], ""
     if sni is not None:
-        names = NameTable((name, route) for route in cfg.routes for name in route.server_names)
-        route = names.match(sni)
+        table = NameTable((name, route) for route in cfg.route for name in route.server_names)
+        route = table.match(sni)
         if route is not None:
             cfg, line = route.cfg, route.name
         elif cfg.route_default:

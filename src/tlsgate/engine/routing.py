@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tlsgate import logs
 from tlsgate.settings.routes import DEFAULT_ROUTE, NameTable
+from tlsgate.tls.contexts import quiet_undecodable_server_names
 
 if TYPE_CHECKING:
     from tlsgate.engine.runtime import Runtime
@@ -104,7 +105,7 @@ def install_selector(ctx: ssl.SSLContext, table: RouteTable) -> None:
                 sslobj.context = chosen
             callback = own.get(id(chosen))
             # typeshed types the callback narrower than the ssl module calls it (SSLSocket owners, None names).
-            return callback(sslobj, server_name, chosen) if callback is not None else None  # type: ignore[no-any-return]
+            return callback(sslobj, server_name, chosen) if callback is not None else None
         except Exception as err:
             try:
                 setattr(sslobj, _REFUSAL_ATTRIBUTE, f"internal error picking a route: {type(err).__name__}")
@@ -113,6 +114,7 @@ def install_selector(ctx: ssl.SSLContext, table: RouteTable) -> None:
                 pass
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
+    quiet_undecodable_server_names()
     ctx.sni_callback = select
 
 
@@ -122,10 +124,17 @@ def chosen_route(sock: ssl.SSLSocket) -> Route | None:
     return route if isinstance(route, Route) else None
 
 
-def route_refusal(sock: ssl.SSLSocket) -> str | None:
-    """Why the SNI callback refused ``sock``'s handshake (its TLS alert says only ``unrecognized_name``)."""
+def route_refusal(sock: ssl.SSLSocket, err: BaseException) -> str | None:
+    """Why no route was picked for ``sock``'s failed handshake (the TLS alert says only ``unrecognized_name``),
+    or None when the handshake failed for another reason."""
     reason = getattr(sock, _REFUSAL_ATTRIBUTE, None)
-    return reason if isinstance(reason, str) else None
+    if isinstance(reason, str):
+        return reason
+    if isinstance(err, ssl.SSLError) and err.reason == "CALLBACK_FAILED":
+        # CPython could not decode the server name as ASCII and never called the selector (see
+        # tls.contexts.quiet_undecodable_server_names): raw UTF-8 or garbage where an A-label belongs.
+        return "server name (SNI) is not ASCII: international names are sent as xn-- A-labels"
+    return None
 
 
 def build_route_table(cfg: TunnelConfig, runtime: Runtime) -> RouteTable:
@@ -133,12 +142,10 @@ def build_route_table(cfg: TunnelConfig, runtime: Runtime) -> RouteTable:
     tunnel has its own target. A failure raises as ``build_runtime`` does (CertificateError: one line)."""
     from tlsgate.engine.runtime import build_runtime
 
-    built = [(route.server_names, Route(route.name, route.cfg, build_runtime(route.cfg))) for route in cfg.routes]
+    built = [(route.server_names, Route(route.name, route.cfg, build_runtime(route.cfg))) for route in cfg.route]
     default = Route(DEFAULT_ROUTE, cfg, runtime) if cfg.route_default else None
     table = RouteTable(built, default)
     if runtime.accept_ctx is not None:
         install_selector(runtime.accept_ctx, table)
-    logs.event(
-        "routes", logging.DEBUG, tunnel=cfg.label, routes=",".join(r.name for r in table), default=bool(default)
-    )
+    logs.event("routes", logging.DEBUG, tunnel=cfg.label, routes=",".join(r.name for r in table), default=bool(default))
     return table

@@ -231,6 +231,30 @@ def server_context(
     return ctx
 
 
+def quiet_undecodable_server_names() -> None:
+    """Keep CPython from printing a traceback for every ClientHello whose server name is not ASCII.
+
+    With an SNI callback set, ``_ssl`` decodes the name as ASCII before calling it (A-labels are ASCII); raw
+    UTF-8 or garbage bytes fail that decode, and CPython hands the UnicodeDecodeError to ``sys.unraisablehook``
+    (a multi-line "Exception ignored in: b'...'" on stderr, the client's bytes included) and fails the handshake
+    with CALLBACK_FAILED. Any client could flood the log that way, so that one case is dropped here; the engine
+    logs the failed handshake in its usual single line. Everything else still reaches the previous hook.
+    Installed once per process, by whatever sets an SNI callback.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "tlsgate_sni", False):
+        return
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        err = unraisable.exc_value
+        if isinstance(err, UnicodeDecodeError) and err.encoding == "ascii" and isinstance(unraisable.object, bytes):
+            return
+        previous(unraisable)
+
+    hook.tlsgate_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def add_sni_certificates(default: ssl.SSLContext, by_name: dict[str, ssl.SSLContext]) -> None:
     """Serve ``by_name[server_name]`` to clients asking for that name; everyone else gets ``default``.
 
@@ -251,6 +275,7 @@ def add_sni_certificates(default: ssl.SSLContext, by_name: dict[str, ssl.SSLCont
         if chosen is not None:
             sslobj.context = chosen
 
+    quiet_undecodable_server_names()
     default.sni_callback = pick
 
 
