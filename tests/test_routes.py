@@ -620,20 +620,8 @@ allow-cn = ["bob"]
 @contextlib.asynccontextmanager
 async def file_server(wanted: list[TunnelConfig]) -> AsyncIterator[Server]:
     """A Server in file mode: each reload reads ``wanted`` again, as ``tlsgate run`` re-reads its file."""
-    server = Server(list(wanted), ProcessOptions(), load_configs=lambda: list(wanted))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready=lambda _: ready.set()))
-    started = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        started.cancel()
-        task.result()
-    try:
+    async with Server(list(wanted), ProcessOptions(), load_configs=lambda: list(wanted)) as server:
         yield server
-    finally:
-        if not server.stopping:
-            server.stop()
-        await task
 
 
 async def echoes(stream: Stream, payload: bytes = b"still here") -> bool:

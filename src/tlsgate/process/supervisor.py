@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -295,13 +296,18 @@ class Server:
         # takes them over: no moment where the port is closed, and a renamed tunnel (or two that swap ports) does
         # not fail to bind a port that is still ours. Port 0 is a different port per tunnel: only the successor
         # under the same name gets it.
-        leaving = {key: t for key, t in self.tunnels.items() if wanted.get(key) != t.cfg}
+        leaving = {
+            key: t
+            for key, t in self.tunnels.items()
+            if wanted.get(key) != t.cfg and not _routes_only(t.cfg, wanted.get(key))
+        }
         spare = {_socket_key(key, t.cfg.listen): t.hand_over_listeners() for key, t in leaving.items()}
         ok = True
         for key, cfg in wanted.items():
             current = self.tunnels.get(key)
             if current is not None and key not in leaving:
-                current.reload(runtimes[key])
+                # Unchanged, or changed in its routes only: reloaded in place, open connections kept.
+                current.reload(runtimes[key], cfg if cfg != current.cfg else None)
                 if cfg.recheck_on_reload:
                     current.recheck(runtimes[key])
                 continue
@@ -354,6 +360,15 @@ class Server:
             self.retired.pop(tunnel, None)
 
         task.add_done_callback(forget)
+
+
+def _routes_only(old: TunnelConfig, new: TunnelConfig | None) -> bool:
+    """Whether ``new`` differs from ``old`` in its routes by server name (and default target) alone: such a
+    tunnel is reloaded in place, so the connections of its unchanged routes are never cut. A tunnel without
+    routes on either side is replaced on any change, as before."""
+    if new is None or not (old.route or new.route):
+        return False
+    return replace(new, route=old.route, target=old.target, route_default=old.route_default) == old
 
 
 def _check_socket_family(tunnel: Tunnel) -> None:
