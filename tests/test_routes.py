@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import shutil
 import signal
@@ -33,7 +34,18 @@ from tlsgate.settings.config import ConfigErrors, TunnelConfig, tunnel_config
 from tlsgate.settings.routes import NameTable, normalise_route_name, parse_route_flag
 from tlsgate.status import ServerSource, prometheus_text
 
-from helpers import backend, invoke, port_of, refused, run_tlsgate, tunnel, wait_until
+from helpers import (
+    backend,
+    invoke,
+    port_of,
+    refused,
+    request,
+    run_tlsgate,
+    running_server,
+    status_address,
+    tunnel,
+    wait_until,
+)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -580,6 +592,20 @@ async def test_metrics_count_connections_per_route(pki: Pki) -> None:
         assert f'tlsgate_route_refused_total{{{label},route="admin"}} 1' in text
         assert f'tlsgate_route_open_connections{{{label},route="api"}} 1' in text
         await close(held)
+
+
+@pytest.mark.asyncio
+async def test_status_is_up_only_when_every_routes_target_is(pki: Pki, dead_port: int) -> None:
+    async with targets() as be:
+        opts = options(pki, be, listen="127.0.0.1:0", default=False)
+        opts["route"][2] = {**opts["route"][2], "target": f"127.0.0.1:{dead_port}"}
+        cfg = tunnel_config("server", opts, name="front")
+        async with running_server(Server([cfg], ProcessOptions(status="127.0.0.1:0"))) as server:
+            code, _, body = await request(status_address(server), "/_status")
+            assert code == 503, body
+            doc = json.loads(body)
+            assert doc["backend_error"].startswith(f"route idn: 127.0.0.1:{dead_port}: "), doc
+            assert "route api" not in doc["backend_error"] and "route default" not in doc["backend_error"]
 
 
 def test_policy_check_sni_explains_which_routes_rules_apply(pki: Pki, tmp_path: Path) -> None:

@@ -35,9 +35,23 @@ async def check_backend(view: TunnelView) -> str | None:
 
     Up means: it accepts a TCP (or unix socket) connection, and with ``--target-status URL`` it also answers a
     GET of that URL, sent over that same connection, with 200 (ghostunnel's check: the URL names what to ask
-    for and the Host header, the target where to ask).
+    for and the Host header, the target where to ask). A tunnel with routes by server name is up when every
+    route's target is (``--target-status`` asks the default target only), checked side by side.
     """
-    target = view.target
+    if not view.route_targets:
+        return await _check_target(view, view.target, bool(view.target_status))
+    names = list(view.route_targets)
+    answers = await asyncio.gather(
+        *(
+            _check_target(view, view.route_targets[name], name == "default" and bool(view.target_status))
+            for name in names
+        )
+    )
+    problems = [f"route {name}: {answer}" for name, answer in zip(names, answers, strict=True) if answer is not None]
+    return "; ".join(problems) or None
+
+
+async def _check_target(view: TunnelView, target: str, ask_status: bool) -> str | None:
     try:
         async with asyncio.timeout(_BACKEND_TIMEOUT):
             address = parse_address(target, name="target")
@@ -46,7 +60,7 @@ async def check_backend(view: TunnelView) -> str | None:
             else:
                 reader, writer = await asyncio.open_connection(address.host, address.port, limit=_MAX_ANSWER)
             try:
-                if view.target_status:
+                if ask_status:
                     return await _get_target_status(view, reader, writer)
                 return None
             finally:

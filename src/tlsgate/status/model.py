@@ -42,6 +42,8 @@ class TunnelView:
     rechecked_closed: dict[str, int] = field(default_factory=dict)
     # Routes by server name: route -> {"established": n, "refused": n, "open": n}; empty for a tunnel without.
     routes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Routes by server name: route -> its target ("default": the tunnel's own), for /_status; empty without.
+    route_targets: dict[str, str] = field(default_factory=dict)
     # Handshakes per latency bucket (not cumulative); empty unless tunnel.Stats keeps them.
     handshake_buckets: list[int] = field(default_factory=list)
     # Recent durations in seconds ("handshake", "lifetime"), for ghostunnel's timers; every worker's, joined.
@@ -110,6 +112,7 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         refused=dict(stats.refused),
         rechecked_closed=dict(stats.rechecked_closed),
         routes=_route_counts(tunnel),
+        route_targets=_route_targets(tunnel),
         handshake_buckets=list(stats.handshake_buckets),
         samples={"handshake": list(stats.handshake_samples), "lifetime": list(stats.lifetime_samples)},
         last_reload=tunnel.last_reload,
@@ -131,6 +134,11 @@ def _route_counts(tunnel: Tunnel) -> dict[str, dict[str, int]]:
                 route_counts = counts.setdefault(origin.route, {"open": 0})
                 route_counts["open"] = route_counts.get("open", 0) + 1
     return counts
+
+
+def _route_targets(tunnel: Tunnel) -> dict[str, str]:
+    routes = tunnel.runtime.routes
+    return {route.name: str(route.cfg.target) for route in routes} if routes is not None else {}
 
 
 def views_of(server: Server) -> list[TunnelView]:
