@@ -642,7 +642,7 @@ async def test_status_is_up_only_when_every_routes_target_is(pki: Pki, dead_port
         opts = options(pki, be, listen="127.0.0.1:0", default=False)
         opts["route"][2] = {**opts["route"][2], "target": f"127.0.0.1:{dead_port}"}
         cfg = tunnel_config("server", opts, name="front")
-        async with running_server(Server([cfg], ProcessOptions(status="127.0.0.1:0"))) as server:
+        async with running_server(Server([cfg], ProcessOptions(status="http://127.0.0.1:0"))) as server:
             code, _, body = await request(status_address(server), "/_status")
             assert code == 503, body
             doc = json.loads(body)

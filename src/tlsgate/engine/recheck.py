@@ -33,10 +33,20 @@ class Origin(NamedTuple):
     leaf: bytes | None
     chain: tuple[bytes, ...] | None
     target_leaf: bytes | None
+    # The route by server name the connection took ("" on a tunnel without routes): the re-check uses that
+    # route's rules in the new runtime, and closes the connection if the route is gone.
+    route: str = ""
 
 
 def recheck(relay: Relay, origin: Origin | None, runtime: Runtime) -> Decision | None:
     """The refusal ``runtime``'s rules give the open ``relay`` now, or None when it may carry on."""
+    if origin is not None and origin.route:
+        # A routed connection answers to its route's rules in the new runtime; a route that is gone closes it.
+        routes = runtime.routes
+        route = routes.by_name.get(origin.route) if routes is not None else None
+        if route is None:
+            return Decision(False, "route", f"route {origin.route!r} was removed")
+        runtime = route.runtime
     policy = runtime.policy
     peer_ip = origin.peer_ip if origin is not None else ""
     if policy.addresses.active:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from tlsgate.engine.runtime import Runtime
     from tlsgate.settings.config import TunnelConfig
 
-__all__ = ["Route", "RouteTable", "chosen_route", "install_selector", "route_refusal"]
+__all__ = ["Route", "RouteTable", "chosen_route", "install_selector", "route_field", "route_refusal"]
 
 _ROUTE_ATTRIBUTE = "tlsgate_route"
 _REFUSAL_ATTRIBUTE = "tlsgate_route_refusal"
@@ -135,6 +135,12 @@ def route_refusal(sock: ssl.SSLSocket, err: BaseException) -> str | None:
         # tls.contexts.quiet_undecodable_server_names): raw UTF-8 or garbage where an A-label belongs.
         return "server name (SNI) is not ASCII: international names are sent as xn-- A-labels"
     return None
+
+
+def route_field(route: str) -> dict[str, Any]:
+    """The ``route`` field of a log line: only for a connection that took a route, so tunnels without routes
+    log exactly as before."""
+    return {"route": route} if route else {}
 
 
 def build_route_table(cfg: TunnelConfig, runtime: Runtime) -> RouteTable:

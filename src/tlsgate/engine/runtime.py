@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -29,6 +29,7 @@ from tlsgate.tls import contexts as tlsctx
 from tlsgate.tls import internals
 
 if TYPE_CHECKING:
+    from tlsgate.engine.routing import RouteTable
     from tlsgate.policy.rego import RegoPolicy
 
 
@@ -47,6 +48,8 @@ class Runtime:
     proxy_sources: AddressRules
     cert_not_after: float = 0.0
     loaded_at: float = field(default_factory=time.time)
+    # Routes by server name (engine.routing); None for a tunnel without routes, which then pays nothing for them.
+    routes: RouteTable | None = None
 
 
 def build_runtime(cfg: TunnelConfig) -> Runtime:
@@ -155,7 +158,7 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
                 raise ConfigError(_needs_verify_path("--verify-spki-pin"))
         server_name = cfg.override_server_name or (cfg.target.host or None)
     _cap_tls_version(cfg, [target_ctx] if target_ctx is not None else [])
-    return Runtime(
+    runtime = Runtime(
         accept_ctx=accept_ctx,
         target_ctx=target_ctx,
         target_server_name=server_name,
@@ -164,6 +167,14 @@ def build_runtime(cfg: TunnelConfig) -> Runtime:
         proxy_sources=AddressRules(allow_from=cfg.proxy_source_networks),
         cert_not_after=not_after,
     )
+    if not cfg.route:
+        return runtime
+    from tlsgate.engine.routing import build_route_table
+
+    table = build_route_table(cfg, runtime)
+    # The first certificate to expire, of every route: the one an operator must renew first.
+    expiries = [r.runtime.cert_not_after for r in table if r.runtime.cert_not_after] + [not_after]
+    return replace(runtime, routes=table, cert_not_after=min(expiries))
 
 
 def _protocol_alpn(alpn: tuple[str, ...], protocol: str | None) -> tuple[str, ...]:

@@ -44,7 +44,6 @@ from tlsgate import logs
 from tlsgate.engine import postgres, starttls
 from tlsgate.engine.peer import NO_CLIENT_ADDRESS, proxy_endpoints, session_tlvs
 from tlsgate.engine.proxywire import ProxyProtocolError
-from tlsgate.engine.recheck import Origin
 from tlsgate.engine.relay import Relay
 from tlsgate.engine.setupcore import DONE, SetupCore, SetupPhase
 from tlsgate.engine.sockets import host_port
@@ -241,7 +240,7 @@ class Setup(SetupCore):
 
     def _connect(self) -> None:
         self.phase = _RESOLVING
-        self.tunnel.resolve(self._on_resolved)
+        self._resolve(self._on_resolved)
         if self.phase is _RESOLVING:
             # A name lookup runs off the loop; until it is back the client must not wake a finished step.
             self._unwant()
@@ -390,9 +389,9 @@ class Setup(SetupCore):
             return
         if self.forward and not self._send_forward():
             return
-        peer, identity, target_name = self.peer, self.identity, str(cfg.target)
+        peer, closed = self.peer, self._relay_closed()
         if cfg.target_http_headers:
-            relay: Relay | None = self._http_relay(lambda r: tunnel.relay_closed(r, peer, identity, target_name))
+            relay: Relay | None = self._http_relay(closed)
             if relay is None:
                 return
         else:
@@ -401,7 +400,7 @@ class Setup(SetupCore):
                 self.client,
                 self.target,
                 tunnel.view,
-                lambda r: tunnel.relay_closed(r, peer, identity, target_name),
+                closed,
                 started=self.started,
                 peer=peer,
                 on_error=tunnel.internal_error,
@@ -410,7 +409,7 @@ class Setup(SetupCore):
             self._waiting = None  # a reader the relay wants too: Relay.start() only swaps its callback
         self._end()
         try:
-            tunnel.relay_started(relay, Origin(self.peer_ip, identity, self.leaf, self.chain, self.target_leaf))
+            tunnel.relay_started(relay, self._origin())
             relay.start()
         except Exception as err:  # the set-up has ended: the sockets are the relay's now, and so is the cut
             relay.internal_error("start", err)

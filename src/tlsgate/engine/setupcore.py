@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from tlsgate import logs
 from tlsgate.engine.peer import reset
-from tlsgate.engine.relay import release_sockets
+from tlsgate.engine.recheck import Origin
+from tlsgate.engine.relay import Relay, release_sockets
+from tlsgate.engine.routing import Route, chosen_route, route_field, route_refusal
 from tlsgate.engine.runtime import Runtime
 from tlsgate.engine.starttls import Opening
 from tlsgate.policy.decision import Decision
@@ -74,6 +76,7 @@ class SetupCore:
         "phase",
         "proxy_header",
         "proxy_seen",
+        "route",
         "rt",
         "started",
         "target",
@@ -113,6 +116,8 @@ class SetupCore:
         self.opening: Opening | None = None
         self.direct_tls = False  # the client sent its ClientHello without a PostgreSQL request first
         self.forward = b""  # bytes the opening took from the application that the target must get first
+        # The route by server name the handshake picked (tunnels with routes only); self.rt is then its runtime.
+        self.route: Route | None = None
 
     @property
     def done(self) -> bool:
@@ -199,12 +204,27 @@ class SetupCore:
             reset(self.target)
 
     def _refuse(self, decision: Decision) -> None:
-        self.tunnel.stats.refuse(decision.rule)
+        stats = self.tunnel.stats
+        stats.refuse(decision.rule)
+        route = self._route_name()
+        if route:
+            stats.route_event(route, "refused")
         logs.event(
             "refused", category="conn-errs", tunnel=self.tunnel.label, peer=self.peer,
-            identity=self.identity, rule=decision.rule, reason=decision.reason,
+            identity=self.identity, rule=decision.rule, reason=decision.reason, **route_field(route),
         )  # fmt: skip
         self.abort("refused")
+
+    def _route_name(self) -> str:
+        """The route by server name this connection took, also while its handshake is under way (the SNI
+        callback has picked it by then); "" on a tunnel without routes."""
+        route = self.route
+        if route is None and self.rt.routes is not None and isinstance(self.client, ssl.SSLSocket):
+            route = chosen_route(self.client)
+        return route.name if route is not None else ""
+
+    def _target_address(self) -> str:
+        return str(self.route.cfg.target if self.route is not None else self.tunnel.cfg.target)
 
     def _advance_handshake(self, tls: ssl.SSLSocket, retry: Callable[[], None], side: str) -> bool:
         """One step of a non-blocking handshake; True once it is complete."""
@@ -235,9 +255,47 @@ class SetupCore:
         # The reader stays registered: the next step either waits on another socket (which replaces it) or
         # starts the relay, which only swaps the callback. On uvloop every deregister/register pair costs
         # about seven system calls (libuv re-checks and re-adds the descriptor), so we avoid the pair.
+        if side == "client" and self.rt.routes is not None:
+            return self._take_route(tls)
         return True
 
+    def _take_route(self, tls: ssl.SSLSocket) -> bool:
+        """Routes by server name: from here on the connection answers to the route the SNI callback picked (its
+        rules, target and TLS hop: its runtime). False, refused, if it picked none: the callback refuses instead,
+        so that would be a bug, and fails closed."""
+        route = chosen_route(tls)
+        if route is None:
+            self._refuse(Decision(False, "route", "no route was picked during the handshake"))
+            return False
+        self.route, self.rt = route, route.runtime
+        return True
+
+    def _resolve(self, then: Callable[[list[tuple[int, Any]] | str | Exception], None]) -> None:
+        """Look the target up, the route's when the connection took one; ``then`` gets the answer."""
+        if self.route is None:
+            self.tunnel.resolve(then)  # one argument: tests hold the step by replacing Tunnel.resolve
+        else:
+            self.tunnel.resolve(then, self.route)
+
+    def _relay_closed(self) -> Callable[[Relay], None]:
+        """What the relay calls when it ends: the tunnel's bookkeeping, with this connection's names."""
+        tunnel, peer, identity, route = self.tunnel, self.peer, self.identity, self.route
+        target = str(route.cfg.target if route is not None else tunnel.cfg.target)
+        name = route.name if route is not None else ""
+        return lambda relay: tunnel.relay_closed(relay, peer, identity, target, name)
+
+    def _origin(self) -> Origin:
+        """What the re-check on reload needs of this connection (see ``recheck.Origin``)."""
+        route = self.route.name if self.route is not None else ""
+        return Origin(self.peer_ip, self.identity, self.leaf, self.chain, self.target_leaf, route)
+
     def _handshake_failed(self, err: BaseException, side: str) -> None:
+        if side == "client" and self.rt.routes is not None and isinstance(self.client, ssl.SSLSocket):
+            refusal = route_refusal(self.client, err)
+            if refusal is not None:  # no route for the client's server name: refused by the SNI callback
+                self.tunnel.stats.handshake_errors += 1
+                self._refuse(Decision(False, "route", refusal))
+                return
         rule, reason = describe_handshake_error(err, side)
         if side == "client":
             self.tunnel.stats.handshake_errors += 1
@@ -248,7 +306,7 @@ class SetupCore:
         logs.event(
             "refused" if rule != "handshake" and side == "client" else "handshake failed",
             category="handshake-errs", tunnel=self.tunnel.label, peer=self.peer, side=side, rule=rule,
-            reason=reason,
+            reason=reason, **route_field(self._route_name()),
         )  # fmt: skip
         self.abort("handshake failed")
 
@@ -256,7 +314,8 @@ class SetupCore:
         self.tunnel.stats.target_errors += 1
         logs.event(
             "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
-            peer=self.peer, identity=self.identity, target=str(self.tunnel.cfg.target), reason=reason,
+            peer=self.peer, identity=self.identity, target=self._target_address(), reason=reason,
+            **route_field(self._route_name()),
         )  # fmt: skip
         self.abort("target unreachable")
 
@@ -264,6 +323,7 @@ class SetupCore:
         self.tunnel.stats.target_errors += 1
         logs.event(
             "target refused", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
-            peer=self.peer, target=str(self.tunnel.cfg.target), rule=decision.rule, reason=decision.reason,
+            peer=self.peer, target=self._target_address(), rule=decision.rule, reason=decision.reason,
+            **route_field(self._route_name()),
         )  # fmt: skip
         self.abort("target identity")

@@ -51,6 +51,12 @@ class Stats:
     http_refused: int = 0
     # Open connections a reload's re-check closed, by the rule that no longer lets them through.
     rechecked_closed: dict[str, int] = field(default_factory=dict)
+    # Routes by server name: route -> {"established": n, "refused": n}; empty for a tunnel without routes.
+    route_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def refuse(self, rule: str) -> None:
         self.refused[rule] = self.refused.get(rule, 0) + 1
+
+    def route_event(self, route: str, event: str) -> None:
+        counts = self.route_counts.setdefault(route, {})
+        counts[event] = counts.get(event, 0) + 1

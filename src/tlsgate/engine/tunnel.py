@@ -23,6 +23,7 @@ from tlsgate import logs
 from tlsgate.engine.peer import peer_of, pending_error, reset, static_target
 from tlsgate.engine.recheck import Origin, recheck
 from tlsgate.engine.relay import Relay
+from tlsgate.engine.routing import Route, route_field
 from tlsgate.engine.runtime import Runtime
 from tlsgate.engine.setup import Setup
 from tlsgate.engine.setupcore import SetupCore
@@ -62,7 +63,8 @@ class Tunnel:
         self._error_watch: select.epoll | None = None
         self._error_watch_failed = False
         self._watched: dict[int, Relay] = {}
-        self._resolved: tuple[float, list[tuple[int, Any]]] | None = None
+        # Looked-up target addresses and when they expire, per target (routes by server name have their own).
+        self._resolved: dict[Address, tuple[float, list[tuple[int, Any]]]] = {}
         # A unix path or an IP literal needs no lookup: work it out once, not per connection.
         self._static_target = static_target(cfg.target)
         self._fd_warned = False
@@ -157,8 +159,14 @@ class Tunnel:
             item.abort(reason)
         return len(doomed)
 
-    def reload(self, runtime: Runtime) -> None:
-        """New connections use ``runtime``; established ones keep what they started with (see ``recheck``)."""
+    def reload(self, runtime: Runtime, cfg: TunnelConfig | None = None) -> None:
+        """New connections use ``runtime``; established ones keep what they started with (see ``recheck``).
+
+        ``cfg``: a config that differs from the running one in its routes alone, applied in place (see
+        ``process.supervisor``): the listener and every open connection stay."""
+        if cfg is not None:
+            self.cfg, self._static_target = cfg, static_target(cfg.target)
+            self._resolved.clear()
         self.runtime = runtime
         self.last_reload = time.time()
         self.stats.reloads += 1
@@ -195,6 +203,7 @@ class Tunnel:
                 logs.event(
                     "closed on recheck", logging.WARNING, tunnel=self.label, peer=relay.peer,
                     identity=origin.identity if origin else "", rule=decision.rule, reason=decision.reason,
+                    **route_field(origin.route if origin is not None else ""),
                 )  # fmt: skip
                 relay.abort(f"recheck: {decision.rule}")
             except Exception as err:
@@ -300,11 +309,13 @@ class Tunnel:
         self.relays.add(relay)
         if origin is not None:
             self.origins[relay] = origin
+            if origin.route:
+                self.stats.route_event(origin.route, "established")
         self.stats.established += 1
         if self._uvloop and not self._error_watch_failed:
             self._watch_errors(relay)
 
-    def relay_closed(self, relay: Relay, peer: str, identity: str, target: str) -> None:
+    def relay_closed(self, relay: Relay, peer: str, identity: str, target: str, route: str = "") -> None:
         self.relays.discard(relay)
         self.origins.pop(relay, None)
         if self._watched:
@@ -321,6 +332,7 @@ class Tunnel:
         logs.event(
             "closed", category="conns", tunnel=self.label, peer=peer, identity=identity, target=target,
             bytes_in=relay.bytes_in, bytes_out=relay.bytes_out, duration=f"{duration:.3f}s", end=relay.end,
+            **route_field(route),
         )  # fmt: skip
         self._maybe_idle()
 
@@ -331,19 +343,26 @@ class Tunnel:
         if not self.active:
             self._idle.set()
 
-    def resolve(self, callback: Callable[[list[tuple[int, Any]] | str | Exception], None]) -> None:
+    def resolve(
+        self, callback: Callable[[list[tuple[int, Any]] | str | Exception], None], route: Route | None = None
+    ) -> None:
         """Target addresses for connect(); cached for a short while, looked up off the loop thread.
 
         ``callback`` gets the addresses, a reason string when the name does not resolve, or the exception of a
-        bug; it must not raise (``Setup`` passes a guarded step).
+        bug; it must not raise (``Setup`` passes a guarded step). ``route``: the route by server name the
+        connection took, whose target is meant rather than the tunnel's.
         """
-        target = self.cfg.target
-        if self._static_target is not None:
-            callback(self._static_target)
+        target, static = self.cfg.target, self._static_target
+        if route is not None and route.cfg.target != target:
+            target = route.cfg.target
+            static = static_target(target)
+        if static is not None:
+            callback(static)
             return
         now = time.monotonic()
-        if self._resolved and self._resolved[0] > now:
-            callback(self._resolved[1])
+        cached = self._resolved.get(target)
+        if cached is not None and cached[0] > now:
+            callback(cached[1])
             return
         assert self.loop is not None
         lookup = self.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
@@ -352,7 +371,7 @@ class Tunnel:
             try:
                 infos = future.result()
                 addrs = [(info[0], info[4]) for info in infos]
-                self._resolved = (time.monotonic() + _RESOLVE_TTL, addrs)
+                self._resolved[target] = (time.monotonic() + _RESOLVE_TTL, addrs)
             except (OSError, UnicodeError) as err:
                 callback(f"cannot resolve {target.host}: {err}")
                 return

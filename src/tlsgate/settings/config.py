@@ -25,6 +25,7 @@ from tlsgate.settings.checks import cross_checks
 from tlsgate.settings.convert import check_paths, convert, flag
 from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.pins import KeyPin
+from tlsgate.settings.routes import RouteConfig, build_routes
 from tlsgate.settings.table import SETTINGS, process_settings, setting
 from tlsgate.settings.values import UNIX_SOURCE, IPAddress, Network, ProxySource, SpkiPin
 
@@ -131,6 +132,12 @@ class TunnelConfig:
     allow_unsafe_cipher_suites: bool = False
     # ghostunnel's --target-status: /_status GETs this http(s):// URL over a connection to the target.
     target_status: str | None = None
+    # Routes by server name (settings.routes): each a tunnel config of its own, picked by the client's SNI.
+    route: tuple[RouteConfig, ...] = ()
+    # Whether names no route claims (and clients sending none) go to ``target``. False only for a tunnel with
+    # routes and no target of its own: such clients are refused, and ``target`` holds the first route's target
+    # for the code that shows one (check-config, /_status), never connected to for them.
+    route_default: bool = True
 
     @property
     def label(self) -> str:
@@ -229,6 +236,7 @@ def tunnel_config(
     """
     where = _Collector(f"tunnel {name!r}: " if name else "")
     opts = {normalise_key(k): v for k, v in options.items()}
+    route_value = opts.pop("route", None)
     for key in sorted(set(opts) - KNOWN_KEYS - {"name", "mode"}):
         where.add(f"unknown key {shown(key)}")
     if mode not in ("server", "client"):
@@ -250,8 +258,11 @@ def tunnel_config(
         else:
             values[key] = converted
 
+    routes, route_problems = build_routes(mode, opts, route_value)
+    for problem in route_problems:
+        where.add(problem)
     for key in ("listen", "target"):
-        if key not in values and key not in opts:
+        if key not in values and key not in opts and not (key == "target" and (routes or route_problems)):
             where.add(f"{flag(key)} is required")
     # Files first, then bundles, each in the table's order: the order of the messages is stable.
     for kind in ("file", "files", "bundle"):
@@ -261,6 +272,10 @@ def tunnel_config(
     if where.problems:
         raise ConfigErrors(where.problems)
 
+    if routes:
+        values["route"] = routes
+        if "target" not in values:
+            values.update(target=routes[0].cfg.target, route_default=False)
     cfg = TunnelConfig(mode=mode, name=name, timeouts=Timeouts(**timeouts), **values)  # type: ignore[arg-type]
     for problem in cross_checks(cfg, require_client_identity=require_client_identity):
         where.add(problem)

@@ -23,7 +23,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,9 +41,10 @@ from tlsgate.settings.config import (
     tunnel_config,
 )
 from tlsgate.settings.convert import shown_path
+from tlsgate.settings.describe import describe_tunnel
 from tlsgate.settings.listens import check_listen
-from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.process_options import ProcessOptions
+from tlsgate.settings.routes import resolve_route_paths
 from tlsgate.settings.status import check_status_setting, parse_status_address, status_option_problems
 from tlsgate.settings.table import SETTINGS, setting
 
@@ -113,50 +114,6 @@ def read_config_file(path: str) -> ConfigFile:
 def key_names(message: str) -> str:
     """A flag-worded message in the words of the file: ``--listen: ...`` becomes ``listen: ...``."""
     return _FLAG.sub("", message)
-
-
-def describe_tunnel(cfg: TunnelConfig) -> str:
-    """One line for check-config: ``server 0.0.0.0:6380 -> localhost:6379, mTLS allow-ou eng``."""
-    parts = [f"{cfg.mode} {cfg.listen} -> {cfg.target}" + (" over TLS" if cfg.target_tls else "")]
-    if cfg.mode == "server":
-        if cfg.disable_authentication:
-            parts.append("TLS, no client certificate")
-        else:
-            rules = ["allow-all"] if cfg.allow_all else []
-            rules += _identity_rules(cfg, "allow")
-            rules += _rules(("allow-query", (cfg.allow_query,) if cfg.allow_query else ()))
-            parts.append(" ".join(["mTLS", *rules]))
-    else:
-        rules = _identity_rules(cfg, "verify")
-        rules += _rules(("verify-query", (cfg.verify_query,) if cfg.verify_query else ()))
-        parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))
-    parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
-    if cfg.crl:
-        parts.append(f"{len(cfg.crl)} CRL" + ("s" if len(cfg.crl) > 1 else ""))
-    if cfg.proxy_mode:
-        parts.append(f"PROXY v{cfg.proxy_protocol_version} {cfg.proxy_mode}")
-    if cfg.target_http_headers:
-        parts.append("X-Forwarded-* headers" + (" with the PEM" if cfg.target_http_cert else ""))
-    return ", ".join(parts)
-
-
-def _identity_rules(cfg: TunnelConfig, prefix: str) -> list[str]:
-    """The value rules of ``--allow-*`` (server) or ``--verify-*`` (client), in the table's order."""
-    kinds = ("cn", "ou", "dns", "ip", "uri", "spki_sha256", "spki_pin")
-    return _rules(*((f"{prefix}-{kind.replace('_', '-')}", getattr(cfg, f"{prefix}_{kind}")) for kind in kinds))
-
-
-def _rules(*pairs: tuple[str, Sequence[object]]) -> list[str]:
-    return [f"{name} {','.join(_shown_rule(value) for value in values)}" for name, values in pairs if values]
-
-
-def _shown_rule(value: object) -> str:
-    """A parsed rule value as written in a file: a URI pattern's text, a key pin in hex, a network as CIDR."""
-    if isinstance(value, UriPattern):
-        return value.text
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
 
 
 # -- the document -----------------------------------------------------------------------------------------------
@@ -376,8 +333,8 @@ def _key_problem(canonical: str, spelled: str) -> str | None:
 def _defaults(table: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for canonical, (spelled, value) in _entries(table, "defaults", problems).items():
-        if canonical == "name":
-            problems.append("defaults: name cannot have a default: each [[tunnel]] needs its own")
+        if canonical in ("name", "route"):
+            problems.append(f"defaults: {canonical} cannot have a default: each [[tunnel]] needs its own")
             continue
         problem = _key_problem(canonical, spelled)
         if problem is not None:
@@ -422,6 +379,7 @@ def _tunnel(
             continue
         options[canonical] = value
     options = _resolve_paths(options, base)
+    options["route"] = resolve_route_paths(options.get("route"), lambda route: _resolve_paths(route, base))
     check_listen(label, options.get("listen"), problems, seen.listens)
     mode = options.pop("mode", None)
     if mode is None:

@@ -27,7 +27,7 @@ How names are compared, and why:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -302,3 +302,24 @@ def _route_entry(index: int, item: object) -> tuple[str, tuple[str, ...], dict[s
     if "target" not in own:
         raise ConfigError(f"{label}: target is required: where this route's clients go (HOST:PORT or unix:PATH)")
     return name, names, own
+
+
+def resolve_route_paths(value: object, resolve: Callable[[dict[str, Any]], dict[str, Any]]) -> object:
+    """``[[tunnel.route]]`` tables with their paths made relative to the config file by ``resolve``, as the
+    tunnel's own are; anything else (``--route`` strings, a wrong type the validator reports) as it is."""
+    if not isinstance(value, list):
+        return value
+    return [
+        resolve({key.strip().replace("-", "_"): v for key, v in item.items()}) if isinstance(item, Mapping) else item
+        for item in value
+    ]
+
+
+def describe_routes(cfg: TunnelConfig, line: str, describe: Callable[[TunnelConfig], str]) -> str:
+    """check-config's line for a tunnel (``line``, from ``describe``) with its routes after it."""
+    if cfg.route and not cfg.route_default:
+        line = line.replace(f" -> {cfg.target}", " -> (names no route claims: refused)", 1)
+    for route in cfg.route:
+        described = describe(route.cfg).split(" -> ", 1)[1]
+        line += f"; route {route.name}: {', '.join(route.server_names)} -> {described}"
+    return line

@@ -32,8 +32,13 @@ _LISTENING = (
         metavar="ADDR",
         required=True,
     ),
+    # Required unless --route gives the targets (config.tunnel_config says so in one line, as for a file).
     Setting(
-        "target", "address", "upstream", "Address to forward to: HOST:PORT or unix:PATH.", metavar="ADDR", required=True
+        "target",
+        "address",
+        "upstream",
+        "Address to forward to: HOST:PORT or unix:PATH; with --route, where names no route claims go.",
+        metavar="ADDR",
     ),
     Setting(
         "unsafe_listen",
@@ -245,6 +250,14 @@ _UPSTREAM = (
     ),
     Setting("target_key", "file", "upstream", "Key for --target-cert.", scope="server", metavar="FILE"),
     Setting("unsafe_target", "flag", "upstream", "Allow a plaintext target on another machine.", scope="server"),
+    Setting(
+        "route",
+        "texts",
+        "upstream",
+        "Send clients asking for NAME (SNI) to HOST:PORT; repeatable; per-route rules: docs/routes.md.",
+        scope="server",
+        metavar="NAME[,NAME...]=ADDR",
+    ),
     Setting(
         "proxy_protocol",
         "flag",
