@@ -286,7 +286,8 @@ class PageRun:
             command = re.sub(rf"(?<![0-9A-Za-z]){doc}(?![0-9A-Za-z])", str(real), command)
         # A port the runner does not know would be used as written, and collide with whatever holds it.
         mapped = {str(real) for real in self.ports.values()}
-        for port in re.findall(r"(?<=:)(\d{2,5})\b", command):
+        # Not an IP address after a colon (curl --resolve NAME:PORT:127.0.0.1): a port is not followed by a dot.
+        for port in re.findall(r"(?<=:)(\d{2,5})\b(?!\.)", command):
             if port not in mapped:
                 raise AssertionError(f"{self.page.name}: port {port} is not in docs_blocks.DOC_PORTS; add it there")
         return command

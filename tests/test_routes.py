@@ -648,6 +648,7 @@ async def test_status_is_up_only_when_every_routes_target_is(pki: Pki, dead_port
             doc = json.loads(body)
             assert doc["backend_error"].startswith(f"route idn: 127.0.0.1:{dead_port}: "), doc
             assert "route api" not in doc["backend_error"] and "route default" not in doc["backend_error"]
+            assert doc["forward_address"] == "no default (routes: api,admin,idn)"
 
 
 def test_policy_check_sni_explains_which_routes_rules_apply(pki: Pki, tmp_path: Path) -> None:

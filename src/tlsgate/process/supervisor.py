@@ -125,7 +125,7 @@ class Server:
         for tunnel in started:
             logs.event(
                 "listening", tunnel=tunnel.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
-                target=str(tunnel.cfg.target),
+                target=tunnel.cfg.target_label,
             )  # fmt: skip
         if self.announce_overdue_crls:
             for cfg, crls in overdue:
@@ -144,7 +144,7 @@ class Server:
     def describe(self, state: str) -> str:
         """A one-line state for ``systemctl status``: ``listening | server proxying :8443 => 127.0.0.1:8080``."""
         tunnels = [
-            (t.cfg.mode, ",".join(t.addresses) or str(t.cfg.listen), str(t.cfg.target)) for t in self.tunnels.values()
+            (t.cfg.mode, ",".join(t.addresses) or str(t.cfg.listen), t.cfg.target_label) for t in self.tunnels.values()
         ]
         return f"{state} | {systemd.describe(tunnels)}"
 
@@ -322,7 +322,7 @@ class Server:
                     spare[_socket_key(key, cfg.listen)] = listeners
                 continue
             self.tunnels[key] = tunnel
-            logs.event("listening", tunnel=cfg.label, listen=",".join(tunnel.addresses), target=str(cfg.target))
+            logs.event("listening", tunnel=cfg.label, listen=",".join(tunnel.addresses), target=cfg.target_label)
         for key, old in leaving.items():
             own = spare.pop(_socket_key(key, old.cfg.listen), None)
             if self.tunnels.get(key) is old and key in wanted and own is not None:

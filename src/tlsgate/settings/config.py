@@ -155,6 +155,14 @@ class TunnelConfig:
         return "conn" if self.proxy_protocol else self.proxy_protocol_mode
 
     @property
+    def target_label(self) -> str:
+        """How logs and status show the target: ``target``, with the routes by server name after it, if any."""
+        if not self.route:
+            return str(self.target)
+        routes = ",".join(route.name for route in self.route)
+        return f"{self.target if self.route_default else 'no default'} (routes: {routes})"
+
+    @property
     def proxy_from_unix(self) -> bool:
         """``--accept-proxy-from unix``: every peer of this unix-socket listener must start with a PROXY header.
 
