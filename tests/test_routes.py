@@ -93,6 +93,7 @@ def test_route_names_are_kept_as_the_client_hello_carries_them(given_name: str, 
         ("a..b", "not a valid host name"),
         ("", "expected a host name"),
         ("x" * 64 + ".example.com", "not a valid host name"),
+        ("*.10.0.1", "last label is all digits"),
     ],
 )
 def test_route_names_no_client_could_send_are_refused_in_one_line(given_name: str, problem: str) -> None:
@@ -118,6 +119,8 @@ def table() -> NameTable[str]:
         ("a.b.example.com", None),  # ... and only one
         ("127.0.0.1", None),  # RFC 6066: no IP literals in SNI
         ("::1", None),
+        ("[::1]", None),
+        ("www.example.123", None),  # an all-digit last label is an IP's, not a TLD's
         ("", None),
         (None, None),
         ("bücher.example.com", None),  # not an A-label: CPython never hands us one
@@ -130,11 +133,15 @@ def test_server_names_match_case_insensitively_exact_first_and_wildcards_one_lab
 
 
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+_TLD = st.from_regex(r"[a-z][a-z0-9]{0,5}", fullmatch=True)  # never all digits: that is an IP address
 
 
-@given(domain=st.lists(_LABEL, min_size=2, max_size=4), extra=st.lists(_LABEL, min_size=0, max_size=3))
+@given(
+    domain=st.lists(_LABEL, min_size=1, max_size=3).flatmap(lambda labels: _TLD.map(lambda tld: [*labels, tld])),
+    extra=st.lists(_LABEL, min_size=0, max_size=3),
+)
 def test_a_wildcard_claims_exactly_one_more_label(domain: list[str], extra: list[str]) -> None:
-    names = NameTable([("*." + ".".join(domain), "wild")])
+    names = NameTable([(normalise_route_name("*." + ".".join(domain)), "wild")])
     sni = ".".join([*extra, *domain])
     assert (names.match(sni) == "wild") == (len(extra) == 1)
     assert (names.match(sni.upper() + ".") == "wild") == (len(extra) == 1)

@@ -90,6 +90,9 @@ def normalise_route_name(text: object, key: str = "server-names") -> str:
     labels = ascii_host.split(".")
     if len(ascii_host) > _MAX_NAME or any(not label or len(label) > _MAX_LABEL or not _ldh(label) for label in labels):
         raise ConfigError(f"{key}: {shown(text)} is not a valid host name (letters, digits and '-' per label)")
+    if labels[-1].isdigit():
+        # ClientHellos are matched on this too (sni_lookup_key): an all-digit last label is an IP's, never a TLD's.
+        raise ConfigError(f"{key}: {shown(text)} is not a host name: its last label is all digits, like an IP address")
     if wildcard and len(labels) < 2:
         raise ConfigError(f"{key}: {shown(text)}: a wildcard needs a domain of two labels at least ('*.example.com')")
     return ("*." if wildcard else "") + ascii_host
@@ -104,7 +107,9 @@ def sni_lookup_key(server_name: str | None) -> str | None:
     if not server_name:
         return None
     name = server_name.rstrip(".").lower()
-    if not name.isascii() or _is_ip(name):
+    # An IP literal has a colon (IPv6) or an all-digit last label (IPv4), which no DNS name has (RFC 3696 2): a
+    # cheap test, where ipaddress.ip_address raises and formats two exceptions for every real host name.
+    if not name.isascii() or ":" in name or name.rpartition(".")[2].isdigit():
         return None
     return name
 
