@@ -36,7 +36,9 @@ from tlsgate.settings.routes import NameTable, normalise_route_name, parse_route
 from tlsgate.status import ServerSource, prometheus_text
 
 from helpers import (
+    WorkersProcess,
     backend,
+    eventually,
     invoke,
     port_of,
     refused,
@@ -44,6 +46,7 @@ from helpers import (
     run_tlsgate,
     running_server,
     status_address,
+    threaded_echo_server,
     tunnel,
     wait_until,
 )
@@ -690,6 +693,34 @@ async def test_status_is_up_only_when_every_routes_target_is(pki: Pki, dead_port
             assert doc["backend_error"].startswith(f"route idn: 127.0.0.1:{dead_port}: "), doc
             assert "route api" not in doc["backend_error"] and "route default" not in doc["backend_error"]
             assert doc["forward_address"] == "no default (routes: api,admin,idn)"
+
+
+def test_workers_count_routes_together(pki: Pki, tmp_path: Path) -> None:
+    """With --workers every worker builds the routes; the parent sums their per-route numbers."""
+    with threaded_echo_server() as target:
+        args = [
+            "server", "--listen", "127.0.0.1:0", "--cacert", str(pki.ca.cert_path), "--allow-ou", "eng",
+            "--cert", pki.files["default"]["cert"], "--key", pki.files["default"]["key"],
+            "--cert", pki.files["api"]["cert"], "--key", pki.files["api"]["key"],
+            "--route", f"api.example.com={target}", "--workers", "2",
+        ]  # fmt: skip
+        gate = WorkersProcess(args, tmp_path / "tlsgate.log")
+        try:
+            gate.wait_ready(2)
+            ctx = pki.client()
+            for _ in range(4):
+                with (
+                    socket.create_connection(("127.0.0.1", gate.port), timeout=30) as raw,
+                    ctx.wrap_socket(raw, server_hostname="api.example.com") as tls,
+                ):
+                    tls.sendall(b"ping")
+                    assert tls.recv(4) == b"ping"
+            eventually(
+                "4 connections on the route", lambda: gate.metric("tlsgate.route.api.example.com.established") == 4
+            )
+            assert gate.status()["forward_address"] == "no default (routes: api.example.com)"
+        finally:
+            gate.stop()
 
 
 def test_policy_check_sni_explains_which_routes_rules_apply(pki: Pki, tmp_path: Path) -> None:
