@@ -753,6 +753,16 @@ allow-cn = ["bob"]
     allowed = invoke(cli, *common, "--sni", "www.example.com")
     assert allowed.exit_code == 0, allowed.output
     assert "route:  default (no route claims www.example.com)" in allowed.output
+    refused(invoke(cli, "policy", "check", "--sni", "a.example.com"), "--sni and --tunnel need --config FILE")
+    refused(invoke(cli, *common, "--allow-cn", "x"), "--config takes the rules from the file: drop --allow-cn")
+    refused(invoke(cli, *common, "--tunnel", "nope"), "--tunnel 'nope': no server tunnel of that name")
+    path.write_text(path.read_text(encoding="utf-8").replace('target = "127.0.0.1:8000"\n', ""), encoding="utf-8")
+    unrouted = invoke(cli, *common, "--sni", "www.example.com")
+    assert unrouted.exit_code == 1
+    assert unrouted.output == (
+        "DENY\nrule:   route\n"
+        "reason: no route for server name 'www.example.com', and the tunnel has no default target\n"
+    )
 
 
 # -- reload ---------------------------------------------------------------------------------------------------------
