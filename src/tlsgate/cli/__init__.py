@@ -106,12 +106,6 @@ Examples:
   tlsgate server --listen :8443 --target db.internal:5432 --target-tls \\
       --keystore server.p12 --storepass env:STOREPASS --cacert ca.pem \\
       --allow-cn billing --allow-cn reports --status 127.0.0.1:9000
-
-\b
-  # One port, two services by server name (SNI); other names go to --target:
-  tlsgate server --listen :443 --target 127.0.0.1:8000 --cacert ca.pem --allow-ou eng \\
-      --cert www.pem --key www.key --cert api.pem --key api.key \\
-      --route 'api.example.com,*.api.example.com=127.0.0.1:8080'
 """
 
 _CLIENT_EXAMPLES = """
