@@ -554,10 +554,10 @@ def test_a_route_inherits_the_tunnels_settings_group_by_group(pki: Pki) -> None:
     )  # fmt: skip
     a, b = cfg.route
     assert (a.name, a.server_names, str(a.cfg.target)) == ("a", ("a.example.com",), "127.0.0.1:2")
-    assert a.cfg.allow_ou == ("eng",) and a.cfg.cert == cfg.cert and a.cfg.allow_from == ("127.0.0.0/8",)
+    assert a.cfg.allow_ou == ("eng",) and a.cfg.cert == cfg.cert and a.cfg.allow_from == cfg.allow_from
     # b set a rule of its own: none of the tunnel's rules mix in.
     assert b.cfg.allow_cn == ("bob",) and b.cfg.allow_ou == () and b.cfg.cert == tuple(pki.server("api")["cert"])
-    assert b.cfg.cacert == cfg.cacert and b.cfg.allow_from == ("127.0.0.0/8",)
+    assert b.cfg.cacert == cfg.cacert and b.cfg.allow_from == cfg.allow_from and len(cfg.allow_from) == 1
     assert cfg.route_default
 
 
@@ -736,6 +736,7 @@ cert = "{pki.files["default"]["cert"]}"
 key = "{pki.files["default"]["key"]}"
 cacert = "{pki.ca.cert_path}"
 allow-ou = ["eng"]
+allow-from = ["127.0.0.0/8"]
 
 [[tunnel.route]]
 name = "admin"
@@ -753,6 +754,8 @@ allow-cn = ["bob"]
     allowed = invoke(cli, *common, "--sni", "www.example.com")
     assert allowed.exit_code == 0, allowed.output
     assert "route:  default (no route claims www.example.com)" in allowed.output
+    elsewhere = invoke(cli, *common, "--sni", "api.example.com", "--from", "10.1.2.3")  # every route's address rules
+    assert elsewhere.exit_code == 1 and elsewhere.output.startswith("DENY\nrule:   allow-from\n"), elsewhere.output
     refused(invoke(cli, "policy", "check", "--sni", "a.example.com"), "--sni and --tunnel need --config FILE")
     refused(invoke(cli, *common, "--allow-cn", "x"), "--config takes the rules from the file: drop --allow-cn")
     refused(invoke(cli, *common, "--tunnel", "nope"), "--tunnel 'nope': no server tunnel of that name")

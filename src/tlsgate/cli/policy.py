@@ -25,6 +25,7 @@ from tlsgate.policy.decision import Decision
 from tlsgate.policy.peer import PeerIdentity, check_validity
 from tlsgate.policy.policy import Policy, build_policy
 from tlsgate.process.crls import crl_warning, overdue_crls
+from tlsgate.settings.access import ServerAccess
 from tlsgate.settings.config import server_access
 from tlsgate.settings.pins import KeyPin, PinSet
 from tlsgate.tls.x509 import parse_certificates
@@ -103,19 +104,21 @@ def check(
       tlsgate policy check --config tlsgate.toml --sni api.example.com --cert alice.pem
     """
     now = _parse_time(at)
-    route_line = ""
+    route_line, settings = "", None
     if config_path is not None or tunnel_name is not None or sni is not None:
-        access, cacert, disable_authentication, route_line = _rules_from_config(
+        settings, cacert, route_line = _rules_from_config(
             config_path, tunnel_name, sni, access, cacert, disable_authentication
         )
-        if not access:  # the name picks no route and the tunnel has no default: refused before any rule
+        if settings is None:  # the name picks no route and the tunnel has no default: refused before any rule
             click.echo(f"DENY\nrule:   route\nreason: {route_line}")
             ctx.exit(1)
     if source is not None:
         _check_ip(source)
     chain = _load_certificates("--cert", cert_path) if cert_path else []
     ca_certs = _load_certificates("--cacert", cacert) if cacert else []
-    rules = build_policy(server_access(**access, disable_authentication=disable_authentication), ca_certs=ca_certs)
+    if settings is None:
+        settings = server_access(**access, disable_authentication=disable_authentication)
+    rules = build_policy(settings, ca_certs=ca_certs)
 
     leaf = chain[0] if chain else None
     leaf_der = leaf.public_bytes(serialization.Encoding.DER) if leaf is not None else None
@@ -166,11 +169,10 @@ def _rules_from_config(
     access: dict[str, Any],
     cacert: str | None,
     disable_authentication: bool,
-) -> tuple[dict[str, Any], str | None, bool, str]:
-    """The access flags, CA bundle and authentication mode of a config file's tunnel, or of the route that
-    ``sni`` picks there, and a line saying which route that is (no rules at all: the name is refused before
-    any rule runs, and the line says why). Flags that set rules too are refused: the
-    answer would be about neither the file nor the flags."""
+) -> tuple[ServerAccess | None, str | None, str]:
+    """The access settings and CA bundle of a config file's tunnel, or of the route that ``sni`` picks there,
+    and a line saying which route that is (no settings: the name is refused before any rule runs, and the line
+    says why). Flags that set rules too are refused: the answer would be about neither the file nor the flags."""
     from tlsgate.settings.file import read_config_file
     from tlsgate.settings.routes import DEFAULT_ROUTE, NameTable
 
@@ -200,9 +202,8 @@ def _rules_from_config(
         elif cfg.route_default:
             line = f"{DEFAULT_ROUTE} (no route claims {sni})"
         else:
-            return {}, None, False, f"no route for server name {sni!r}, and the tunnel has no default target"
-    rules = {key: getattr(cfg, key) for key in access}
-    return rules, cacert or cfg.cacert, cfg.disable_authentication, line
+            return None, None, f"no route for server name {sni!r}, and the tunnel has no default target"
+    return cfg.access, cacert or cfg.cacert, line
 
 
 def _steps(
