@@ -602,6 +602,20 @@ def test_two_routes_claiming_one_name_are_refused(pki: Pki) -> None:
         tunnel_config("server", {**opts, "route": routes})
 
 
+def test_routes_refuse_pin_only_authentication(pki: Pki) -> None:
+    """A pin-only client's certificate is never verified against the CA: resumed under another route's name,
+    it would meet that route's CA-based rules unverified."""
+    opts = {**pki.server("default"), "listen": "127.0.0.1:0", "target": "127.0.0.1:1", "allow_all": True,
+            "cacert": str(pki.ca.cert_path)}  # fmt: skip
+    pin = "a" * 64
+    with pytest.raises(ConfigErrors, match="'allow-spki-pin' cannot be set per route: it is the tunnel's"):
+        tunnel_config("server", {**opts, "route": [{"name": "x", "server-names": "x.example.com",
+                                                    "target": "127.0.0.1:2", "allow-spki-pin": [pin]}]})  # fmt: skip
+    tunnel_only = {k: v for k, v in opts.items() if k not in ("allow_all", "cacert")}
+    with pytest.raises(ConfigErrors, match="routes cannot be combined with allow-spki-pin"):
+        tunnel_config("server", {**tunnel_only, "allow_spki_pin": [pin], "route": ["x.example.com=127.0.0.1:2"]})
+
+
 def test_routes_are_for_server_mode(pki: Pki) -> None:
     with pytest.raises(ConfigErrors, match="--route is for server mode"):
         tunnel_config(

@@ -198,6 +198,8 @@ _SHARED_WHY = {
     "is not verified again)",
     "disable_authentication": "OpenSSL asks for a client certificate before the server name is known",
     "crl": "revocation lists apply to the listener's CA bundle",
+    "allow_spki_pin": "pin-only authentication skips the CA, and a session resumed under another name is not "
+    "verified again",
 }
 
 
@@ -233,6 +235,10 @@ def build_routes(
     items = [value] if isinstance(value, str | Mapping) else value
     if not isinstance(items, Sequence):
         return (), [f"route: expected [[tunnel.route]] tables or NAME=HOST:PORT strings, got {shown(value)}"]
+    if tunnel_options.get("allow_spki_pin"):
+        # Pin-only clients are not verified against the CA; resumed under another route's name, such a session
+        # would meet that route's CA-based rules with a certificate nobody verified.
+        return (), ["route: routes cannot be combined with allow-spki-pin (pin-only authentication)"]
     base = {k: v for k, v in tunnel_options.items() if k not in ("route", "target", "name", "mode")}
     problems: list[str] = []
     routes: list[RouteConfig] = []
