@@ -11,9 +11,11 @@ guard, abort) are in ``setupcore``. Where a set-up stands is one field, ``phase`
                  +--(TLS listener)---> [OPENING] --> CLIENT_HANDSHAKE <-+  (TLS listener)
                  |                                        |  identity rules
                  +--(plain listener)-> [OPENING] --> RESOLVING  (also from PROXY_HEADER, plain listener)
-                                                          |  addresses: at once when cached or a literal
-                                                          v
-                                                      CONNECTING --(TLS target)--> [TARGET_OPENING]
+                                                          |  addresses (of the --proxy, if any): at once when
+                                                          v  cached or a literal
+                                                      CONNECTING --(--proxy)--> PROXY_HANDSHAKE
+                                                          |                              |
+                                                          +--(TLS target)--> [TARGET_OPENING]
                                                           |                              |
                                                           |                        TARGET_HANDSHAKE
                                                           |                              |  --verify-* rules
@@ -48,6 +50,7 @@ from tlsgate.engine.relay import Relay
 from tlsgate.engine.setupcore import DONE, SetupCore, SetupPhase
 from tlsgate.engine.sockets import host_port
 from tlsgate.engine.stats import HANDSHAKE_BUCKETS
+from tlsgate.engine.viaproxy import ViaProxyError, handshake_for
 from tlsgate.errors import TlsgateError
 from tlsgate.policy.chain import verified_chain
 from tlsgate.policy.decision import Decision
@@ -60,6 +63,10 @@ _TARGET_OPENING = SetupPhase.TARGET_OPENING
 _RESOLVING = SetupPhase.RESOLVING
 _CONNECTING = SetupPhase.CONNECTING
 _TARGET_HANDSHAKE = SetupPhase.TARGET_HANDSHAKE
+_PROXY_HANDSHAKE = SetupPhase.PROXY_HANDSHAKE
+
+# How much of a proxy's reply one read looks at: a CONNECT reply is a few hundred bytes, a SOCKS5 one at most 262.
+_VIA_READ = 4096
 
 
 class Setup(SetupCore):
@@ -310,6 +317,9 @@ class Setup(SetupCore):
         self._connected()
 
     def _connected(self) -> None:
+        if self.tunnel.cfg.proxy is not None and self.phase is not _PROXY_HANDSHAKE:
+            self._via_start()
+            return
         if self.rt.target_ctx is None:
             self._start_relay()
             return
@@ -355,6 +365,75 @@ class Setup(SetupCore):
         self.phase = _TARGET_HANDSHAKE
         self._arm(self._target_handshake_limit(), "target handshake timeout")
         self._target_handshake()
+
+    # -- --proxy: the tunnel through an HTTP CONNECT or SOCKS5 proxy, before TLS with the target -----------------
+
+    def _via_start(self) -> None:
+        """Connected to the proxy: ask it for the target. One deadline (--connect-timeout) covers the connect to
+        the proxy, its handshake and the target's TLS handshake, as in ghostunnel, so a stalled proxy is cut."""
+        cfg = self.tunnel.cfg
+        assert cfg.proxy is not None
+        self.phase = _PROXY_HANDSHAKE
+        self._arm_connect()  # a loopback proxy connected at once, before any deadline was armed
+        try:
+            self.via = handshake_for(cfg.proxy, cfg.target.host, cfg.target.port)
+        except ViaProxyError as err:
+            self._target_failed(str(err))
+            return
+        self._via_send(self.via.first_flight())
+
+    def _via_send(self, data: bytes) -> None:
+        sock = self.target
+        assert sock is not None
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:
+            self._target_failed(f"sending to the proxy: {err.strerror or err}")
+            return
+        if sent < len(data):
+            self.via_out = data[sent:]
+            self._want(sock.fileno(), False, self._via_flush)
+            return
+        self._want(sock.fileno(), True, self._via_read)
+
+    def _via_flush(self) -> None:
+        data, self.via_out = self.via_out, b""
+        self._via_send(data)
+
+    def _via_read(self) -> None:
+        """Take the proxy's reply off the socket, and not one byte more (see engine.viaproxy)."""
+        sock = self.target
+        assert sock is not None
+        try:
+            data = sock.recv(_VIA_READ, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return  # a spurious wake-up: the reader stays registered
+        except OSError as err:
+            self._target_failed(f"the proxy reset the connection ({err.strerror or err})")
+            return
+        if not data:
+            self._target_failed("the proxy closed the connection before the tunnel was open")
+            return
+        try:
+            step = self.via.take(data)
+        except ViaProxyError as err:
+            self._target_failed(str(err))
+            return
+        try:
+            taken = sock.recv(step.used)
+        except OSError:
+            taken = b""
+        if len(taken) != step.used:  # the kernel just showed us these bytes; anything else is a vanished proxy
+            self._target_failed("the proxy connection broke during its handshake")
+            return
+        if step.open:
+            self.via = None
+            self._unwant()
+            self._connected()
+        elif step.send:
+            self._via_send(step.send)
 
     def _target_handshake_limit(self) -> float:
         """What is left of --connect-timeout: as in ghostunnel, one deadline covers the connect and the target's

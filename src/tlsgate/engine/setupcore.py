@@ -44,6 +44,7 @@ class SetupPhase(enum.Enum):
     CLIENT_HANDSHAKE = "client handshake"
     RESOLVING = "resolving"
     CONNECTING = "connecting"
+    PROXY_HANDSHAKE = "proxy handshake"
     TARGET_OPENING = "target opening"
     TARGET_HANDSHAKE = "target handshake"
     DONE = "done"
@@ -83,6 +84,8 @@ class SetupCore:
         "target_leaf",
         "timer",
         "tunnel",
+        "via",
+        "via_out",
     )
 
     def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, addr: Any, peer_ip: str, peer: str) -> None:
@@ -118,6 +121,9 @@ class SetupCore:
         self.forward = b""  # bytes the opening took from the application that the target must get first
         # The route by server name the handshake picked (tunnels with routes only); self.rt is then its runtime.
         self.route: Route | None = None
+        # --proxy: the handshake with the proxy (engine.viaproxy) and what of its bytes the socket has not taken.
+        self.via: Any = None
+        self.via_out = b""
 
     @property
     def done(self) -> bool:
@@ -312,10 +318,13 @@ class SetupCore:
 
     def _target_failed(self, reason: str) -> None:
         self.tunnel.stats.target_errors += 1
+        cfg = self.tunnel.cfg
+        # With --proxy the failure may be the proxy's: name it, never with its userinfo (ProxyURL.shown).
+        via: dict[str, Any] = {} if cfg.proxy is None else {"proxy": cfg.proxy.shown}
         logs.event(
             "target unreachable", logging.WARNING, category="conn-errs", tunnel=self.tunnel.label,
             peer=self.peer, identity=self.identity, target=self._target_address(), reason=reason,
-            **route_field(self._route_name()),
+            **route_field(self._route_name()), **via,
         )  # fmt: skip
         self.abort("target unreachable")
 

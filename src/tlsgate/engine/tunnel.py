@@ -65,8 +65,10 @@ class Tunnel:
         self._watched: dict[int, Relay] = {}
         # Looked-up target addresses and when they expire, per target (routes by server name have their own).
         self._resolved: dict[Address, tuple[float, list[tuple[int, Any]]]] = {}
+        # What connect() dials: the target, or with --proxy the proxy (the target's name goes to the proxy).
+        self._dial = cfg.target if cfg.proxy is None else Address(host=cfg.proxy.host, port=cfg.proxy.port)
         # A unix path or an IP literal needs no lookup: work it out once, not per connection.
-        self._static_target = static_target(cfg.target)
+        self._static_target = static_target(self._dial)
         self._fd_warned = False
         self.last_reload = time.time()
         self.label = cfg.label
@@ -346,14 +348,15 @@ class Tunnel:
     def resolve(
         self, callback: Callable[[list[tuple[int, Any]] | str | Exception], None], route: Route | None = None
     ) -> None:
-        """Target addresses for connect(); cached for a short while, looked up off the loop thread.
+        """Target addresses for connect() (the proxy's, with --proxy); cached for a short while, looked up off the
+        loop thread.
 
         ``callback`` gets the addresses, a reason string when the name does not resolve, or the exception of a
         bug; it must not raise (``Setup`` passes a guarded step). ``route``: the route by server name the
         connection took, whose target is meant rather than the tunnel's.
         """
-        target, static = self.cfg.target, self._static_target
-        if route is not None and route.cfg.target != target:
+        target, static = self._dial, self._static_target
+        if route is not None and route.cfg.target != self.cfg.target:
             target = route.cfg.target
             static = static_target(target)
         if static is not None:

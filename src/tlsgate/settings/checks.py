@@ -107,6 +107,9 @@ def cross_checks(cfg: TunnelConfig, *, require_client_identity: bool = False) ->
                 f"--listen {cfg.listen} exposes a plaintext port to other machines; add --unsafe-listen if intended"
             )
         problems += _verify_pin_problems(cfg)
+        if cfg.proxy is not None and cfg.target.is_unix:
+            # ghostunnel fails at every connection here ("only tcp"); a proxy opens TCP connections only.
+            problems.append(f"--proxy reaches a HOST:PORT target; --target {cfg.target} is a unix socket")
         # A pinned server is known by its key, not its name: nothing to verify the name against.
         if cfg.target.is_unix and not cfg.override_server_name and not cfg.verify_spki_pin:
             problems.append("a unix: target in client mode needs --override-server-name to verify the server")

@@ -25,6 +25,7 @@ from tlsgate.settings.checks import cross_checks
 from tlsgate.settings.convert import check_paths, convert, flag
 from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.pins import KeyPin
+from tlsgate.settings.proxyurl import ProxyURL
 from tlsgate.settings.routes import RouteConfig, build_routes
 from tlsgate.settings.table import SETTINGS, process_settings, setting
 from tlsgate.settings.values import UNIX_SOURCE, IPAddress, Network, ProxySource, SpkiPin
@@ -96,6 +97,8 @@ class TunnelConfig:
     verify_policy: str | None = None
     verify_query: str | None = None
     override_server_name: str | None = None
+    # Client mode --proxy: the target is reached through this HTTP CONNECT or SOCKS5 proxy (its repr hides secrets).
+    proxy: ProxyURL | None = None
     # Server mode re-encryption to a TLS upstream.
     target_tls: bool = False
     target_cacert: str | None = None

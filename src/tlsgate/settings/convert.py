@@ -27,6 +27,7 @@ from tlsgate.settings.addresses import Address, parse_address, valid_host
 from tlsgate.settings.durations import parse_duration
 from tlsgate.settings.patterns import UriPattern
 from tlsgate.settings.pins import KeyPin
+from tlsgate.settings.proxyurl import ProxyURL, parse_proxy_url
 from tlsgate.settings.setting import Setting
 from tlsgate.settings.table import CIPHER_SUITES, TLS_VERSIONS, UNSAFE_CIPHER_SUITES, setting
 from tlsgate.settings.values import (
@@ -306,6 +307,12 @@ def _as_cipher_suites(value: object, key: str) -> tuple[str, ...]:
     return names
 
 
+def _as_proxy_url(value: object, key: str) -> ProxyURL:
+    if not isinstance(value, str):
+        raise ConfigError(f"{flag(key)}: expected a URL such as http://proxy:8080 or socks5://proxy:1080")
+    return parse_proxy_url(value, flag(key))
+
+
 def _as_count(value: object, key: str) -> int:
     entry = setting(key)
     return _as_int(value, key, entry.low, entry.high)
@@ -336,6 +343,7 @@ _CONVERTERS: dict[str, Callable[[object, str], Any]] = {
     "choice": _as_choice,
     "tls_version": _as_tls_version,
     "cipher_suites": _as_cipher_suites,
+    "proxy_url": _as_proxy_url,
 }
 
 

@@ -30,6 +30,8 @@ def describe_tunnel(cfg: TunnelConfig) -> str:
         rules = _identity_rules(cfg, "verify")
         rules += _rules(("verify-query", (cfg.verify_query,) if cfg.verify_query else ()))
         parts.append(" ".join(["mTLS" if cfg.cert or cfg.keystore else "TLS", *rules]))
+        if cfg.proxy is not None:
+            parts.append(f"via {cfg.proxy.shown}")  # never the URL's credentials
     parts += _rules(("allow-from", cfg.allow_from), ("deny-from", cfg.deny_from))
     if cfg.crl:
         parts.append(f"{len(cfg.crl)} CRL" + ("s" if len(cfg.crl) > 1 else ""))

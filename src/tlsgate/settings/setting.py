@@ -41,6 +41,7 @@ Kind = Literal[
     "choices",  # repeatable, each one of choices
     "tls_version",  # ghostunnel's TLS1.2 / TLS1.3
     "cipher_suites",  # ghostunnel's AES,CHACHA: comma-separated on the command line, a list in a file
+    "proxy_url",  # client --proxy: http:// or socks5:// URL -> proxyurl.ProxyURL; its userinfo is never shown
 ]
 Scope = Literal["process", "server", "client", "both"]
 

@@ -215,6 +215,17 @@ _TIMEOUTS = (
 )
 
 _UPSTREAM = (
+    Setting(
+        "proxy",
+        "proxy_url",
+        "upstream",
+        "Reach the target through this HTTP CONNECT or SOCKS5 proxy: http://[USER:PASS@]HOST[:8080] or "
+        "socks5://[USER:PASS@]HOST[:1080].",
+        scope="client",
+        metavar="URL",
+        aliases=("--connect-proxy",),
+        secret=True,
+    ),
     Setting("target_tls", "flag", "upstream", "Re-encrypt: speak TLS to the target, verified.", scope="server"),
     Setting(
         "target_protocol",
