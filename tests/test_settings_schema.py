@@ -70,7 +70,7 @@ def test_every_kind_has_a_converter_and_every_section_is_known() -> None:
 
 
 def test_secrets_env_vars_and_choices_come_from_the_table() -> None:
-    assert {"storepass", "key_pass"} == SECRET_KEYS
+    assert {"storepass", "key_pass", "proxy"} == SECRET_KEYS
     assert tlsgate_cli.ENV_FLAGS is ENV_FLAGS
     assert ENV_FLAGS == {
         "keystore": "KEYSTORE_PATH",
