@@ -30,10 +30,25 @@ from hypothesis import strategies as st
 from tlsgate.cli import cli
 from tlsgate.engine.viaproxy import MAX_HTTP_REPLY, HttpConnect, Socks5Connect, ViaProxyError
 from tlsgate.errors import ConfigError
+from tlsgate.process.supervisor import Server
+from tlsgate.settings.config import tunnel_config
 from tlsgate.settings.file import load_config_file
+from tlsgate.settings.process_options import ProcessOptions
 from tlsgate.settings.proxyurl import parse_proxy_url
 
-from helpers import assert_cut, backend, echo, invoke, port_of, refused, tunnel, wait_until
+from helpers import (
+    assert_cut,
+    backend,
+    echo,
+    invoke,
+    port_of,
+    refused,
+    request,
+    running_server,
+    status_address,
+    tunnel,
+    wait_until,
+)
 
 TARGET_NAME = "backend.proxied.invalid"
 SECRET = "s3cr3t-Pa55"
@@ -678,3 +693,26 @@ def test_the_proxy_key_in_a_file_and_check_config(tmp_path: Path, target_files: 
     result = invoke(cli, "check-config", path)
     assert result.exit_code == 0, result.output
     assert "via socks5h://[::1]:9050" in result.output and SECRET not in result.output
+
+
+# -- /_status behind a proxy ---------------------------------------------------------------------------------------
+
+
+@pytestmark_async
+async def test_status_checks_the_proxy_not_the_unresolvable_target(
+    target_files: dict[str, str], dead_port: int
+) -> None:
+    """Without the proxy in the picture, /_status would look up ``backend.proxied.invalid`` and call it down."""
+    async with running_proxy("socks5", credentials=("user", SECRET)) as proxy:
+        for url, expected in (
+            (proxy.url(f"user:{SECRET}@"), 200),
+            (f"socks5://user:{SECRET}@127.0.0.1:{dead_port}", 503),
+        ):
+            options = client_options(target_files, f"{TARGET_NAME}:443", url, listen="127.0.0.1:0")
+            server = Server([tunnel_config("client", options)], ProcessOptions(status="http://127.0.0.1:0"))
+            async with running_server(server):
+                code, _, body = await request(status_address(server), "/_status")
+            assert code == expected, body
+            assert SECRET.encode() not in body
+            if expected == 503:
+                assert f"via socks5://127.0.0.1:{dead_port}".encode() in body

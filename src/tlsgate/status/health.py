@@ -36,7 +36,9 @@ async def check_backend(view: TunnelView) -> str | None:
     Up means: it accepts a TCP (or unix socket) connection, and with ``--target-status URL`` it also answers a
     GET of that URL, sent over that same connection, with 200 (ghostunnel's check: the URL names what to ask
     for and the Host header, the target where to ask). A tunnel with routes by server name is up when every
-    route's target is (``--target-status`` asks the default target only), checked side by side.
+    route's target is (``--target-status`` asks the default target only), checked side by side. Behind a client
+    ``--proxy``, the proxy is what must accept: the target's name may resolve only there, and the view carries no
+    credentials to ask it with.
     """
     if not view.route_targets:
         return await _check_target(view, view.target, bool(view.target_status))
@@ -54,7 +56,12 @@ async def check_backend(view: TunnelView) -> str | None:
 async def _check_target(view: TunnelView, target: str, ask_status: bool) -> str | None:
     try:
         async with asyncio.timeout(_BACKEND_TIMEOUT):
-            address = parse_address(target, name="target")
+            if view.proxy:
+                target = f"{target} via {view.proxy}"
+                proxy = urlsplit(view.proxy)
+                address = parse_address(f"{proxy.netloc}", name="proxy")
+            else:
+                address = parse_address(target, name="target")
             if address.is_unix:
                 reader, writer = await asyncio.open_unix_connection(address.path, limit=_MAX_ANSWER)
             else:

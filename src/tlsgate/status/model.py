@@ -57,6 +57,8 @@ class TunnelView:
     # and the CA bundle an https:// one is verified with ("" = the system store).
     target_status: str = ""
     target_status_cafile: str = ""
+    # Client --proxy as logs show it (scheme://host:port, never the credentials): /_status checks the proxy.
+    proxy: str = ""
 
     @property
     def state(self) -> str:
@@ -107,6 +109,7 @@ def view_of(key: str, tunnel: Tunnel, *, retiring: bool = False) -> TunnelView:
         mode=tunnel.cfg.mode,
         listen=tunnel.addresses,
         target=tunnel.cfg.target_label,
+        proxy=tunnel.cfg.proxy.shown if tunnel.cfg.proxy is not None else "",
         open=tunnel.active,
         counters=counters,
         refused=dict(stats.refused),
