@@ -88,6 +88,12 @@ class SetupCore:
         "via_out",
     )
 
+    # --proxy only: the handshake with the proxy (engine.viaproxy) and the bytes of it the socket has not taken
+    # yet. Set by Setup._via_start, never read before: left unset otherwise, so a tunnel without --proxy pays
+    # no store for them per connection.
+    via: Any
+    via_out: bytes
+
     def __init__(self, tunnel: Tunnel, rt: Runtime, sock: socket.socket, addr: Any, peer_ip: str, peer: str) -> None:
         assert tunnel.loop is not None
         self.tunnel = tunnel
@@ -121,9 +127,6 @@ class SetupCore:
         self.forward = b""  # bytes the opening took from the application that the target must get first
         # The route by server name the handshake picked (tunnels with routes only); self.rt is then its runtime.
         self.route: Route | None = None
-        # --proxy: the handshake with the proxy (engine.viaproxy) and what of its bytes the socket has not taken.
-        self.via: Any = None
-        self.via_out = b""
 
     @property
     def done(self) -> bool:
