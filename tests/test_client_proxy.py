@@ -13,9 +13,11 @@ import asyncio
 import base64
 import contextlib
 import ipaddress
+import shutil
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from helpers import (
     assert_cut,
     backend,
     echo,
+    free_port,
     invoke,
     port_of,
     refused,
@@ -47,6 +50,7 @@ from helpers import (
     running_server,
     status_address,
     tunnel,
+    wait_for_listener,
     wait_until,
 )
 
@@ -168,6 +172,7 @@ def test_http_connect_brackets_an_ipv6_target_and_sends_no_credentials_without_t
         (b"HTTP/1.0 502 Bad Gateway\r\nX: y\r\n\r\n", False, "502 Bad Gateway"),
         (b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", False, "wants credentials"),
         (b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", True, "refused the credentials"),
+        (b"HTTP/1.0 401 Unauthorized\r\n\r\n", True, "refused the credentials"),  # tinyproxy's answer
         (b"SSH-2.0-OpenSSH\r\n\r\n", False, "not an HTTP proxy reply"),
         (b"HTTP/1.1 2000 OK\r\n\r\n", False, "not an HTTP proxy reply"),
         (b"\x16\x03\x01\x00\x05hello\r\n\r\n", False, "not an HTTP proxy reply"),
@@ -716,3 +721,56 @@ async def test_status_checks_the_proxy_not_the_unresolvable_target(
             assert SECRET.encode() not in body
             if expected == 503:
                 assert f"via socks5://127.0.0.1:{dead_port}".encode() in body
+
+
+# -- real proxies: microsocks (SOCKS5) and tinyproxy (HTTP CONNECT), as users run them ------------------------------
+
+
+def binary(name: str) -> str:
+    """A Debian package .ci/run installs: missing is a failure, never a skip (CI must run these tests)."""
+    path = shutil.which(name)
+    assert path, f"{name} is not installed (.ci/run installs it; locally: apt-get install {name})"
+    return path
+
+
+@contextlib.asynccontextmanager
+async def real_proxy(argv: list[str], port: int) -> AsyncIterator[None]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        await wait_for_listener(port)
+        yield
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+@pytestmark_async
+@pytest.mark.parametrize("proxy", ["microsocks", "tinyproxy"])
+async def test_real_proxies_with_credentials_right_and_wrong(
+    proxy: str, target_files: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    if proxy == "microsocks":
+        argv = [binary("microsocks"), "-i", "127.0.0.1", "-p", str(port), "-u", "user", "-P", SECRET]
+        scheme = "socks5"
+    else:
+        config = tmp_path / "tinyproxy.conf"
+        # No ConnectPort line: CONNECT to any port (the default list is 443 and 563).
+        config.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 30\nBasicAuth user {SECRET}\nLogLevel Error\n")
+        argv = [binary("tinyproxy"), "-d", "-c", str(config)]
+        scheme = "http"
+    async with mtls_target(target_files) as be, real_proxy(argv, port):
+        for userinfo, works in ((f"user:{SECRET}@", True), ("user:wrong@", False)):
+            url = f"{scheme}://{userinfo}127.0.0.1:{port}"
+            options = client_options(target_files, f"127.0.0.1:{be.port}", url, override_server_name=TARGET_NAME)
+            async with tunnel("client", **options) as cli:
+                if works:
+                    assert await ping(port_of(cli)) == b"ping through the proxy"
+                else:
+                    await cut_at_once(port_of(cli))
+                    await wait_until(lambda: cli.stats.target_errors == 1)
+    (event,) = events(caplog, "target unreachable")
+    assert "credentials" in event["reason"], event
+    assert SECRET not in everything_logged(caplog)

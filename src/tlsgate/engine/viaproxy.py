@@ -76,7 +76,8 @@ class HttpConnect:
     """``CONNECT host:port HTTP/1.1``, with ``Proxy-Authorization: Basic`` when the URL has credentials.
 
     Any 2xx opens the tunnel (RFC 9110, 9.3.6); ghostunnel's Go dialer takes only 200, and no proxy we know sends
-    another 2xx, so the two agree in practice. 407 says whether credentials were sent, since that is the fix.
+    another 2xx, so the two agree in practice. 407 (or 401, tinyproxy's) says whether credentials were sent,
+    since that is the fix.
     """
 
     __slots__ = ("_authorization", "_seen", "_target")
@@ -120,7 +121,8 @@ class HttpConnect:
             return Step(used, open=True)
         phrase = _printable(parts[2]) if len(parts) > 2 else ""
         said = f"{code} {phrase}".strip()
-        if code == 407:
+        # 407 is the standard answer; tinyproxy (1.11, Debian 12) answers a missing or wrong BasicAuth with 401.
+        if code in (401, 407):
             if self._authorization:
                 raise ViaProxyError(f"proxy refused the credentials in the --proxy URL ({said})")
             raise ViaProxyError(f"proxy wants credentials: put user:password@ in the --proxy URL ({said})")
