@@ -218,6 +218,14 @@ def test_socks5_with_credentials_however_split(cuts: list[int], after: bytes, bo
     )
 
 
+def test_a_unicode_target_name_goes_to_the_proxy_as_idna() -> None:
+    assert HttpConnect("bücher.example", 443, None, None).first_flight().startswith(
+        b"CONNECT xn--bcher-kva.example:443 HTTP/1.1\r\n"
+    )
+    sent, _, _ = drive(Socks5Connect("bücher.example", 443, None, None), b"\x05\x00", [])
+    assert sent.endswith(b"\x05\x01\x00\x03\x15xn--bcher-kva.example\x01\xbb")
+
+
 @pytest.mark.parametrize(
     ("host", "address"),
     [("10.1.2.3", b"\x01\x0a\x01\x02\x03"), ("::1", b"\x04" + ipaddress.IPv6Address("::1").packed)],
