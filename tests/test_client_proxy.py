@@ -219,8 +219,10 @@ def test_socks5_with_credentials_however_split(cuts: list[int], after: bytes, bo
 
 
 def test_a_unicode_target_name_goes_to_the_proxy_as_idna() -> None:
-    assert HttpConnect("bücher.example", 443, None, None).first_flight().startswith(
-        b"CONNECT xn--bcher-kva.example:443 HTTP/1.1\r\n"
+    assert (
+        HttpConnect("bücher.example", 443, None, None)
+        .first_flight()
+        .startswith(b"CONNECT xn--bcher-kva.example:443 HTTP/1.1\r\n")
     )
     sent, _, _ = drive(Socks5Connect("bücher.example", 443, None, None), b"\x05\x00", [])
     assert sent.endswith(b"\x05\x01\x00\x03\x15xn--bcher-kva.example\x01\xbb")
@@ -523,6 +525,8 @@ async def test_mtls_through_a_proxy_sends_the_name_to_the_proxy(
         assert await ping(port_of(cli), b"again") == b"again"
         await wait_until(lambda: cli.stats.closed == 2)
     assert proxy.asked == [(TARGET_NAME, port)] * 2
+    (listening,) = events(caplog, "listening")
+    assert listening["proxy"] == proxy.url()
     if with_credentials:
         expected = ("Basic " + basic("user", SECRET).decode()).encode() if kind == "http" else f"user:{SECRET}".encode()
         assert proxy.authorizations == [expected] * 2

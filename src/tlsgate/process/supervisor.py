@@ -123,9 +123,11 @@ class Server:
                 tunnel.stop_listening()
             raise
         for tunnel in started:
+            # ghostunnel says "using proxy URL" at start; we name it too, never with its credentials.
+            via: dict[str, Any] = {} if tunnel.cfg.proxy is None else {"proxy": tunnel.cfg.proxy.shown}
             logs.event(
                 "listening", tunnel=tunnel.label, mode=tunnel.cfg.mode, listen=",".join(tunnel.addresses),
-                target=tunnel.cfg.target_label,
+                target=tunnel.cfg.target_label, **via,
             )  # fmt: skip
         if self.announce_overdue_crls:
             for cfg, crls in overdue:
