@@ -42,11 +42,11 @@ from helpers import (
     assert_cut,
     backend,
     echo,
-    free_port,
     invoke,
     port_of,
     refused,
     request,
+    reserved_port,
     running_server,
     status_address,
     tunnel,
@@ -763,7 +763,15 @@ async def real_proxy(argv: list[str], port: int) -> AsyncIterator[None]:
 async def test_real_proxies_with_credentials_right_and_wrong(
     proxy: str, target_files: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = free_port()
+    with reserved_port() as port:
+        await through_real_proxy(proxy, port, target_files, tmp_path)
+    (event,) = events(caplog, "target unreachable")
+    assert "credentials" in event["reason"], event
+    assert SECRET not in everything_logged(caplog)
+
+
+async def through_real_proxy(proxy: str, port: int, target_files: dict[str, str], tmp_path: Path) -> None:
+    """One connection with the right credentials (relayed), one with wrong ones (refused with the reason)."""
     if proxy == "microsocks":
         argv = [binary("microsocks"), "-i", "127.0.0.1", "-p", str(port), "-u", "user", "-P", SECRET]
         scheme = "socks5"
@@ -783,6 +791,3 @@ async def test_real_proxies_with_credentials_right_and_wrong(
                 else:
                     await cut_at_once(port_of(cli))
                     await wait_until(lambda: cli.stats.target_errors == 1)
-    (event,) = events(caplog, "target unreachable")
-    assert "credentials" in event["reason"], event
-    assert SECRET not in everything_logged(caplog)
