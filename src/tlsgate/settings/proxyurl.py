@@ -9,9 +9,13 @@ ghostunnel hands the URL to Go's ``golang.org/x/net/proxy.FromURL`` with an ``ht
   credentials are RFC 1929 username/password authentication. The two spellings mean the same, as in Go: a target
   name is always sent to the proxy to resolve, an IP literal as an address.
 
-Anything else (``https://``, ``socks4://``, a path, a query) is refused here, where ghostunnel fails at start
-with "unknown scheme" or at the first connection. The password is a secret: ``ProxyURL`` never shows it, and
-every message names the proxy by ``shown``, the URL without its userinfo.
+Anything else (``socks4://``, a path, a query) is refused here, where ghostunnel fails at start with "unknown
+scheme" or at the first connection. ``https://`` (TLS to the proxy, with ghostunnel's newer ``--proxy-cert``,
+``--proxy-key`` and ``--proxy-cacert``) is refused as not implemented yet: the target's TLS would then run inside
+the proxy's, which the engine's one-``SSLSocket``-per-socket design does not do.
+
+The password is a secret: ``ProxyURL`` never shows it, and every message names the proxy by ``shown``, the URL
+without its userinfo.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def parse_proxy_url(text: str, flag: str = "--proxy") -> ProxyURL:
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         why = {
-            "https": "TLS to the proxy is not supported (ghostunnel has none either)",
+            "https": "TLS to the proxy (ghostunnel's --proxy-cert/--proxy-key/--proxy-cacert) is not implemented yet",
             "socks4": "SOCKS4 is not supported",
             "socks4a": "SOCKS4 is not supported",
         }.get(scheme, "unknown scheme")
