@@ -9,7 +9,8 @@ What runs where, in the order a connection meets it:
 * ``setup`` and ``setupcore``: ``Setup``, the per-connection state machine from accept to relay: address
   rules, the PROXY header we receive, the client's TLS handshake, identity rules, the target lookup and
   connect, the target's TLS handshake, the PROXY header we send. ``setup.py`` draws its phases;
-  ``setupcore.py`` holds the state and the machinery (readiness, deadline, guard, abort).
+  ``setupcore.py`` holds the state and the machinery (readiness, deadline, guard, abort); ``setupvia.py`` the
+  client ``--proxy`` steps, over ``viaproxy`` (the HTTP CONNECT and SOCKS5 handshakes, sans-IO).
 * ``relay``: ``Relay``, the byte pump between the two sockets once set-up is done: half-close, back-pressure.
   ``httprelay``: ``HttpRelay``, the same pump for ``--target-http-headers``, rewriting each HTTP/1.x request
   head with ``httpid`` (sans-IO, h11) while ``httpwatch`` follows the responses; ``xfcc`` builds the headers.

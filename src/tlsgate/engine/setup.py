@@ -47,10 +47,10 @@ from tlsgate.engine import postgres, starttls
 from tlsgate.engine.peer import NO_CLIENT_ADDRESS, proxy_endpoints, session_tlvs
 from tlsgate.engine.proxywire import ProxyProtocolError
 from tlsgate.engine.relay import Relay
-from tlsgate.engine.setupcore import DONE, SetupCore, SetupPhase
+from tlsgate.engine.setupcore import DONE, SetupPhase
+from tlsgate.engine.setupvia import ViaProxySteps
 from tlsgate.engine.sockets import host_port
 from tlsgate.engine.stats import HANDSHAKE_BUCKETS
-from tlsgate.engine.viaproxy import ViaProxyError, handshake_for
 from tlsgate.errors import TlsgateError
 from tlsgate.policy.chain import verified_chain
 from tlsgate.policy.decision import Decision
@@ -65,11 +65,8 @@ _CONNECTING = SetupPhase.CONNECTING
 _TARGET_HANDSHAKE = SetupPhase.TARGET_HANDSHAKE
 _PROXY_HANDSHAKE = SetupPhase.PROXY_HANDSHAKE
 
-# How much of a proxy's reply one read looks at: a CONNECT reply is a few hundred bytes, a SOCKS5 one at most 262.
-_VIA_READ = 4096
 
-
-class Setup(SetupCore):
+class Setup(ViaProxySteps):
     """The steps of one connection's set-up, in the order they run (see the module docstring)."""
 
     __slots__ = ()
@@ -365,75 +362,6 @@ class Setup(SetupCore):
         self.phase = _TARGET_HANDSHAKE
         self._arm(self._target_handshake_limit(), "target handshake timeout")
         self._target_handshake()
-
-    # -- --proxy: the tunnel through an HTTP CONNECT or SOCKS5 proxy, before TLS with the target -----------------
-
-    def _via_start(self) -> None:
-        """Connected to the proxy: ask it for the target. One deadline (--connect-timeout) covers the connect to
-        the proxy, its handshake and the target's TLS handshake, as in ghostunnel, so a stalled proxy is cut."""
-        cfg = self.tunnel.cfg
-        assert cfg.proxy is not None
-        self.phase = _PROXY_HANDSHAKE
-        self._arm_connect()  # a loopback proxy connected at once, before any deadline was armed
-        try:
-            self.via = handshake_for(cfg.proxy, cfg.target.host, cfg.target.port)
-        except ViaProxyError as err:
-            self._target_failed(str(err))
-            return
-        self._via_send(self.via.first_flight())
-
-    def _via_send(self, data: bytes) -> None:
-        sock = self.target
-        assert sock is not None
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as err:
-            self._target_failed(f"sending to the proxy: {err.strerror or err}")
-            return
-        if sent < len(data):
-            self.via_out = data[sent:]
-            self._want(sock.fileno(), False, self._via_flush)
-            return
-        self._want(sock.fileno(), True, self._via_read)
-
-    def _via_flush(self) -> None:
-        data, self.via_out = self.via_out, b""
-        self._via_send(data)
-
-    def _via_read(self) -> None:
-        """Take the proxy's reply off the socket, and not one byte more (see engine.viaproxy)."""
-        sock = self.target
-        assert sock is not None
-        try:
-            data = sock.recv(_VIA_READ, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return  # a spurious wake-up: the reader stays registered
-        except OSError as err:
-            self._target_failed(f"the proxy reset the connection ({err.strerror or err})")
-            return
-        if not data:
-            self._target_failed("the proxy closed the connection before the tunnel was open")
-            return
-        try:
-            step = self.via.take(data)
-        except ViaProxyError as err:
-            self._target_failed(str(err))
-            return
-        try:
-            taken = sock.recv(step.used)
-        except OSError:
-            taken = b""
-        if len(taken) != step.used:  # the kernel just showed us these bytes; anything else is a vanished proxy
-            self._target_failed("the proxy connection broke during its handshake")
-            return
-        if step.open:
-            self.via = None
-            self._unwant()
-            self._connected()
-        elif step.send:
-            self._via_send(step.send)
 
     def _target_handshake_limit(self) -> float:
         """What is left of --connect-timeout: as in ghostunnel, one deadline covers the connect and the target's
