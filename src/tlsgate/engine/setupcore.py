@@ -162,6 +162,19 @@ class SetupCore:
             self.timer.cancel()
         self.timer = self.loop.call_later(seconds, self.step, self.abort, what) if seconds > 0 else None
 
+    def _target_handshake_limit(self) -> float:
+        """What is left of --connect-timeout: as in ghostunnel, one deadline covers the connect (and a --proxy's
+        answer) and the target's TLS handshake (a target that accepts and then never answers TLS is a dead target).
+        With no connect limit (0, library use only: the flag refuses it) the handshake timeout applies, so the wait
+        is never endless."""
+        timeouts = self.tunnel.cfg.timeouts
+        if timeouts.connect <= 0:
+            return timeouts.handshake
+        if self.connect_armed and self.timer is not None:
+            # At least a millisecond: 0 would mean "no timer" to _arm.
+            return max(self.timer.when() - self.loop.time(), 0.001)
+        return timeouts.connect
+
     def _end(self) -> None:
         self.phase = DONE
         self._unwant()
