@@ -57,6 +57,14 @@ def test_unknown_flag(pki_files: dict[str, Path]) -> None:
     assert_one_line_error(*run(*base(pki_files, "--frobnicate")), "--frobnicate")
 
 
+@pytest.mark.parametrize("flag", ["--protocol", "--max-tls-version", "--proxy-protocol-mode"])
+def test_a_bad_choice_reads_as_one_sentence(pki_files: dict[str, Path], flag: str) -> None:
+    # click ends its message with a full stop; the pointer to --help follows it without a second one.
+    code, output = run(*base(pki_files, flag, "nonsense"))
+    assert_one_line_error(code, output, f"'{flag}'", " server --help")
+    assert ".;" not in output, output
+
+
 def test_missing_certificate_file(pki_files: dict[str, Path], tmp_path: Path) -> None:
     args = base(pki_files)
     args[args.index("--cert") + 1] = str(tmp_path / "nope.pem")

@@ -51,7 +51,7 @@ def _one_line(err: click.UsageError) -> UserError:
     """click's usage block and ``Error:`` line as our one line: ``tlsgate: error: No such option: --lisen
     (Possible options: --listen); see tlsgate server --help``. A script's log then holds the problem, not a page."""
     where = err.ctx.command_path if err.ctx is not None else "tlsgate"
-    return UserError(f"{err.format_message()}; see {where} --help")
+    return UserError(f"{err.format_message().rstrip('.')}; see {where} --help")
 
 
 def stack_options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
