@@ -28,19 +28,14 @@ from tlsgate.tls import closenotify
 _LOST = "http: the target's responses could not be followed, so a protocol switch cannot be"
 
 
-class _Requests(Direction):
-    """Client to target: every request head rewritten (see `httpid.RequestRewriter`)."""
+class _HttpDirection(Direction):
+    """The plain relay's read loop, with what each HTTP direction does to the bytes read left to `take`."""
 
-    __slots__ = ("http",)
-
-    def __init__(self, relay: HttpRelay, src: socket.socket, dst: socket.socket, http: HttpIdentity) -> None:
-        super().__init__(relay, src, dst, "client")
-        self.http = http
+    __slots__ = ()
 
     def read(self) -> int:
         try:
             view, tls_read, size = self.view, self._tls_read, len(self.view)
-            requests = self.http.requests
             for _ in range(_MAX_READS):
                 try:
                     n = tls_read(size, view) if tls_read is not None else self._recv_into(view)
@@ -58,21 +53,39 @@ class _Requests(Direction):
                     self._on_eof()
                     return _ENDED
                 self.nbytes += n
-                try:
-                    out = requests.receive(view[:n])
-                except HttpRefused as refusal:
-                    self.refuse(refusal)
-                    return _ENDED
-                if out and not self._send(memoryview(out)):
-                    return _PAUSED
-                if not self._catch_up():
-                    return _PAUSED
+                status = self.take(view[:n])
+                if status is not None:
+                    return status
                 if n < self._big:
                     return _BLOCKED
             return _MORE
         except Exception as err:
             self.relay.internal_error("read", err)
             return _ENDED
+
+    def take(self, data: memoryview) -> int | None:
+        """Pass on ``data``, just read; a read status (`_ENDED`, `_PAUSED`) when reading must stop, else None."""
+        raise NotImplementedError
+
+
+class _Requests(_HttpDirection):
+    """Client to target: every request head rewritten (see `httpid.RequestRewriter`)."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, relay: HttpRelay, src: socket.socket, dst: socket.socket, http: HttpIdentity) -> None:
+        super().__init__(relay, src, dst, "client")
+        self.http = http
+
+    def take(self, data: memoryview) -> int | None:
+        try:
+            out = self.http.requests.receive(data)
+        except HttpRefused as refusal:
+            self.refuse(refusal)
+            return _ENDED
+        if out and not self._send(memoryview(out)):
+            return _PAUSED
+        return None if self._catch_up() else _PAUSED
 
     def _catch_up(self) -> bool:
         """Send the rewriter's backlog; False when reading the client must wait (target full, or held)."""
@@ -150,7 +163,7 @@ class _Requests(Direction):
         relay.abort(f"http {refusal.status}: {refusal.reason}")
 
 
-class _Responses(Direction):
+class _Responses(_HttpDirection):
     """Target to client: bytes unchanged, watched by `httpid.ResponseWatcher` while that matters."""
 
     __slots__ = ("http", "requests_direction")
@@ -160,43 +173,17 @@ class _Responses(Direction):
         self.http = http
         self.requests_direction: _Requests | None = None
 
-    def read(self) -> int:
-        try:
-            view, tls_read, size = self.view, self._tls_read, len(self.view)
-            watcher = self.http.responses
-            for _ in range(_MAX_READS):
-                try:
-                    n = tls_read(size, view) if tls_read is not None else self._recv_into(view)
-                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                    return _BLOCKED
-                except ssl.SSLWantWriteError:
-                    self._wait_writable_to_read()
-                    return _PAUSED
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    n = 0
-                except OSError as err:
-                    self.relay.abort(f"{self.name} read: {_describe(err)}")
-                    return _ENDED
-                if n == 0:
-                    self._on_eof()
-                    return _ENDED
-                self.nbytes += n
-                if not watcher.raw:
-                    watcher.receive(view[:n])
-                sent = self._send(view[:n])
-                requests = self.requests_direction
-                if requests is not None and self.http.requests.waiting and not self.relay.closed:
-                    requests.resume()
-                    if self.relay.closed:  # the answer could not be told: resume() cut the connection
-                        return _ENDED
-                if not sent:
-                    return _PAUSED
-                if n < self._big:
-                    return _BLOCKED
-            return _MORE
-        except Exception as err:
-            self.relay.internal_error("read", err)
-            return _ENDED
+    def take(self, data: memoryview) -> int | None:
+        watcher = self.http.responses
+        if not watcher.raw:
+            watcher.receive(data)
+        sent = self._send(data)
+        requests = self.requests_direction
+        if requests is not None and self.http.requests.waiting and not self.relay.closed:
+            requests.resume()
+            if self.relay.closed:  # the answer could not be told: resume() cut the connection
+                return _ENDED
+        return None if sent else _PAUSED
 
 
 class HttpRelay(Relay):
