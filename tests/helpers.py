@@ -950,3 +950,49 @@ def identity_rules(
     parsed by the settings converter of ``--{flag_prefix}-{kind}``, so a bad value raises its ConfigError."""
     parsed = {kind: convert(f"{flag_prefix}_{kind}", list(values)) for kind, values in rules.items()}
     return IdentityRules(allow_all=allow_all, flag_prefix=flag_prefix, rego=rego, **parsed)
+
+
+class TlsTarget:
+    """A TLS echo server in a thread that records how each handshake ended: ``"ok"`` or the SSL error's reason."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.results: asyncio.Queue[str] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                try:
+                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.sendall(tls.recv(4) or b"")
+                        result = "ok"
+                except ssl.SSLError as err:
+                    result = str(err.reason)
+                except OSError as err:
+                    result = type(err).__name__
+            self.loop.call_soon_threadsafe(self.results.put_nowait, result)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        self.listener.close()
+        self.thread.join()
+
+
+@contextlib.asynccontextmanager
+async def tls_target(ctx: ssl.SSLContext) -> AsyncIterator[TlsTarget]:
+    target = TlsTarget(ctx)
+    try:
+        yield target
+    finally:
+        target.close()

@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import gc
 import logging
-import socket
 import ssl
-import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,57 +24,27 @@ import trustme
 from tlsgate.engine import runtime
 from tlsgate.tls import contexts, internals
 
-from helpers import backend, client_context, echo, port_of, revocable_client, server_opts, tls_connect, tunnel
+from helpers import (
+    TlsTarget,
+    backend,
+    client_context,
+    echo,
+    port_of,
+    revocable_client,
+    server_opts,
+    tls_connect,
+    tunnel,
+)
+from helpers import tls_target as target_with
 
 pytestmark = pytest.mark.skipif(not internals.enabled("verify"), reason="the verify path is off here")
 
 
-class TlsTarget:
-    """A TLS server in a thread that records how each handshake ended: ``"ok"`` or the SSL error's reason."""
-
-    def __init__(self, cert: trustme.LeafCert) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        cert.configure_cert(self.ctx)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.results: asyncio.Queue[str] = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(30)
-                try:
-                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                        tls.sendall(tls.recv(4) or b"")
-                        result = "ok"
-                except ssl.SSLError as err:
-                    result = str(err.reason)
-                except OSError as err:
-                    result = type(err).__name__
-            self.loop.call_soon_threadsafe(self.results.put_nowait, result)
-
-    def close(self) -> None:
-        # close() alone does not wake a thread blocked in accept() on Linux; shutdown() does.
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        self.thread.join()
-
-
-@contextlib.asynccontextmanager
-async def tls_target(cert: trustme.LeafCert) -> AsyncIterator[TlsTarget]:
-    target = TlsTarget(cert)
-    try:
-        yield target
-    finally:
-        target.close()
+def tls_target(cert: trustme.LeafCert) -> contextlib.AbstractAsyncContextManager[TlsTarget]:
+    """A TLS target serving ``cert`` that records how each handshake ended."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(ctx)
+    return target_with(ctx)
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:

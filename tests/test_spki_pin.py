@@ -15,8 +15,6 @@ import hashlib
 import logging
 import socket
 import ssl
-import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +40,18 @@ from tlsgate.settings.config import TunnelConfig, server_access, tunnel_config
 from tlsgate.settings.pins import KeyPin, PinSet
 from tlsgate.tls import internals
 
-from helpers import backend, echo, invoke, port_of, refused, run_tlsgate, running_server, server_opts, tunnel
+from helpers import (
+    backend,
+    echo,
+    invoke,
+    port_of,
+    refused,
+    run_tlsgate,
+    running_server,
+    server_opts,
+    tls_target,
+    tunnel,
+)
 
 needs_verify_path = pytest.mark.skipif(not internals.enabled("verify"), reason="the verify path is off here")
 
@@ -358,52 +367,6 @@ async def test_openssl_s_client_with_a_pinned_self_signed_certificate(
 
 
 # -- client mode: --verify-spki-pin against a self-signed server -----------------------------------------------------
-
-
-class TlsTarget:
-    """A TLS echo server in a thread that records how each handshake ended: ``"ok"`` or the SSL error's reason."""
-
-    def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.results: asyncio.Queue[str] = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(30)
-                try:
-                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
-                        tls.sendall(tls.recv(4) or b"")
-                        result = "ok"
-                except ssl.SSLError as err:
-                    result = str(err.reason)
-                except OSError as err:
-                    result = type(err).__name__
-            self.loop.call_soon_threadsafe(self.results.put_nowait, result)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        self.listener.close()
-        self.thread.join()
-
-
-@contextlib.asynccontextmanager
-async def tls_target(ctx: ssl.SSLContext) -> AsyncIterator[TlsTarget]:
-    target = TlsTarget(ctx)
-    try:
-        yield target
-    finally:
-        target.close()
 
 
 async def through_client_tunnel(port: int) -> bytes:
